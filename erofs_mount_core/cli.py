@@ -1,0 +1,194 @@
+"""The ``erofs-mount`` command line: thin click commands over ``engine``.
+
+Errors end as one ``Error: ...`` line on stderr and the error's exit code;
+``--debug`` shows the traceback too. Heavy modules (pyroute2, plugins'
+HTTP clients) load inside the commands that need them, so ``--help`` and
+``plugins`` stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
+
+import click
+
+from .errors import ErofsMountError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def _errors_as_lines(fn: F) -> F:
+    """Turn every expected failure into one stderr line and its exit code."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ErofsMountError as exc:
+            if click.get_current_context().find_root().params.get("debug"):
+                raise
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    options = {}
+    for pair in pairs:
+        for item in pair.split(","):
+            key, sep, value = item.partition("=")
+            if not key:
+                raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="-o")
+            options[key.strip()] = value if sep else ""
+    return options
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="erofs-mount")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def cli(debug: bool) -> None:
+    """Mount EROFS images through the Linux NBD driver.
+
+    A daemon serves each image to the kernel from a source (a local file, an
+    OCI registry blob, or any source a plugin adds). If the daemon dies, the
+    kernel holds the reads until 'erofs-mount reattach' hands it a new one.
+    """
+
+
+@cli.command()
+@click.option("-s", "--source", "spec", required=True, metavar="SCHEME:LOCATION",
+              help="What to serve, e.g. local:/srv/app.erofs ('erofs-mount plugins' lists the schemes).")
+@click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE[,...]",
+              help="A source option, passed to the source's plugin. Repeatable.")
+@click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64),
+              help="Kernel connections (one serving thread each).")
+@click.option("--dead-timeout", default=86400, show_default=True, type=click.IntRange(1, 2**31),
+              help="Seconds the kernel holds reads while no daemon is attached (the window for reattach).")
+@click.option("--block-size", default=512, show_default=True, type=click.Choice(["512", "1024", "2048", "4096"]),
+              help="Logical block size of the nbd device.")
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@_errors_as_lines
+def mount(spec: str, option_pairs: tuple[str, ...], connections: int, dead_timeout: int,
+          block_size: str, mountpoint: str) -> None:
+    """Attach SOURCE to an nbd device and mount it read-only on MOUNTPOINT.
+
+    Prints the device. A recovery record is kept under /run/erofs-mount
+    while the device is attached.
+    """
+    from . import engine
+
+    settings = engine.MountOptions(connections=connections, dead_timeout=dead_timeout,
+                                   block_size=int(block_size))
+    device = engine.mount(spec, mountpoint, _parse_options(option_pairs), settings)
+    click.echo(device)
+
+
+@cli.command()
+@click.argument("target")
+@_errors_as_lines
+def umount(target: str) -> None:
+    """Unmount TARGET (a mountpoint or /dev/nbdN), disconnect the device and end its daemon."""
+    from . import engine
+
+    engine.umount(target)
+
+
+@cli.command()
+@click.argument("device", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every erofs-mount device whose daemon is gone.")
+@_errors_as_lines
+def reattach(device: str | None, all_: bool) -> None:
+    """Serve DEVICE again after its daemon died; blocked reads then complete.
+
+    Rebuilds the source from the device's recovery record and refuses if the
+    bytes would differ. A device whose daemon is alive is left alone.
+    """
+    from . import engine
+
+    if bool(device) == all_:
+        raise click.UsageError("give a DEVICE or --all")
+    if device:
+        index = engine.reattach(device)
+        click.echo(f"/dev/nbd{index}")
+        return
+    engine.require_root("reattach")
+    failed = 0
+    for index in engine.reattach_candidates():
+        try:
+            engine.reattach(f"/dev/nbd{index}")
+            click.echo(f"/dev/nbd{index}")
+        except ErofsMountError as exc:
+            click.echo(f"Error: /dev/nbd{index}: {exc}", err=True)
+            failed += 1
+    if failed:
+        sys.exit(1)
+
+
+@cli.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors_as_lines
+def list_(as_json: bool) -> None:
+    """Show attached nbd devices, their sources and daemons."""
+    from . import engine
+
+    rows = engine.list_devices()
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        click.echo("no nbd devices attached")
+        return
+    for row in rows:
+        state = {True: "alive", False: "DEAD", None: "?"}[row["daemon_alive"]]
+        click.echo(f"{row['device']}  {','.join(row['mountpoints']) or '-'}  "
+                   f"{row['source'] or row['error']}  daemon {row['daemon_pid'] or '-'} {state}  "
+                   f"{row['record'] or '-'}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def plugins(as_json: bool) -> None:
+    """List installed source plugins, their schemes, and plugins that failed to load."""
+    from .plugins import PluginHost
+
+    host = PluginHost()
+    infos = host.plugins
+    conflicts = host.conflicts()
+    if as_json:
+        click.echo(json.dumps({"plugins": [i.to_json() for i in infos], "conflicts": conflicts}, indent=2))
+        return
+    if not infos:
+        click.echo("no plugins installed (pip install erofs-mount-local)")
+    for info in infos:
+        dist = f"{info.distribution} {info.version}" if info.distribution else "-"
+        schemes = ", ".join(info.schemes) or "-"
+        click.echo(f"{info.name:12} {dist:28} {info.status:7} {schemes}")
+        if info.error:
+            click.echo(f"{'':12} error: {info.error}")
+    for scheme, names in conflicts.items():
+        click.echo(f"conflict: scheme {scheme!r} is claimed by {', '.join(names)}; it cannot be used")
+
+
+@cli.command()
+@click.option("-s", "--source", "spec", required=True, metavar="SCHEME:LOCATION", help="What to serve.")
+@click.option("--socket", "socket_path", metavar="PATH", help="Listen on a unix socket.")
+@click.option("--listen", metavar="HOST:PORT", help="Listen on TCP.")
+@_errors_as_lines
+def serve(spec: str, socket_path: str | None, listen: str | None) -> None:
+    """Export SOURCE to NBD clients (qemu, nbd-client, libnbd tools)."""
+    _fail("serve is not implemented yet", 1)
+
+
+def main() -> None:
+    cli(prog_name="erofs-mount")

@@ -1,0 +1,73 @@
+"""The exceptions erofs-mount raises, grouped by what a caller does about them.
+
+    ErofsMountError                 one line for the user, an exit code
+    ├── UsageError                  the user asked for something impossible
+    │   ├── NotRootError
+    │   └── UnknownSchemeError
+    ├── KernelError                 the nbd driver is missing or said no
+    ├── SourceError                 a source cannot be opened or read
+    │   └── SourceChangedError      reattach would serve other bytes: refused
+    ├── RecordError                 a recovery record is missing, corrupt or too new
+    ├── PluginError                 a plugin broke its contract
+    └── DeviceStateError            the device is not in the state the command needs
+
+The CLI prints ``Error: <message>`` and exits with ``exit_code``; nothing
+else reaches the user unless ``--debug`` asks for the traceback.
+"""
+
+from __future__ import annotations
+
+
+class ErofsMountError(Exception):
+    """Base class: ``str(exc)`` is the one line the user sees."""
+
+    exit_code = 1
+
+
+class UsageError(ErofsMountError):
+    exit_code = 2
+
+
+class NotRootError(UsageError):
+    def __init__(self, what: str) -> None:
+        super().__init__(f"{what} needs root (CAP_SYS_ADMIN): run it as root")
+
+
+class UnknownSchemeError(UsageError):
+    def __init__(self, scheme: str, known: list[str]) -> None:
+        have = ", ".join(sorted(known)) or "none"
+        super().__init__(
+            f"no installed plugin provides source type {scheme!r} (installed: {have}); "
+            "see 'erofs-mount plugins'"
+        )
+        self.scheme = scheme
+
+
+class KernelError(ErofsMountError):
+    exit_code = 3
+
+
+class SourceError(ErofsMountError):
+    """A source failed. ``transient`` says whether retrying the same call may help."""
+
+    exit_code = 4
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class SourceChangedError(SourceError):
+    """The bytes behind a record are not the ones it was written for."""
+
+
+class RecordError(ErofsMountError):
+    exit_code = 5
+
+
+class PluginError(ErofsMountError):
+    exit_code = 6
+
+
+class DeviceStateError(ErofsMountError):
+    exit_code = 7

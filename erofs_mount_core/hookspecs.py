@@ -1,0 +1,67 @@
+"""The plugin contract: every source type is a plugin implementing these hooks.
+
+A plugin is a module (or any object) whose functions carry ``@hookimpl``,
+installed as an entry point in the ``erofs_mount`` group::
+
+    [project.entry-points.erofs_mount]
+    s3 = "erofs_mount_s3"
+
+The host calls ``erofs_mount_schemes`` on every plugin to learn which source
+types it provides, then sends ``open``, ``serialize`` and ``deserialize``
+calls for a scheme to the one plugin that claimed it. Hooks are called with
+keyword arguments; an implementation may accept a subset of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .source import Source
+
+PROJECT = "erofs_mount"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def erofs_mount_schemes() -> Mapping[str, str]:
+    """Return the source types this plugin provides: ``{scheme: one-line description}``.
+
+    The scheme is what users write before the colon in ``--source``
+    (``local:/srv/app.erofs``) and what recovery records name, so it must
+    never change once released.
+    """
+
+
+@hookspec(firstresult=True)
+def erofs_mount_open_source(scheme: str, location: str, options: Mapping[str, str]) -> Source:
+    """Open ``scheme:location`` for serving and return a ``Source``.
+
+    ``options`` holds the ``-o key=value`` pairs of the command line. Raise
+    ``SourceError`` (or ``UsageError`` for a malformed location or an
+    unknown option) with a message the user can act on.
+    """
+
+
+@hookspec(firstresult=True)
+def erofs_mount_serialize_source(scheme: str, source: Source) -> Mapping[str, Any]:
+    """Return what reattach needs to rebuild ``source``, as a TOML-safe mapping.
+
+    Record where the bytes are and their identity (inode and mtime, digest,
+    ETag...) so that ``deserialize`` can refuse other bytes. Never a secret:
+    record where credentials come from, not the credentials.
+    """
+
+
+@hookspec(firstresult=True)
+def erofs_mount_deserialize_source(scheme: str, state: Mapping[str, Any]) -> Source:
+    """Rebuild the source from ``serialize``'s mapping, for reattach.
+
+    Raise ``SourceChangedError`` if the bytes are no longer the recorded ones:
+    serving other bytes under a mounted filesystem corrupts it.
+    """

@@ -1,0 +1,1 @@
+"""The NBD engine: wire format, serving loop, and kernel control."""

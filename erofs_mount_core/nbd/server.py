@@ -1,0 +1,157 @@
+"""The transmission-phase serving loop: requests in, one reply out per request.
+
+Every request gets exactly one reply, and a reply is sent only once its data
+is in hand: a failed read becomes an error reply (EIO), never a success
+header followed by nothing. A request the loop cannot stay in step with
+(bad magic, a truncated header, a write too large to skip) ends the
+connection instead of guessing.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+
+from ..errors import SourceError
+from ..source import Source
+from . import protocol as p
+
+log = logging.getLogger(__name__)
+
+#: back-off before each retry of a transient source failure (seconds)
+RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
+
+
+class Export:
+    """A source as the NBD client sees it: ``size`` may round the source up
+    to the block size; the tail past the source reads as zeros."""
+
+    def __init__(self, source: Source, size: int | None = None) -> None:
+        self.source = source
+        self.source_size = source.size
+        self.size = self.source_size if size is None else size
+        if self.size < self.source_size:
+            raise ValueError("an export cannot be smaller than its source")
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        if end <= self.source_size:
+            return self._pread(length, offset)
+        head = self._pread(self.source_size - offset, offset) if offset < self.source_size else b""
+        return head + bytes(length - len(head))
+
+    def _pread(self, length: int, offset: int) -> bytes:
+        for delay in (*RETRY_DELAYS, None):
+            try:
+                data = self.source.pread(length, offset)
+            except SourceError as exc:
+                if not exc.transient or delay is None:
+                    raise
+                log.warning("read of %d bytes at %d failed (%s); retrying in %.2fs", length, offset, exc, delay)
+                time.sleep(delay)
+                continue
+            if len(data) != length:
+                raise SourceError(f"source returned {len(data)} bytes for a {length}-byte read at {offset}")
+            return data
+        raise AssertionError("unreachable")
+
+
+class ConnectionClosed(Exception):
+    pass
+
+
+def _recv_exact(sock: socket.socket, buf: bytearray | memoryview, n: int) -> bool:
+    """Fill ``buf[:n]``; False on EOF before the first byte, ConnectionClosed on EOF after it."""
+    view = memoryview(buf)[:n]
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            if got == 0:
+                return False
+            raise ConnectionClosed(f"peer closed the connection after {got} of {n} bytes")
+        got += k
+    return True
+
+
+def _send(sock: socket.socket, header: bytes, data: bytes = b"") -> None:
+    """Send header and data with as few copies and syscalls as the socket allows."""
+    if not data:
+        sock.sendall(header)
+        return
+    sent = sock.sendmsg([header, data])
+    total = len(header) + len(data)
+    if sent < total:  # a partial send: finish from where it stopped
+        rest = memoryview(header + data)[sent:] if sent < len(header) else memoryview(data)[sent - len(header):]
+        sock.sendall(rest)
+
+
+def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
+    """Serve requests on ``sock`` until the client disconnects.
+
+    Returns why the loop ended: ``"disconnect"`` (NBD_CMD_DISC), ``"closed"``
+    (EOF between requests) or a protocol error text (the connection is then
+    closed by the caller).
+    """
+    header = bytearray(p.REQUEST.size)
+    size = export.size
+    try:
+        while True:
+            if not _recv_exact(sock, header, p.REQUEST.size):
+                return "closed"
+            magic, _flags, cmd, cookie, offset, length = p.REQUEST.unpack(header)
+            if magic != p.REQUEST_MAGIC:
+                log.warning("%s: bad request magic 0x%08x; closing the connection", peer, magic)
+                return f"bad magic 0x{magic:08x}"
+            if cmd == p.CMD_READ:
+                error = _check_range(offset, length, size)
+                if error:
+                    _send(sock, p.reply_header(cookie, error))
+                    continue
+                try:
+                    data = export.read(offset, length)
+                except Exception as exc:
+                    if isinstance(exc, SourceError):
+                        log.error("%s: read of %d bytes at %d failed: %s", peer, length, offset, exc)
+                    else:
+                        log.exception("%s: read of %d bytes at %d failed", peer, length, offset)
+                    _send(sock, p.reply_header(cookie, p.EIO))
+                    continue
+                _send(sock, p.reply_header(cookie), data)
+            elif cmd == p.CMD_DISC:
+                return "disconnect"
+            elif cmd == p.CMD_WRITE:
+                if length > p.MAX_READ:
+                    log.warning("%s: write of %d bytes cannot be skipped; closing the connection", peer, length)
+                    return f"oversized write ({length} bytes)"
+                _skip(sock, length)
+                _send(sock, p.reply_header(cookie, p.EPERM))
+            elif cmd == p.CMD_FLUSH:
+                _send(sock, p.reply_header(cookie))
+            elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+                _send(sock, p.reply_header(cookie, p.EPERM))
+            else:
+                _send(sock, p.reply_header(cookie, p.EINVAL))
+    except ConnectionClosed as exc:
+        log.warning("%s: %s", peer, exc)
+        return str(exc)
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        return f"closed ({exc.strerror})"
+
+
+def _check_range(offset: int, length: int, size: int) -> int:
+    if length == 0 or length > p.MAX_READ:
+        return p.EINVAL
+    if offset + length > size:
+        return p.EINVAL
+    return 0
+
+
+def _skip(sock: socket.socket, length: int) -> None:
+    buf = bytearray(min(length, 1 << 20))
+    while length:
+        n = min(length, len(buf))
+        if not _recv_exact(sock, buf, n):
+            raise ConnectionClosed("peer closed the connection inside a write payload")
+        length -= n

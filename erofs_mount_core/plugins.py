@@ -1,0 +1,201 @@
+"""The plugin host: finds source plugins, isolates broken ones, routes schemes.
+
+Each entry point of the ``erofs_mount`` group is loaded and registered on its
+own, so a plugin that fails to import or does not fit the hook specs is
+reported (``erofs-mount plugins``, a warning) and the others keep working.
+Each scheme belongs to exactly one plugin; two plugins claiming one scheme
+make that scheme unusable until one is removed, because a record names its
+scheme and reattach must reach the same plugin that wrote it.
+
+``EROFS_MOUNT_LOAD_PLUGINS=a,b`` loads only the named entry points
+(an empty value loads none), as llm and datasette do.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownSchemeError
+from .source import Source
+
+ENTRY_POINT_GROUP = hookspecs.PROJECT
+LOAD_ENV = "EROFS_MOUNT_LOAD_PLUGINS"
+
+
+@attrs.frozen
+class PluginInfo:
+    """What ``erofs-mount plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str | None
+    version: str | None
+    schemes: dict[str, str] = attrs.field(factory=dict)
+    error: str | None = None
+
+    @property
+    def status(self) -> str:
+        return "ok" if self.error is None else "failed"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "schemes": self.schemes,
+            "status": self.status,
+            "error": self.error,
+        }
+
+
+class PluginHost:
+    """A pluggy manager plus the scheme table built from its plugins."""
+
+    def __init__(self, entry_points: Iterable[importlib.metadata.EntryPoint] | None = None) -> None:
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        self._infos: list[PluginInfo] = []
+        self._owners: dict[str, list[str]] = {}
+        for ep in _selected(entry_points if entry_points is not None else _entry_points()):
+            self._load(ep)
+
+    # -- loading ---------------------------------------------------------
+
+    def register(self, plugin: object, name: str, *, distribution: str | None = None,
+                 version: str | None = None) -> PluginInfo:
+        """Register one plugin object; a failure is recorded, never raised."""
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy's ValueError / PluginValidationError
+            return self._failed(name, distribution, version, exc)
+        try:
+            unknown = _unknown_hooks(self._pm, plugin)
+            if unknown:
+                raise PluginError(f"implements hooks that do not exist: {', '.join(unknown)}")
+            schemes = self._call_one(name, "erofs_mount_schemes")
+            schemes = _check_schemes(schemes)
+        except Exception as exc:
+            self._pm.unregister(name=name)
+            return self._failed(name, distribution, version, exc)
+        info = PluginInfo(name, distribution, version, schemes)
+        self._infos.append(info)
+        for scheme in schemes:
+            self._owners.setdefault(scheme, []).append(name)
+        return info
+
+    def _load(self, ep: importlib.metadata.EntryPoint) -> None:
+        dist = ep.dist.name if ep.dist else None
+        version = ep.dist.version if ep.dist else None
+        if self._pm.has_plugin(ep.name):
+            self._failed(ep.name, dist, version, PluginError(f"another plugin is already named {ep.name!r}"))
+            return
+        try:
+            plugin = ep.load()
+        except Exception as exc:
+            self._failed(ep.name, dist, version, exc)
+            return
+        self.register(plugin, ep.name, distribution=dist, version=version)
+
+    def _failed(self, name: str, dist: str | None, version: str | None, exc: BaseException) -> PluginInfo:
+        info = PluginInfo(name, dist, version, error=f"{type(exc).__name__}: {exc}")
+        self._infos.append(info)
+        return info
+
+    # -- queries ---------------------------------------------------------
+
+    @property
+    def plugins(self) -> list[PluginInfo]:
+        return list(self._infos)
+
+    def conflicts(self) -> dict[str, list[str]]:
+        """Schemes claimed by more than one plugin: ``{scheme: [plugin names]}``."""
+        return {s: names for s, names in self._owners.items() if len(names) > 1}
+
+    def schemes(self) -> list[str]:
+        return sorted(self._owners)
+
+    def owner(self, scheme: str) -> PluginInfo:
+        names = self._owners.get(scheme)
+        if not names:
+            raise UnknownSchemeError(scheme, self.schemes())
+        if len(names) > 1:
+            raise PluginError(
+                f"source type {scheme!r} is provided by several plugins ({', '.join(names)}); "
+                "uninstall all but one"
+            )
+        return next(i for i in self._infos if i.name == names[0])
+
+    # -- the source hooks, routed to the scheme's owner --------------------
+
+    def open_source(self, scheme: str, location: str, options: Mapping[str, str]) -> Source:
+        return self._source_from("erofs_mount_open_source",
+                                 scheme=scheme, location=location, options=dict(options))
+
+    def deserialize_source(self, scheme: str, state: Mapping[str, Any]) -> Source:
+        return self._source_from("erofs_mount_deserialize_source", scheme=scheme, state=state)
+
+    def serialize_source(self, scheme: str, source: Source) -> dict[str, Any]:
+        name = self.owner(scheme).name
+        state = self._call_one(name, "erofs_mount_serialize_source", scheme=scheme, source=source)
+        if not isinstance(state, Mapping):
+            raise PluginError(f"plugin {name!r} did not serialize its {scheme!r} source (got {type(state).__name__})")
+        return dict(state)
+
+    def _source_from(self, hook: str, **kwargs: Any) -> Source:
+        name = self.owner(kwargs["scheme"]).name
+        source = self._call_one(name, hook, **kwargs)
+        if not isinstance(source, Source):
+            raise PluginError(
+                f"plugin {name!r} returned {type(source).__name__} from {hook}, not a Source"
+            )
+        return source
+
+    def _call_one(self, name: str, hook: str, **kwargs: Any) -> Any:
+        """Call ``hook`` on the plugin called ``name`` only."""
+        plugin = self._pm.get_plugin(name)
+        others = [p for p in self._pm.get_plugins() if p is not plugin]
+        caller: Callable[..., Any] = self._pm.subset_hook_caller(hook, remove_plugins=others)
+        result = caller(**kwargs)
+        if isinstance(result, list):  # a collecting hook: one plugin, one result
+            return result[0] if result else None
+        return result
+
+
+def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
+    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def _selected(eps: Iterable[importlib.metadata.EntryPoint]) -> list[importlib.metadata.EntryPoint]:
+    allow = os.environ.get(LOAD_ENV)
+    eps = sorted(eps, key=lambda ep: ep.name)
+    if allow is None:
+        return eps
+    wanted = {n.strip() for n in allow.split(",") if n.strip()}
+    return [ep for ep in eps if ep.name in wanted]
+
+
+def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:
+    return [
+        hc.name
+        for hc in pm.get_hookcallers(plugin) or []
+        if not hc.has_spec()
+        and not all(i.optionalhook for i in hc.get_hookimpls() if i.plugin is plugin)
+    ]
+
+
+def _check_schemes(schemes: object) -> dict[str, str]:
+    if not isinstance(schemes, Mapping) or not schemes:
+        raise PluginError("erofs_mount_schemes must return a non-empty {scheme: description} mapping")
+    out = {}
+    for scheme, description in schemes.items():
+        if not (isinstance(scheme, str) and scheme and scheme[0].isalpha()
+                and all(c.isalnum() or c in "+-." for c in scheme)):
+            raise PluginError(f"invalid scheme name {scheme!r}")
+        out[scheme] = str(description)
+    return out

@@ -1,0 +1,48 @@
+"""The Source interface: the bytes of one image, wherever they live.
+
+A plugin's ``erofs_mount_open_source`` hook returns a ``Source``; the NBD
+server calls ``pread`` from one thread per kernel connection, so
+implementations must be safe to call concurrently.
+"""
+
+from __future__ import annotations
+
+import abc
+
+
+class Source(abc.ABC):
+    """A read-only, fixed-size byte range served to the kernel."""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """The image size in bytes. It never changes while the source is open."""
+
+    @abc.abstractmethod
+    def pread(self, length: int, offset: int) -> bytes:
+        """Return exactly ``length`` bytes at ``offset``.
+
+        The server guarantees ``0 <= offset`` and ``offset + length <= size``.
+        Raise ``SourceError(transient=True)`` for failures a retry may cure
+        (a network hiccup); the server retries those with back-off and
+        answers the kernel with EIO only when they persist.
+        """
+
+    def describe(self) -> str:
+        """One line for ``erofs-mount list``: what is being served."""
+        return type(self).__name__
+
+    def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
+        """Release files and connections. Called once, after the last ``pread``."""
+
+
+def split_spec(spec: str) -> tuple[str, str]:
+    """``"local:/srv/a.erofs"`` -> ``("local", "/srv/a.erofs")``."""
+    from .errors import UsageError
+
+    scheme, sep, location = spec.partition(":")
+    if not sep or not scheme or not location:
+        raise UsageError(f"source {spec!r} is not of the form SCHEME:LOCATION (for example local:/srv/app.erofs)")
+    if not (scheme[0].isalpha() and all(c.isalnum() or c in "+-." for c in scheme)):
+        raise UsageError(f"source {spec!r}: {scheme!r} is not a valid source type name")
+    return scheme, location

@@ -1,0 +1,99 @@
+"""erofs-mount source ``local:PATH``: an EROFS image in a local file.
+
+Reattach reopens the recorded path and refuses unless it is still the same
+file (device, inode, size and modification time), so a replaced or
+rewritten image is never served under a filesystem mounted from the old one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from erofs_mount_core import Source, SourceChangedError, SourceError, UsageError, hookimpl
+
+SCHEME = "local"
+_IDENTITY = ("device", "inode", "size", "mtime_ns")
+
+
+class LocalFile(Source):
+    def __init__(self, path: str) -> None:
+        self.path = os.path.abspath(path)
+        try:
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise SourceError(f"{path}: no such file") from None
+        except IsADirectoryError:
+            raise SourceError(f"{path}: is a directory, not an image file") from None
+        except OSError as exc:
+            raise SourceError(f"{path}: cannot open: {exc.strerror}") from None
+        st = os.fstat(self._fd)
+        if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+            os.close(self._fd)
+            raise SourceError(f"{path}: not a regular file or block device")
+        self._size = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blockdev_size(self._fd)
+        self.identity = {"device": st.st_dev, "inode": st.st_ino, "size": self._size,
+                         "mtime_ns": st.st_mtime_ns}
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def pread(self, length: int, offset: int) -> bytes:
+        try:
+            data = os.pread(self._fd, length, offset)
+        except OSError as exc:
+            raise SourceError(f"{self.path}: read failed: {exc.strerror}", transient=True) from exc
+        if len(data) != length:
+            raise SourceError(f"{self.path}: file shrank under a read at {offset}")
+        return data
+
+    def describe(self) -> str:
+        return self.path
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _blockdev_size(fd: int) -> int:
+    return os.lseek(fd, 0, os.SEEK_END)
+
+
+@hookimpl
+def erofs_mount_schemes() -> dict[str, str]:
+    return {SCHEME: "EROFS image in a local file: local:PATH"}
+
+
+@hookimpl
+def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
+    if options:
+        raise UsageError(f"local: unknown option(s): {', '.join(sorted(options))}")
+    return LocalFile(location)
+
+
+@hookimpl
+def erofs_mount_serialize_source(source: Source) -> dict[str, Any]:
+    assert isinstance(source, LocalFile)
+    return {"path": source.path, **source.identity}
+
+
+@hookimpl
+def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
+    try:
+        path = state["path"]
+        recorded = {k: int(state[k]) for k in _IDENTITY}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"local: record state is incomplete ({exc})") from exc
+    source = LocalFile(path)
+    changed = [k for k in _IDENTITY if source.identity[k] != recorded[k]]
+    if changed:
+        source.close()
+        raise SourceChangedError(
+            f"{path} is no longer the image that was mounted ({', '.join(changed)} changed): "
+            "refusing to serve other bytes under the mounted filesystem"
+        )
+    return source

@@ -1,0 +1,165 @@
+"""Runs the ``kernel``-marked tests inside a VM with a real nbd driver.
+
+On the host, each selected kernel test is replaced by a stand-in item; the
+first stand-in boots one guest (tests/vm/vm-run) that runs all of them in a
+single pytest session, and every stand-in then reports its own test's
+outcome from the guest. Inside the guest (VMTEST_GUEST=1) the real tests run.
+
+``--skip-kernel`` (or EROFS_MOUNT_SKIP_KERNEL_TESTS=1) skips them, saying so;
+anything else that stops them (no qemu, no kernel package) fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+VM_RUN = ROOT / "tests" / "vm" / "vm-run"
+IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
+REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
+SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
+GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1500"))
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--skip-kernel", action="store_true", default=os.environ.get(SKIP_ENV) == "1",
+                     help=f"skip the tests that need the nbd driver (env {SKIP_ENV}=1)")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if IN_GUEST:
+        return
+    for i, item in enumerate(items):
+        if item.get_closest_marker("kernel"):
+            items[i] = GuestItem.from_parent(item.parent, name=item.name, nodeid_in_guest=item.nodeid)
+
+
+class GuestRun:
+    """One guest boot running every selected kernel test."""
+
+    def __init__(self, config: pytest.Config) -> None:
+        self.config = config
+        self.results: dict[str, dict[str, object]] | None = None
+        self.error: str | None = None
+        self.output = ""
+        self.seconds = 0.0
+
+    def run(self, nodeids: list[str]) -> None:
+        report = ROOT / ".guest-report.json"
+        report.unlink(missing_ok=True)
+        env = dict(os.environ, **{REPORT_ENV: str(report)})
+        cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--",
+               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", *nodeids]
+        start = time.monotonic()
+        try:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
+                                  errors="replace", timeout=GUEST_TIMEOUT + 60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.error = f"the test VM did not run: {exc}"
+            return
+        finally:
+            self.seconds = time.monotonic() - start
+        self.output = proc.stdout + ("\n--- guest stderr ---\n" + proc.stderr if proc.stderr.strip() else "")
+        try:
+            self.results = json.loads(report.read_text())
+        except (FileNotFoundError, ValueError):
+            self.error = (f"the test VM ran no tests (vm-run exit {proc.returncode}):\n"
+                          + "\n".join(self.output.splitlines()[-40:]))
+        finally:
+            report.unlink(missing_ok=True)
+
+
+class GuestItem(pytest.Item):
+    """Stands on the host for a kernel test that runs in the guest."""
+
+    def __init__(self, *, nodeid_in_guest: str, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.nodeid_in_guest = nodeid_in_guest
+        self.add_marker("kernel")
+
+    def runtest(self) -> None:
+        if self.config.getoption("--skip-kernel"):
+            pytest.skip(f"kernel tests skipped on request (--skip-kernel / {SKIP_ENV}=1)")
+        guest = _guest(self.config)
+        if guest.results is None and guest.error is None:
+            wanted = [i.nodeid_in_guest for i in self.session.items if isinstance(i, GuestItem)]
+            guest.run(wanted)
+        if guest.error:
+            raise GuestFailure(guest.error)
+        result = guest.results.get(self.nodeid_in_guest) if guest.results else None
+        if result is None:
+            raise GuestFailure("the guest did not report this test")
+        if result["outcome"] == "skipped":
+            pytest.skip(f"in the guest: {result['text']}")
+        if result["outcome"] != "passed":
+            raise GuestFailure(str(result["text"]))
+
+    def repr_failure(self, excinfo: pytest.ExceptionInfo[BaseException], style: object = None) -> str:
+        if isinstance(excinfo.value, GuestFailure):
+            return f"[in the test VM]\n{excinfo.value}"
+        return str(super().repr_failure(excinfo))
+
+    def reportinfo(self) -> tuple[Path, int, str]:
+        return self.path, 0, f"{self.name} [kernel, in VM]"
+
+
+class GuestFailure(Exception):
+    pass
+
+
+_GUEST_KEY = pytest.StashKey[GuestRun]()
+
+
+def _guest(config: pytest.Config) -> GuestRun:
+    if _GUEST_KEY not in config.stash:
+        config.stash[_GUEST_KEY] = GuestRun(config)
+    return config.stash[_GUEST_KEY]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
+    guest = config.stash.get(_GUEST_KEY, None)
+    if guest is None or (guest.results is None and guest.error is None):
+        return
+    terminalreporter.section("kernel tests, run in the test VM")
+    if guest.results is not None:
+        kernel = next(iter(guest.results.values()), {}).get("kernel", "?") if guest.results else "?"
+        counts: dict[str, int] = {}
+        for r in guest.results.values():
+            counts[str(r["outcome"])] = counts.get(str(r["outcome"]), 0) + 1
+        summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+        terminalreporter.write_line(f"guest kernel {kernel}: {summary} ({guest.seconds:.0f} s with boot)")
+    tail = guest.output.strip().splitlines()[-15:]
+    for line in tail:
+        terminalreporter.write_line(f"guest| {line}")
+
+
+# -- inside the guest: write the outcome of each test for the host ----------
+
+_guest_outcomes: dict[str, dict[str, object]] = {}
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if not IN_GUEST:
+        return
+    if report.when == "call" or report.outcome != "passed":
+        prev = _guest_outcomes.get(report.nodeid)
+        if prev and prev["outcome"] != "passed":
+            return  # keep the first failure (setup/call) over a later teardown note
+        text = report.longreprtext if report.outcome != "passed" else ""
+        if report.outcome == "skipped" and isinstance(report.longrepr, tuple):
+            text = str(report.longrepr[2])
+        _guest_outcomes[report.nodeid] = {"outcome": report.outcome, "text": text,
+                                          "seconds": report.duration, "kernel": os.uname().release}
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = os.environ.get(REPORT_ENV)
+    if IN_GUEST and path:
+        Path(path).write_text(json.dumps(_guest_outcomes))
