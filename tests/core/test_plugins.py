@@ -1,0 +1,77 @@
+"""The plugin host: isolation of broken plugins, scheme routing, clashes.
+
+tests/test_packaging.py does the same through real installed distributions.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from erofs_mount_core.errors import PluginError, UnknownSchemeError
+from erofs_mount_core.plugins import ENTRY_POINT_GROUP, LOAD_ENV, PluginHost
+
+M = "tests.core.fake_plugins"
+
+
+def eps(**names: str) -> list[EntryPoint]:
+    return [EntryPoint(name, value, ENTRY_POINT_GROUP) for name, value in names.items()]
+
+
+def test_a_good_plugin_serves_its_scheme() -> None:
+    host = PluginHost(eps(mem=f"{M}:good"))
+    assert host.schemes() == ["mem"]
+    source = host.open_source("mem", "abc", {})
+    assert source.pread(2, 1) == b"bc"
+    state = host.serialize_source("mem", source)
+    assert state == {"data": "abc", "tag": "good"}
+    assert host.deserialize_source("mem", state).pread(3, 0) == b"abc"
+
+
+def test_broken_plugins_are_reported_and_the_others_keep_working() -> None:
+    host = PluginHost(eps(mem=f"{M}:good", gone="no_such_module_xyz", wrong=f"{M}:wrong_argument",
+                          typo=f"{M}:misspelled"))
+    status = {i.name: (i.status, i.error) for i in host.plugins}
+    assert status["mem"] == ("ok", None)
+    assert status["gone"][0] == "failed" and "No module named 'no_such_module_xyz'" in status["gone"][1]
+    assert status["wrong"][0] == "failed" and "url" in status["wrong"][1]
+    assert status["typo"][0] == "failed" and "erofs_mount_open_sourse" in status["typo"][1]
+    assert host.schemes() == ["mem"]
+    assert host.open_source("mem", "x", {}).size == 1
+
+
+def test_two_plugins_claiming_one_scheme_make_it_unusable() -> None:
+    host = PluginHost(eps(a=f"{M}:good", b=f"{M}:other_mem"))
+    assert host.conflicts() == {"mem": ["a", "b"]}
+    with pytest.raises(PluginError, match="provided by several plugins"):
+        host.open_source("mem", "x", {})
+
+
+def test_calls_reach_only_the_owner() -> None:
+    from tests.core.fake_plugins import Good
+
+    host = PluginHost([])
+    host.register(Good("one", tag="1"), "p1")
+    host.register(Good("two", tag="2"), "p2")
+    assert host.open_source("one", "x", {}).tag == "1"  # type: ignore[attr-defined]
+    assert host.open_source("two", "x", {}).tag == "2"  # type: ignore[attr-defined]
+
+
+def test_unknown_scheme_names_the_installed_ones() -> None:
+    host = PluginHost(eps(mem=f"{M}:good"))
+    with pytest.raises(UnknownSchemeError, match=r"'s3'.*installed: mem"):
+        host.open_source("s3", "bucket/key", {})
+
+
+def test_a_plugin_returning_a_non_source_is_a_plugin_error() -> None:
+    host = PluginHost(eps(bad=f"{M}:returns_not_a_source"))
+    with pytest.raises(PluginError, match="not a Source"):
+        host.open_source("bad", "x", {})
+
+
+def test_load_plugins_variable_restricts_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(LOAD_ENV, "")
+    assert PluginHost(eps(mem=f"{M}:good")).plugins == []
+    monkeypatch.setenv(LOAD_ENV, "mem")
+    assert [i.name for i in PluginHost(eps(mem=f"{M}:good", gone="nope")).plugins] == ["mem"]

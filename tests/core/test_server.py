@@ -1,0 +1,156 @@
+"""The transmission loop against a raw socket: replies, errors, desync guards.
+
+Its integration counterparts: tests/vm/test_local_mount.py (the kernel as client).
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from erofs_mount_core import Source, SourceError
+from erofs_mount_core.nbd import protocol as p
+from erofs_mount_core.nbd.server import Export, serve
+
+DATA = bytes(range(256)) * 64  # 16 KiB
+
+
+class BytesSource(Source):
+    def __init__(self, data: bytes, failures: list[SourceError] | None = None) -> None:
+        self.data = data
+        self.failures = failures or []
+        self.calls = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        self.calls += 1
+        if self.failures:
+            raise self.failures.pop(0)
+        return self.data[offset:offset + length]
+
+
+class Client:
+    def __init__(self, export: Export) -> None:
+        self.sock, server = socket.socketpair()
+        self.result: list[str] = []
+        self.thread = threading.Thread(target=lambda: self.result.append(serve(server, export)))
+        self.thread.start()
+        self._server = server
+
+    def request(self, cmd: int, offset: int = 0, length: int = 0, cookie: int = 7,
+                magic: int = p.REQUEST_MAGIC, payload: bytes = b"") -> None:
+        self.sock.sendall(p.REQUEST.pack(magic, 0, cmd, cookie, offset, length) + payload)
+
+    def reply(self, length: int = 0) -> tuple[int, int, bytes]:
+        magic, error, cookie = p.REPLY.unpack(self.recv(p.REPLY.size))
+        assert magic == p.SIMPLE_REPLY_MAGIC
+        return error, cookie, self.recv(length) if not error and length else b""
+
+    def recv(self, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = self.sock.recv(n - len(buf))
+            assert chunk, "server closed the connection"
+            buf += chunk
+        return buf
+
+    def finish(self) -> str:
+        self.thread.join(5)
+        self.close()
+        return self.result[0]
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+        self._server.close()
+
+
+@pytest.fixture
+def client() -> Iterator[Client]:
+    c = Client(Export(BytesSource(DATA)))
+    yield c
+    c.close()
+
+
+def test_read_returns_the_bytes(client: Client) -> None:
+    client.request(p.CMD_READ, 1000, 3000, cookie=0xDEADBEEF01)
+    assert client.reply(3000) == (0, 0xDEADBEEF01, DATA[1000:4000])
+    client.request(p.CMD_DISC)
+    assert client.finish() == "disconnect"
+
+
+def test_bad_requests_get_error_replies_and_the_stream_stays_in_step(client: Client) -> None:
+    client.request(p.CMD_READ, len(DATA) - 10, 11, cookie=1)       # past the end
+    client.request(p.CMD_READ, 0, 0, cookie=2)                     # zero length
+    client.request(p.CMD_READ, 0, p.MAX_READ + 1, cookie=3)        # too large
+    client.request(99, cookie=4)                                   # unknown command
+    client.request(p.CMD_WRITE, 0, 5, cookie=5, payload=b"hello")  # read-only export
+    client.request(p.CMD_TRIM, 0, 4096, cookie=6)
+    client.request(p.CMD_FLUSH, cookie=8)
+    client.request(p.CMD_READ, 0, 16, cookie=9)
+    assert client.reply() == (p.EINVAL, 1, b"")
+    assert client.reply() == (p.EINVAL, 2, b"")
+    assert client.reply() == (p.EINVAL, 3, b"")
+    assert client.reply() == (p.EINVAL, 4, b"")
+    assert client.reply() == (p.EPERM, 5, b"")
+    assert client.reply() == (p.EPERM, 6, b"")
+    assert client.reply() == (0, 8, b"")
+    assert client.reply(16) == (0, 9, DATA[:16])
+
+
+def test_bad_magic_closes_the_connection(client: Client) -> None:
+    client.request(p.CMD_READ, 0, 16, magic=0x12345678)
+    assert client.finish() == "bad magic 0x12345678"
+
+
+def test_half_a_request_ends_cleanly(client: Client) -> None:
+    client.sock.sendall(p.REQUEST.pack(p.REQUEST_MAGIC, 0, p.CMD_READ, 1, 0, 16)[:10])
+    client.sock.shutdown(socket.SHUT_WR)
+    assert "after 10 of 28 bytes" in client.finish()
+
+
+def test_eof_between_requests_is_closed(client: Client) -> None:
+    client.sock.shutdown(socket.SHUT_WR)
+    assert client.finish() == "closed"
+
+
+def test_transient_failures_are_retried_then_served() -> None:
+    source = BytesSource(DATA, [SourceError("blip", transient=True)] * 2)
+    c = Client(Export(source))
+    c.request(p.CMD_READ, 0, 100)
+    assert c.reply(100) == (0, 7, DATA[:100])
+    assert source.calls == 3
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
+
+
+def test_a_failed_read_is_one_error_reply_never_a_header_then_nothing() -> None:
+    source = BytesSource(DATA, [SourceError("gone")])
+    c = Client(Export(source))
+    c.request(p.CMD_READ, 0, 100, cookie=1)
+    c.request(p.CMD_READ, 100, 100, cookie=2)
+    assert c.reply() == (p.EIO, 1, b"")
+    assert c.reply(100) == (0, 2, DATA[100:200])
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
+
+
+def test_export_rounded_up_reads_zeros_past_the_source() -> None:
+    c = Client(Export(BytesSource(DATA[:1000]), size=1024))
+    c.request(p.CMD_READ, 512, 512)
+    assert c.reply(512) == (0, 7, DATA[512:1000] + bytes(24))
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
+
+
+def test_header_layout() -> None:
+    assert p.REQUEST.size == 28 and p.REPLY.size == 16
+    raw = p.reply_header(0x0102030405060708, p.EIO)
+    assert raw == struct.pack(">IIQ", 0x67446698, 5, 0x0102030405060708)
