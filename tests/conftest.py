@@ -25,6 +25,7 @@ VM_RUN = ROOT / "tests" / "vm" / "vm-run"
 IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
 REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
+GUEST_LOG = ROOT / ".guest-pytest.log"
 GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1500"))
 
 
@@ -56,17 +57,20 @@ class GuestRun:
         report.unlink(missing_ok=True)
         env = dict(os.environ, **{REPORT_ENV: str(report)})
         cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--",
-               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", *nodeids]
+               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
+               "--durations=5", *nodeids]
         start = time.monotonic()
         try:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True,
-                                  errors="replace", timeout=GUEST_TIMEOUT + 60)
+            # the guest's output goes to a file as it comes: `tail -f` it to watch
+            with open(GUEST_LOG, "w") as log:
+                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                      timeout=GUEST_TIMEOUT + 60)
         except (OSError, subprocess.TimeoutExpired) as exc:
             self.error = f"the test VM did not run: {exc}"
             return
         finally:
             self.seconds = time.monotonic() - start
-        self.output = proc.stdout + ("\n--- guest stderr ---\n" + proc.stderr if proc.stderr.strip() else "")
+            self.output = GUEST_LOG.read_text(errors="replace") if GUEST_LOG.exists() else ""
         try:
             self.results = json.loads(report.read_text())
         except (FileNotFoundError, ValueError):

@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import re
 import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from tests.imagetree import make_tree, mkfs
+
+EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
+RUN_DIR = Path("/run/erofs-mount")
 
 
 @pytest.fixture(scope="session")
@@ -21,3 +31,91 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, st
     base = tmp_path_factory.mktemp("sample")
     sums = make_tree(base / "tree", files=40, max_size=1 << 20)
     return mkfs(base / "sample.erofs", base / "tree"), sums
+
+
+@attrs.frozen
+class Result:
+    code: int
+    out: str
+    err: str
+
+
+def cli(*args: str, check: bool = True, user: int | None = None) -> Result:
+    """Run the erofs-mount command as a user would."""
+    cmd = [EROFS_MOUNT, *args]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    result = Result(proc.returncode, proc.stdout, proc.stderr)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"erofs-mount {' '.join(args)} failed: {result}")
+    return result
+
+
+def devices() -> list[dict[str, object]]:
+    return json.loads(cli("list", "--json").out)
+
+
+def daemon_pids() -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if b"erofs_mount_core.daemon" in (proc / "cmdline").read_bytes():
+                    pids.append(int(proc.name))
+    return pids
+
+
+def connected_devices() -> list[int]:
+    return sorted(int(re.sub(r"\D", "", p.parent.name)) for p in Path("/sys/block").glob("nbd*/pid"))
+
+
+def records() -> list[str]:
+    return sorted(p.name for p in RUN_DIR.iterdir()) if RUN_DIR.exists() else []
+
+
+def assert_clean() -> None:
+    assert connected_devices() == [], "an nbd device is still connected"
+    assert daemon_pids() == [], "a daemon is still running"
+    assert records() == [], "a record is left in /run/erofs-mount"
+
+
+def force_clean() -> None:
+    """Tear down whatever a failed test left, so the next test starts clean."""
+    from erofs_mount_core.nbd.netlink import NBDNetlink
+
+    for src, mp, fstype in _mounts():
+        if src.startswith("/dev/nbd"):
+            subprocess.run(["umount", "-l", mp], check=False)
+    with NBDNetlink() as nl:
+        for index in connected_devices():
+            with contextlib.suppress(Exception):
+                nl.disconnect_device(index)
+    for pid in daemon_pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    for name in records():
+        (RUN_DIR / name).unlink()
+
+
+def _mounts() -> list[tuple[str, str, str]]:
+    from erofs_mount_core.mounts import mount_table
+
+    return mount_table()
+
+
+@pytest.fixture
+def clean_system(nbd_driver: None) -> Iterator[None]:
+    """The test starts with no device, daemon or record, and leaves none."""
+    force_clean()
+    yield
+    leftovers = (connected_devices(), daemon_pids(), records())
+    force_clean()
+    assert leftovers == ([], [], []), f"left behind (devices, daemons, records): {leftovers}"
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Path:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    return mnt

@@ -1,0 +1,287 @@
+"""Mount, kill, reattach and unmount local images through the real nbd driver."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.imagetree import file_sha256, make_tree, mkfs
+from tests.vm.conftest import assert_clean, cli, connected_devices, daemon_pids, devices, records
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_system")]
+
+
+def mount(image: Path, mnt: Path, *extra: str) -> str:
+    device = cli("mount", "--source", f"local:{image}", str(mnt), *extra).out.strip()
+    assert device.startswith("/dev/nbd")
+    return device
+
+
+def daemon_pid(device: str) -> int:
+    (row,) = [d for d in devices() if d["device"] == device]
+    assert row["daemon_alive"] is True
+    return int(row["daemon_pid"])
+
+
+def kill_daemon(device: str) -> None:
+    pid = daemon_pid(device)
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(100):
+        if pid not in daemon_pids():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"daemon {pid} survived SIGKILL")
+
+
+def drop_caches() -> None:
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+@pytest.fixture(scope="module")
+def big_tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A few hundred files, 0 B to 8 MiB, names with spaces, quotes and non-ASCII."""
+    base = tmp_path_factory.mktemp("big")
+    sums = make_tree(base / "tree", files=300)
+    return mkfs(base / "big.erofs", base / "tree"), sums
+
+
+def test_every_file_of_a_large_tree_reads_back(big_tree: tuple[Path, dict[str, str]], mountpoint: Path) -> None:
+    image, sums = big_tree
+    device = mount(image, mountpoint)
+    try:
+        assert len(sums) == 300
+        for rel, digest in sums.items():
+            assert file_sha256(mountpoint / rel) == digest, rel
+        (row,) = devices()
+        assert row["device"] == device and row["mountpoints"] == [str(mountpoint)]
+        assert row["source"] == f"local:{image}"
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
+
+
+class Readers:
+    """Threads that read and checksum files in a loop, evicting each from the page cache."""
+
+    def __init__(self, root: Path, sums: dict[str, str], count: int = 4) -> None:
+        self.root, self.sums = root, sums
+        self.stop = threading.Event()
+        self.reads = 0
+        self.errors: list[str] = []
+        self.mismatches: list[str] = []
+        self.threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(count)]
+
+    def _run(self, n: int) -> None:
+        rng = random.Random(n)
+        names = sorted(self.sums)
+        while not self.stop.is_set():
+            rel = rng.choice(names)
+            try:
+                with open(self.root / rel, "rb") as f:
+                    digest = file_sha256(self.root / rel)
+                    os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+            except OSError as exc:
+                self.errors.append(f"{rel}: {exc}")
+                continue
+            if digest != self.sums[rel]:
+                self.mismatches.append(rel)
+            self.reads += 1
+
+    def __enter__(self) -> Readers:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in self.threads), "a reader is stuck"
+
+    def wait_for_reads(self, more: int, timeout: float = 120) -> None:
+        target = self.reads + more
+        deadline = time.monotonic() + timeout
+        while self.reads < target:
+            assert time.monotonic() < deadline, f"readers stalled at {self.reads} reads"
+            time.sleep(0.1)
+
+
+def test_parallel_readers_survive_five_kill_reattach_cycles(sample: tuple[Path, dict[str, str]],
+                                                            mountpoint: Path) -> None:
+    image, sums = sample
+    device = mount(image, mountpoint)
+    try:
+        with Readers(mountpoint, sums) as readers:
+            readers.wait_for_reads(20)
+            for cycle in range(5):
+                kill_daemon(device)
+                drop_caches()
+                time.sleep(2)
+                before = readers.reads
+                cli("reattach", device)
+                readers.wait_for_reads(20)
+                assert readers.reads > before, f"cycle {cycle}: no reads after reattach"
+                assert len(daemon_pids()) == 1
+        assert readers.errors == [] and readers.mismatches == []
+        assert readers.reads > 100
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
+
+
+def test_reattach_on_a_healthy_device_changes_nothing(sample: tuple[Path, dict[str, str]],
+                                                     mountpoint: Path) -> None:
+    image, sums = sample
+    device = mount(image, mountpoint)
+    try:
+        pid = daemon_pid(device)
+        result = cli("reattach", device, check=False)
+        assert result.code != 0
+        assert result.err.strip() == f"Error: {device[5:]}: its daemon is alive and serving: nothing to do"
+        assert daemon_pids() == [pid]
+        drop_caches()
+        rel = next(iter(sums))
+        assert file_sha256(mountpoint / rel) == sums[rel]
+    finally:
+        cli("umount", str(mountpoint))
+
+
+def test_reattach_refuses_a_replaced_image(sample: tuple[Path, dict[str, str]], mountpoint: Path,
+                                          tmp_path: Path) -> None:
+    image, sums = sample
+    mine = tmp_path / "image.erofs"
+    shutil.copy(image, mine)
+    device = mount(mine, mountpoint)
+    kill_daemon(device)
+    other = make_tree(tmp_path / "other", files=5, seed=9)
+    assert other
+    mkfs(tmp_path / "other.erofs", tmp_path / "other")
+    os.replace(tmp_path / "other.erofs", mine)
+    drop_caches()
+    rel = next(iter(sums))
+    reader = subprocess.Popen(["sha256sum", str(mountpoint / rel)], stdout=subprocess.PIPE, text=True)
+    result = cli("reattach", device, check=False)
+    assert result.code != 0
+    assert "is no longer the image that was mounted" in result.err
+    assert len(result.err.strip().splitlines()) == 1
+    time.sleep(1)
+    assert reader.poll() is None, "the read must stay blocked, not be served other bytes"
+    assert daemon_pids() == []
+    assert len(records()) == 3  # record, lock, log: kept for a later reattach
+    # give up on the device: the blocked read fails instead of returning wrong bytes
+    from erofs_mount_core.nbd.netlink import NBDNetlink
+
+    with NBDNetlink() as nl:
+        nl.disconnect_device(int(device.removeprefix("/dev/nbd")))
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode != 0 and sums[rel] not in out
+    cli("umount", str(mountpoint))
+    assert_clean()
+
+
+def test_umount_leaves_nothing_behind(sample: tuple[Path, dict[str, str]], mountpoint: Path) -> None:
+    image, _ = sample
+    device = mount(image, mountpoint)
+    assert connected_devices() == [int(device.removeprefix("/dev/nbd"))]
+    assert len(daemon_pids()) == 1 and len(records()) == 3
+    cli("umount", str(mountpoint))
+    assert_clean()
+    assert not os.path.ismount(mountpoint)
+
+
+def test_umount_by_device_after_the_daemon_died(sample: tuple[Path, dict[str, str]], mountpoint: Path) -> None:
+    image, _ = sample
+    device = mount(image, mountpoint)
+    kill_daemon(device)
+    cli("umount", device)
+    assert_clean()
+
+
+def test_an_image_path_with_space_and_newline_round_trips(sample: tuple[Path, dict[str, str]],
+                                                          mountpoint: Path, tmp_path: Path) -> None:
+    image, sums = sample
+    odd = tmp_path / "dir with space" / "new\nline ünï.erofs"
+    odd.parent.mkdir()
+    shutil.copy(image, odd)
+    device = mount(odd, mountpoint)
+    try:
+        (row,) = devices()
+        assert row["source"] == f"local:{odd}"
+        kill_daemon(device)
+        drop_caches()
+        cli("reattach", device)
+        for rel, digest in sums.items():
+            assert file_sha256(mountpoint / rel) == digest, rel
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
+
+
+def test_reattach_all_takes_only_dead_devices(sample: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    image, sums = sample
+    mnts = [tmp_path / "a", tmp_path / "b"]
+    for m in mnts:
+        m.mkdir()
+    dev_a, dev_b = mount(image, mnts[0]), mount(image, mnts[1])
+    try:
+        healthy = daemon_pid(dev_b)
+        kill_daemon(dev_a)
+        time.sleep(1)
+        assert cli("reattach", "--all").out.split() == [dev_a]
+        assert healthy in daemon_pids() and len(daemon_pids()) == 2
+        drop_caches()
+        rel = next(iter(sums))
+        assert file_sha256(mnts[0] / rel) == sums[rel]
+    finally:
+        for m in mnts:
+            cli("umount", str(m))
+    assert_clean()
+
+
+# -- what a user can get wrong: one line, non-zero, nothing left behind -------
+
+def _refused(*args: str, user: int | None = None) -> str:
+    result = cli(*args, check=False, user=user)
+    assert result.code != 0
+    lines = result.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.err
+    assert "Traceback" not in result.err
+    assert_clean()
+    return lines[0]
+
+
+def test_bad_inputs(sample: tuple[Path, dict[str, str]], mountpoint: Path, tmp_path: Path) -> None:
+    image, _ = sample
+    junk = tmp_path / "junk.img"
+    junk.write_bytes(os.urandom(1 << 20))
+    assert "no such file" in _refused("mount", "--source", f"local:{tmp_path}/missing.erofs", str(mountpoint))
+    assert "not an EROFS image" in _refused("mount", "--source", f"local:{junk}", str(mountpoint))
+    assert "does not exist" in _refused("mount", "--source", f"local:{image}", str(tmp_path / "nope"))
+    assert "no installed plugin provides source type 'nosuch'" in _refused(
+        "mount", "--source", f"nosuch:{image}", str(mountpoint))
+    assert "needs root" in _refused("mount", "--source", f"local:{image}", str(mountpoint), user=65534)
+    assert "needs root" in _refused("reattach", "/dev/nbd0", user=65534)
+    assert "not connected" in _refused("reattach", "/dev/nbd0")
+    assert "not an erofs-mount mountpoint" in _refused("umount", str(mountpoint))
+
+
+def test_no_nbd_driver(sample: tuple[Path, dict[str, str]], mountpoint: Path) -> None:
+    image, _ = sample
+    modprobe = Path("/proc/sys/kernel/modprobe")
+    saved = modprobe.read_text()
+    subprocess.run(["rmmod", "nbd"], check=True)
+    modprobe.write_text("/bin/false\n")  # no autoloading of the genl family's module
+    try:
+        line = _refused("mount", "--source", f"local:{image}", str(mountpoint))
+        assert "no nbd driver" in line and "modprobe nbd" in line
+    finally:
+        modprobe.write_text(saved)
+        subprocess.run(["modprobe", "nbd", "nbds_max=16", "max_part=0"], check=True)
