@@ -80,7 +80,11 @@ class Daemon:
             if mode == "connect":
                 # serve first: the kernel may read while CONNECT is still running
                 threads += [self._start(s, export, n) for n, (s, _k) in enumerate(pairs)]
-                index = self._connect(record, [k for _s, k in pairs])
+                if record.device.interface == "ioctl":
+                    index, kernel_thread = self._connect_ioctl(record, pairs[0][1])
+                    threads.append(kernel_thread)
+                else:
+                    index = self._connect(record, [k for _s, k in pairs])
             else:
                 index = self._reconnect(record, pairs, export, threads)
         except ErofsMountError as exc:
@@ -131,6 +135,31 @@ class Daemon:
         for k in kernel_ends:
             k.close()  # the kernel holds its own reference
         return index
+
+    def _connect_ioctl(self, record: rec.Record, kernel_end: socket.socket) -> tuple[int, threading.Thread]:
+        """Attach through the legacy ioctls; a thread sits in NBD_DO_IT while the device lives."""
+        from .nbd import ioctl
+
+        index, device_fd = ioctl.attach(kernel_end.fileno(), size=record.device.size,
+                                        block_size=record.device.block_size,
+                                        flags=p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY)
+        kernel_end.close()
+
+        def sit() -> None:
+            try:
+                ioctl.do_it(device_fd)
+            finally:
+                os.close(device_fd)
+
+        thread = threading.Thread(target=sit, name="nbd-do-it", daemon=True)
+        thread.start()
+        pid_file = Path(f"/sys/block/nbd{index}/pid")
+        deadline = time.monotonic() + 10
+        while not pid_file.exists():
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise KernelError(f"nbd{index} did not start serving (NBD_DO_IT)")
+            time.sleep(0.02)
+        return index, thread
 
     def _reconnect(self, record: rec.Record, pairs: list[tuple[socket.socket, socket.socket]],
                    export: Export, threads: list[threading.Thread]) -> int:

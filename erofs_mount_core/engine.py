@@ -87,7 +87,9 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] = {},
         size = -(-source.size // settings.block_size) * settings.block_size
     finally:
         source.close()
-    _probe_kernel()
+    interface = _choose_interface()
+    if interface == "ioctl":
+        settings = attrs.evolve(settings, connections=1)
 
     store = store or rec.RecordStore()
     store.ensure()
@@ -95,7 +97,8 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] = {},
     record = rec.Record(
         format=rec.FORMAT, created=rec.now(), daemon_pid=0,
         device=rec.DeviceRecord(index=-1, size=size, block_size=settings.block_size,
-                                connections=settings.connections, dead_timeout=settings.dead_timeout),
+                                connections=settings.connections, dead_timeout=settings.dead_timeout,
+                                interface=interface),
         source=rec.SourceRecord(scheme=scheme, location=location, description=description,
                                 plugin=plugin.name, distribution=plugin.distribution or "",
                                 state=state),
@@ -110,8 +113,9 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] = {},
     device = f"/dev/nbd{index}"
     try:
         mounts.mount_erofs(device, os.path.realpath(mountpoint))
-        # a plain umount(8) of the device now disconnects it and ends the daemon
-        _netlink_call(lambda nl: nl.reconfigure_device(index, backend=str(path), client_flags=_autoclear()))
+        if interface == "netlink":
+            # a plain umount(8) of the device now disconnects it and ends the daemon
+            _netlink_call(lambda nl: nl.reconfigure_device(index, backend=str(path), client_flags=_autoclear()))
     except BaseException:
         _disconnect_and_wait(index, path)
         raise
@@ -124,9 +128,32 @@ def _autoclear() -> int:
     return protocol.CFLAG_DISCONNECT_ON_CLOSE
 
 
-def _probe_kernel() -> None:
-    """Fail before any state exists when the nbd driver is missing."""
-    _netlink_call(lambda nl: None)
+INTERFACE_ENV = "EROFS_MOUNT_NBD_INTERFACE"
+
+
+def _choose_interface() -> str:
+    """netlink when the kernel has it; the legacy ioctls on kernels before 4.12 (no reattach).
+
+    Decided before any state exists, so a missing driver leaves nothing behind.
+    """
+    from .nbd import ioctl
+
+    forced = os.environ.get(INTERFACE_ENV)
+    if forced not in (None, "", "netlink", "ioctl"):
+        raise UsageError(f"{INTERFACE_ENV} must be netlink or ioctl, not {forced!r}")
+    if forced == "ioctl":
+        if not ioctl.available():
+            raise KernelError("the kernel has no nbd driver: load it with 'modprobe nbd'")
+        return "ioctl"
+    try:
+        _netlink_call(lambda nl: None)
+    except KernelError:
+        if forced or not ioctl.available():
+            raise
+        print("warning: the kernel has no nbd netlink interface; using the legacy ioctl interface, "
+              "which cannot reattach after a daemon dies", file=sys.stderr)
+        return "ioctl"
+    return "netlink"
 
 
 def _netlink_call(fn: Any) -> Any:
@@ -212,10 +239,21 @@ def _read_line(fd: int, timeout: float) -> str:
     return data.decode(errors="replace").strip()
 
 
+def _disconnect(index: int) -> None:
+    """Disconnect through netlink, or through the ioctl on kernels without it."""
+    from .nbd import ioctl
+
+    try:
+        _netlink_call(lambda nl: nl.disconnect_device(index))
+    except KernelError:
+        if ioctl.available():
+            with contextlib.suppress(ErofsMountError, OSError):
+                ioctl.disconnect(index)
+
+
 def _disconnect_and_wait(index: int, record_path: Path, timeout: float = 10.0) -> None:
     """Disconnect the device, let its daemon exit, and leave no record behind."""
-    with contextlib.suppress(ErofsMountError):
-        _netlink_call(lambda nl: nl.disconnect_device(index))
+    _disconnect(index)
     deadline = time.monotonic() + timeout
     while daemon_alive(record_path) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -246,8 +284,7 @@ def umount(target: str) -> str:
     if info is None or not info.configured:
         raise DeviceStateError(f"{device} is not connected")
     if record_path is None:
-        with contextlib.suppress(ErofsMountError):
-            _netlink_call(lambda nl: nl.disconnect_device(index))
+        _disconnect(index)
         return device
     _disconnect_and_wait(index, record_path)
     return device
@@ -269,10 +306,17 @@ def _index_or_usage(target: str) -> int:
 
 
 def _record_path_of(info: sysfs.DeviceInfo) -> Path | None:
-    """The device's record, if its backend identifier names one of ours."""
-    if not info.backend or not info.backend.startswith("/") or not info.backend.endswith(rec.SUFFIX):
-        return None
-    return Path(info.backend)
+    """The device's record: named by its backend identifier, or (attached through
+    the ioctls, which have none) the record in our directory that names its index."""
+    if info.backend and info.backend.startswith("/") and info.backend.endswith(rec.SUFFIX):
+        return Path(info.backend)
+    store = rec.RecordStore()
+    for path in store.paths():
+        with contextlib.suppress(RecordError):
+            device = store.read(path).device
+            if device.interface == "ioctl" and device.index == info.index:
+                return path
+    return None
 
 
 # -- reattach ----------------------------------------------------------------
@@ -288,6 +332,10 @@ def reattach(target: str) -> int:
     if record_path is None:
         raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
     record = rec.RecordStore.read(record_path)
+    if record.device.interface != "netlink":
+        raise DeviceStateError(
+            f"nbd{index} was attached through the kernel's legacy ioctl interface, which cannot "
+            "take a new connection: unmount it and mount it again")
     _check_plugin(record)
     try:
         with _locked(record_path) as lock_fd:
@@ -311,8 +359,11 @@ def reattach_candidates() -> list[int]:
     found = []
     for info in sysfs.devices():
         path = _record_path_of(info) if info.configured else None
-        if path is not None and path.exists() and not daemon_alive(path):
-            found.append(info.index)
+        if path is None or not path.exists() or daemon_alive(path):
+            continue
+        with contextlib.suppress(RecordError):
+            if rec.RecordStore.read(path).device.interface == "netlink":
+                found.append(info.index)
     return found
 
 

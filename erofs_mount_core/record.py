@@ -45,6 +45,8 @@ class DeviceRecord:
     block_size: int = attrs.field(validator=_U63)
     connections: int = attrs.field(validator=attrs.validators.and_(_U63, attrs.validators.ge(1)))
     dead_timeout: int = attrs.field(validator=_U63)
+    interface: str = attrs.field(default="netlink", validator=attrs.validators.in_(("netlink", "ioctl")))
+    """How the device was attached; only netlink devices can be reattached."""
 
 
 @attrs.frozen(kw_only=True)

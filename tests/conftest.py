@@ -26,7 +26,7 @@ IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
 REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
 GUEST_LOG = ROOT / ".guest-pytest.log"
-GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1500"))
+GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1200"))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -60,17 +60,25 @@ class GuestRun:
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
                "--durations=5", *nodeids]
         start = time.monotonic()
-        try:
-            # the guest's output goes to a file as it comes: `tail -f` it to watch
-            with open(GUEST_LOG, "w") as log:
-                proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                      timeout=GUEST_TIMEOUT + 60)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            self.error = f"the test VM did not run: {exc}"
-            return
-        finally:
-            self.seconds = time.monotonic() - start
-            self.output = GUEST_LOG.read_text(errors="replace") if GUEST_LOG.exists() else ""
+        self.error = "the test VM was interrupted"  # until it reports
+        # the guest's output goes to a file as it comes: `tail -f` it to watch
+        with open(GUEST_LOG, "w") as log:
+            try:
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+            except OSError as exc:
+                self.error = f"the test VM did not start: {exc}"
+                return
+            try:
+                proc.wait(GUEST_TIMEOUT + 60)
+            except subprocess.TimeoutExpired:
+                pass
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()  # vm-run stops qemu on SIGTERM (not on SIGKILL)
+                    proc.wait(30)
+                self.seconds = time.monotonic() - start
+                self.output = GUEST_LOG.read_text(errors="replace")
+        self.error = None
         try:
             self.results = json.loads(report.read_text())
         except (FileNotFoundError, ValueError):
@@ -87,6 +95,8 @@ class GuestItem(pytest.Item):
         super().__init__(**kwargs)
         self.nodeid_in_guest = nodeid_in_guest
         self.add_marker("kernel")
+        # the first stand-in waits for the whole guest session
+        self.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 120))
 
     def runtest(self) -> None:
         if self.config.getoption("--skip-kernel"):

@@ -40,12 +40,13 @@ class Result:
     err: str
 
 
-def cli(*args: str, check: bool = True, user: int | None = None) -> Result:
+def cli(*args: str, check: bool = True, user: int | None = None, env: dict[str, str] | None = None) -> Result:
     """Run the erofs-mount command as a user would."""
     cmd = [EROFS_MOUNT, *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **(env or {})})
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"erofs-mount {' '.join(args)} failed: {result}")

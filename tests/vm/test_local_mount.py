@@ -264,6 +264,10 @@ def test_bad_inputs(sample: tuple[Path, dict[str, str]], mountpoint: Path, tmp_p
     junk.write_bytes(os.urandom(1 << 20))
     assert "no such file" in _refused("mount", "--source", f"local:{tmp_path}/missing.erofs", str(mountpoint))
     assert "not an EROFS image" in _refused("mount", "--source", f"local:{junk}", str(mountpoint))
+    # passes the magic check, fails in the kernel: the device is attached, then torn down
+    corrupt = tmp_path / "corrupt.erofs"
+    corrupt.write_bytes(bytes(1024) + (0xE0F5E1E2).to_bytes(4, "little") + bytes((1 << 20) - 1028))
+    assert "not a valid EROFS filesystem" in _refused("mount", "--source", f"local:{corrupt}", str(mountpoint))
     assert "does not exist" in _refused("mount", "--source", f"local:{image}", str(tmp_path / "nope"))
     assert "no installed plugin provides source type 'nosuch'" in _refused(
         "mount", "--source", f"nosuch:{image}", str(mountpoint))
@@ -285,3 +289,22 @@ def test_no_nbd_driver(sample: tuple[Path, dict[str, str]], mountpoint: Path) ->
     finally:
         modprobe.write_text(saved)
         subprocess.run(["modprobe", "nbd", "nbds_max=16", "max_part=0"], check=True)
+
+
+def test_legacy_ioctl_interface_serves_but_cannot_reattach(sample: tuple[Path, dict[str, str]],
+                                                          mountpoint: Path) -> None:
+    """Kernels before 4.12 have only the ioctls; forced here on a newer kernel."""
+    image, sums = sample
+    device = cli("mount", "--source", f"local:{image}", str(mountpoint),
+                 env={"EROFS_MOUNT_NBD_INTERFACE": "ioctl"}).out.strip()
+    try:
+        for rel, digest in sums.items():
+            assert file_sha256(mountpoint / rel) == digest, rel
+        (row,) = devices()
+        assert row["device"] == device and row["daemon_alive"] is True
+        result = cli("reattach", device, check=False)
+        assert result.code != 0 and "legacy ioctl interface" in result.err
+        assert cli("reattach", "--all").out == ""
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
