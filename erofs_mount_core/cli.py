@@ -182,12 +182,26 @@ def plugins(as_json: bool) -> None:
 
 @cli.command()
 @click.option("-s", "--source", "spec", required=True, metavar="SCHEME:LOCATION", help="What to serve.")
+@click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE[,...]",
+              help="A source option, passed to the source's plugin. Repeatable.")
 @click.option("--socket", "socket_path", metavar="PATH", help="Listen on a unix socket.")
-@click.option("--listen", metavar="HOST:PORT", help="Listen on TCP.")
+@click.option("--listen", metavar="HOST:PORT", help="Listen on TCP (port 0: any free port).")
+@click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @_errors_as_lines
-def serve(spec: str, socket_path: str | None, listen: str | None) -> None:
-    """Export SOURCE to NBD clients (qemu, nbd-client, libnbd tools)."""
-    _fail("serve is not implemented yet", 1)
+def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, listen: str | None,
+          quiet: bool) -> None:
+    """Export SOURCE read-only to NBD clients (qemu, nbd-client, libnbd tools).
+
+    Speaks the fixed newstyle handshake and offers one export under any name.
+    Runs in the foreground until SIGINT or SIGTERM.
+    """
+    import logging
+
+    from . import exporter
+
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
+                        format="erofs-mount serve: %(message)s")
+    exporter.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen)
 
 
 def main() -> None:

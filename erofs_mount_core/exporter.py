@@ -1,0 +1,134 @@
+"""``erofs-mount serve``: a source exported to ordinary NBD clients.
+
+The same transmission loop that feeds the kernel, behind the fixed newstyle
+handshake, on a unix socket or TCP. One thread per client; a client that
+breaks the protocol is logged and dropped, the others keep being served.
+SIGINT and SIGTERM close the listener, end every connection and exit 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import threading
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from .errors import UsageError
+from .nbd import handshake
+from .nbd import protocol as p
+from .nbd.server import Export, serve
+from .plugins import PluginHost
+from .source import split_spec
+
+log = logging.getLogger("erofs_mount.serve")
+
+
+class _Stop(Exception):
+    pass
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UsageError(f"--listen {listen!r} is not HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, str]:
+    if bool(socket_path) == bool(listen):
+        raise UsageError("give exactly one of --socket PATH and --listen HOST:PORT")
+    if socket_path:
+        path = Path(socket_path)
+        with contextlib.suppress(FileNotFoundError):
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise UsageError(f"{socket_path} exists and is not a socket")
+            path.unlink()  # a stale socket from an earlier run
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(socket_path)
+        except OSError as exc:
+            sock.close()
+            raise UsageError(f"cannot listen on {socket_path}: {exc.strerror}") from None
+        where = f"unix:{socket_path}"
+    else:
+        host, port = parse_listen(listen or "")
+        try:
+            family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+        except OSError as exc:
+            raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
+        where = f"tcp:{host}:{sock.getsockname()[1]}"
+    sock.listen(64)
+    return sock, where
+
+
+def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None,
+        listen: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve ``spec`` until SIGINT or SIGTERM."""
+    host = PluginHost()
+    scheme, location = split_spec(spec)
+    source = host.open_source(scheme, location, options)
+    export = Export(source)
+    listener, where = bind(socket_path, listen)
+    flags = p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY | p.FLAG_CAN_MULTI_CONN
+    clients: dict[int, socket.socket] = {}
+    threads: list[threading.Thread] = []
+    lock = threading.Lock()
+
+    def client(conn: socket.socket, n: int, peer: str) -> None:
+        try:
+            if conn.family != socket.AF_UNIX:
+                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if handshake.negotiate(conn, size=export.size, flags=flags, description=source.describe()):
+                reason = serve(conn, export, peer=peer)
+                log.info("%s: %s", peer, reason)
+        except handshake.HandshakeError as exc:
+            log.warning("%s: dropped: %s", peer, exc)
+        except OSError as exc:
+            log.info("%s: connection lost: %s", peer, exc.strerror or exc)
+        finally:
+            with lock:
+                clients.pop(n, None)
+            conn.close()
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    log.info("serving %s (%d bytes) on %s", spec, export.size, where)
+    try:
+        if on_ready:
+            on_ready(where)
+        n = 0
+        while True:
+            conn, addr = listener.accept()
+            n += 1
+            peer = f"client {n}" + (f" {addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "")
+            with lock:
+                clients[n] = conn
+            t = threading.Thread(target=client, args=(conn, n, peer), name=f"nbd-client-{n}", daemon=True)
+            t.start()
+            threads = [x for x in threads if x.is_alive()] + [t]
+    except _Stop:
+        log.info("stopping")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        listener.close()
+        with lock:
+            for conn in clients.values():
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+        for t in threads:
+            t.join(5)
+        if socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)
+        source.close()

@@ -1,0 +1,157 @@
+"""``erofs-mount serve`` with real NBD clients: libnbd's nbdinfo, nbdcopy and nbdfuse.
+
+These run on the host (no nbd driver needed): nbdfuse turns the export into a
+file that the host kernel mounts as EROFS through a loop device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.imagetree import file_sha256, make_tree, mkfs
+
+EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    base = tmp_path_factory.mktemp("serve")
+    sums = make_tree(base / "tree", files=60, max_size=2 << 20)
+    return mkfs(base / "image.erofs", base / "tree"), sums
+
+
+class Server:
+    def __init__(self, spec: str, sock: Path) -> None:
+        self.sock = sock
+        self.proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", spec, "--socket", str(sock)],
+                                     stderr=subprocess.PIPE, text=True)
+        for _ in range(200):
+            if sock.exists():
+                return
+            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
+            time.sleep(0.05)
+        raise AssertionError("serve did not start listening")
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _out, err = self.proc.communicate(timeout=20)
+        return err
+
+
+@pytest.fixture
+def server(image: tuple[Path, dict[str, str]], tmp_path: Path) -> Iterator[Server]:
+    s = Server(f"local:{image[0]}", tmp_path / "nbd.sock")
+    yield s
+    if s.proc.poll() is None:
+        s.stop()
+
+
+def test_nbdinfo_reports_size_and_read_only(server: Server, image: tuple[Path, dict[str, str]]) -> None:
+    out = subprocess.run(["nbdinfo", "--json", server.uri], check=True, capture_output=True, text=True).stdout
+    (export,) = json.loads(out)["exports"]
+    assert export["export-size"] == image[0].stat().st_size
+    assert export["is_read_only"] is True
+    assert export["can_multi_conn"] is True
+
+
+def test_nbdcopy_copies_byte_for_byte(server: Server, image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    for request_size in ("4096", "262144", "4194304"):
+        copy = tmp_path / f"copy-{request_size}.img"
+        subprocess.run(["nbdcopy", f"--request-size={request_size}", server.uri, str(copy)], check=True)
+        assert file_sha256(copy) == file_sha256(image[0])
+
+
+def test_nbdfuse_file_mounts_as_erofs(server: Server, image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    fuse_dir, mnt = tmp_path / "fuse", tmp_path / "mnt"
+    fuse_dir.mkdir()
+    mnt.mkdir()
+    fuse = subprocess.Popen(["nbdfuse", "--readonly", str(fuse_dir / "image"), server.uri])
+    try:
+        for _ in range(200):
+            if (fuse_dir / "image").exists():
+                break
+            time.sleep(0.05)
+        subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", str(fuse_dir / "image"), str(mnt)], check=True)
+        try:
+            for rel, digest in image[1].items():
+                assert file_sha256(mnt / rel) == digest, rel
+        finally:
+            subprocess.run(["umount", str(mnt)], check=True)
+    finally:
+        subprocess.run(["fusermount3", "-u", str(fuse_dir)], check=False)
+        fuse.wait(20)
+
+
+def _raw_client(path: Path) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(str(path))
+    s.settimeout(10)
+    return s
+
+
+def test_two_clients_and_a_misbehaving_one(server: Server, image: tuple[Path, dict[str, str]],
+                                          tmp_path: Path) -> None:
+    bad = [_raw_client(server.sock) for _ in range(4)]
+    bad[0].sendall(b"garbage" * 10)                                    # not even client flags
+    bad[1].sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x1234, 7, 0))  # wrong option magic
+    bad[2].sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 7, 1 << 30))  # huge option
+    bad[3].sendall(struct.pack(">I", 3)[:2])                            # half of the client flags, then silence
+    copies = [tmp_path / "a.img", tmp_path / "b.img"]
+    procs = [subprocess.Popen(["nbdcopy", server.uri, str(c)]) for c in copies]
+    assert [p.wait(60) for p in procs] == [0, 0]
+    for c in copies:
+        assert file_sha256(c) == file_sha256(image[0])
+    for s in bad[:3]:
+        assert s.recv(65536, socket.MSG_WAITALL) is not None  # server closes them
+    for s in bad:
+        s.close()
+    err = server.stop()
+    assert "bad option magic" in err and "too large" in err
+
+
+def test_a_client_that_dies_mid_request_does_not_stop_the_server(server: Server,
+                                                                image: tuple[Path, dict[str, str]]) -> None:
+    s = _raw_client(server.sock)
+    greeting = s.recv(18, socket.MSG_WAITALL)
+    assert greeting[:8] == b"NBDMAGIC"
+    s.sendall(struct.pack(">I", 3) + struct.pack(">QII", 0x49484156454F5054, 1, 0))  # EXPORT_NAME ""
+    size, _flags = struct.unpack(">QH", s.recv(10, socket.MSG_WAITALL))
+    assert size == image[0].stat().st_size
+    s.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 0, 1, 0, 4096)[:13])  # half a request
+    s.close()
+    out = subprocess.run(["nbdinfo", "--size", server.uri], check=True, capture_output=True, text=True).stdout
+    assert int(out) == size
+    assert "after 13 of 28 bytes" in server.stop()
+
+
+def test_sigterm_removes_the_socket(server: Server) -> None:
+    err = server.stop()
+    assert server.proc.returncode == 0
+    assert not server.sock.exists()
+    assert "stopping" in err
+
+
+def test_bad_listen_arguments() -> None:
+    for args in (["--listen", "nonsense"], [], ["--socket", "/tmp/x.sock", "--listen", "127.0.0.1:1"]):
+        proc = subprocess.run([EROFS_MOUNT, "serve", "--source", "local:/etc/hostname", *args],
+                              capture_output=True, text=True)
+        assert proc.returncode == 2 and proc.stderr.startswith("Error: "), proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("/tmp/x.sock")
