@@ -76,15 +76,20 @@ def _recv_exact(sock: socket.socket, buf: bytearray | memoryview, n: int) -> boo
 
 
 def _send(sock: socket.socket, header: bytes, data: bytes = b"") -> None:
-    """Send header and data with as few copies and syscalls as the socket allows."""
     if not data:
         sock.sendall(header)
         return
     sent = sock.sendmsg([header, data])
-    total = len(header) + len(data)
-    if sent < total:  # a partial send: finish from where it stopped
-        rest = memoryview(header + data)[sent:] if sent < len(header) else memoryview(data)[sent - len(header):]
-        sock.sendall(rest)
+    if sent != len(header) + len(data):
+        _finish_send(sock, header, data, sent)
+
+
+def _finish_send(sock: socket.socket, header: bytes, data: bytes, sent: int) -> None:
+    """Send what a partial sendmsg left: the rest of the header, then of the data."""
+    if sent < len(header):
+        sock.sendall(header[sent:])
+        sent = len(header)
+    sock.sendall(memoryview(data)[sent - len(header):])
 
 
 def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
@@ -95,30 +100,37 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
     closed by the caller).
     """
     header = bytearray(p.REQUEST.size)
-    size = export.size
+    size, source_size = export.size, export.source_size
+    # the hot path (a read inside the source) uses only these locals
+    recv_into, sendmsg, unpack, reply = sock.recv_into, sock.sendmsg, p.REQUEST.unpack, p.REPLY.pack
+    pread = export.source.pread
+    request_size, request_magic, reply_magic = p.REQUEST.size, p.REQUEST_MAGIC, p.SIMPLE_REPLY_MAGIC
+    reply_size = p.REPLY.size
     try:
         while True:
-            if not _recv_exact(sock, header, p.REQUEST.size):
-                return "closed"
-            magic, _flags, cmd, cookie, offset, length = p.REQUEST.unpack(header)
-            if magic != p.REQUEST_MAGIC:
+            got = recv_into(header)
+            if got != request_size:
+                if got == 0:
+                    return "closed"
+                _recv_rest(sock, header, got)
+            magic, _flags, cmd, cookie, offset, length = unpack(header)
+            if magic != request_magic:
                 log.warning("%s: bad request magic 0x%08x; closing the connection", peer, magic)
                 return f"bad magic 0x{magic:08x}"
             if cmd == p.CMD_READ:
-                error = _check_range(offset, length, size)
-                if error:
-                    _send(sock, p.reply_header(cookie, error))
-                    continue
-                try:
-                    data = export.read(offset, length)
-                except Exception as exc:
-                    if isinstance(exc, SourceError):
-                        log.error("%s: read of %d bytes at %d failed: %s", peer, length, offset, exc)
-                    else:
-                        log.exception("%s: read of %d bytes at %d failed", peer, length, offset)
-                    _send(sock, p.reply_header(cookie, p.EIO))
-                    continue
-                _send(sock, p.reply_header(cookie), data)
+                if 0 < length <= p.MAX_READ and offset + length <= source_size:
+                    try:
+                        data = pread(length, offset)
+                    except Exception as exc:
+                        _read_slow(sock, export, cookie, offset, length, size, peer, exc)
+                        continue
+                    if len(data) == length:
+                        header_out = reply(reply_magic, 0, cookie)
+                        sent = sendmsg([header_out, data])
+                        if sent != reply_size + length:
+                            _finish_send(sock, header_out, data, sent)
+                        continue
+                _read_slow(sock, export, cookie, offset, length, size, peer)
             elif cmd == p.CMD_DISC:
                 return "disconnect"
             elif cmd == p.CMD_WRITE:
@@ -138,6 +150,40 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
         return str(exc)
     except (BrokenPipeError, ConnectionResetError) as exc:
         return f"closed ({exc.strerror})"
+
+
+def _recv_rest(sock: socket.socket, header: bytearray, got: int) -> None:
+    """Complete a header whose first recv returned ``got`` bytes."""
+    view = memoryview(header)
+    while got < len(header):
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionClosed(f"peer closed the connection after {got} of {len(header)} bytes")
+        got += k
+
+
+def _read_slow(sock: socket.socket, export: Export, cookie: int, offset: int, length: int,
+               size: int, peer: str, failure: Exception | None = None) -> None:
+    """Range checks, zero padding past the source, retries and error replies.
+
+    ``failure`` is what a first, direct read raised: retried only if transient.
+    """
+    error = _check_range(offset, length, size)
+    if error:
+        _send(sock, p.reply_header(cookie, error))
+        return
+    try:
+        if failure is not None and not (isinstance(failure, SourceError) and failure.transient):
+            raise failure
+        data = export.read(offset, length)
+    except Exception as exc:
+        if isinstance(exc, SourceError):
+            log.error("%s: read of %d bytes at %d failed: %s", peer, length, offset, exc)
+        else:
+            log.exception("%s: read of %d bytes at %d failed", peer, length, offset)
+        _send(sock, p.reply_header(cookie, p.EIO))
+        return
+    _send(sock, p.reply_header(cookie), data)
 
 
 def _check_range(offset: int, length: int, size: int) -> int:
