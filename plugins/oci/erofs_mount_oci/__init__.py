@@ -1,0 +1,172 @@
+"""erofs-mount source ``oci:REFERENCE``: an EROFS layer blob in an OCI registry.
+
+    erofs-mount mount --source oci:registry.example.com/team/app:1.4 /mnt/app
+    erofs-mount mount --source oci:localhost:5000/app@sha256:... -o layer=1,insecure /mnt/app
+
+Options (``-o key=value``, comma-separated or repeated):
+
+    layer=N              the N-th layer (from 0) of the image manifest
+    blob=sha256:...      the layer with this digest
+                         (default: the first layer whose media type says erofs)
+    platform=OS/ARCH[/VARIANT]   which image of a multi-platform index (default: this host's)
+    insecure             plain HTTP (registries on loopback or a trusted network)
+    ca=PATH              CA bundle for the registry's TLS certificate
+    credentials=SOURCE   anonymous | env[:USER_VAR:PASS_VAR] | docker-config[:PATH] | auto (default)
+    cache-mib=N          in-memory block cache bound (default 256)
+    block-kib=N          cache block size (default 256)
+    readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
+
+Passwords never go on the command line: they come from environment
+variables or docker's config (and its credential helpers), and the record
+names the place, not the secret. The record pins the manifest and blob
+digests: reattach reads ``/v2/<repository>/blobs/<digest>`` and never
+resolves the tag again, so a moved tag cannot change the bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from erofs_mount_core import Source, SourceChangedError, SourceError, UsageError, hookimpl
+
+from . import reference as references
+
+SCHEME = "oci"
+
+
+@attrs.frozen
+class Options:
+    layer: int | None = None
+    blob: str | None = None
+    platform: str | None = None
+    insecure: bool = False
+    ca: str | None = None
+    credentials: str | None = None
+    cache_mib: int = 256
+    block_kib: int = 256
+    readahead_kib: int = 4096
+
+    @classmethod
+    def parse(cls, options: Mapping[str, str]) -> Options:
+        known = {f.name.replace("_", "-") for f in attrs.fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise UsageError(f"oci: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values: dict[str, Any] = {}
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if name == "insecure":
+                values[name] = value.lower() not in ("0", "no", "false")
+            elif name in ("layer", "cache_mib", "block_kib", "readahead_kib"):
+                if not value.isdigit():
+                    raise UsageError(f"oci: {key}={value!r} is not a whole number")
+                values[name] = int(value)
+            else:
+                values[name] = value
+        if "layer" in values and "blob" in values:
+            raise UsageError("oci: give layer= or blob=, not both")
+        if "blob" in values:
+            if not values["blob"].startswith("sha"):
+                values["blob"] = "sha256:" + values["blob"]
+            if not references.DIGEST.fullmatch(values["blob"]):
+                raise UsageError(f"oci: blob={options['blob']!r} is not a sha256 digest")
+        if values.get("block_kib") == 0 or values.get("cache_mib") == 0:
+            raise UsageError("oci: cache-mib and block-kib must be at least 1")
+        return cls(**values)
+
+
+def _client(registry: str, *, insecure: bool, ca: str | None, credentials: Any) -> Any:
+    from . import _http
+
+    creds = credentials.lookup(registry)
+    auth = _http.RegistryAuth(creds.username, creds.password, creds.identity_token)
+    return _http.make_client(insecure=insecure, ca_bundle=ca, auth=auth)
+
+
+def open_reference(location: str, options: Mapping[str, str]) -> Source:
+    from .blob import BlobSource
+    from .credentials import CredentialSource
+    from .platform import Platform
+    from .registry import Registry
+
+    ref = references.parse(location)
+    opts = Options.parse(options)
+    if opts.insecure and ref.registry == references.DOCKER_HUB:
+        raise UsageError("oci: insecure (plain HTTP) is refused for Docker Hub")
+    credentials = CredentialSource.parse(opts.credentials, ref.registry)
+    platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
+    client = _client(ref.api_host, insecure=opts.insecure, ca=opts.ca, credentials=credentials)
+    try:
+        registry = Registry(client, ref, insecure=opts.insecure)
+        manifest, digest, chosen = registry.image_manifest(platform)
+        layer = registry.choose_layer(manifest, digest, chosen, index=opts.layer, blob=opts.blob)
+    except BaseException:
+        client.close()
+        raise
+    source = BlobSource(client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                        description=f"{ref}#{layer.digest}",
+                        block_size=opts.block_kib << 10, cache_bytes=opts.cache_mib << 20,
+                        readahead=opts.readahead_kib << 10)
+    source.record_state = {  # type: ignore[attr-defined]
+        "reference": location, "registry": ref.registry, "repository": ref.repository,
+        "manifest_digest": layer.manifest_digest, "blob_digest": layer.digest, "blob_size": layer.size,
+        "media_type": layer.media_type, "layer_index": layer.index, "platform": layer.platform,
+        "insecure": opts.insecure, "ca": opts.ca or "", "credentials": credentials.to_record(),
+        "cache_mib": opts.cache_mib, "block_kib": opts.block_kib, "readahead_kib": opts.readahead_kib,
+    }
+    return source
+
+
+def reopen(state: Mapping[str, Any]) -> Source:
+    """Rebuild from a record: the blob by digest, its size checked, no tag lookup."""
+    from .blob import BlobSource
+    from .credentials import CredentialSource
+    from .reference import Reference
+    from .registry import Registry
+
+    try:
+        ref = Reference(str(state["registry"]), str(state["repository"]), None, str(state["manifest_digest"]))
+        digest, size = str(state["blob_digest"]), int(state["blob_size"])
+        insecure, ca = bool(state["insecure"]), str(state.get("ca") or "") or None
+        credentials = CredentialSource.from_record(dict(state["credentials"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"oci: record state is incomplete ({exc})") from exc
+    client = _client(ref.api_host, insecure=insecure, ca=ca, credentials=credentials)
+    try:
+        registry = Registry(client, ref, insecure=insecure)
+        found = registry.blob_size(digest)
+        if found != size:
+            raise SourceChangedError(f"oci: blob {digest} is {found} bytes now, {size} when mounted")
+    except BaseException:
+        client.close()
+        raise
+    source = BlobSource(client, registry.blob_url(digest), digest, size,
+                        description=f"{state['reference']}#{digest}",
+                        block_size=int(state.get("block_kib", 256)) << 10,
+                        cache_bytes=int(state.get("cache_mib", 256)) << 20,
+                        readahead=int(state.get("readahead_kib", 4096)) << 10)
+    source.record_state = dict(state)  # type: ignore[attr-defined]
+    return source
+
+
+@hookimpl
+def erofs_mount_schemes() -> dict[str, str]:
+    return {SCHEME: "EROFS layer in an OCI registry, read lazily: oci:[REGISTRY/]REPOSITORY[:TAG][@DIGEST]"}
+
+
+@hookimpl
+def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
+    return open_reference(location, options)
+
+
+@hookimpl
+def erofs_mount_serialize_source(source: Source) -> dict[str, Any]:
+    return dict(source.record_state)  # type: ignore[attr-defined]
+
+
+@hookimpl
+def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
+    return reopen(state)

@@ -1,0 +1,246 @@
+"""Everything that touches httpx: the client, retries, range reads, registry auth.
+
+Kept in one module so that a move to another HTTP library (httpx's
+maintained fork, say) is one file. Imported only when a source is opened,
+never by ``erofs-mount --help``.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import logging
+import random
+import re
+import threading
+import time
+import urllib.parse
+from collections.abc import Generator
+from typing import Any
+
+import httpx
+
+from erofs_mount_core import SourceError
+
+log = logging.getLogger("erofs_mount.oci")
+
+USER_AGENT = "erofs-mount-oci/0.1"
+TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0)
+#: attempts for one request: 429, 5xx, resets and timeouts are retried with back-off
+ATTEMPTS = 6
+BACKOFF_BASE = 0.25
+BACKOFF_MAX = 10.0
+RETRY_STATUS = {429, 500, 502, 503, 504}
+#: refresh a Bearer token this long before it expires
+TOKEN_MARGIN = 30.0
+
+HTTPError = httpx.HTTPError
+Response = httpx.Response
+
+
+def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | None) -> httpx.Client:
+    verify: Any = ca_bundle if ca_bundle else True
+    return httpx.Client(
+        auth=auth, verify=verify, timeout=TIMEOUT, follow_redirects=True,
+        headers={"User-Agent": USER_AGENT},
+        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    when = email.utils.parsedate_to_datetime(value) if value else None
+    return max(0.0, when.timestamp() - time.time()) if when else None
+
+
+def _delay(attempt: int, hint: float | None) -> float:
+    if hint is not None:
+        return min(hint, 60.0)
+    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+
+
+def send(client: httpx.Client, method: str, url: str, *, what: str,
+         headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+    """One request, retried on transient failures; the caller closes a streamed response.
+
+    Raises SourceError(transient=True) when the failures outlast the retries.
+    """
+    last = ""
+    for attempt in range(ATTEMPTS):
+        try:
+            request = client.build_request(method, url, headers=headers)
+            response = client.send(request, stream=stream)
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            hint = None
+        else:
+            if response.status_code not in RETRY_STATUS:
+                return response
+            last = f"HTTP {response.status_code}"
+            hint = _retry_after(response)
+            response.close()
+        if attempt + 1 < ATTEMPTS:
+            delay = _delay(attempt, hint)
+            log.warning("%s: %s; retrying in %.2fs", what, last, delay)
+            time.sleep(delay)
+    raise SourceError(f"{what}: {last} (after {ATTEMPTS} attempts)", transient=True)
+
+
+# -- range reads ---------------------------------------------------------------
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class FullBody(Exception):
+    """The server ignored Range and started sending the whole blob."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__("range ignored")
+        self.response = response
+
+
+def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what: str) -> bytes:
+    """Exactly ``length`` bytes at ``offset``, from one GET (retried as a whole).
+
+    Raises FullBody (with the open response) if the server answers 200.
+    """
+    headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
+    for attempt in range(ATTEMPTS):
+        response = send(client, "GET", url, what=what, headers=headers, stream=True)
+        if response.status_code == 200:
+            raise FullBody(response)
+        try:
+            if response.status_code != 206:
+                raise status_error(response, what)
+            m = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+            if not m or int(m.group(1)) != offset:
+                raise SourceError(f"{what}: the registry answered range {offset} with "
+                                  f"{response.headers.get('Content-Range')!r}")
+            data = b"".join(response.iter_bytes())
+            if len(data) == length:
+                return data
+            problem = f"short body ({len(data)} of {length} bytes)"
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            problem = f"{type(exc).__name__}: {exc}"
+        finally:
+            response.close()
+        if attempt + 1 < ATTEMPTS:
+            delay = _delay(attempt, None)
+            log.warning("%s: %s; retrying in %.2fs", what, problem, delay)
+            time.sleep(delay)
+    raise SourceError(f"{what}: {problem} (after {ATTEMPTS} attempts)", transient=True)
+
+
+def status_error(response: httpx.Response, what: str) -> SourceError:
+    code = response.status_code
+    if code == 401:
+        return SourceError(f"{what}: the registry refused the credentials (401 Unauthorized)")
+    if code == 403:
+        return SourceError(f"{what}: access denied (403 Forbidden)")
+    if code == 404:
+        return SourceError(f"{what}: not found (404)")
+    return SourceError(f"{what}: HTTP {code}", transient=code >= 500)
+
+
+# -- registry auth ---------------------------------------------------------------
+
+_PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
+
+
+def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, rest = header.strip().partition(" ")
+    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
+              for m in _PARAM.finditer(rest)}
+    return scheme.lower(), params
+
+
+class RegistryAuth(httpx.Auth):
+    """Docker/OCI registry auth: Basic, or Bearer tokens from the WWW-Authenticate challenge.
+
+    Tokens are cached per scope and fetched again before they expire and on a
+    401. Only the token response is read into memory (blob bodies stream).
+    """
+
+    def __init__(self, username: str | None = None, password: str | None = None,
+                 identity_token: str | None = None) -> None:
+        self.username, self.password, self.identity_token = username, password, identity_token
+        self._lock = threading.Lock()
+        self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (token, expiry)
+        self._challenge: tuple[str, dict[str, str]] | None = None
+
+    # httpx calls sync_auth_flow; we never need the response body except the token's
+    def sync_auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        self._authorize(request)
+        response = yield request
+        if response.status_code != 401 or "WWW-Authenticate" not in response.headers:
+            return
+        scheme, params = parse_challenge(response.headers["WWW-Authenticate"])
+        if scheme == "bearer" and "realm" in params:
+            with self._lock:
+                self._challenge = (scheme, params)
+                self._tokens.pop(self._scope(params), None)
+                token = self._fetch_token(params)
+            request.headers["Authorization"] = f"Bearer {token}"
+        elif scheme == "basic" and self.username is not None:
+            with self._lock:
+                self._challenge = (scheme, params)
+            request.headers["Authorization"] = self._basic()
+        else:
+            return
+        yield request  # httpx reads and closes the 401 before sending this
+
+    def _authorize(self, request: httpx.Request) -> None:
+        with self._lock:
+            if self._challenge is None:
+                return
+            scheme, params = self._challenge
+            if scheme == "basic":
+                request.headers["Authorization"] = self._basic()
+                return
+            token = self._tokens.get(self._scope(params))
+            if token is None or token[1] - TOKEN_MARGIN < time.monotonic():
+                token_value = self._fetch_token(params)  # expired or about to: refresh now
+            else:
+                token_value = token[0]
+        request.headers["Authorization"] = f"Bearer {token_value}"
+
+    @staticmethod
+    def _scope(params: dict[str, str]) -> str:
+        return params.get("scope", "")
+
+    def _basic(self) -> str:
+        raw = f"{self.username or ''}:{self.password or ''}".encode()
+        return "Basic " + base64.b64encode(raw).decode()
+
+    def _fetch_token(self, params: dict[str, str]) -> str:
+        realm = params["realm"]
+        query = {k: v for k, v in (("service", params.get("service")), ("scope", params.get("scope"))) if v}
+        headers = {"User-Agent": USER_AGENT}
+        with httpx.Client(timeout=TIMEOUT, follow_redirects=True) as client:
+            if self.identity_token:
+                body = {**query, "grant_type": "refresh_token", "refresh_token": self.identity_token,
+                        "client_id": "erofs-mount"}
+                response = client.post(realm, data=body, headers=headers)
+            else:
+                if self.username is not None:
+                    headers["Authorization"] = self._basic()
+                url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
+                response = client.get(url, headers=headers)
+        if response.status_code != 200:
+            raise SourceError(f"token server {realm} answered {response.status_code}: "
+                              + ("wrong credentials" if response.status_code in (401, 403) else "no token"),
+                              transient=response.status_code >= 500)
+        try:
+            body = response.json()
+            token = body.get("token") or body.get("access_token")
+            lifetime = float(body.get("expires_in") or 60)
+        except (ValueError, AttributeError, TypeError) as exc:
+            raise SourceError(f"token server {realm} sent no token: {exc}") from exc
+        if not token:
+            raise SourceError(f"token server {realm} sent no token")
+        self._tokens[self._scope(params)] = (token, time.monotonic() + lifetime)
+        return str(token)

@@ -1,0 +1,138 @@
+"""The registry API: manifests (with digest checks), platform choice, layer choice, blobs."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import attrs
+
+from erofs_mount_core import SourceChangedError, SourceError, UsageError
+
+from . import _http
+from .platform import Platform
+from .reference import Reference
+
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+INDEXES = (OCI_INDEX, DOCKER_LIST)
+MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
+ACCEPT = ", ".join((*MANIFESTS, *INDEXES))
+MAX_MANIFEST = 4 << 20
+
+
+@attrs.frozen
+class Layer:
+    manifest_digest: str
+    digest: str
+    size: int
+    media_type: str
+    index: int
+    platform: str
+
+
+class Registry:
+    def __init__(self, client: Any, ref: Reference, *, insecure: bool) -> None:
+        self.client = client
+        self.ref = ref
+        self.base = f"{'http' if insecure else 'https'}://{ref.api_host}/v2/{ref.repository}"
+
+    def blob_url(self, digest: str) -> str:
+        return f"{self.base}/blobs/{digest}"
+
+    def manifest(self, reference: str) -> tuple[str, dict[str, Any], str]:
+        """(media type, parsed manifest, digest) of a tag or digest, digest verified."""
+        what = f"manifest {self.ref.repository}:{reference}" if not reference.startswith("sha") \
+            else f"manifest {self.ref.repository}@{reference}"
+        response = _http.send(self.client, "GET", f"{self.base}/manifests/{reference}", what=what,
+                              headers={"Accept": ACCEPT})
+        if response.status_code != 200:
+            raise _http.status_error(response, what)
+        body = response.content
+        if len(body) > MAX_MANIFEST:
+            raise SourceError(f"{what} is larger than {MAX_MANIFEST} bytes")
+        digest = "sha256:" + hashlib.sha256(body).hexdigest()
+        if reference.startswith("sha256:") and digest != reference:
+            raise SourceChangedError(f"{what}: the registry sent a manifest with digest {digest}")
+        claimed = response.headers.get("Docker-Content-Digest")
+        if claimed and claimed.startswith("sha256:") and claimed != digest:
+            raise SourceError(f"{what}: body digest {digest} differs from Docker-Content-Digest {claimed}")
+        try:
+            doc = json.loads(body)
+        except ValueError as exc:
+            raise SourceError(f"{what} is not JSON: {exc}") from exc
+        media_type = doc.get("mediaType") or _content_type(response) or _guess(doc)
+        return media_type, doc, digest
+
+    def image_manifest(self, platform: Platform) -> tuple[dict[str, Any], str, str]:
+        """The image manifest for ``platform``: (manifest, its digest, platform chosen)."""
+        reference = self.ref.digest or self.ref.tag or "latest"
+        media_type, doc, digest = self.manifest(reference)
+        if media_type in INDEXES or "manifests" in doc:
+            candidates = []
+            for entry in doc.get("manifests", []):
+                annotations = entry.get("annotations") or {}
+                if annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+                    continue
+                p = Platform.from_descriptor(entry)
+                if p is not None and p.matches(platform):
+                    candidates.append((entry, p))
+            if not candidates:
+                offered = sorted({str(p) for e in doc.get("manifests", [])
+                                  if (p := Platform.from_descriptor(e)) and p.os != "unknown"})
+                raise UsageError(f"oci: {self.ref} has no image for platform {platform} "
+                                 f"(it has: {', '.join(offered) or 'none'}); choose one with -o platform=")
+            entry, chosen = candidates[0]
+            _media, doc, digest = self.manifest(entry["digest"])
+            return doc, digest, str(chosen)
+        if media_type not in MANIFESTS and "layers" not in doc:
+            raise SourceError(f"oci: {self.ref} is a {media_type}, not an image manifest or index")
+        return doc, digest, str(platform)
+
+    def choose_layer(self, manifest: dict[str, Any], digest: str, platform: str, *,
+                     index: int | None = None, blob: str | None = None) -> Layer:
+        layers = manifest.get("layers") or []
+        if not isinstance(layers, list) or not layers:
+            raise SourceError(f"oci: {self.ref} has no layers")
+
+        def layer(i: int) -> Layer:
+            d = layers[i]
+            return Layer(digest, str(d["digest"]), int(d["size"]), str(d.get("mediaType", "")), i, platform)
+
+        if index is not None:
+            if not 0 <= index < len(layers):
+                raise UsageError(f"oci: layer {index} is out of range: {self.ref} has {len(layers)} layer(s)")
+            return layer(index)
+        if blob is not None:
+            for i, d in enumerate(layers):
+                if d.get("digest") == blob:
+                    return layer(i)
+            raise UsageError(f"oci: {self.ref} has no layer {blob}")
+        for i, d in enumerate(layers):
+            if "erofs" in str(d.get("mediaType", "")).lower():
+                return layer(i)
+        raise UsageError(f"oci: {self.ref} has no layer whose media type says EROFS; "
+                         "choose one with -o layer=N or -o blob=sha256:...")
+
+    def blob_size(self, digest: str) -> int:
+        what = f"blob {self.ref.repository}@{digest}"
+        response = _http.send(self.client, "HEAD", self.blob_url(digest), what=what)
+        if response.status_code == 404:
+            raise SourceChangedError(f"oci: {what} is gone from the registry: refusing to serve other bytes")
+        if response.status_code != 200:
+            raise _http.status_error(response, what)
+        length = response.headers.get("Content-Length")
+        if length is None or not length.isdigit():
+            raise SourceError(f"{what}: the registry gave no size")
+        return int(length)
+
+
+def _content_type(response: Any) -> str:
+    return str(response.headers.get("Content-Type", "")).split(";")[0].strip()
+
+
+def _guess(doc: dict[str, Any]) -> str:
+    return OCI_INDEX if "manifests" in doc else OCI_MANIFEST
