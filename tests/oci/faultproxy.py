@@ -1,0 +1,158 @@
+"""A reverse proxy in front of the real registry that injects faults on request.
+
+``proxy.inject("blob", "429", "reset")`` makes the next two blob GETs fail
+that way; other requests pass through untouched. A second listener on
+another host name plays the blob storage a registry redirects to, and
+records the Authorization headers it sees.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import struct
+import threading
+import time
+from typing import Any
+
+import httpx
+
+FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short")
+
+
+class FaultProxy:
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
+        self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
+        self.storage_auth: list[str | None] = []
+        self._lock = threading.Lock()
+        self._client = httpx.Client(base_url=f"http://{upstream}", timeout=30)
+        self.proxy = self._serve(self._proxy_handler())
+        self.storage = self._serve(self._storage_handler())
+        self.host = f"127.0.0.1:{self.proxy.server_address[1]}"
+        self.storage_url = f"http://localhost:{self.storage.server_address[1]}"
+
+    @staticmethod
+    def _serve(handler: Any) -> http.server.ThreadingHTTPServer:
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server.daemon_threads = True
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        return server
+
+    def inject(self, kind: str, *faults: str) -> None:
+        assert all(f in FAULTS for f in faults)
+        with self._lock:
+            self.faults += [(kind, f) for f in faults]
+
+    def _take(self, kind: str) -> str | None:
+        with self._lock:
+            for i, (k, fault) in enumerate(self.faults):
+                if k == kind:
+                    del self.faults[i]
+                    return fault
+        return None
+
+    def pending(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self.faults)
+
+    def stop(self) -> None:
+        for s in (self.proxy, self.storage):
+            s.shutdown()
+            s.server_close()
+        self._client.close()
+
+    def _forward(self, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
+        keep = {k: v for k, v in headers.items() if k.lower() in ("authorization", "range", "accept")}
+        return self._client.request(method, path, headers=keep)
+
+    def _proxy_handler(self) -> Any:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self._handle("HEAD")
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._handle("GET")
+
+            def _handle(self, method: str) -> None:
+                kind = "blob" if "/blobs/" in self.path else "manifest" if "/manifests/" in self.path else "other"
+                fault = proxy._take(kind) if method == "GET" else None
+                proxy.log.append((method, self.path, fault or "pass"))
+                headers = dict(self.headers.items())
+                if fault in ("429", "503"):
+                    extra = {"Retry-After": "1"} if fault == "429" else {}
+                    return self._reply(int(fault), b"", extra)
+                if fault == "401":  # as a registry does when a token has expired
+                    upstream = proxy._forward(method, self.path, {})
+                    return self._reply(401, b"", {"WWW-Authenticate": upstream.headers.get("WWW-Authenticate", "")})
+                if fault == "redirect":
+                    return self._reply(307, b"", {"Location": f"{proxy.storage_url}{self.path}"})
+                if fault == "full200":
+                    headers.pop("Range", None)
+                    headers.pop("range", None)
+                if fault == "slow":
+                    time.sleep(1.5)
+                upstream = proxy._forward(method, self.path, headers)
+                body = upstream.content
+                passed = {k: v for k, v in upstream.headers.items()
+                          if k.lower() in ("content-type", "content-range", "docker-content-digest",
+                                           "www-authenticate", "accept-ranges", "etag")}
+                if fault in ("reset", "short"):
+                    self.send_response(upstream.status_code)
+                    for k, v in passed.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    if fault == "reset":  # RST, not FIN
+                        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                self._reply(upstream.status_code, body if method == "GET" else b"", passed,
+                            length=int(upstream.headers.get("Content-Length", len(body))))
+
+            def _reply(self, code: int, body: bytes, headers: dict[str, str], length: int | None = None) -> None:
+                self.send_response(code)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body) if length is None else length))
+                self.end_headers()
+                if body:
+                    self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Handler
+
+    def _storage_handler(self) -> Any:
+        proxy = self
+
+        class Storage(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_GET(self) -> None:  # noqa: N802
+                proxy.storage_auth.append(self.headers.get("Authorization"))
+                # blob storage trusts the signed URL; here: fetch with the registry's admin rights
+                upstream = proxy._client.get(self.path, headers={
+                    "Authorization": "Bearer storage", **({"Range": self.headers["Range"]}
+                                                          if "Range" in self.headers else {})})
+                self.send_response(upstream.status_code)
+                for k in ("Content-Range", "Content-Type"):
+                    if k in upstream.headers:
+                        self.send_header(k, upstream.headers[k])
+                self.send_header("Content-Length", str(len(upstream.content)))
+                self.end_headers()
+                self.wfile.write(upstream.content)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        return Storage
