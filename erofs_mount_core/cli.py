@@ -84,7 +84,8 @@ def mount(spec: str, option_pairs: tuple[str, ...], connections: int, dead_timeo
     """Attach SOURCE to an nbd device and mount it read-only on MOUNTPOINT.
 
     Prints the device. A recovery record is kept under /run/erofs-mount
-    while the device is attached.
+    while the device is attached. 'erofs-mount plugins SCHEME' documents a
+    source type's -o options.
     """
     from . import engine
 
@@ -157,12 +158,21 @@ def list_(as_json: bool) -> None:
 
 
 @cli.command()
+@click.argument("scheme", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def plugins(as_json: bool) -> None:
-    """List installed source plugins, their schemes, and plugins that failed to load."""
+@_errors_as_lines
+def plugins(scheme: str | None, as_json: bool) -> None:
+    """List installed source plugins, their schemes, and plugins that failed to load.
+
+    With SCHEME, show that source type's documentation: its location syntax
+    and its -o options.
+    """
     from .plugins import PluginHost
 
     host = PluginHost()
+    if scheme:
+        click.echo(host.documentation(scheme))
+        return
     infos = host.plugins
     conflicts = host.conflicts()
     if as_json:

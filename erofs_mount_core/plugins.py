@@ -131,6 +131,14 @@ class PluginHost:
             )
         return next(i for i in self._infos if i.name == names[0])
 
+    def documentation(self, scheme: str) -> str:
+        """The owning plugin's docstring: its location syntax and options."""
+        import inspect
+
+        info = self.owner(scheme)
+        doc = inspect.getdoc(self._pm.get_plugin(info.name))
+        return doc or f"{scheme}: {info.schemes[scheme]} (the plugin has no further documentation)"
+
     # -- the source hooks, routed to the scheme's owner --------------------
 
     def open_source(self, scheme: str, location: str, options: Mapping[str, str]) -> Source:
