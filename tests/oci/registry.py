@@ -14,9 +14,11 @@ import json
 import os
 import secrets
 import socket
+import ssl
 import subprocess
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -62,9 +64,26 @@ class TokenServer:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def do_POST(self) -> None:  # noqa: N802 - OAuth2 refresh-token grant (docker's identitytoken)
+                length = int(self.headers.get("Content-Length", "0"))
+                form = urllib.parse.parse_qs(self.rfile.read(length).decode())
+                if form.get("grant_type") != ["refresh_token"] or form.get("refresh_token") != [outer.refresh_token]:
+                    self.send_response(401)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                outer.issued.append("refresh:" + ",".join(form.get("scope", [])))
+                body = json.dumps({"access_token": secrets.token_hex(16), "expires_in": outer.lifetime}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def log_message(self, *args: Any) -> None:
                 pass
 
+        self.refresh_token = "refresh-" + secrets.token_hex(8)
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
@@ -79,7 +98,7 @@ class Registry:
     """docker-registry on 127.0.0.1 with no auth, htpasswd Basic auth, or token auth."""
 
     def __init__(self, root: Path, *, auth: str = "none", users: dict[str, str] | None = None,
-                 token_server: TokenServer | None = None) -> None:
+                 token_server: TokenServer | None = None, tls: tuple[Path, Path] | None = None) -> None:
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.users = users or {}
@@ -88,8 +107,11 @@ class Registry:
             "version: 0.1",
             "log: {level: error}",
             f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}",
-            f"http: {{addr: '{self.host}'}}",
+            f"http: {{addr: '{self.host}'}}" if tls is None else
+            f"http: {{addr: '{self.host}', tls: {{certificate: {tls[0]}, key: {tls[1]}}}}}",
         ]
+        self.scheme = "http" if tls is None else "https"
+        self.tls_cert = tls[0] if tls else None
         if auth == "htpasswd":
             htpasswd = root / "htpasswd"
             htpasswd.write_text("")
@@ -102,12 +124,13 @@ class Registry:
         (root / "config.yml").write_text("\n".join(config) + "\n")
         self.proc = subprocess.Popen([REGISTRY_BIN, "serve", str(root / "config.yml")],
                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        self._admin = httpx.Client(base_url=f"http://{self.host}", timeout=30,
-                                   auth=self._admin_auth(auth, token_server))
+        self._admin = httpx.Client(base_url=f"{self.scheme}://{self.host}", timeout=30,
+                                   auth=self._admin_auth(auth, token_server),
+                                   verify=ssl.create_default_context(cafile=str(tls[0])) if tls else True)
         deadline = time.monotonic() + 20
         while True:
             try:
-                httpx.get(f"http://{self.host}/v2/", timeout=1)
+                self._admin.get("/v2/", timeout=1)
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
@@ -135,7 +158,7 @@ class Registry:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         r = self._admin.post(f"/v2/{repo}/blobs/uploads/")
         assert r.status_code == 202, r.text
-        url = httpx.URL(f"http://{self.host}").join(r.headers["Location"]).copy_merge_params({"digest": digest})
+        url = httpx.URL(f"{self.scheme}://{self.host}").join(r.headers["Location"]).copy_merge_params({"digest": digest})
         r = self._admin.put(url, content=data, headers={"Content-Type": "application/octet-stream"})
         assert r.status_code == 201, r.text
         return digest

@@ -12,6 +12,7 @@ import email.utils
 import logging
 import random
 import re
+import ssl
 import threading
 import time
 import urllib.parse
@@ -39,7 +40,12 @@ Response = httpx.Response
 
 
 def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | None) -> httpx.Client:
-    verify: Any = ca_bundle if ca_bundle else True
+    verify: Any = True
+    if ca_bundle:
+        try:
+            verify = ssl.create_default_context(cafile=ca_bundle)
+        except (OSError, ssl.SSLError) as exc:
+            raise SourceError(f"oci: cannot use CA bundle {ca_bundle}: {exc}") from None
     return httpx.Client(
         auth=auth, verify=verify, timeout=TIMEOUT, follow_redirects=True,
         headers={"User-Agent": USER_AGENT},
@@ -75,6 +81,9 @@ def send(client: httpx.Client, method: str, url: str, *, what: str,
             request = client.build_request(method, url, headers=headers)
             response = client.send(request, stream=stream)
         except (httpx.TransportError, httpx.DecodingError) as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # retrying cannot help
+                raise SourceError(f"{what}: the registry's TLS certificate is not trusted "
+                                  "(give its CA bundle with -o ca=PATH)") from None
             last = f"{type(exc).__name__}: {exc}"
             hint = None
         else:

@@ -57,7 +57,7 @@ class CredentialSource:
             return cls("env", username_var=names[0], password_var=names[1])
         if kind in ("docker-config", "auto"):
             path = arg or str(docker_config_path())
-            if kind == "auto" and _docker_entry(Path(path), registry) is None:
+            if kind == "auto" and not _mentions(Path(path), registry):
                 return cls("anonymous")
             return cls("docker-config", path=path)
         raise UsageError(f"oci: credentials={option!r}: use anonymous, env[:USER:PASS], docker-config[:PATH] or auto")
@@ -97,6 +97,17 @@ def _keys(registry: str) -> tuple[str, ...]:
     if registry in ("docker.io", "registry-1.docker.io", "index.docker.io"):
         return DOCKER_HUB_KEYS
     return (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/")
+
+
+def _mentions(path: Path, registry: str) -> bool:
+    """Whether docker's config has a way to credentials for ``registry`` (no helper is run)."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    keys = _keys(registry)
+    return bool(config.get("credsStore")) or any(
+        k in config.get("credHelpers", {}) or k in config.get("auths", {}) for k in keys)
 
 
 def _docker_entry(path: Path, registry: str) -> Credentials | None:
