@@ -68,7 +68,7 @@ def check_erofs(source: Source, spec: str) -> None:
 
 # -- mount -------------------------------------------------------------------
 
-def mount(spec: str, mountpoint: str, options: Mapping[str, str] = {},
+def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
           settings: MountOptions = MountOptions(), store: rec.RecordStore | None = None) -> str:
     """Attach ``spec`` to a new nbd device and mount it; return the device path."""
     require_root("mount")
@@ -79,7 +79,7 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] = {},
     host = PluginHost()
     scheme, location = split_spec(spec)
     plugin = host.owner(scheme)
-    source = host.open_source(scheme, location, options)
+    source = host.open_source(scheme, location, options or {})
     try:
         check_erofs(source, spec)
         state = host.serialize_source(scheme, source)

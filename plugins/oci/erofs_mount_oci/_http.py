@@ -69,6 +69,14 @@ def _delay(attempt: int, hint: float | None) -> float:
     return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
 
 
+def _pause(attempt: int, what: str, problem: str, hint: float | None) -> None:
+    """Sleep before the next attempt, unless this was the last one."""
+    if attempt + 1 < ATTEMPTS:
+        delay = _delay(attempt, hint)
+        log.warning("%s: %s; retrying in %.2fs", what, problem, delay)
+        time.sleep(delay)
+
+
 def send(client: httpx.Client, method: str, url: str, *, what: str,
          headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
     """One request, retried on transient failures; the caller closes a streamed response.
@@ -92,10 +100,7 @@ def send(client: httpx.Client, method: str, url: str, *, what: str,
             last = f"HTTP {response.status_code}"
             hint = _retry_after(response)
             response.close()
-        if attempt + 1 < ATTEMPTS:
-            delay = _delay(attempt, hint)
-            log.warning("%s: %s; retrying in %.2fs", what, last, delay)
-            time.sleep(delay)
+        _pause(attempt, what, last, hint)
     raise SourceError(f"{what}: {last} (after {ATTEMPTS} attempts)", transient=True)
 
 
@@ -137,10 +142,7 @@ def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what
             problem = f"{type(exc).__name__}: {exc}"
         finally:
             response.close()
-        if attempt + 1 < ATTEMPTS:
-            delay = _delay(attempt, None)
-            log.warning("%s: %s; retrying in %.2fs", what, problem, delay)
-            time.sleep(delay)
+        _pause(attempt, what, problem, None)
     raise SourceError(f"{what}: {problem} (after {ATTEMPTS} attempts)", transient=True)
 
 
