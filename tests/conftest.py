@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-VM_RUN = ROOT / "tests" / "vm" / "vm-run"
+VM_RUN = Path(os.environ.get("EROFS_MOUNT_VM_RUN", ROOT / "tests" / "vm" / "vm-run"))
 IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
 REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"

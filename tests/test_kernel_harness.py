@@ -1,0 +1,32 @@
+"""The kernel tests cannot be lost quietly: no VM means failures, skipping must be asked for."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+ONE_KERNEL_TEST = "tests/vm/test_harness.py::test_modprobe_nbd_gives_devices"
+
+
+def run_pytest(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if k not in ("EROFS_MOUNT_SKIP_KERNEL_TESTS", "VMTEST_GUEST")}
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
+                          cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def test_without_a_vm_the_kernel_tests_fail() -> None:
+    result = run_pytest(ONE_KERNEL_TEST, EROFS_MOUNT_VM_RUN="/bin/false")
+    assert result.returncode == 1, result.stdout
+    assert "1 failed" in result.stdout
+    assert "the test VM ran no tests" in result.stdout
+
+
+def test_skipping_them_is_explicit() -> None:
+    result = run_pytest(ONE_KERNEL_TEST, "--skip-kernel", EROFS_MOUNT_VM_RUN="/bin/false")
+    assert result.returncode == 0, result.stdout
+    assert "1 skipped" in result.stdout
+    result = run_pytest(ONE_KERNEL_TEST, "-rs", EROFS_MOUNT_VM_RUN="/bin/false", EROFS_MOUNT_SKIP_KERNEL_TESTS="1")
+    assert "kernel tests skipped on request" in result.stdout
