@@ -33,9 +33,9 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 
 
 class Server:
-    def __init__(self, spec: str, sock: Path) -> None:
+    def __init__(self, spec: str, sock: Path, *options: str) -> None:
         self.sock = sock
-        self.proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", spec, "--socket", str(sock)],
+        self.proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", spec, *options, "--socket", str(sock)],
                                      stderr=subprocess.PIPE, text=True)
         for _ in range(200):
             if sock.exists():
@@ -78,6 +78,11 @@ def test_nbdcopy_copies_byte_for_byte(server: Server, image: tuple[Path, dict[st
 
 
 def test_nbdfuse_file_mounts_as_erofs(server: Server, image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    check_nbdfuse_mount(server, image[1], tmp_path)
+
+
+def check_nbdfuse_mount(server: Server, sums: dict[str, str], tmp_path: Path) -> None:
+    """nbdfuse exposes the export as a file; the host mounts it (erofs on loop) and checks every file."""
     fuse_dir, mnt = tmp_path / "fuse", tmp_path / "mnt"
     fuse_dir.mkdir()
     mnt.mkdir()
@@ -89,7 +94,7 @@ def test_nbdfuse_file_mounts_as_erofs(server: Server, image: tuple[Path, dict[st
             time.sleep(0.05)
         subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", str(fuse_dir / "image"), str(mnt)], check=True)
         try:
-            for rel, digest in image[1].items():
+            for rel, digest in sums.items():
                 assert file_sha256(mnt / rel) == digest, rel
         finally:
             subprocess.run(["umount", str(mnt)], check=True)
