@@ -228,3 +228,35 @@ def test_unknown_options_and_insecure_docker_hub_are_refused() -> None:
         open_reference("127.0.0.1:1/x:y", {"password": "hunter2"})
     with pytest.raises(UsageError, match="refused for Docker Hub"):
         open_reference("library/alpine", INSECURE)
+
+
+def test_docker_media_types_and_manifests_without_media_type(registry: Registry,
+                                                             layer: tuple[bytes, dict[str, str]]) -> None:
+    docker_manifest = "application/vnd.docker.distribution.manifest.v2+json"
+    docker_list = "application/vnd.docker.distribution.manifest.list.v2+json"
+    data = layer[0]
+    config = json.dumps({"architecture": "arm64", "os": "linux"}).encode()
+    doc = {"schemaVersion": 2, "mediaType": docker_manifest,
+           "config": {"mediaType": "application/vnd.docker.container.image.v1+json",
+                      "digest": registry.push_blob("team/docker", config), "size": len(config)},
+           "layers": [{"mediaType": EROFS_LAYER, "digest": registry.push_blob("team/docker", data),
+                       "size": len(data)}]}
+    arm = registry.put_manifest("team/docker", "arm", doc, docker_manifest)
+    size = len(json.dumps(doc).encode())
+    registry.put_manifest("team/docker", "list", {
+        "schemaVersion": 2, "mediaType": docker_list,
+        "manifests": [{"mediaType": docker_manifest, "digest": arm, "size": size,
+                       "platform": {"os": "linux", "architecture": "arm64"}}]}, docker_list)
+    source = open_reference(f"{registry.host}/team/docker:list", {**INSECURE, "platform": "linux/arm64/v8"})
+    try:
+        assert read_all(source) == data
+    finally:
+        source.close()
+    bare = {k: v for k, v in doc.items() if k != "mediaType"}   # OCI allows leaving it out
+    bare["config"] = {**doc["config"], "mediaType": "application/vnd.oci.image.config.v1+json"}
+    registry.put_manifest("team/docker", "bare", bare, "application/vnd.oci.image.manifest.v1+json")
+    source = open_reference(f"{registry.host}/team/docker:bare", INSECURE)
+    try:
+        assert read_all(source) == data
+    finally:
+        source.close()
