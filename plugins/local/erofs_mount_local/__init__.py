@@ -49,7 +49,9 @@ class LocalFile(Source):
         except OSError as exc:
             raise SourceError(f"{self.path}: read failed: {exc.strerror}", transient=True) from exc
         if len(data) != length:
-            raise SourceError(f"{self.path}: file shrank under a read at {offset}")
+            raise SourceError(f"{self.path}: read of {length} bytes at {offset} is past the end "
+                              f"({self._size} bytes)" if offset + length > self._size
+                              else f"{self.path}: the file shrank under a read at {offset}")
         return data
 
     def describe(self) -> str:

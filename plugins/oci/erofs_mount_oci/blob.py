@@ -52,6 +52,9 @@ class BlobSource(Source):
     def pread(self, length: int, offset: int) -> bytes:
         if self._bad_digest:
             raise SourceError(self._bad_digest)
+        if offset < 0 or length <= 0 or offset + length > self._size:
+            raise SourceError(f"blob {self.digest}: read of {length} bytes at {offset} is outside "
+                              f"its {self._size} bytes")
         if self._full is not None:
             return self._read_full(length, offset)
         bs = self.block_size
