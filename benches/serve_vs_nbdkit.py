@@ -13,7 +13,6 @@ throughput and IOPS, lower for start-up time).
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
 import subprocess

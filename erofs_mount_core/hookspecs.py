@@ -4,7 +4,7 @@ A plugin is a module (or any object) whose functions carry ``@hookimpl``,
 installed as an entry point in the ``erofs_mount`` group::
 
     [project.entry-points.erofs_mount]
-    s3 = "erofs_mount_s3"
+    web = "erofs_mount_web"
 
 The host calls ``erofs_mount_schemes`` on every plugin to learn which source
 types it provides, then sends ``open``, ``serialize`` and ``deserialize``

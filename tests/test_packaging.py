@@ -62,3 +62,21 @@ def test_cli_start_does_not_import_heavy_modules(argv: list[str]) -> None:
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'httpx')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
+
+
+def test_core_and_s3_alone(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A third-party source needs no core change: core + erofs-mount-s3 only."""
+    env = tmp_path_factory.mktemp("venv-s3") / "v"
+    venv.create(env, with_pip=True)
+    pip(env, str(ROOT), str(ROOT / "plugins" / "s3"))
+    (s3,) = plugins_json(env)["plugins"]
+    assert (s3["name"], s3["distribution"], s3["status"]) == ("s3", "erofs-mount-s3", "ok")
+
+
+def test_no_core_module_names_a_source_type() -> None:
+    import re
+
+    for path in (ROOT / "erofs_mount_core").rglob("*.py"):
+        text = path.read_text()
+        found = re.search(r"\b(oci|s3)\b|erofs_mount_(local|oci|s3)\b", text)
+        assert found is None, f"{path.relative_to(ROOT)} names {found.group(0)!r}"

@@ -134,7 +134,7 @@ class Registry:
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError(f"registry did not start: {self.proc.stderr.read() if self.proc.stderr else ''}")
+                    raise RuntimeError("registry did not start: " + (self.proc.stderr.read().decode() if self.proc.stderr else "")) from None
                 time.sleep(0.05)
 
     def _admin_auth(self, auth: str, token_server: TokenServer | None) -> Any:

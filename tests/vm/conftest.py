@@ -85,7 +85,7 @@ def force_clean() -> None:
     """Tear down whatever a failed test left, so the next test starts clean."""
     from erofs_mount_core.nbd.netlink import NBDNetlink
 
-    for src, mp, fstype in _mounts():
+    for src, mp, _fstype in _mounts():
         if src.startswith("/dev/nbd"):
             subprocess.run(["umount", "-l", mp], check=False)
     with NBDNetlink() as nl:

@@ -1,0 +1,124 @@
+"""The S3 object as a Source: signed HEAD and ranged GETs through httpx."""
+
+from __future__ import annotations
+
+import ssl
+import time
+import urllib.parse
+from collections.abc import Generator
+from typing import Any
+
+import httpx
+
+from erofs_mount_core import Source, SourceChangedError, SourceError
+
+from . import sigv4
+from .credentials import CredentialSource, Keys
+
+ATTEMPTS = 5
+
+
+class _SigV4(httpx.Auth):
+    def __init__(self, keys: Keys | None, region: str) -> None:
+        self.keys, self.region = keys, region
+
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
+        if self.keys is not None:
+            signed = sigv4.sign(request.method, str(request.url), dict(request.headers),
+                                access_key=self.keys.access_key, secret_key=self.keys.secret_key,
+                                region=self.region, session_token=self.keys.session_token)
+            request.headers.update({k: v for k, v in signed.items() if k not in request.headers})
+        yield request
+
+
+class S3Object(Source):
+    def __init__(self, bucket: str, key: str, *, region: str, endpoint: str, addressing: str,
+                 credentials: CredentialSource, version: str | None = None, ca: str | None = None,
+                 etag: str | None = None) -> None:
+        self.bucket, self.key, self.region, self.endpoint = bucket, key, region, endpoint
+        self.addressing, self.credentials, self.ca = addressing, credentials, ca
+        verify: Any = ssl.create_default_context(cafile=ca) if ca else True
+        self.client = httpx.Client(auth=_SigV4(credentials.lookup(), region), verify=verify,
+                                   timeout=httpx.Timeout(connect=10, read=60, write=60, pool=30))
+        self.url = self._url(version)
+        try:
+            response = self._send("HEAD", {})
+        except BaseException:
+            self.client.close()
+            raise
+        if response.status_code == 404:
+            self.client.close()
+            what = f"version {version} of " if version else ""
+            raise (SourceChangedError if etag else SourceError)(f"s3: {what}s3://{bucket}/{key} does not exist")
+        if response.status_code != 200:
+            self.client.close()
+            raise _status(response, f"s3://{bucket}/{key}")
+        self._size = int(response.headers["Content-Length"])
+        self.etag = response.headers.get("ETag", "")
+        self.version = version or response.headers.get("x-amz-version-id") or None
+        if self.version and self.version != "null" and version is None:
+            self.url = self._url(self.version)  # pin the version we saw
+        if etag is not None and etag != self.etag:
+            self.client.close()
+            raise SourceChangedError(f"s3: s3://{bucket}/{key} changed since it was mounted (ETag {etag} -> "
+                                     f"{self.etag}): refusing to serve other bytes")
+
+    def _url(self, version: str | None) -> str:
+        base = urllib.parse.urlsplit(self.endpoint)
+        key = urllib.parse.quote(self.key, safe="/-_.~")
+        if self.addressing == "virtual":
+            url = f"{base.scheme}://{self.bucket}.{base.netloc}/{key}"
+        else:
+            url = f"{base.scheme}://{base.netloc}/{self.bucket}/{key}"
+        return url + (f"?versionId={urllib.parse.quote(version, safe='')}" if version and version != "null" else "")
+
+    def _send(self, method: str, headers: dict[str, str]) -> httpx.Response:
+        last = ""
+        for attempt in range(ATTEMPTS):
+            try:
+                response = self.client.request(method, self.url, headers=headers)
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            else:
+                if response.status_code not in (429, 500, 502, 503, 504):
+                    return response
+                last = f"HTTP {response.status_code}"
+            time.sleep(min(8.0, 0.2 * 2 ** attempt))
+        raise SourceError(f"s3: s3://{self.bucket}/{self.key}: {last}", transient=True)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset < 0 or length <= 0 or offset + length > self._size:
+            raise SourceError(f"s3: read of {length} bytes at {offset} is outside the object's {self._size} bytes")
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        if self.etag:
+            headers["If-Match"] = self.etag
+        response = self._send("GET", headers)
+        if response.status_code == 412:
+            raise SourceChangedError(f"s3: s3://{self.bucket}/{self.key} changed under the mount")
+        if response.status_code not in (200, 206):
+            raise _status(response, f"s3://{self.bucket}/{self.key}")
+        data = response.content if response.status_code == 206 else response.content[offset:offset + length]
+        if len(data) != length:
+            raise SourceError(f"s3: got {len(data)} of {length} bytes at {offset}", transient=True)
+        return data
+
+    def describe(self) -> str:
+        return f"s3://{self.bucket}/{self.key}" + (f"?versionId={self.version}" if self.version else "")
+
+    def close(self) -> None:
+        self.client.close()
+
+    def state(self) -> dict[str, Any]:
+        return {"bucket": self.bucket, "key": self.key, "region": self.region, "endpoint": self.endpoint,
+                "addressing": self.addressing, "version": self.version or "", "etag": self.etag,
+                "size": self._size, "ca": self.ca or "", "credentials": self.credentials.to_record()}
+
+
+def _status(response: httpx.Response, what: str) -> SourceError:
+    code = response.status_code
+    reason = {403: "access denied (403): check the credentials", 404: "not found (404)"}.get(code, f"HTTP {code}")
+    return SourceError(f"s3: {what}: {reason}", transient=code >= 500)
