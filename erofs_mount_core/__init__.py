@@ -23,7 +23,7 @@ _EXPORTS = {
     "Source": "source",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = ["ErofsMountError", "Source", "SourceChangedError", "SourceError", "UsageError", "hookimpl"]
 
 if TYPE_CHECKING:
     from .errors import ErofsMountError, SourceChangedError, SourceError, UsageError

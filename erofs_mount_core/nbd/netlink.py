@@ -19,12 +19,10 @@ from ..errors import ErofsMountError, KernelError, NotRootError
 
 FAMILY = "nbd"
 VERSION = 1
-MULTICAST_GROUP = "nbd_mc_group"
 
 NBD_CMD_CONNECT = 1
 NBD_CMD_DISCONNECT = 2
 NBD_CMD_RECONFIGURE = 3
-NBD_CMD_LINK_DEAD = 4
 NBD_CMD_STATUS = 5
 
 

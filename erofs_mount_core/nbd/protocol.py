@@ -21,29 +21,20 @@ CMD_WRITE = 1
 CMD_DISC = 2
 CMD_FLUSH = 3
 CMD_TRIM = 4
-CMD_CACHE = 5
 CMD_WRITE_ZEROES = 6
-CMD_BLOCK_STATUS = 7
 
 # transmission flags (server flags)
 FLAG_HAS_FLAGS = 1 << 0
 FLAG_READ_ONLY = 1 << 1
-FLAG_SEND_FLUSH = 1 << 2
 FLAG_CAN_MULTI_CONN = 1 << 8
 
 # client flags of the kernel's netlink interface
-CFLAG_DESTROY_ON_DISCONNECT = 1 << 0
 CFLAG_DISCONNECT_ON_CLOSE = 1 << 1
 
-#: errno values the protocol allows in replies (others are sent as EINVAL)
+#: the errno values this server replies with (the protocol allows a fixed set)
 EPERM = errno.EPERM
 EIO = errno.EIO
-ENOMEM = errno.ENOMEM
 EINVAL = errno.EINVAL
-ENOSPC = errno.ENOSPC
-EOVERFLOW = errno.EOVERFLOW
-ENOTSUP = errno.EOPNOTSUPP
-ESHUTDOWN = errno.ESHUTDOWN
 
 #: the largest read we serve; the kernel asks for at most max_sectors (a few MiB)
 MAX_READ = 32 * 1024 * 1024
