@@ -75,7 +75,7 @@ def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None
     host = PluginHost()
     scheme, location = split_spec(spec)
     source = host.open_source(scheme, location, options)
-    export = Export(source)
+    export = Export(source, zero_copy=True)
     listener, where = bind(socket_path, listen)
     flags = p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY | p.FLAG_CAN_MULTI_CONN
     clients: dict[int, socket.socket] = {}

@@ -28,6 +28,15 @@ class Source(abc.ABC):
         answers the kernel with EIO only when they persist.
         """
 
+    def fileno(self) -> int | None:
+        """A file descriptor whose bytes are the source's at the same offsets, or None.
+
+        ``erofs-mount serve`` then sends data with sendfile(2), without
+        copying it through Python. Only sources whose bytes are a local file
+        (or block device) have one.
+        """
+        return None
+
     def describe(self) -> str:
         """One line for ``erofs-mount list``: what is being served."""
         return type(self).__name__

@@ -154,3 +154,34 @@ def test_header_layout() -> None:
     assert p.REQUEST.size == 28 and p.REPLY.size == 16
     raw = p.reply_header(0x0102030405060708, p.EIO)
     assert raw == struct.pack(">IIQ", 0x67446698, 5, 0x0102030405060708)
+
+
+class FileSource(BytesSource):
+    def __init__(self, path: str) -> None:
+        import os
+
+        self.fd = os.open(path, os.O_RDONLY)
+        with open(path, "rb") as f:
+            super().__init__(f.read())
+
+    def fileno(self) -> int:
+        return self.fd
+
+
+def test_zero_copy_reads_from_a_file(tmp_path: object) -> None:
+    import os
+    from pathlib import Path
+
+    path = Path(str(tmp_path)) / "img"
+    path.write_bytes(DATA)
+    source = FileSource(str(path))
+    c = Client(Export(source, zero_copy=True))
+    c.request(p.CMD_READ, 100, 5000, cookie=3)
+    c.request(p.CMD_READ, len(DATA) - 1, 2, cookie=4)           # still range-checked
+    assert c.reply(5000) == (0, 3, DATA[100:5100])
+    assert c.reply() == (p.EINVAL, 4, b"")
+    assert source.calls == 0, "served by sendfile, not pread"
+    os.truncate(path, 1000)                                       # the file shrinks under us
+    c.request(p.CMD_READ, 4096, 4096, cookie=5)
+    assert "the source ended" in c.finish()
+    os.close(source.fd)
