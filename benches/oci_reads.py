@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from erofs_mount_oci import open_reference  # noqa: E402
+
 from tests.oci.registry import EROFS_LAYER, Registry  # noqa: E402
 
 EROFS_MOUNT = str(ROOT / ".venv" / "bin" / "erofs-mount")

@@ -149,7 +149,8 @@ class RecordStore:
             if not stat.S_ISREG(st.st_mode):
                 raise RecordError(f"record {path} is not a regular file")
             if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
-                raise RecordError(f"record {path} is not private to its owner (mode {stat.S_IMODE(st.st_mode):o}): refusing it")
+                mode = stat.S_IMODE(st.st_mode)
+                raise RecordError(f"record {path} is not private to its owner (mode {mode:o}): refusing it")
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError as exc:
             raise RecordError(f"record {path} does not exist") from exc

@@ -20,6 +20,7 @@ reached the way erofs-mount reaches it: through its installed entry point.
 
 from __future__ import annotations
 
+import os
 import random
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -110,6 +111,27 @@ def _check_bytes(source: Source, expected: bytes, rule: str) -> None:
                                 f"{len(data)} bytes that differ from the source's")
 
 
+def check_fileno(case: SourceCase, host: PluginHost) -> None:
+    """A file descriptor from fileno() holds the source's bytes at the same offsets."""
+    source = _open(case, host)
+    try:
+        fd = source.fileno()
+        if fd is None:
+            return
+        if not isinstance(fd, int) or fd < 0:
+            raise ContractError(f"fileno: returned {fd!r}, not a file descriptor or None")
+        for offset, length in _reads(len(case.expected)):
+            try:
+                data = os.pread(fd, length, offset)
+            except OSError as exc:
+                raise ContractError(f"fileno: reading the descriptor failed: {exc.strerror}") from exc
+            if data != case.expected[offset:offset + length]:
+                raise ContractError(f"fileno: the descriptor's {length} bytes at {offset} differ from the "
+                                    "source's; serve would send them with sendfile")
+    finally:
+        source.close()
+
+
 def _record_text(case: SourceCase, host: PluginHost, source: Source) -> tuple[str, dict[str, Any]]:
     state = host.serialize_source(case.scheme, source)
     record = rec.Record(
@@ -198,6 +220,7 @@ def check_identity(case: SourceCase, host: PluginHost) -> None:
 CHECKS: dict[str, Callable[[SourceCase, PluginHost], None]] = {
     "open": check_open,
     "pread": check_pread,
+    "fileno": check_fileno,
     "round-trip": check_round_trip,
     "no-secrets": check_no_secrets,
     "errors": check_errors,

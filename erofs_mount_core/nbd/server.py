@@ -5,6 +5,11 @@ is in hand: a failed read becomes an error reply (EIO), never a success
 header followed by nothing. A request the loop cannot stay in step with
 (bad magic, a truncated header, a write too large to skip) ends the
 connection instead of guessing.
+
+The one exception is opt-in: an ``Export(..., zero_copy=True)`` of a source
+with a file descriptor sends the header, then the data with sendfile(2);
+a failure in between can only close the connection. ``serve`` opts in for
+its clients, which reconnect; the kernel's connections never do.
 """
 
 from __future__ import annotations
@@ -89,7 +94,7 @@ def _send(sock: socket.socket, header: bytes, data: bytes = b"") -> None:
         _finish_send(sock, header, data, sent)
 
 
-def _finish_send(sock: socket.socket, header: bytes, data: bytes, sent: int) -> None:
+def _finish_send(sock: socket.socket, header: bytes | bytearray, data: bytes, sent: int) -> None:
     """Send what a partial sendmsg left: the rest of the header, then of the data."""
     if sent < len(header):
         sock.sendall(header[sent:])
@@ -105,9 +110,10 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
     closed by the caller).
     """
     header = bytearray(p.REQUEST.size)
+    header_out = bytearray(p.REPLY.size)  # reused: a reply header is sent before the next is packed
     size, source_size = export.size, export.source_size
     # the hot path (a read inside the source) uses only these locals
-    recv_into, sendmsg, unpack, reply = sock.recv_into, sock.sendmsg, p.REQUEST.unpack, p.REPLY.pack
+    recv_into, sendmsg, unpack, pack_reply = sock.recv_into, sock.sendmsg, p.REQUEST.unpack, p.REPLY.pack_into
     pread = export.source.pread
     sendfile_fd = export.sendfile_fd
     request_size, request_magic, reply_magic = p.REQUEST.size, p.REQUEST_MAGIC, p.SIMPLE_REPLY_MAGIC
@@ -126,7 +132,8 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
             if cmd == p.CMD_READ:
                 if 0 < length <= p.MAX_READ and offset + length <= source_size:
                     if sendfile_fd is not None:
-                        sock.sendall(reply(reply_magic, 0, cookie), socket.MSG_MORE)
+                        pack_reply(header_out, 0, reply_magic, 0, cookie)
+                        sock.sendall(header_out, socket.MSG_MORE)
                         _sendfile(sock, sendfile_fd, offset, length)
                         continue
                     try:
@@ -135,7 +142,7 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
                         _read_slow(sock, export, cookie, offset, length, size, peer, exc)
                         continue
                     if len(data) == length:
-                        header_out = reply(reply_magic, 0, cookie)
+                        pack_reply(header_out, 0, reply_magic, 0, cookie)
                         sent = sendmsg([header_out, data])
                         if sent != reply_size + length:
                             _finish_send(sock, header_out, data, sent)
@@ -160,7 +167,6 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
         return str(exc)
     except (BrokenPipeError, ConnectionResetError) as exc:
         return f"closed ({exc.strerror})"
-
 
 
 def _recv_rest(sock: socket.socket, header: bytearray, got: int) -> None:

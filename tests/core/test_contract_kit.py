@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,8 +18,11 @@ STORE: dict[str, bytes] = {}
 
 
 class Mem(Source):
-    def __init__(self, key: str, pad: bool = False) -> None:
-        self.key, self.data, self.pad = key, STORE[key], pad
+    def __init__(self, key: str, pad: bool = False, fd: int | None = None) -> None:
+        self.key, self.data, self.pad, self.fd = key, STORE[key], pad, fd
+
+    def fileno(self) -> int | None:
+        return self.fd
 
     @property
     def size(self) -> int:
@@ -33,8 +38,8 @@ class Plugin:
     """A memory source; flags break one rule each."""
 
     def __init__(self, *, leak: bool = False, pad: bool = False, no_identity: bool = False,
-                 crash: bool = False) -> None:
-        self.leak, self.pad, self.no_identity, self.crash = leak, pad, no_identity, crash
+                 crash: bool = False, fd: int | None = None) -> None:
+        self.leak, self.pad, self.no_identity, self.crash, self.fd = leak, pad, no_identity, crash, fd
 
     @hookimpl
     def erofs_mount_schemes(self) -> dict[str, str]:
@@ -46,7 +51,7 @@ class Plugin:
             if self.crash:
                 raise KeyError(location)
             raise SourceError(f"mem: no {location}")
-        source = Mem(location, self.pad)
+        source = Mem(location, self.pad, self.fd)
         source.password = options.get("password", "")  # type: ignore[attr-defined]
         return source
 
@@ -82,6 +87,29 @@ def case() -> SourceCase:
 
 def test_a_good_source_passes() -> None:
     check_source(case(), host_with(Plugin()))
+
+
+def file_holding(tmp_path: Path, data: bytes) -> int:
+    path = tmp_path / "bytes"
+    path.write_bytes(data)
+    return os.open(path, os.O_RDONLY)
+
+
+def test_a_source_with_a_faithful_file_descriptor_passes(tmp_path: Path) -> None:
+    fd = file_holding(tmp_path, DATA)
+    try:
+        check_source(case(), host_with(Plugin(fd=fd)))
+    finally:
+        os.close(fd)
+
+
+def test_a_file_descriptor_with_other_bytes_breaks_the_fileno_rule(tmp_path: Path) -> None:
+    fd = file_holding(tmp_path, DATA[:4096] + bytes(len(DATA) - 4096))
+    try:
+        with pytest.raises(ContractError, match="fileno: the descriptor's .* differ"):
+            check_source(case(), host_with(Plugin(fd=fd)))
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("broken, message", [

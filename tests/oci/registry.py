@@ -134,7 +134,8 @@ class Registry:
                 break
             except httpx.TransportError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("registry did not start: " + (self.proc.stderr.read().decode() if self.proc.stderr else "")) from None
+                    stderr = self.proc.stderr.read().decode() if self.proc.stderr else ""
+                    raise RuntimeError("registry did not start: " + stderr) from None
                 time.sleep(0.05)
 
     def _admin_auth(self, auth: str, token_server: TokenServer | None) -> Any:
@@ -158,7 +159,8 @@ class Registry:
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
         r = self._admin.post(f"/v2/{repo}/blobs/uploads/")
         assert r.status_code == 202, r.text
-        url = httpx.URL(f"{self.scheme}://{self.host}").join(r.headers["Location"]).copy_merge_params({"digest": digest})
+        upload = httpx.URL(f"{self.scheme}://{self.host}").join(r.headers["Location"])
+        url = upload.copy_merge_params({"digest": digest})
         r = self._admin.put(url, content=data, headers={"Content-Type": "application/octet-stream"})
         assert r.status_code == 201, r.text
         return digest

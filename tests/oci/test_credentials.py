@@ -14,10 +14,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from erofs_mount_core import SourceError
 from erofs_mount_oci import open_reference
 from erofs_mount_oci.credentials import CredentialSource
+
+from erofs_mount_core import SourceError
 from tests.oci.conftest import USERS, read_all
 from tests.oci.registry import EROFS_LAYER, Registry, TokenServer
 

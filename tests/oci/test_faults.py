@@ -12,8 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from erofs_mount_oci import open_reference
+
 from tests.oci.conftest import USERS
 from tests.oci.faultproxy import FaultProxy
 from tests.oci.registry import EROFS_LAYER, Registry

@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import pytest
-
-from erofs_mount_core import SourceChangedError, SourceError, UsageError
-from erofs_mount_core.plugins import PluginHost
 from erofs_mount_oci import open_reference, reopen
 from erofs_mount_oci.platform import Platform
 from erofs_mount_oci.reference import parse
+
+from erofs_mount_core import SourceChangedError, SourceError, UsageError
+from erofs_mount_core.plugins import PluginHost
 from tests.oci.conftest import USERS, read_all
 from tests.oci.registry import EROFS_LAYER, Registry, TokenServer
 

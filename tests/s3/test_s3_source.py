@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from erofs_mount_s3 import _parse
+from erofs_mount_s3.credentials import CredentialSource
+from erofs_mount_s3.object import S3Object
+from erofs_mount_s3.sigv4 import sign
 
 from erofs_mount_core import SourceChangedError, SourceError, UsageError
 from erofs_mount_core.plugins import PluginHost
 from erofs_mount_core.testing import SourceCase, check_source
-from erofs_mount_s3 import _parse
-from erofs_mount_s3.object import S3Object
-from erofs_mount_s3.credentials import CredentialSource
-from erofs_mount_s3.sigv4 import sign
 from tests.s3.conftest import ACCESS_KEY, SECRET_KEY, S3Server
 
 

@@ -29,7 +29,7 @@ class LocalFile(Source):
         except OSError as exc:
             raise SourceError(f"{path}: cannot open: {exc.strerror}") from None
         st = os.fstat(self._fd)
-        if not (st.st_mode & 0o170000 in (0o100000, 0o060000)):
+        if st.st_mode & 0o170000 not in (0o100000, 0o060000):
             os.close(self._fd)
             raise SourceError(f"{path}: not a regular file or block device")
         self._size = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blockdev_size(self._fd)
