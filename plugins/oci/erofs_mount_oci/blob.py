@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import tempfile
 import threading
 from collections import OrderedDict
@@ -70,6 +71,7 @@ class BlobSource(Source):
             self._fetch(lo, hi)
             if self._full is not None:
                 return self._read_full(length, offset)
+        end = offset + length
         with self._lock:
             parts = []
             for b in range(first, last + 1):
@@ -82,10 +84,13 @@ class BlobSource(Source):
                         self._lock.acquire()
                     block = self._cache[b]
                 self._cache.move_to_end(b)
-                parts.append(block)
-        data = b"".join(parts)
-        start = offset - first * bs
-        return data[start:start + length]
+                base = b * bs
+                lo, hi = max(offset, base) - base, min(end, base + len(block)) - base
+                parts.append(block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi])
+        # one copy at most: a whole cached block is returned as it is
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
+        return b"".join(parts)
 
     def _fetch(self, lo: int, hi: int) -> None:
         bs = self.block_size
@@ -151,8 +156,6 @@ class BlobSource(Source):
             self._cache.clear()
 
     def _read_full(self, length: int, offset: int) -> bytes:
-        import os
-
         return os.pread(self._full.fileno(), length, offset)
 
     def close(self) -> None:
