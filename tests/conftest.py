@@ -5,6 +5,10 @@ first stand-in boots one guest (tests/vm/vm-run) that runs all of them in a
 single pytest session, and every stand-in then reports its own test's
 outcome from the guest. Inside the guest (VMTEST_GUEST=1) the real tests run.
 
+Every kernel test runs on Debian's stock kernel (6.1). Tests marked
+``kernel(newer=True)`` also run on a newer one (6.12, whose nbd driver
+changed), in a second guest, as stand-ins named ``test_x@6.12``.
+
 ``--skip-kernel`` (or EROFS_MOUNT_SKIP_KERNEL_TESTS=1) skips them, saying so;
 anything else that stops them (no qemu, no kernel package) fails them.
 """
@@ -27,6 +31,9 @@ REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
 GUEST_LOG = ROOT / ".guest-pytest.log"
 GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1200"))
+#: the newer kernel series; tests/vm/kernel-pkg names its current Debian package
+NEWER_KERNEL = "6.12"
+STOCK_KERNEL = ""  # vm-run's default: Debian's linux-image-amd64
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -37,32 +44,50 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if IN_GUEST:
         return
-    for i, item in enumerate(items):
-        if item.get_closest_marker("kernel"):
-            items[i] = GuestItem.from_parent(item.parent, name=item.name, nodeid_in_guest=item.nodeid)
+    stand_ins: list[pytest.Item] = []
+    newer: list[pytest.Item] = []
+    for item in items:
+        marker = item.get_closest_marker("kernel")
+        if marker is None:
+            stand_ins.append(item)
+            continue
+        stand_ins.append(GuestItem.from_parent(item.parent, name=item.name, nodeid_in_guest=item.nodeid,
+                                               kernel=STOCK_KERNEL))
+        if marker.kwargs.get("newer"):
+            newer.append(GuestItem.from_parent(item.parent, name=f"{item.name}@{NEWER_KERNEL}",
+                                               nodeid_in_guest=item.nodeid, kernel=NEWER_KERNEL))
+    items[:] = stand_ins + newer
 
 
 class GuestRun:
-    """One guest boot running every selected kernel test."""
+    """One guest boot running every selected kernel test for one kernel series."""
 
-    def __init__(self, config: pytest.Config) -> None:
-        self.config = config
+    def __init__(self, kernel: str) -> None:
+        self.kernel = kernel
+        self.log = ROOT / f".guest-pytest-{kernel}.log" if kernel else GUEST_LOG
         self.results: dict[str, dict[str, object]] | None = None
         self.error: str | None = None
         self.output = ""
         self.seconds = 0.0
 
     def run(self, nodeids: list[str]) -> None:
-        report = ROOT / ".guest-report.json"
+        report = self.log.with_name(self.log.name + ".report.json")
         report.unlink(missing_ok=True)
         env = dict(os.environ, **{REPORT_ENV: str(report)})
+        if self.kernel:
+            pkg = subprocess.run([ROOT / "tests" / "vm" / "kernel-pkg", self.kernel],
+                                 capture_output=True, text=True)
+            if pkg.returncode != 0:
+                self.error = f"the test VM did not start: {pkg.stderr.strip()}"
+                return
+            env["VMTEST_KERNEL_PKG"] = pkg.stdout.strip()
         cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
                "--durations=5", *nodeids]
         start = time.monotonic()
         self.error = "the test VM was interrupted"  # until it reports
         # the guest's output goes to a file as it comes: `tail -f` it to watch
-        with open(GUEST_LOG, "w") as log:
+        with open(self.log, "w") as log:
             try:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             except OSError as exc:
@@ -77,7 +102,7 @@ class GuestRun:
                     proc.terminate()  # vm-run stops qemu on SIGTERM (not on SIGKILL)
                     proc.wait(30)
                 self.seconds = time.monotonic() - start
-                self.output = GUEST_LOG.read_text(errors="replace")
+                self.output = self.log.read_text(errors="replace")
         self.error = None
         try:
             self.results = json.loads(report.read_text())
@@ -91,9 +116,10 @@ class GuestRun:
 class GuestItem(pytest.Item):
     """Stands on the host for a kernel test that runs in the guest."""
 
-    def __init__(self, *, nodeid_in_guest: str, **kwargs: object) -> None:
+    def __init__(self, *, nodeid_in_guest: str, kernel: str, **kwargs: object) -> None:
         super().__init__(**kwargs)
         self.nodeid_in_guest = nodeid_in_guest
+        self.kernel = kernel
         self.add_marker("kernel")
         # the first stand-in waits for the whole guest session
         self.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 120))
@@ -101,9 +127,10 @@ class GuestItem(pytest.Item):
     def runtest(self) -> None:
         if self.config.getoption("--skip-kernel"):
             pytest.skip(f"kernel tests skipped on request (--skip-kernel / {SKIP_ENV}=1)")
-        guest = _guest(self.config)
+        guest = _guest(self.config, self.kernel)
         if guest.results is None and guest.error is None:
-            wanted = [i.nodeid_in_guest for i in self.session.items if isinstance(i, GuestItem)]
+            wanted = [i.nodeid_in_guest for i in self.session.items
+                      if isinstance(i, GuestItem) and i.kernel == self.kernel]
             guest.run(wanted)
         if guest.error:
             raise GuestFailure(guest.error)
@@ -128,30 +155,32 @@ class GuestFailure(Exception):
     pass
 
 
-_GUEST_KEY = pytest.StashKey[GuestRun]()
+_GUESTS_KEY = pytest.StashKey[dict[str, GuestRun]]()
 
 
-def _guest(config: pytest.Config) -> GuestRun:
-    if _GUEST_KEY not in config.stash:
-        config.stash[_GUEST_KEY] = GuestRun(config)
-    return config.stash[_GUEST_KEY]
+def _guest(config: pytest.Config, kernel: str) -> GuestRun:
+    guests = config.stash.setdefault(_GUESTS_KEY, {})
+    if kernel not in guests:
+        guests[kernel] = GuestRun(kernel)
+    return guests[kernel]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: pytest.Config) -> None:
-    guest = config.stash.get(_GUEST_KEY, None)
-    if guest is None or (guest.results is None and guest.error is None):
+    guests = [g for g in config.stash.get(_GUESTS_KEY, {}).values()
+              if g.results is not None or g.error is not None]
+    if not guests:
         return
     terminalreporter.section("kernel tests, run in the test VM")
-    if guest.results is not None:
-        kernel = next(iter(guest.results.values()), {}).get("kernel", "?") if guest.results else "?"
-        counts: dict[str, int] = {}
-        for r in guest.results.values():
-            counts[str(r["outcome"])] = counts.get(str(r["outcome"]), 0) + 1
-        summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
-        terminalreporter.write_line(f"guest kernel {kernel}: {summary} ({guest.seconds:.0f} s with boot)")
-    tail = guest.output.strip().splitlines()[-15:]
-    for line in tail:
-        terminalreporter.write_line(f"guest| {line}")
+    for guest in guests:
+        if guest.results is not None:
+            kernel = next(iter(guest.results.values()), {}).get("kernel", "?") if guest.results else "?"
+            counts: dict[str, int] = {}
+            for r in guest.results.values():
+                counts[str(r["outcome"])] = counts.get(str(r["outcome"]), 0) + 1
+            summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
+            terminalreporter.write_line(f"guest kernel {kernel}: {summary} ({guest.seconds:.0f} s with boot)")
+        for line in guest.output.strip().splitlines()[-15:]:
+            terminalreporter.write_line(f"guest| {line}")
 
 
 # -- inside the guest: write the outcome of each test for the host ----------

@@ -30,3 +30,11 @@ def test_skipping_them_is_explicit() -> None:
     assert "1 skipped" in result.stdout
     result = run_pytest(ONE_KERNEL_TEST, "-rs", EROFS_MOUNT_VM_RUN="/bin/false", EROFS_MOUNT_SKIP_KERNEL_TESTS="1")
     assert "kernel tests skipped on request" in result.stdout
+
+
+def test_driver_sensitive_tests_also_run_on_the_newer_kernel() -> None:
+    result = run_pytest("tests/vm/test_local_mount.py", "--collect-only")
+    names = [line.strip() for line in result.stdout.splitlines() if "::" in line]
+    assert "tests/vm/test_local_mount.py::test_reattach_on_a_healthy_device_changes_nothing" in names
+    assert "tests/vm/test_local_mount.py::test_reattach_on_a_healthy_device_changes_nothing@6.12" in names
+    assert "tests/vm/test_local_mount.py::test_no_nbd_driver@6.12" not in names

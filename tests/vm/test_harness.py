@@ -23,6 +23,7 @@ def test_modprobe_nbd_gives_devices(nbd_driver: None) -> None:
     assert os.uname().release != "", "running under the guest kernel"
 
 
+@pytest.mark.kernel(newer=True)
 def test_nbd_generic_netlink_family_resolves(nbd_driver: None) -> None:
     from pyroute2.netlink import genlmsg
     from pyroute2.netlink.generic import GenericNetlinkSocket

@@ -137,6 +137,7 @@ def test_parallel_readers_survive_five_kill_reattach_cycles(sample: tuple[Path, 
     assert_clean()
 
 
+@pytest.mark.kernel(newer=True)
 def test_reattach_on_a_healthy_device_changes_nothing(sample: tuple[Path, dict[str, str]],
                                                      mountpoint: Path) -> None:
     image, sums = sample
@@ -154,6 +155,7 @@ def test_reattach_on_a_healthy_device_changes_nothing(sample: tuple[Path, dict[s
         cli("umount", str(mountpoint))
 
 
+@pytest.mark.kernel(newer=True)
 def test_reattach_refuses_a_replaced_image(sample: tuple[Path, dict[str, str]], mountpoint: Path,
                                           tmp_path: Path) -> None:
     image, sums = sample
@@ -187,6 +189,7 @@ def test_reattach_refuses_a_replaced_image(sample: tuple[Path, dict[str, str]], 
     assert_clean()
 
 
+@pytest.mark.kernel(newer=True)
 def test_umount_leaves_nothing_behind(sample: tuple[Path, dict[str, str]], mountpoint: Path) -> None:
     image, _ = sample
     device = mount(image, mountpoint)
@@ -205,8 +208,10 @@ def test_umount_by_device_after_the_daemon_died(sample: tuple[Path, dict[str, st
     assert_clean()
 
 
+@pytest.mark.kernel(newer=True)
 def test_an_image_path_with_space_and_newline_round_trips(sample: tuple[Path, dict[str, str]],
                                                           mountpoint: Path, tmp_path: Path) -> None:
+    """...and a read held by the kernel while no daemon runs completes after reattach."""
     image, sums = sample
     odd = tmp_path / "dir with space" / "new\nline ünï.erofs"
     odd.parent.mkdir()
@@ -217,7 +222,13 @@ def test_an_image_path_with_space_and_newline_round_trips(sample: tuple[Path, di
         assert row["source"] == f"local:{odd}"
         kill_daemon(device)
         drop_caches()
+        rel, digest = next(iter(sums.items()))
+        held = subprocess.Popen(["sha256sum", str(mountpoint / rel)], stdout=subprocess.PIPE, text=True)
+        time.sleep(1)
+        assert held.poll() is None, "with the daemon dead, the read waits in the kernel"
         cli("reattach", device)
+        out, _ = held.communicate(timeout=120)
+        assert held.returncode == 0 and out.split()[0] == digest
         for rel, digest in sums.items():
             assert file_sha256(mountpoint / rel) == digest, rel
     finally:
@@ -225,6 +236,7 @@ def test_an_image_path_with_space_and_newline_round_trips(sample: tuple[Path, di
     assert_clean()
 
 
+@pytest.mark.kernel(newer=True)
 def test_reattach_all_takes_only_dead_devices(sample: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
     image, sums = sample
     mnts = [tmp_path / "a", tmp_path / "b"]
@@ -258,6 +270,7 @@ def _refused(*args: str, user: int | None = None) -> str:
     return lines[0]
 
 
+@pytest.mark.kernel(newer=True)
 def test_bad_inputs(sample: tuple[Path, dict[str, str]], mountpoint: Path, tmp_path: Path) -> None:
     image, _ = sample
     junk = tmp_path / "junk.img"
@@ -291,6 +304,7 @@ def test_no_nbd_driver(sample: tuple[Path, dict[str, str]], mountpoint: Path) ->
         subprocess.run(["modprobe", "nbd", "nbds_max=16", "max_part=0"], check=True)
 
 
+@pytest.mark.kernel(newer=True)
 def test_legacy_ioctl_interface_serves_but_cannot_reattach(sample: tuple[Path, dict[str, str]],
                                                           mountpoint: Path) -> None:
     """Kernels before 4.12 have only the ioctls; forced here on a newer kernel."""
