@@ -152,9 +152,11 @@ def list_(as_json: bool) -> None:
         return
     for row in rows:
         state = {True: "alive", False: "DEAD", None: "?"}[row["daemon_alive"]]
+        source = row["source"] or row["error"]
+        if row["serving"] and row["serving"] not in source:
+            source += f" = {row['serving']}"
         click.echo(f"{row['device']}  {','.join(row['mountpoints']) or '-'}  "
-                   f"{row['source'] or row['error']}  daemon {row['daemon_pid'] or '-'} {state}  "
-                   f"{row['record'] or '-'}")
+                   f"{source}  daemon {row['daemon_pid'] or '-'} {state}  {row['record'] or '-'}")
 
 
 @cli.command()

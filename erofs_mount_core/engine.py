@@ -378,6 +378,7 @@ def list_devices() -> list[dict[str, Any]]:
             "device": info.path,
             "mountpoints": mounts.mountpoints_of(info.path),
             "source": None,
+            "serving": None,
             "daemon_pid": None,
             "daemon_alive": None,
             "record": info.backend,
@@ -393,6 +394,7 @@ def list_devices() -> list[dict[str, Any]]:
                 row["error"] = str(exc)
             else:
                 row["source"] = f"{record.source.scheme}:{record.source.location}"
+                row["serving"] = record.source.description  # what the plugin pinned: a digest, a version
                 row["daemon_pid"] = record.daemon_pid or None
                 row["daemon_alive"] = daemon_alive(path)
         rows.append(row)

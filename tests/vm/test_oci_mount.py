@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import stat
@@ -39,6 +40,9 @@ def test_oci_mount_survives_kill_and_a_moved_tag(registry: Registry, tmp_path: P
         for rel, digest in sums.items():
             assert file_sha256(mountpoint / rel) == digest, rel
         (row,) = devices()
+        layer_digest = "sha256:" + hashlib.sha256(image.read_bytes()).hexdigest()
+        assert row["serving"] == f"{registry.host}/team/app:stable#{layer_digest}"
+        assert layer_digest in cli("list").out
         record = Path(row["record"])
         text = record.read_text()
         assert PASSWORD not in text and "bob" not in text
