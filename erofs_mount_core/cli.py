@@ -150,13 +150,17 @@ def list_(as_json: bool) -> None:
     if not rows:
         click.echo("no nbd devices attached")
         return
+    table = [("DEVICE", "MOUNTPOINT", "DAEMON", "SOURCE", "RECORD")]
     for row in rows:
         state = {True: "alive", False: "DEAD", None: "?"}[row["daemon_alive"]]
         source = row["source"] or row["error"]
         if row["serving"] and row["serving"] not in source:
             source += f" = {row['serving']}"
-        click.echo(f"{row['device']}  {','.join(row['mountpoints']) or '-'}  "
-                   f"{source}  daemon {row['daemon_pid'] or '-'} {state}  {row['record'] or '-'}")
+        table.append((row["device"], ",".join(row["mountpoints"]) or "-",
+                      f"{row['daemon_pid'] or '-'} {state}", source, row["record"] or "-"))
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    for line in table:
+        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
 
 
 @cli.command()
