@@ -158,9 +158,15 @@ def list_(as_json: bool) -> None:
             source += f" = {row['serving']}"
         table.append((row["device"], ",".join(row["mountpoints"]) or "-",
                       f"{row['daemon_pid'] or '-'} {state}", source, row["record"] or "-"))
+    _echo_table(table)
+
+
+def _echo_table(table: list[tuple[str, ...]]) -> None:
+    """Columns padded to their widest cell; the last one is left ragged."""
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     for line in table:
-        click.echo("  ".join(cell.ljust(w) for cell, w in zip(line, widths)) + "  " + line[-1])
+        padded = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
+        click.echo("  ".join([*padded, line[-1]]))
 
 
 @cli.command()
@@ -186,12 +192,15 @@ def plugins(scheme: str | None, as_json: bool) -> None:
         return
     if not infos:
         click.echo("no plugins installed (pip install erofs-mount-local)")
-    for info in infos:
-        dist = f"{info.distribution} {info.version}" if info.distribution else "-"
-        schemes = ", ".join(info.schemes) or "-"
-        click.echo(f"{info.name:12} {dist:28} {info.status:7} {schemes}")
-        if info.error:
-            click.echo(f"{'':12} error: {info.error}")
+    else:
+        table = [("SCHEME", "PLUGIN", "DISTRIBUTION", "STATUS", "WHAT")]
+        for info in infos:
+            dist = f"{info.distribution} {info.version}" if info.distribution else "-"
+            if info.error:
+                table.append(("-", info.name, dist, "failed", info.error))
+            for scheme, description in info.schemes.items():
+                table.append((scheme, info.name, dist, "conflict" if scheme in conflicts else "ok", description))
+        _echo_table(table)
     for scheme, names in conflicts.items():
         click.echo(f"conflict: scheme {scheme!r} is claimed by {', '.join(names)}; it cannot be used")
 

@@ -1,7 +1,7 @@
-"""`erofs-mount list` as a person reads it: aligned columns, pinned digests shown.
+"""`erofs-mount list` and `plugins` as a person reads them: aligned columns.
 
-The rows come from the kernel and the records (covered by the kernel tests);
-here they are given, to check the table itself.
+The rows of `list` come from the kernel and the records (covered by the
+kernel tests); here they are given, to check the table itself.
 """
 
 from __future__ import annotations
@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from erofs_mount_core import cli, engine
+from erofs_mount_core import cli, engine, plugins
+from tests.core.test_plugins import M, eps
 
 
 def row(device: str, **fields: object) -> dict[str, object]:
@@ -40,3 +41,15 @@ def test_columns_line_up_and_a_pinned_digest_follows_its_source(monkeypatch: pyt
 def test_nothing_attached(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(engine, "list_devices", lambda: [])
     assert CliRunner().invoke(cli.cli, ["list"]).output == "no nbd devices attached\n"
+
+
+def test_plugins_table_shows_failures_and_conflicts(monkeypatch: pytest.MonkeyPatch) -> None:
+    host = plugins.PluginHost(eps(a=f"{M}:good", b=f"{M}:other_mem", gone="no_such_module_xyz"))
+    monkeypatch.setattr(plugins, "PluginHost", lambda: host)
+    lines = CliRunner().invoke(cli.cli, ["plugins"]).output.splitlines()
+    assert lines[0].split() == ["SCHEME", "PLUGIN", "DISTRIBUTION", "STATUS", "WHAT"]
+    rows = [line.split(None, 4) for line in lines[1:]]
+    assert ["mem", "a", "-", "conflict"] == rows[0][:4]
+    assert ["mem", "b", "-", "conflict"] == rows[1][:4]
+    assert rows[2][:4] == ["-", "gone", "-", "failed"] and "no_such_module_xyz" in rows[2][4]
+    assert lines[-1] == "conflict: scheme 'mem' is claimed by a, b; it cannot be used"
