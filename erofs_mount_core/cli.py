@@ -211,14 +211,18 @@ def plugins(scheme: str | None, as_json: bool) -> None:
               help="A source option, passed to the source's plugin. Repeatable.")
 @click.option("--socket", "socket_path", metavar="PATH", help="Listen on a unix socket.")
 @click.option("--listen", metavar="HOST:PORT", help="Listen on TCP (port 0: any free port).")
+@click.option("--run", "command", metavar="COMMAND",
+              help="Serve only while COMMAND runs (through the shell, with $uri naming the export); "
+                   "exit with its status. Without --socket or --listen, a private unix socket.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @_errors_as_lines
 def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, listen: str | None,
-          quiet: bool) -> None:
+          command: str | None, quiet: bool) -> None:
     """Export SOURCE read-only to NBD clients (qemu, nbd-client, libnbd tools).
 
     Speaks the fixed newstyle handshake and offers one export under any name.
-    Runs in the foreground until SIGINT or SIGTERM.
+    Runs in the foreground until SIGINT or SIGTERM, or with --run until
+    COMMAND exits, e.g. --run 'nbdcopy "$uri" app.erofs'.
     """
     import logging
 
@@ -226,7 +230,9 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="erofs-mount serve: %(message)s")
-    exporter.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen)
+    status = exporter.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
+                          command=command)
+    sys.exit(status)
 
 
 def main() -> None:

@@ -4,6 +4,10 @@ The same transmission loop that feeds the kernel, behind the fixed newstyle
 handshake, on a unix socket or TCP. One thread per client; a client that
 breaks the protocol is logged and dropped, the others keep being served.
 SIGINT and SIGTERM close the listener, end every connection and exit 0.
+
+With a command (``--run``, nbdkit's captive mode) the server lives as long
+as the command: it runs with ``$uri`` (and ``$unixsocket`` or ``$port``)
+naming the export, and its exit status becomes serve's.
 """
 
 from __future__ import annotations
@@ -11,11 +15,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import socket
 import stat
+import subprocess
+import tempfile
 import threading
-from collections.abc import Callable, Mapping
+import urllib.parse
+from collections.abc import Mapping
 from pathlib import Path
 
 from .errors import UsageError
@@ -23,7 +31,7 @@ from .nbd import handshake
 from .nbd import protocol as p
 from .nbd.server import Export, serve
 from .plugins import PluginHost
-from .source import split_spec
+from .source import Source, split_spec
 
 log = logging.getLogger("erofs_mount.serve")
 
@@ -34,14 +42,14 @@ class _Stop(Exception):
 
 def parse_listen(listen: str) -> tuple[str, int]:
     host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
         raise UsageError(f"--listen {listen!r} is not HOST:PORT")
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
 def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, str]:
     if bool(socket_path) == bool(listen):
-        raise UsageError("give exactly one of --socket PATH and --listen HOST:PORT")
+        raise UsageError("give exactly one of --socket PATH and --listen HOST:PORT (--run alone picks a socket)")
     if socket_path:
         path = Path(socket_path)
         with contextlib.suppress(FileNotFoundError):
@@ -70,11 +78,26 @@ def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, st
 
 
 def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None,
-        listen: str | None = None, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve ``spec`` until SIGINT or SIGTERM."""
+        listen: str | None = None, command: str | None = None) -> int:
+    """Serve ``spec`` until SIGINT or SIGTERM, or until ``command`` exits; the exit status."""
     host = PluginHost()
     scheme, location = split_spec(spec)
-    source = host.open_source(scheme, location, options)
+    private_dir = None
+    if command and not (socket_path or listen):
+        private_dir = tempfile.mkdtemp(prefix="erofs-mount-serve-")
+        socket_path = os.path.join(private_dir, "nbd.sock")
+    try:
+        source = host.open_source(scheme, location, options)
+        try:
+            return _serve(spec, source, socket_path, listen, command)
+        finally:
+            source.close()
+    finally:
+        if private_dir:
+            shutil.rmtree(private_dir, ignore_errors=True)
+
+
+def _serve(spec: str, source: Source, socket_path: str | None, listen: str | None, command: str | None) -> int:
     export = Export(source, zero_copy=True)
     listener, where = bind(socket_path, listen)
     flags = p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY | p.FLAG_CAN_MULTI_CONN
@@ -98,37 +121,77 @@ def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None
                 clients.pop(n, None)
             conn.close()
 
-    def stop(signum: int, frame: object) -> None:
-        raise _Stop
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
-    log.info("serving %s (%d bytes) on %s", spec, export.size, where)
-    try:
-        if on_ready:
-            on_ready(where)
+    def accept() -> None:
         n = 0
         while True:
-            conn, addr = listener.accept()
+            try:
+                conn, addr = listener.accept()
+            except OSError:  # the listener was shut down: serving is over
+                return
             n += 1
             peer = f"client {n}" + (f" {addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "")
             with lock:
                 clients[n] = conn
-            t = threading.Thread(target=client, args=(conn, n, peer), name=f"nbd-client-{n}", daemon=True)
+                threads[:] = [x for x in threads if x.is_alive()]
+                t = threading.Thread(target=client, args=(conn, n, peer), name=f"nbd-client-{n}", daemon=True)
+                threads.append(t)
             t.start()
-            threads = [x for x in threads if x.is_alive()] + [t]
+
+    def stop(signum: int, frame: object) -> None:
+        raise _Stop
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    acceptor = threading.Thread(target=accept, name="nbd-accept", daemon=True)
+    status = 0
+    log.info("serving %s (%d bytes) on %s", spec, export.size, where)
+    try:
+        acceptor.start()
+        if command:
+            status = _run_captive(command, where)
+        else:
+            while True:
+                signal.pause()
     except _Stop:
         log.info("stopping")
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        with contextlib.suppress(OSError):
+            listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor's accept()
+        acceptor.join(5)
         listener.close()
         with lock:
             for conn in clients.values():
                 with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-        for t in threads:
+            running = list(threads)
+        for t in running:
             t.join(5)
         if socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)
-        source.close()
+    return status
+
+
+def _run_captive(command: str, where: str) -> int:
+    """Run ``command`` through the shell with the export in its environment; its exit status."""
+    kind, _, address = where.partition(":")
+    env = dict(os.environ)
+    if kind == "unix":
+        env["unixsocket"] = address
+        env["uri"] = "nbd+unix:///?socket=" + urllib.parse.quote(address, safe="/")
+    else:
+        host, _, port = address.rpartition(":")
+        env["port"] = port
+        env["uri"] = f"nbd://{f'[{host}]' if ':' in host else host}:{port}"
+    proc = subprocess.Popen(command, shell=True, env=env)
+    try:
+        code = proc.wait()
+    except _Stop:
+        proc.terminate()
+        proc.wait()
+        raise
+    if code < 0:
+        log.warning("--run command killed by signal %d", -code)
+        return 128 - code
+    return code

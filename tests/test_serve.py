@@ -160,3 +160,42 @@ def test_bad_listen_arguments() -> None:
         assert len(proc.stderr.strip().splitlines()) == 1
     with contextlib.suppress(FileNotFoundError):
         os.unlink("/tmp/x.sock")
+
+
+def serve_run(image: Path, command: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EROFS_MOUNT, "serve", "-q", "--source", f"local:{image}", *args, "--run", command],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_run_serves_the_command_on_a_private_socket_then_exits(image: tuple[Path, dict[str, str]],
+                                                               tmp_path: Path) -> None:
+    copy = tmp_path / "copy.img"
+    result = serve_run(image[0], f'nbdcopy "$uri" {copy} && echo "$unixsocket"')
+    assert result.returncode == 0, result.stderr
+    assert file_sha256(copy) == file_sha256(image[0])
+    private_socket = Path(result.stdout.strip())
+    assert private_socket.name == "nbd.sock" and not private_socket.parent.exists()
+
+
+def test_run_passes_on_the_exit_status_and_the_tcp_port(image: tuple[Path, dict[str, str]]) -> None:
+    assert serve_run(image[0], "exit 3").returncode == 3
+    result = serve_run(image[0], 'nbdinfo --size "$uri"; echo "$port"', "--listen", "127.0.0.1:0")
+    assert result.returncode == 0, result.stderr
+    size, port = result.stdout.split()
+    assert int(size) == image[0].stat().st_size and int(port) > 0
+
+
+def test_sigterm_stops_the_run_command_too(image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    marker = tmp_path / "child.pid"
+    proc = subprocess.Popen([EROFS_MOUNT, "serve", "-q", "--source", f"local:{image[0]}",
+                             "--run", f"echo $$ > {marker}; exec sleep 60"], stderr=subprocess.PIPE, text=True)
+    for _ in range(200):
+        if marker.exists() and marker.read_text().strip():
+            break
+        time.sleep(0.05)
+    child = int(marker.read_text())
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
