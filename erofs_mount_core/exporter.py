@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -36,8 +37,11 @@ from .source import Source, split_spec
 log = logging.getLogger("erofs_mount.serve")
 
 
-class _Stop(Exception):
-    pass
+class _Stop(BaseException):
+    """SIGINT or SIGTERM: a BaseException, so that no ``except Exception`` (logging's) eats it."""
+
+
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
 def parse_listen(listen: str) -> tuple[str, int]:
@@ -80,26 +84,79 @@ def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, st
 def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None,
         listen: str | None = None, command: str | None = None) -> int:
     """Serve ``spec`` until SIGINT or SIGTERM, or until ``command`` exits; the exit status."""
-    host = PluginHost()
-    scheme, location = split_spec(spec)
     private_dir = None
-    if command and not (socket_path or listen):
-        private_dir = tempfile.mkdtemp(prefix="erofs-mount-serve-")
-        socket_path = os.path.join(private_dir, "nbd.sock")
-    try:
-        source = host.open_source(scheme, location, options)
+    # from the start: a signal while the source opens or the socket binds also ends cleanly
+    with _StopSignals() as signals:
         try:
-            return _serve(spec, source, socket_path, listen, command)
+            host = PluginHost()
+            scheme, location = split_spec(spec)
+            if command and not (socket_path or listen):
+                private_dir = tempfile.mkdtemp(prefix="erofs-mount-serve-")
+                socket_path = os.path.join(private_dir, "nbd.sock")
+            source = host.open_source(scheme, location, options)
+            try:
+                return _serve(spec, source, socket_path, listen, command, signals)
+            finally:
+                source.close()
+        except _Stop:
+            log.info("stopping")
+            return 0
         finally:
-            source.close()
-    finally:
-        if private_dir:
-            shutil.rmtree(private_dir, ignore_errors=True)
+            if private_dir:
+                shutil.rmtree(private_dir, ignore_errors=True)
 
 
-def _serve(spec: str, source: Source, socket_path: str | None, listen: str | None, command: str | None) -> int:
+class _StopSignals:
+    """SIGINT and SIGTERM raise _Stop in the main thread; ``wait`` sleeps until one comes.
+
+    The handler also writes to a wakeup socket, so a signal that lands just
+    before ``wait`` blocks still wakes it (``signal.pause`` would miss it).
+    """
+
+    def __enter__(self) -> _StopSignals:
+        self._wake, self._wake_w = socket.socketpair()
+        self._wake.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        self.stopping = False
+        self._previous = {s: signal.signal(s, self._raise) for s in _STOP_SIGNALS}
+        return self
+
+    def _raise(self, signum: int, frame: object) -> None:
+        self.stopping = True
+        raise _Stop
+
+    def wait(self, fd: int | None = None) -> None:
+        """Until a stop signal (raises _Stop) or until ``fd`` is readable."""
+        watched = [self._wake] if fd is None else [self._wake, fd]
+        while True:
+            readable, _, _ = select.select(watched, [], [])
+            with contextlib.suppress(BlockingIOError):
+                self._wake.recv(256)
+            if self.stopping:  # the handler ran, and its _Stop was caught somewhere: raise it again
+                raise _Stop
+            if fd is not None and fd in readable:
+                return
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._wake.close()
+        self._wake_w.close()
+
+
+def _serve(spec: str, source: Source, socket_path: str | None, listen: str | None, command: str | None,
+           signals: _StopSignals) -> int:
     export = Export(source, zero_copy=True)
-    listener, where = bind(socket_path, listen)
+    # SIGINT and SIGTERM wait (blocked) until the listener and its acceptor exist and the
+    # cleanup below is armed; the threads keep them blocked, so they reach the main thread
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        listener, where = bind(socket_path, listen)
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        raise
     flags = p.FLAG_HAS_FLAGS | p.FLAG_READ_ONLY | p.FLAG_CAN_MULTI_CONN
     clients: dict[int, socket.socket] = {}
     threads: list[threading.Thread] = []
@@ -137,25 +194,16 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
                 threads.append(t)
             t.start()
 
-    def stop(signum: int, frame: object) -> None:
-        raise _Stop
-
-    previous = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
     acceptor = threading.Thread(target=accept, name="nbd-accept", daemon=True)
-    status = 0
-    log.info("serving %s (%d bytes) on %s", spec, export.size, where)
+    acceptor.start()
     try:
-        acceptor.start()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        log.info("serving %s (%d bytes) on %s", spec, export.size, where)
         if command:
-            status = _run_captive(command, where)
-        else:
-            while True:
-                signal.pause()
-    except _Stop:
-        log.info("stopping")
+            return _run_captive(command, where, signals)
+        signals.wait()
+        raise AssertionError("unreachable: wait() ends only by raising _Stop")
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         with contextlib.suppress(OSError):
             listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor's accept()
         acceptor.join(5)
@@ -170,10 +218,9 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
         if socket_path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(socket_path)
-    return status
 
 
-def _run_captive(command: str, where: str) -> int:
+def _run_captive(command: str, where: str, signals: _StopSignals) -> int:
     """Run ``command`` through the shell with the export in its environment; its exit status."""
     kind, _, address = where.partition(":")
     env = dict(os.environ)
@@ -185,12 +232,16 @@ def _run_captive(command: str, where: str) -> int:
         env["port"] = port
         env["uri"] = f"nbd://{f'[{host}]' if ':' in host else host}:{port}"
     proc = subprocess.Popen(command, shell=True, env=env)
+    exited = os.pidfd_open(proc.pid)
     try:
+        signals.wait(exited)
         code = proc.wait()
     except _Stop:
         proc.terminate()
         proc.wait()
         raise
+    finally:
+        os.close(exited)
     if code < 0:
         log.warning("--run command killed by signal %d", -code)
         return 128 - code

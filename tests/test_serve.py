@@ -152,6 +152,40 @@ def test_sigterm_removes_the_socket(server: Server) -> None:
     assert "stopping" in err
 
 
+def test_sigterm_at_any_moment_of_start_up_ends_cleanly(image: tuple[Path, dict[str, str]],
+                                                         tmp_path: Path) -> None:
+    """A signal while the server binds, logs or starts waiting: exit 0, socket gone, no hang."""
+    for attempt in range(25):
+        sock = tmp_path / f"s{attempt}.sock"
+        proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", f"local:{image[0]}", "--socket", str(sock)],
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not sock.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.001)
+        time.sleep(attempt % 5 / 2000)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0 and "Traceback" not in err and "Logging error" not in err, err
+        assert not sock.exists()
+
+
+@pytest.mark.timeout(10)
+def test_a_stop_signal_cannot_be_lost() -> None:
+    """Its exception passes `except Exception` (as in logging), and a lost one still ends wait()."""
+    from erofs_mount_core import exporter
+
+    with exporter._StopSignals() as signals:
+        with pytest.raises(exporter._Stop):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(5)
+            except Exception:
+                pass
+        with pytest.raises(exporter._Stop):
+            signals.wait()  # the signal came and went before wait(): it must not sleep forever
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
 def test_bad_listen_arguments() -> None:
     for args in (["--listen", "nonsense"], [], ["--socket", "/tmp/x.sock", "--listen", "127.0.0.1:1"]):
         proc = subprocess.run([EROFS_MOUNT, "serve", "--source", "local:/etc/hostname", *args],
