@@ -19,8 +19,11 @@ class Source(abc.ABC):
         """The image size in bytes. It never changes while the source is open."""
 
     @abc.abstractmethod
-    def pread(self, length: int, offset: int) -> bytes:
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
         """Return exactly ``length`` bytes at ``offset``.
+
+        ``bytes``, or a ``memoryview`` of immutable bytes the source already
+        holds (a cache block), which is sent without a copy.
 
         The server guarantees ``0 <= offset`` and ``offset + length <= size``.
         Raise ``SourceError(transient=True)`` for failures a retry may cure

@@ -44,14 +44,14 @@ class Export:
         # connections (a closed one blocks the device), which read first.
         self.sendfile_fd = source.fileno() if zero_copy else None
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytes | memoryview:
         end = offset + length
         if end <= self.source_size:
             return self._pread(length, offset)
         head = self._pread(self.source_size - offset, offset) if offset < self.source_size else b""
-        return head + bytes(length - len(head))
+        return bytes(head) + bytes(length - len(head))
 
-    def _pread(self, length: int, offset: int) -> bytes:
+    def _pread(self, length: int, offset: int) -> bytes | memoryview:
         for delay in (*RETRY_DELAYS, None):
             try:
                 data = self.source.pread(length, offset)
@@ -85,7 +85,7 @@ def _recv_exact(sock: socket.socket, buf: bytearray | memoryview, n: int) -> boo
     return True
 
 
-def _send(sock: socket.socket, header: bytes, data: bytes = b"") -> None:
+def _send(sock: socket.socket, header: bytes, data: bytes | memoryview = b"") -> None:
     if not data:
         sock.sendall(header)
         return
@@ -94,7 +94,7 @@ def _send(sock: socket.socket, header: bytes, data: bytes = b"") -> None:
         _finish_send(sock, header, data, sent)
 
 
-def _finish_send(sock: socket.socket, header: bytes | bytearray, data: bytes, sent: int) -> None:
+def _finish_send(sock: socket.socket, header: bytes | bytearray, data: bytes | memoryview, sent: int) -> None:
     """Send what a partial sendmsg left: the rest of the header, then of the data."""
     if sent < len(header):
         sock.sendall(header[sent:])

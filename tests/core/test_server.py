@@ -150,6 +150,23 @@ def test_export_rounded_up_reads_zeros_past_the_source() -> None:
     assert c.finish() == "disconnect"
 
 
+class ViewSource(BytesSource):
+    """Answers with views of the bytes it holds, as a caching source may."""
+
+    def pread(self, length: int, offset: int) -> memoryview:  # type: ignore[override]
+        return memoryview(super().pread(length, offset))
+
+
+def test_a_source_may_answer_with_memoryviews() -> None:
+    c = Client(Export(ViewSource(DATA[:1000]), size=1024))
+    c.request(p.CMD_READ, 0, 512, cookie=1)
+    c.request(p.CMD_READ, 512, 512, cookie=2)                    # past the source: padded with zeros
+    assert c.reply(512) == (0, 1, DATA[:512])
+    assert c.reply(512) == (0, 2, DATA[512:1000] + bytes(24))
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
+
+
 def test_header_layout() -> None:
     assert p.REQUEST.size == 28 and p.REPLY.size == 16
     raw = p.reply_header(0x0102030405060708, p.EIO)

@@ -50,7 +50,7 @@ class BlobSource(Source):
     def describe(self) -> str:
         return self.description
 
-    def pread(self, length: int, offset: int) -> bytes:
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
         if self._bad_digest:
             raise SourceError(self._bad_digest)
         if offset < 0 or length <= 0 or offset + length > self._size:
@@ -87,8 +87,8 @@ class BlobSource(Source):
                 base = b * bs
                 lo, hi = max(offset, base) - base, min(end, base + len(block)) - base
                 parts.append(block if lo == 0 and hi == len(block) else memoryview(block)[lo:hi])
-        # one copy at most: a whole cached block is returned as it is
-        if len(parts) == 1 and isinstance(parts[0], bytes):
+        # a read inside one cached block is a view of it, not a copy; across blocks, one copy
+        if len(parts) == 1:
             return parts[0]
         return b"".join(parts)
 
