@@ -114,6 +114,7 @@ class Readers:
             time.sleep(0.1)
 
 
+@pytest.mark.kernel(newer=True)
 def test_parallel_readers_survive_five_kill_reattach_cycles(sample: tuple[Path, dict[str, str]],
                                                             mountpoint: Path) -> None:
     image, sums = sample
