@@ -132,14 +132,19 @@ def check_fileno(case: SourceCase, host: PluginHost) -> None:
         source.close()
 
 
-def _record_text(case: SourceCase, host: PluginHost, source: Source) -> tuple[str, dict[str, Any]]:
-    state = host.serialize_source(case.scheme, source)
-    record = rec.Record(
-        format=rec.FORMAT, created=rec.now(), daemon_pid=0,
-        device=rec.DeviceRecord(index=0, size=source.size, block_size=512, connections=1, dead_timeout=60),
-        source=rec.SourceRecord(scheme=case.scheme, location=case.location, description=source.describe(),
-                                plugin=case.scheme, distribution="", state=state),
-    )
+def _fresh_record(case: SourceCase, host: PluginHost) -> tuple[str, dict[str, Any]]:
+    """Open the source, write its TOML record and read it back: the text and the source state."""
+    source = _open(case, host)
+    try:
+        state = host.serialize_source(case.scheme, source)
+        record = rec.Record(
+            format=rec.FORMAT, created=rec.now(), daemon_pid=0,
+            device=rec.DeviceRecord(index=0, size=source.size, block_size=512, connections=1, dead_timeout=60),
+            source=rec.SourceRecord(scheme=case.scheme, location=case.location, description=source.describe(),
+                                    plugin=case.scheme, distribution="", state=state),
+        )
+    finally:
+        source.close()
     try:
         text = rec.dumps(record)
     except ErofsMountError as exc:
@@ -149,11 +154,7 @@ def _record_text(case: SourceCase, host: PluginHost, source: Source) -> tuple[st
 
 def check_round_trip(case: SourceCase, host: PluginHost) -> None:
     """serialize -> TOML record -> deserialize serves the same bytes."""
-    source = _open(case, host)
-    try:
-        _text, state = _record_text(case, host, source)
-    finally:
-        source.close()
+    _text, state = _fresh_record(case, host)
     try:
         again = host.deserialize_source(case.scheme, state)
     except ErofsMountError as exc:
@@ -168,11 +169,7 @@ def check_round_trip(case: SourceCase, host: PluginHost) -> None:
 
 def check_no_secrets(case: SourceCase, host: PluginHost) -> None:
     """The record holds no secret: it names where credentials come from."""
-    source = _open(case, host)
-    try:
-        text, _state = _record_text(case, host, source)
-    finally:
-        source.close()
+    text, _state = _fresh_record(case, host)
     for secret in case.secrets:
         if secret and secret in text:
             raise ContractError(f"serialize: the record contains a secret ({secret[:2]}…): "
@@ -200,11 +197,7 @@ def check_identity(case: SourceCase, host: PluginHost) -> None:
     """After the bytes change, deserialize refuses (SourceChangedError or SourceError), never serves them."""
     if case.change is None:
         return
-    source = _open(case, host)
-    try:
-        _text, state = _record_text(case, host, source)
-    finally:
-        source.close()
+    _text, state = _fresh_record(case, host)
     case.change()
     try:
         again = host.deserialize_source(case.scheme, state)

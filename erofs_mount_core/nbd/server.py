@@ -115,7 +115,7 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
     # the hot path (a read inside the source) uses only these locals
     recv_into, sendmsg, unpack, pack_reply = sock.recv_into, sock.sendmsg, p.REQUEST.unpack, p.REPLY.pack_into
     pread = export.source.pread
-    sendfile_fd = export.sendfile_fd
+    sendfile_fd, sendall, sock_fd = export.sendfile_fd, sock.sendall, sock.fileno()
     request_size, request_magic, reply_magic = p.REQUEST.size, p.REQUEST_MAGIC, p.SIMPLE_REPLY_MAGIC
     reply_size = p.REPLY.size
     try:
@@ -133,8 +133,8 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
                 if 0 < length <= p.MAX_READ and offset + length <= source_size:
                     if sendfile_fd is not None:
                         pack_reply(header_out, 0, reply_magic, 0, cookie)
-                        sock.sendall(header_out, socket.MSG_MORE)
-                        _sendfile(sock, sendfile_fd, offset, length)
+                        sendall(header_out, socket.MSG_MORE)
+                        _sendfile(sock_fd, sendfile_fd, offset, length)
                         continue
                     try:
                         data = pread(length, offset)
@@ -179,9 +179,8 @@ def _recv_rest(sock: socket.socket, header: bytearray, got: int) -> None:
         got += k
 
 
-def _sendfile(sock: socket.socket, fd: int, offset: int, length: int) -> None:
-    """Send ``length`` bytes of ``fd`` from ``offset``; a short file ends the connection."""
-    out = sock.fileno()
+def _sendfile(out: int, fd: int, offset: int, length: int) -> None:
+    """Send ``length`` bytes of ``fd`` from ``offset`` to ``out``; a short file ends the connection."""
     while length:
         try:
             sent = os.sendfile(out, fd, offset, length)
