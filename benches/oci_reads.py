@@ -47,14 +47,14 @@ def make_image(work: Path, size_mib: int) -> Path:
 
 def counted_pass(source: object, reads: list[tuple[int, int]]) -> tuple[float, float, float]:
     """(HTTP requests per NBD read, bytes fetched per byte read, seconds)."""
-    requests0, fetched0 = source.requests, source.bytes_fetched  # type: ignore[attr-defined]
+    blob = source.inner  # type: ignore[attr-defined]  # the blob under the core's block cache
+    requests0, fetched0 = blob.requests, blob.bytes_fetched
     start = time.perf_counter()
     for offset, length in reads:
         source.pread(length, offset)  # type: ignore[attr-defined]
     seconds = time.perf_counter() - start
     wanted = sum(length for _o, length in reads)
-    return ((source.requests - requests0) / len(reads),  # type: ignore[attr-defined]
-            (source.bytes_fetched - fetched0) / wanted, seconds)  # type: ignore[attr-defined]
+    return (blob.requests - requests0) / len(reads), (blob.bytes_fetched - fetched0) / wanted, seconds
 
 
 def serve(spec: str, sock: Path, *options: str) -> subprocess.Popen[bytes]:

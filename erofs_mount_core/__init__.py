@@ -3,6 +3,11 @@
 The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
+    from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
+
+with the hook specifications in ``erofs_mount_core.hookspecs`` and the
+contract kit in ``erofs_mount_core.testing``. Every other module is private
+(its name starts with ``_``) and may change in any release.
 
 Names load on first use, so that ``erofs-mount --help`` does not pay for pluggy.
 """
@@ -15,20 +20,36 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "ErofsMountError": "errors",
-    "SourceChangedError": "errors",
-    "SourceError": "errors",
-    "UsageError": "errors",
+    "BlockCache": "_filters",
+    "CacheSettings": "_filters",
+    "ErofsMountError": "_errors",
+    "Filter": "_filters",
+    "RetryPolicy": "_filters",
+    "Source": "_source",
+    "SourceChangedError": "_errors",
+    "SourceError": "_errors",
+    "UsageError": "_errors",
     "hookimpl": "hookspecs",
-    "Source": "source",
 }
 
-__all__ = ["ErofsMountError", "Source", "SourceChangedError", "SourceError", "UsageError", "hookimpl"]
+__all__ = [
+    "BlockCache",
+    "CacheSettings",
+    "ErofsMountError",
+    "Filter",
+    "RetryPolicy",
+    "Source",
+    "SourceChangedError",
+    "SourceError",
+    "UsageError",
+    "hookimpl",
+]
 
 if TYPE_CHECKING:
-    from .errors import ErofsMountError, SourceChangedError, SourceError, UsageError
+    from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError
+    from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
+    from ._source import Source
     from .hookspecs import hookimpl
-    from .source import Source
 
 
 def __getattr__(name: str) -> Any:

@@ -7,8 +7,9 @@ installed as an entry point in the ``erofs_mount`` group::
     web = "erofs_mount_web"
 
 The host calls ``erofs_mount_schemes`` on every plugin to learn which source
-types it provides, then sends ``open``, ``serialize`` and ``deserialize``
-calls for a scheme to the one plugin that claimed it. Hooks are called with
+types it provides, then sends ``open`` and ``deserialize`` calls for a scheme
+to the one plugin that claimed it. What reattach needs is the source's own
+``Source.state()``, which ``deserialize`` gets back. Hooks are called with
 keyword arguments; an implementation may accept a subset of them.
 """
 
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from .source import Source
+    from ._source import Source
 
 PROJECT = "erofs_mount"
 
@@ -48,19 +49,19 @@ def erofs_mount_open_source(scheme: str, location: str, options: Mapping[str, st
     """
 
 
-@hookspec(firstresult=True)
+@hookspec(firstresult=True, warn_on_impl=DeprecationWarning(
+    "erofs_mount_serialize_source is deprecated: return the recovery state from Source.state() instead"))
 def erofs_mount_serialize_source(scheme: str, source: Source) -> Mapping[str, Any]:
-    """Return what reattach needs to rebuild ``source``, as a TOML-safe mapping.
+    """Deprecated: implement ``Source.state()``. Asked only when a source's ``state()`` returns None.
 
-    Record where the bytes are and their identity (inode and mtime, digest,
-    ETag...) so that ``deserialize`` can refuse other bytes. Never a secret:
-    record where credentials come from, not the credentials.
+    Handing the plugin its own object back meant downcasts and attributes
+    stuck on from outside; a source knows its state itself.
     """
 
 
 @hookspec(firstresult=True)
 def erofs_mount_deserialize_source(scheme: str, state: Mapping[str, Any]) -> Source:
-    """Rebuild the source from ``serialize``'s mapping, for reattach.
+    """Rebuild the source from its ``state()`` mapping, kept in the record, for reattach.
 
     Raise ``SourceChangedError`` if the bytes are no longer the recorded ones:
     serving other bytes under a mounted filesystem corrupts it.

@@ -13,24 +13,23 @@ on by describing one real source of its kind and calling ``check_source``::
             missing_location=str(tmp_path / "nope.erofs"),
         ))
 
-Each rule is also a function of its own (``CHECKS``), for parametrized
-tests. A broken rule raises ``ContractError`` naming it. The plugin is
-reached the way erofs-mount reaches it: through its installed entry point.
+``check_source(case, checks=[name])`` runs one rule of ``CHECKS``, for
+parametrized tests. A broken rule raises ``ContractError`` naming it.
 """
 
 from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import attrs
 
-from . import record as rec
-from .errors import ErofsMountError, SourceChangedError, SourceError
-from .plugins import PluginHost
-from .source import Source
+from . import _record as rec
+from ._errors import ErofsMountError, SourceChangedError, SourceError
+from ._plugins import PluginHost
+from ._source import Source
 
 
 class ContractError(AssertionError):
@@ -60,7 +59,7 @@ def _open(case: SourceCase, host: PluginHost) -> Source:
     return source
 
 
-def check_open(case: SourceCase, host: PluginHost) -> None:
+def _check_open(case: SourceCase, host: PluginHost) -> None:
     """open returns a Source whose size is the size of the bytes."""
     source = _open(case, host)
     try:
@@ -84,7 +83,7 @@ def _reads(size: int) -> list[tuple[int, int]]:
     return [(o, min(n, size - o)) for o, n in reads if n > 0 and o < size]
 
 
-def check_pread(case: SourceCase, host: PluginHost) -> None:
+def _check_pread(case: SourceCase, host: PluginHost) -> None:
     """pread returns exactly the bytes asked for, at every alignment, and refuses reads past the end."""
     source = _open(case, host)
     try:
@@ -111,7 +110,7 @@ def _check_bytes(source: Source, expected: bytes, rule: str) -> None:
                                 f"{len(data)} bytes that differ from the source's")
 
 
-def check_fileno(case: SourceCase, host: PluginHost) -> None:
+def _check_fileno(case: SourceCase, host: PluginHost) -> None:
     """A file descriptor from fileno() holds the source's bytes at the same offsets."""
     source = _open(case, host)
     try:
@@ -136,7 +135,7 @@ def _fresh_record(case: SourceCase, host: PluginHost) -> tuple[str, dict[str, An
     """Open the source, write its TOML record and read it back: the text and the source state."""
     source = _open(case, host)
     try:
-        state = host.serialize_source(case.scheme, source)
+        state = host.source_state(case.scheme, source)
         record = rec.Record(
             format=rec.FORMAT, created=rec.now(), daemon_pid=0,
             device=rec.DeviceRecord(index=0, size=source.size, block_size=512, connections=1, dead_timeout=60),
@@ -148,12 +147,12 @@ def _fresh_record(case: SourceCase, host: PluginHost) -> tuple[str, dict[str, An
     try:
         text = rec.dumps(record)
     except ErofsMountError as exc:
-        raise ContractError(f"serialize: the state does not fit in a TOML record: {exc}") from exc
+        raise ContractError(f"state: the state does not fit in a TOML record: {exc}") from exc
     return text, rec.loads(text).source.state
 
 
-def check_round_trip(case: SourceCase, host: PluginHost) -> None:
-    """serialize -> TOML record -> deserialize serves the same bytes."""
+def _check_round_trip(case: SourceCase, host: PluginHost) -> None:
+    """state() -> TOML record -> deserialize serves the same bytes."""
     _text, state = _fresh_record(case, host)
     try:
         again = host.deserialize_source(case.scheme, state)
@@ -167,16 +166,16 @@ def check_round_trip(case: SourceCase, host: PluginHost) -> None:
         again.close()
 
 
-def check_no_secrets(case: SourceCase, host: PluginHost) -> None:
+def _check_no_secrets(case: SourceCase, host: PluginHost) -> None:
     """The record holds no secret: it names where credentials come from."""
     text, _state = _fresh_record(case, host)
     for secret in case.secrets:
         if secret and secret in text:
-            raise ContractError(f"serialize: the record contains a secret ({secret[:2]}…): "
+            raise ContractError(f"state: the record contains a secret ({secret[:2]}…): "
                                 "record where credentials come from, not the credentials")
 
 
-def check_errors(case: SourceCase, host: PluginHost) -> None:
+def _check_errors(case: SourceCase, host: PluginHost) -> None:
     """A location that does not exist is one clear error (an ErofsMountError), not a crash."""
     if case.missing_location is None:
         return
@@ -193,7 +192,7 @@ def check_errors(case: SourceCase, host: PluginHost) -> None:
     raise ContractError(f"errors: {case.scheme}:{case.missing_location} opened although it does not exist")
 
 
-def check_identity(case: SourceCase, host: PluginHost) -> None:
+def _check_identity(case: SourceCase, host: PluginHost) -> None:
     """After the bytes change, deserialize refuses (SourceChangedError or SourceError), never serves them."""
     if case.change is None:
         return
@@ -210,19 +209,37 @@ def check_identity(case: SourceCase, host: PluginHost) -> None:
                         "SourceChangedError so that reattach never serves other bytes")
 
 
-CHECKS: dict[str, Callable[[SourceCase, PluginHost], None]] = {
-    "open": check_open,
-    "pread": check_pread,
-    "fileno": check_fileno,
-    "round-trip": check_round_trip,
-    "no-secrets": check_no_secrets,
-    "errors": check_errors,
-    "identity": check_identity,  # last: it changes the bytes
+_RULES: dict[str, Callable[[SourceCase, PluginHost], None]] = {
+    "open": _check_open,
+    "pread": _check_pread,
+    "fileno": _check_fileno,
+    "round-trip": _check_round_trip,
+    "no-secrets": _check_no_secrets,
+    "errors": _check_errors,
+    "identity": _check_identity,  # last: it changes the bytes
 }
 
+#: the rules' names, in the order ``check_source`` runs them
+CHECKS: tuple[str, ...] = tuple(_RULES)
 
-def check_source(case: SourceCase, host: PluginHost | None = None) -> None:
-    """Run every rule of the contract against ``case``."""
-    host = host or PluginHost()
-    for check in CHECKS.values():
-        check(case, host)
+
+def check_source(case: SourceCase, *, plugin: object | None = None, checks: Iterable[str] = CHECKS) -> None:
+    """Run the rules of the contract named in ``checks`` (all by default) against ``case``.
+
+    The plugin is reached the way erofs-mount reaches it, through its
+    installed entry point; or pass ``plugin``, the object holding its hooks
+    (its module), to test it without installing it.
+    """
+    if plugin is None:
+        host = PluginHost()
+    else:
+        host = PluginHost(entry_points=[])
+        info = host.register(plugin, case.scheme)
+        if info.error:
+            raise ContractError(f"register: the plugin does not load: {info.error}")
+    unknown = sorted(set(checks) - set(_RULES))
+    if unknown:
+        raise ValueError(f"unknown contract rule(s) {', '.join(unknown)}; the rules are {', '.join(CHECKS)}")
+    for name in CHECKS:
+        if name in checks:
+            _RULES[name](case, host)

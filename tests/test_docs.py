@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from erofs_mount_core.cli import cli
+from erofs_mount_core._cli import cli
 
 DOCS = sorted((Path(__file__).resolve().parent.parent / "docs").glob("*.md"))
 README = Path(__file__).resolve().parent.parent / "README.md"

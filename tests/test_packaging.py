@@ -56,7 +56,7 @@ def test_a_broken_plugin_is_listed_with_its_error_and_local_still_works(fresh_ve
 @pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["mount", "--help"]])
 def test_cli_start_does_not_import_heavy_modules(argv: list[str]) -> None:
     code = ("import sys\n"
-            "from erofs_mount_core.cli import cli\n"
+            "from erofs_mount_core._cli import cli\n"
             f"try: cli({argv!r}, prog_name='erofs-mount')\n"
             "except SystemExit: pass\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'httpx')))")

@@ -172,16 +172,16 @@ def test_sigterm_at_any_moment_of_start_up_ends_cleanly(image: tuple[Path, dict[
 @pytest.mark.timeout(10)
 def test_a_stop_signal_cannot_be_lost() -> None:
     """Its exception passes `except Exception` (as in logging), and a lost one still ends wait()."""
-    from erofs_mount_core import exporter
+    from erofs_mount_core import _serve as serving
 
-    with exporter._StopSignals() as signals:
-        with pytest.raises(exporter._Stop):
+    with serving._StopSignals() as signals:
+        with pytest.raises(serving._Stop):
             try:
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(5)
             except Exception:
                 pass
-        with pytest.raises(exporter._Stop):
+        with pytest.raises(serving._Stop):
             signals.wait()  # the signal came and went before wait(): it must not sleep forever
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 

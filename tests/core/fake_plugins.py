@@ -16,6 +16,9 @@ class Mem(Source):
     def pread(self, length: int, offset: int) -> bytes:
         return self.data[offset:offset + length]
 
+    def state(self) -> dict[str, str]:
+        return {"data": self.data.decode(), "tag": self.tag}
+
 
 class Good:
     def __init__(self, scheme: str = "mem", tag: str = "good") -> None:
@@ -30,16 +33,42 @@ class Good:
         return Mem(location.encode(), self.tag)
 
     @hookimpl
-    def erofs_mount_serialize_source(self, source: Mem) -> dict[str, str]:
-        return {"data": source.data.decode(), "tag": self.tag}
-
-    @hookimpl
     def erofs_mount_deserialize_source(self, state: dict[str, str]) -> Source:
         return Mem(state["data"].encode(), self.tag)
 
 
 good = Good()
 other_mem = Good(tag="other")
+
+
+class OldMem(Mem):
+    """A source written before Source.state(): its plugin serializes it."""
+
+    def state(self) -> None:
+        return None
+
+
+class OldStyle:
+    """A plugin written against the deprecated erofs_mount_serialize_source hook."""
+
+    @hookimpl
+    def erofs_mount_schemes(self) -> dict[str, str]:
+        return {"old": "bytes in memory, serialized by the plugin"}
+
+    @hookimpl
+    def erofs_mount_open_source(self, location: str) -> Source:
+        return OldMem(location.encode(), "old")
+
+    @hookimpl
+    def erofs_mount_serialize_source(self, source: OldMem) -> dict[str, str]:
+        return {"data": source.data.decode()}
+
+    @hookimpl
+    def erofs_mount_deserialize_source(self, state: dict[str, str]) -> Source:
+        return OldMem(state["data"].encode(), "old")
+
+
+old_style = OldStyle()
 
 
 class WrongArgument:

@@ -9,7 +9,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from erofs_mount_core import cli, engine, plugins
+from erofs_mount_core import _cli as cli
+from erofs_mount_core import _lifecycle as lifecycle
+from erofs_mount_core import _plugins as plugins
 from tests.core.test_plugins import M, eps
 
 
@@ -20,7 +22,7 @@ def row(device: str, **fields: object) -> dict[str, object]:
 
 
 def test_columns_line_up_and_a_pinned_digest_follows_its_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "list_devices", lambda: [
+    monkeypatch.setattr(lifecycle, "list_devices", lambda: [
         row("/dev/nbd0", mountpoints=["/mnt/app"], source="oci:reg:5000/app:1.4",
             serving="reg:5000/app:1.4#sha256:ab12", daemon_pid=1234, daemon_alive=True,
             record="/run/erofs-mount/nbd-a.toml"),
@@ -39,7 +41,7 @@ def test_columns_line_up_and_a_pinned_digest_follows_its_source(monkeypatch: pyt
 
 
 def test_nothing_attached(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "list_devices", lambda: [])
+    monkeypatch.setattr(lifecycle, "list_devices", lambda: [])
     assert CliRunner().invoke(cli.cli, ["list"]).output == "no nbd devices attached\n"
 
 

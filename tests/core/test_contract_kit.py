@@ -10,16 +10,23 @@ from typing import Any
 import pytest
 
 from erofs_mount_core import Source, SourceError, hookimpl
-from erofs_mount_core.plugins import PluginHost
-from erofs_mount_core.testing import ContractError, SourceCase, check_source
+from erofs_mount_core.testing import CHECKS, ContractError, SourceCase, check_source
 
 DATA = bytes(range(256)) * 300
 STORE: dict[str, bytes] = {}
 
 
 class Mem(Source):
-    def __init__(self, key: str, pad: bool = False, fd: int | None = None) -> None:
+    def __init__(self, key: str, pad: bool = False, fd: int | None = None, password: str = "",
+                 leak: bool = False) -> None:
         self.key, self.data, self.pad, self.fd = key, STORE[key], pad, fd
+        self.password, self.leak = password, leak
+
+    def state(self) -> dict[str, Any]:
+        state = {"key": self.key, "digest": hash(self.data)}
+        if self.leak:
+            state["password"] = self.password
+        return state
 
     def fileno(self) -> int | None:
         return self.fd
@@ -51,16 +58,7 @@ class Plugin:
             if self.crash:
                 raise KeyError(location)
             raise SourceError(f"mem: no {location}")
-        source = Mem(location, self.pad, self.fd)
-        source.password = options.get("password", "")  # type: ignore[attr-defined]
-        return source
-
-    @hookimpl
-    def erofs_mount_serialize_source(self, source: Mem) -> dict[str, Any]:
-        state = {"key": source.key, "digest": hash(source.data)}
-        if self.leak:
-            state["password"] = source.password  # type: ignore[attr-defined]
-        return state
+        return Mem(location, self.pad, self.fd, options.get("password", ""), self.leak)
 
     @hookimpl
     def erofs_mount_deserialize_source(self, state: Mapping[str, Any]) -> Source:
@@ -72,12 +70,6 @@ class Plugin:
         return source
 
 
-def host_with(plugin: Plugin) -> PluginHost:
-    host = PluginHost([])
-    assert host.register(plugin, "mem").error is None
-    return host
-
-
 def case() -> SourceCase:
     STORE["a"] = DATA
     return SourceCase(scheme="mem", location="a", expected=DATA, options={"password": "hunter22"},
@@ -86,7 +78,7 @@ def case() -> SourceCase:
 
 
 def test_a_good_source_passes() -> None:
-    check_source(case(), host_with(Plugin()))
+    check_source(case(), plugin=Plugin())
 
 
 def file_holding(tmp_path: Path, data: bytes) -> int:
@@ -98,7 +90,7 @@ def file_holding(tmp_path: Path, data: bytes) -> int:
 def test_a_source_with_a_faithful_file_descriptor_passes(tmp_path: Path) -> None:
     fd = file_holding(tmp_path, DATA)
     try:
-        check_source(case(), host_with(Plugin(fd=fd)))
+        check_source(case(), plugin=Plugin(fd=fd))
     finally:
         os.close(fd)
 
@@ -107,7 +99,7 @@ def test_a_file_descriptor_with_other_bytes_breaks_the_fileno_rule(tmp_path: Pat
     fd = file_holding(tmp_path, DATA[:4096] + bytes(len(DATA) - 4096))
     try:
         with pytest.raises(ContractError, match="fileno: the descriptor's .* differ"):
-            check_source(case(), host_with(Plugin(fd=fd)))
+            check_source(case(), plugin=Plugin(fd=fd))
     finally:
         os.close(fd)
 
@@ -120,4 +112,19 @@ def test_a_file_descriptor_with_other_bytes_breaks_the_fileno_rule(tmp_path: Pat
 ])
 def test_broken_sources_fail_with_the_rule_they_broke(broken: Plugin, message: str) -> None:
     with pytest.raises(ContractError, match=message):
-        check_source(case(), host_with(broken))
+        check_source(case(), plugin=broken)
+
+
+@pytest.mark.parametrize("rule", CHECKS)
+def test_each_rule_runs_on_its_own(rule: str) -> None:
+    check_source(case(), plugin=Plugin(), checks=[rule])
+
+
+def test_a_plugin_that_does_not_load_is_a_contract_error() -> None:
+    class NoSchemes:
+        @hookimpl
+        def erofs_mount_schemes(self) -> dict[str, str]:
+            return {}
+
+    with pytest.raises(ContractError, match="register: the plugin does not load"):
+        check_source(case(), plugin=NoSchemes())

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import struct
 
-from erofs_mount_core.nbd import netlink as nl
-from erofs_mount_core.nbd import protocol as p
+from erofs_mount_core._nbd import netlink as nl
+from erofs_mount_core._nbd import protocol as p
 
 NLA_F_NESTED = 0x8000
 

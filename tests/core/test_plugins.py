@@ -9,8 +9,8 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from erofs_mount_core.errors import PluginError, UnknownSchemeError
-from erofs_mount_core.plugins import ENTRY_POINT_GROUP, LOAD_ENV, PluginHost
+from erofs_mount_core._errors import PluginError, UnknownSchemeError
+from erofs_mount_core._plugins import ENTRY_POINT_GROUP, LOAD_ENV, PluginHost
 
 M = "tests.core.fake_plugins"
 
@@ -24,9 +24,34 @@ def test_a_good_plugin_serves_its_scheme() -> None:
     assert host.schemes() == ["mem"]
     source = host.open_source("mem", "abc", {})
     assert source.pread(2, 1) == b"bc"
-    state = host.serialize_source("mem", source)
+    state = host.source_state("mem", source)
     assert state == {"data": "abc", "tag": "good"}
     assert host.deserialize_source("mem", state).pread(3, 0) == b"abc"
+
+
+def test_the_deprecated_serialize_hook_still_works_and_warns() -> None:
+    with pytest.warns(DeprecationWarning, match="Source.state"):
+        host = PluginHost(eps(old=f"{M}:old_style"))
+    assert [(i.name, i.status) for i in host.plugins] == [("old", "ok")]
+    source = host.open_source("old", "xyz", {})
+    state = host.source_state("old", source)
+    assert state == {"data": "xyz"}
+    assert host.deserialize_source("old", state).pread(3, 0) == b"xyz"
+
+
+def test_a_source_without_state_is_a_plugin_error() -> None:
+    from erofs_mount_core import hookimpl
+    from tests.core.fake_plugins import Good, OldMem
+
+    class Forgetful(Good):
+        @hookimpl
+        def erofs_mount_open_source(self, location: str) -> OldMem:  # state() returns None, no serialize hook
+            return OldMem(location.encode(), "forgetful")
+
+    host = PluginHost([])
+    host.register(Forgetful("forgetful"), "forgetful")
+    with pytest.raises(PluginError, match=r"no recovery state.*implement Source.state\(\)"):
+        host.source_state("forgetful", host.open_source("forgetful", "x", {}))
 
 
 def test_broken_plugins_are_reported_and_the_others_keep_working() -> None:

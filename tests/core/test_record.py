@@ -12,8 +12,8 @@ from pathlib import Path
 import attrs
 import pytest
 
-from erofs_mount_core import record as rec
-from erofs_mount_core.errors import RecordError
+from erofs_mount_core import _record as rec
+from erofs_mount_core._errors import RecordError
 
 AWKWARD = ["/srv/with space/a.erofs", 'quo"te\'s', "new\nline", "tab\there", "ünïcödé 日本語 🙂",
            "back\\slash", "nul\0byte", "crlf\r\n", "", "="]

@@ -13,8 +13,9 @@ from collections.abc import Iterator
 import pytest
 
 from erofs_mount_core import Source, SourceError
-from erofs_mount_core.nbd import protocol as p
-from erofs_mount_core.nbd.server import Export, serve
+from erofs_mount_core._filters import Retrying, RetryPolicy
+from erofs_mount_core._nbd import protocol as p
+from erofs_mount_core._nbd.transmission import Disk, transmit
 
 DATA = bytes(range(256)) * 64  # 16 KiB
 
@@ -37,10 +38,10 @@ class BytesSource(Source):
 
 
 class Client:
-    def __init__(self, export: Export) -> None:
+    def __init__(self, disk: Disk) -> None:
         self.sock, server = socket.socketpair()
         self.result: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.result.append(serve(server, export)))
+        self.thread = threading.Thread(target=lambda: self.result.append(transmit(server, disk)))
         self.thread.start()
         self._server = server
 
@@ -74,7 +75,7 @@ class Client:
 
 @pytest.fixture
 def client() -> Iterator[Client]:
-    c = Client(Export(BytesSource(DATA)))
+    c = Client(Disk(BytesSource(DATA)))
     yield c
     c.close()
 
@@ -121,9 +122,12 @@ def test_eof_between_requests_is_closed(client: Client) -> None:
     assert client.finish() == "closed"
 
 
+NO_WAIT = RetryPolicy(base_delay=0.0)
+
+
 def test_transient_failures_are_retried_then_served() -> None:
     source = BytesSource(DATA, [SourceError("blip", transient=True)] * 2)
-    c = Client(Export(source))
+    c = Client(Disk(Retrying(source, NO_WAIT)))
     c.request(p.CMD_READ, 0, 100)
     assert c.reply(100) == (0, 7, DATA[:100])
     assert source.calls == 3
@@ -131,9 +135,19 @@ def test_transient_failures_are_retried_then_served() -> None:
     assert c.finish() == "disconnect"
 
 
+def test_a_read_that_keeps_failing_costs_the_policy_s_attempts_then_eio() -> None:
+    source = BytesSource(DATA, [SourceError("blip", transient=True)] * 100)
+    c = Client(Disk(Retrying(source, NO_WAIT)))
+    c.request(p.CMD_READ, 0, 100, cookie=1)
+    assert c.reply() == (p.EIO, 1, b"")
+    assert source.calls == NO_WAIT.attempts
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
+
+
 def test_a_failed_read_is_one_error_reply_never_a_header_then_nothing() -> None:
     source = BytesSource(DATA, [SourceError("gone")])
-    c = Client(Export(source))
+    c = Client(Disk(source))
     c.request(p.CMD_READ, 0, 100, cookie=1)
     c.request(p.CMD_READ, 100, 100, cookie=2)
     assert c.reply() == (p.EIO, 1, b"")
@@ -142,8 +156,8 @@ def test_a_failed_read_is_one_error_reply_never_a_header_then_nothing() -> None:
     assert c.finish() == "disconnect"
 
 
-def test_export_rounded_up_reads_zeros_past_the_source() -> None:
-    c = Client(Export(BytesSource(DATA[:1000]), size=1024))
+def test_a_disk_rounded_up_reads_zeros_past_the_source() -> None:
+    c = Client(Disk(BytesSource(DATA[:1000]), size=1024))
     c.request(p.CMD_READ, 512, 512)
     assert c.reply(512) == (0, 7, DATA[512:1000] + bytes(24))
     c.request(p.CMD_DISC)
@@ -158,7 +172,7 @@ class ViewSource(BytesSource):
 
 
 def test_a_source_may_answer_with_memoryviews() -> None:
-    c = Client(Export(ViewSource(DATA[:1000]), size=1024))
+    c = Client(Disk(ViewSource(DATA[:1000]), size=1024))
     c.request(p.CMD_READ, 0, 512, cookie=1)
     c.request(p.CMD_READ, 512, 512, cookie=2)                    # past the source: padded with zeros
     assert c.reply(512) == (0, 1, DATA[:512])
@@ -192,7 +206,7 @@ def test_zero_copy_reads_from_a_file(tmp_path: object) -> None:
     path = Path(str(tmp_path)) / "img"
     path.write_bytes(DATA)
     source = FileSource(str(path))
-    c = Client(Export(source, zero_copy=True))
+    c = Client(Disk(source, zero_copy=True))
     c.request(p.CMD_READ, 100, 5000, cookie=3)
     c.request(p.CMD_READ, len(DATA) - 1, 2, cookie=4)           # still range-checked
     assert c.reply(5000) == (0, 3, DATA[100:5100])

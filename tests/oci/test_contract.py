@@ -26,8 +26,5 @@ def test_oci_source_contract(basic_registry: Registry, layer: tuple[bytes, dict[
 
 @pytest.mark.parametrize("bad", ["UPPER", "x:bad tag"])
 def test_bad_references_are_clear_errors(bad: str, registry: Registry) -> None:
-    from erofs_mount_core.plugins import PluginHost
-    from erofs_mount_core.testing import check_errors
-
-    check_errors(SourceCase(scheme="oci", location="unused", expected=b"", options={"insecure": ""},
-                            missing_location=f"{registry.host}/{bad}"), PluginHost())
+    check_source(SourceCase(scheme="oci", location="unused", expected=b"", options={"insecure": ""},
+                            missing_location=f"{registry.host}/{bad}"), checks=["errors"])

@@ -53,7 +53,7 @@ def test_credential_helpers(config_key: str, helper: Path, token_registry: Regis
     source = open_reference(f"{token_registry.host}/helped/app:v1", {"insecure": ""})
     try:
         assert read_all(source) == layer[0]
-        assert USERS["alice"] not in json.dumps(source.record_state)  # type: ignore[attr-defined]
+        assert USERS["alice"] not in json.dumps(source.state())  # type: ignore[attr-defined]
     finally:
         source.close()
     assert helper.read_text().split() == [token_registry.host]

@@ -14,6 +14,10 @@ from pathlib import Path
 import pytest
 from erofs_mount_oci import open_reference
 
+from erofs_mount_core import _filters
+from erofs_mount_core._filters import DEFAULT_RETRY, Retrying, RetryPolicy
+from erofs_mount_core._nbd import protocol as p
+from erofs_mount_core._nbd.transmission import Disk
 from tests.oci.conftest import USERS
 from tests.oci.faultproxy import FaultProxy
 from tests.oci.registry import EROFS_LAYER, Registry
@@ -33,8 +37,9 @@ def test_reads_survive_every_fault(proxy: FaultProxy, token_registry: Registry,
     auth = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
     tmp_docker_config.write_text(json.dumps({"auths": {proxy.host: {"auth": auth}}}))
     proxy.inject("manifest", "503", "429")
-    source = open_reference(f"{proxy.host}/faulty/app:v1",
-                            {"insecure": "", "readahead-kib": "0", "block-kib": "64", "cache-mib": "1"})
+    source = Retrying(open_reference(f"{proxy.host}/faulty/app:v1", {"insecure": "", "readahead-kib": "0",
+                                                                      "block-kib": "64", "cache-mib": "1"}),
+                      RetryPolicy(base_delay=0.05))  # as the daemon serves it, with shorter pauses
     try:
         chunk = 64 << 10
         for n, fault in enumerate(("429", "503", "reset", "short", "slow", "401", "redirect", "full200")):
@@ -52,3 +57,38 @@ def test_reads_survive_every_fault(proxy: FaultProxy, token_registry: Registry,
     outcomes = [what for _m, _p, what in proxy.log]
     for fault in ("503", "429", "reset", "short", "slow", "401", "redirect", "full200"):
         assert fault in outcomes
+
+
+def test_a_read_that_keeps_failing_is_bounded(proxy: FaultProxy, token_registry: Registry,
+                                             layer: tuple[bytes, dict[str, str]], tmp_docker_config: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    """One NBD read against a registry that answers 503 forever: the default policy's attempts, then EIO."""
+    from tests.core.test_server import Client
+
+    data = layer[0]
+    token_registry.push_image("faulty/bound", "v1", [(data, EROFS_LAYER)])
+    auth = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+    tmp_docker_config.write_text(json.dumps({"auths": {proxy.host: {"auth": auth}}}))
+    pauses: list[float] = []
+    monkeypatch.setattr(_filters.time, "sleep", pauses.append)  # the default policy's pauses, not slept
+    source = Retrying(open_reference(f"{proxy.host}/faulty/bound:v1", {"insecure": ""}))  # as the daemon does
+    try:
+        proxy.inject("blob", *["503"] * 100)
+        before = len(proxy.log)
+        client = Client(Disk(source))
+        client.request(p.CMD_READ, 0, 4096, cookie=9)
+        assert client.reply() == (p.EIO, 9, b"")
+        client.request(p.CMD_DISC)
+        assert client.finish() == "disconnect"
+    finally:
+        source.close()
+    http_requests = [what for _m, path, what in proxy.log[before:] if "/blobs/" in path]
+    with capsys.disabled():
+        print(f"\nworst case per failed NBD read: {len(http_requests)} HTTP requests, "
+              f"{len(pauses)} pauses, {sum(pauses):.2f} s of back-off (default policy: "
+              f"{DEFAULT_RETRY.attempts} attempts)")
+    assert len(http_requests) == DEFAULT_RETRY.attempts
+    assert len(pauses) == DEFAULT_RETRY.attempts - 1
+    assert sum(pauses) <= sum(DEFAULT_RETRY.max_delay if DEFAULT_RETRY.base_delay * 2 ** n > DEFAULT_RETRY.max_delay
+                              else DEFAULT_RETRY.base_delay * 2 ** n for n in range(DEFAULT_RETRY.attempts - 1))

@@ -14,7 +14,7 @@ from erofs_mount_oci.platform import Platform
 from erofs_mount_oci.reference import parse
 
 from erofs_mount_core import SourceChangedError, SourceError, UsageError
-from erofs_mount_core.plugins import PluginHost
+from erofs_mount_core._plugins import PluginHost
 from tests.oci.conftest import USERS, read_all
 from tests.oci.registry import EROFS_LAYER, Registry, TokenServer
 
@@ -68,8 +68,8 @@ def test_tag_digest_and_tag_at_digest_read_the_layer_byte_for_byte(registry: Reg
         try:
             assert source.size == len(data)
             assert read_all(source) == data
-            assert source.record_state["manifest_digest"] == manifest  # type: ignore[attr-defined]
-            assert source.record_state["blob_digest"] == sha(data)  # type: ignore[attr-defined]
+            assert source.state()["manifest_digest"] == manifest  # type: ignore[attr-defined]
+            assert source.state()["blob_digest"] == sha(data)  # type: ignore[attr-defined]
         finally:
             source.close()
 
@@ -126,7 +126,7 @@ def test_an_index_picks_the_platform(registry: Registry, layer: tuple[bytes, dic
         source = open_reference(ref, {**INSECURE, "platform": platform})
         try:
             assert read_all(source) == expected
-            assert source.record_state["manifest_digest"] == (arm if expected == other_layer else amd)
+            assert source.state()["manifest_digest"] == (arm if expected == other_layer else amd)
         finally:
             source.close()
     with pytest.raises(UsageError, match=r"no image for platform linux/s390x .*linux/amd64, linux/arm64/v8"):
@@ -140,14 +140,14 @@ def test_one_http_request_per_nbd_read_at_most(registry: Registry, layer: tuple[
     try:
         reads = 0
         for off in range(0, len(data), 128 << 10):      # the kernel's usual max_sectors
-            before = source.requests  # type: ignore[attr-defined]
+            before = source.inner.requests  # type: ignore[attr-defined]
             assert source.pread(min(128 << 10, len(data) - off), off) == data[off:off + (128 << 10)]
-            assert source.requests - before <= 1  # type: ignore[attr-defined]
+            assert source.inner.requests - before <= 1  # type: ignore[attr-defined]
             reads += 1
-        assert source.requests <= reads  # type: ignore[attr-defined]
-        before = source.requests  # type: ignore[attr-defined]
+        assert source.inner.requests <= reads  # type: ignore[attr-defined]
+        before = source.inner.requests  # type: ignore[attr-defined]
         assert read_all(source, 4096)[:4096] == data[:4096]  # warm: from the cache
-        assert source.requests == before  # type: ignore[attr-defined]
+        assert source.inner.requests == before  # type: ignore[attr-defined]
     finally:
         source.close()
 
@@ -163,8 +163,8 @@ def test_basic_auth_with_credentials_from_the_environment(basic_registry: Regist
     source = open_reference(ref, {**INSECURE, **plain_creds})
     try:
         assert read_all(source) == layer[0]
-        assert USERS["alice"] not in json.dumps(source.record_state)  # type: ignore[attr-defined]
-        assert source.record_state["credentials"] == {"kind": "env", "username_var": "EROFS_MOUNT_OCI_USERNAME",
+        assert USERS["alice"] not in json.dumps(source.state())  # type: ignore[attr-defined]
+        assert source.state()["credentials"] == {"kind": "env", "username_var": "EROFS_MOUNT_OCI_USERNAME",
                                                       "password_var": "EROFS_MOUNT_OCI_PASSWORD"}
     finally:
         source.close()
@@ -185,14 +185,14 @@ def test_token_auth_with_docker_config_and_refresh(token_registry: Registry, tok
     token_server.issued.clear()
     source = open_reference(f"{token_registry.host}/private/app:v1", INSECURE)
     try:
-        assert source.record_state["credentials"] == {"kind": "docker-config",  # type: ignore[attr-defined]
+        assert source.state()["credentials"] == {"kind": "docker-config",  # type: ignore[attr-defined]
                                                       "path": str(tmp_docker_config)}
         assert "scope=repository%3Aprivate%2Fapp%3Apull" in token_server.issued[0]
         first = len(token_server.issued)
         time.sleep(1.5)
         assert read_all(source) == layer[0]
         assert len(token_server.issued) > first, "an expiring token is fetched again"
-        state = source.record_state  # type: ignore[attr-defined]
+        state = source.state()
     finally:
         source.close()
         token_server.lifetime = 300
@@ -210,7 +210,7 @@ def test_reattach_reads_the_recorded_blob_even_after_the_tag_moved(registry: Reg
     host = PluginHost()
     registry.push_image("team/moving", "stable", [(layer[0], EROFS_LAYER)])
     source = host.open_source("oci", f"{registry.host}/team/moving:stable", INSECURE)
-    state = host.serialize_source("oci", source)
+    state = host.source_state("oci", source)
     source.close()
     registry.push_image("team/moving", "stable", [(other_layer, EROFS_LAYER)])   # the tag moves
     again = host.deserialize_source("oci", state)

@@ -12,8 +12,8 @@ from erofs_mount_s3.credentials import CredentialSource
 from erofs_mount_s3.object import S3Object
 from erofs_mount_s3.sigv4 import sign
 
-from erofs_mount_core import SourceChangedError, SourceError, UsageError
-from erofs_mount_core.plugins import PluginHost
+from erofs_mount_core import BlockCache, SourceChangedError, SourceError, UsageError
+from erofs_mount_core._plugins import PluginHost
 from erofs_mount_core.testing import SourceCase, check_source
 from tests.s3.conftest import ACCESS_KEY, SECRET_KEY, S3Server
 
@@ -99,8 +99,10 @@ def test_shared_credentials_file_and_record(s3: S3Server, aws_env: dict[str, str
     put(s3, "profiles", "a.erofs", data)
     host = PluginHost()
     source = host.open_source("s3", "profiles/a.erofs", {"endpoint": s3.endpoint, "credentials": "profile:ci"})
-    state = host.serialize_source("s3", source)
+    assert isinstance(source, BlockCache), "s3 reads go through the core's block cache"
+    state = host.source_state("s3", source)
     source.close()
+    assert (state["cache_mib"], state["block_kib"], state["readahead_kib"]) == (256, 256, 4096)
     assert state["credentials"] == {"kind": "profile", "path": str(creds), "profile": "ci"}
     assert SECRET_KEY not in repr(state) and state["etag"]
     again = host.deserialize_source("s3", state)
@@ -114,7 +116,7 @@ def test_versioned_object_pins_its_version(s3: S3Server, aws_env: dict[str, str]
     put(s3, "versioned", "app.erofs", first, versioned=True)
     host = PluginHost()
     source = host.open_source("s3", "versioned/app.erofs", {"endpoint": s3.endpoint})
-    state = host.serialize_source("s3", source)
+    state = host.source_state("s3", source)
     source.close()
     assert state["version"]
     put(s3, "versioned", "app.erofs", second)          # a new version; the recorded one still exists

@@ -62,7 +62,7 @@ def daemon_pids() -> list[int]:
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
-                if b"erofs_mount_core.daemon" in (proc / "cmdline").read_bytes():
+                if b"erofs_mount_core._daemon" in (proc / "cmdline").read_bytes():
                     pids.append(int(proc.name))
     return pids
 
@@ -83,7 +83,7 @@ def assert_clean() -> None:
 
 def force_clean() -> None:
     """Tear down whatever a failed test left, so the next test starts clean."""
-    from erofs_mount_core.nbd.netlink import NBDNetlink
+    from erofs_mount_core._nbd.netlink import NBDNetlink
 
     for src, mp, _fstype in _mounts():
         if src.startswith("/dev/nbd"):
@@ -100,7 +100,7 @@ def force_clean() -> None:
 
 
 def _mounts() -> list[tuple[str, str, str]]:
-    from erofs_mount_core.mounts import mount_table
+    from erofs_mount_core._mounts import mount_table
 
     return mount_table()
 

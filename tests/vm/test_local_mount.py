@@ -180,7 +180,7 @@ def test_reattach_refuses_a_replaced_image(sample: tuple[Path, dict[str, str]], 
     assert daemon_pids() == []
     assert len(records()) == 3  # record, lock, log: kept for a later reattach
     # give up on the device: the blocked read fails instead of returning wrong bytes
-    from erofs_mount_core.nbd.netlink import NBDNetlink
+    from erofs_mount_core._nbd.netlink import NBDNetlink
 
     with NBDNetlink() as nl:
         nl.disconnect_device(int(device.removeprefix("/dev/nbd")))

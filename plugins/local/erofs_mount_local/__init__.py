@@ -57,6 +57,9 @@ class LocalFile(Source):
     def describe(self) -> str:
         return self.path
 
+    def state(self) -> dict[str, Any]:
+        return {"path": self.path, **self.identity}
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -75,12 +78,6 @@ def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source
     if options:
         raise UsageError(f"local: unknown option(s): {', '.join(sorted(options))}")
     return LocalFile(location)
-
-
-@hookimpl
-def erofs_mount_serialize_source(source: Source) -> dict[str, Any]:
-    assert isinstance(source, LocalFile)
-    return {"path": source.path, **source.identity}
 
 
 @hookimpl

@@ -30,7 +30,7 @@ from typing import Any
 
 import attrs
 
-from erofs_mount_core import Source, SourceChangedError, SourceError, UsageError, hookimpl
+from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, hookimpl
 
 from . import reference as references
 
@@ -45,22 +45,22 @@ class Options:
     insecure: bool = False
     ca: str | None = None
     credentials: str | None = None
-    cache_mib: int = 256
-    block_kib: int = 256
-    readahead_kib: int = 4096
+    cache: CacheSettings = CacheSettings()
 
     @classmethod
     def parse(cls, options: Mapping[str, str]) -> Options:
-        known = {f.name.replace("_", "-") for f in attrs.fields(cls)}
+        known = {f.name.replace("_", "-") for f in attrs.fields(cls) if f.name != "cache"} | set(CacheSettings.OPTIONS)
         unknown = sorted(set(options) - known)
         if unknown:
             raise UsageError(f"oci: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        values: dict[str, Any] = {}
+        values: dict[str, Any] = {"cache": CacheSettings.parse(options, SCHEME)}
         for key, value in options.items():
             name = key.replace("-", "_")
+            if key in CacheSettings.OPTIONS:
+                continue
             if name == "insecure":
                 values[name] = value.lower() not in ("0", "no", "false")
-            elif name in ("layer", "cache_mib", "block_kib", "readahead_kib"):
+            elif name == "layer":
                 if not value.isdigit():
                     raise UsageError(f"oci: {key}={value!r} is not a whole number")
                 values[name] = int(value)
@@ -73,8 +73,6 @@ class Options:
                 values["blob"] = "sha256:" + values["blob"]
             if not references.DIGEST.fullmatch(values["blob"]):
                 raise UsageError(f"oci: blob={options['blob']!r} is not a sha256 digest")
-        if values.get("block_kib") == 0 or values.get("cache_mib") == 0:
-            raise UsageError("oci: cache-mib and block-kib must be at least 1")
         return cls(**values)
 
 
@@ -106,18 +104,16 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
     except BaseException:
         client.close()
         raise
-    source = BlobSource(client, registry.blob_url(layer.digest), layer.digest, layer.size,
-                        description=f"{ref}#{layer.digest}",
-                        block_size=opts.block_kib << 10, cache_bytes=opts.cache_mib << 20,
-                        readahead=opts.readahead_kib << 10)
-    source.record_state = {  # type: ignore[attr-defined]
+    state = {
         "reference": location, "registry": ref.registry, "repository": ref.repository,
         "manifest_digest": layer.manifest_digest, "blob_digest": layer.digest, "blob_size": layer.size,
         "media_type": layer.media_type, "layer_index": layer.index, "platform": layer.platform,
         "insecure": opts.insecure, "ca": opts.ca or "", "credentials": credentials.to_record(),
-        "cache_mib": opts.cache_mib, "block_kib": opts.block_kib, "readahead_kib": opts.readahead_kib,
+        **opts.cache.to_state(),
     }
-    return source
+    blob = BlobSource(client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                      description=f"{ref}#{layer.digest}", state=state)
+    return opts.cache.wrap(blob)
 
 
 def reopen(state: Mapping[str, Any]) -> Source:
@@ -132,6 +128,7 @@ def reopen(state: Mapping[str, Any]) -> Source:
         digest, size = str(state["blob_digest"]), int(state["blob_size"])
         insecure, ca = bool(state["insecure"]), str(state.get("ca") or "") or None
         credentials = CredentialSource.from_record(dict(state["credentials"]))
+        cache = CacheSettings.from_state(state)
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"oci: record state is incomplete ({exc})") from exc
     client = _client(ref.api_host, insecure=insecure, ca=ca, credentials=credentials)
@@ -143,13 +140,9 @@ def reopen(state: Mapping[str, Any]) -> Source:
     except BaseException:
         client.close()
         raise
-    source = BlobSource(client, registry.blob_url(digest), digest, size,
-                        description=f"{state['reference']}#{digest}",
-                        block_size=int(state.get("block_kib", 256)) << 10,
-                        cache_bytes=int(state.get("cache_mib", 256)) << 20,
-                        readahead=int(state.get("readahead_kib", 4096)) << 10)
-    source.record_state = dict(state)  # type: ignore[attr-defined]
-    return source
+    blob = BlobSource(client, registry.blob_url(digest), digest, size,
+                      description=f"{state['reference']}#{digest}", state=state)
+    return cache.wrap(blob)
 
 
 @hookimpl
@@ -160,11 +153,6 @@ def erofs_mount_schemes() -> dict[str, str]:
 @hookimpl
 def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
     return open_reference(location, options)
-
-
-@hookimpl
-def erofs_mount_serialize_source(source: Source) -> dict[str, Any]:
-    return dict(source.record_state)  # type: ignore[attr-defined]
 
 
 @hookimpl

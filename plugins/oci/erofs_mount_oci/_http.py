@@ -1,4 +1,4 @@
-"""Everything that touches httpx: the client, retries, range reads, registry auth.
+"""Everything that touches httpx: the client, single requests, range reads, registry auth.
 
 Kept in one module so that a move to another HTTP library (httpx's
 maintained fork, say) is one file. Imported only when a source is opened,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import logging
-import random
 import re
 import ssl
 import threading
@@ -21,19 +20,18 @@ from typing import Any
 
 import httpx
 
-from erofs_mount_core import SourceError
+from erofs_mount_core import RetryPolicy, SourceError
 
 log = logging.getLogger("erofs_mount.oci")
 
 USER_AGENT = "erofs-mount-oci/0.1"
 TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0)
-#: attempts for one request: 429, 5xx, resets and timeouts are retried with back-off
-ATTEMPTS = 6
-BACKOFF_BASE = 0.25
-BACKOFF_MAX = 10.0
 RETRY_STATUS = {429, 500, 502, 503, 504}
 #: refresh a Bearer token this long before it expires
 TOKEN_MARGIN = 30.0
+#: open-time requests (manifests, blob HEAD) are retried with the core's policy;
+#: range reads are not: the core's Retrying filter owns retries on the read path
+RETRY = RetryPolicy()
 
 HTTPError = httpx.HTTPError
 Response = httpx.Response
@@ -63,45 +61,32 @@ def _retry_after(response: httpx.Response) -> float | None:
     return max(0.0, when.timestamp() - time.time()) if when else None
 
 
-def _delay(attempt: int, hint: float | None) -> float:
-    if hint is not None:
-        return min(hint, 60.0)
-    return min(BACKOFF_MAX, BACKOFF_BASE * 2 ** attempt) * random.uniform(0.5, 1.0)
+def attempt(client: httpx.Client, method: str, url: str, *, what: str,
+            headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+    """One request; the caller closes a streamed response.
 
-
-def _pause(attempt: int, what: str, problem: str, hint: float | None) -> None:
-    """Sleep before the next attempt, unless this was the last one."""
-    if attempt + 1 < ATTEMPTS:
-        delay = _delay(attempt, hint)
-        log.warning("%s: %s; retrying in %.2fs", what, problem, delay)
-        time.sleep(delay)
+    429, 5xx, resets and timeouts raise SourceError(transient=True), with the
+    server's Retry-After as ``retry_after``; any other answer is returned.
+    """
+    try:
+        request = client.build_request(method, url, headers=headers)
+        response = client.send(request, stream=stream)
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # retrying cannot help
+            raise SourceError(f"{what}: the registry's TLS certificate is not trusted "
+                              "(give its CA bundle with -o ca=PATH)") from None
+        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+    if response.status_code in RETRY_STATUS:
+        response.close()
+        raise SourceError(f"{what}: HTTP {response.status_code}", transient=True,
+                          retry_after=_retry_after(response))
+    return response
 
 
 def send(client: httpx.Client, method: str, url: str, *, what: str,
-         headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
-    """One request, retried on transient failures; the caller closes a streamed response.
-
-    Raises SourceError(transient=True) when the failures outlast the retries.
-    """
-    last = ""
-    for attempt in range(ATTEMPTS):
-        try:
-            request = client.build_request(method, url, headers=headers)
-            response = client.send(request, stream=stream)
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # retrying cannot help
-                raise SourceError(f"{what}: the registry's TLS certificate is not trusted "
-                                  "(give its CA bundle with -o ca=PATH)") from None
-            last = f"{type(exc).__name__}: {exc}"
-            hint = None
-        else:
-            if response.status_code not in RETRY_STATUS:
-                return response
-            last = f"HTTP {response.status_code}"
-            hint = _retry_after(response)
-            response.close()
-        _pause(attempt, what, last, hint)
-    raise SourceError(f"{what}: {last} (after {ATTEMPTS} attempts)", transient=True)
+         headers: dict[str, str] | None = None) -> httpx.Response:
+    """One request, retried on transient failures by ``RETRY`` (for requests made while opening)."""
+    return RETRY.call(lambda: attempt(client, method, url, what=what, headers=headers), what)
 
 
 # -- range reads ---------------------------------------------------------------
@@ -118,32 +103,29 @@ class FullBody(Exception):
 
 
 def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what: str) -> bytes:
-    """Exactly ``length`` bytes at ``offset``, from one GET (retried as a whole).
+    """Exactly ``length`` bytes at ``offset``, from one GET: one attempt, the caller's filter retries.
 
     Raises FullBody (with the open response) if the server answers 200.
     """
     headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-    for attempt in range(ATTEMPTS):
-        response = send(client, "GET", url, what=what, headers=headers, stream=True)
-        if response.status_code == 200:
-            raise FullBody(response)
-        try:
-            if response.status_code != 206:
-                raise status_error(response, what)
-            m = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
-            if not m or int(m.group(1)) != offset:
-                raise SourceError(f"{what}: the registry answered range {offset} with "
-                                  f"{response.headers.get('Content-Range')!r}")
-            data = b"".join(response.iter_bytes())
-            if len(data) == length:
-                return data
-            problem = f"short body ({len(data)} of {length} bytes)"
-        except (httpx.TransportError, httpx.DecodingError) as exc:
-            problem = f"{type(exc).__name__}: {exc}"
-        finally:
-            response.close()
-        _pause(attempt, what, problem, None)
-    raise SourceError(f"{what}: {problem} (after {ATTEMPTS} attempts)", transient=True)
+    response = attempt(client, "GET", url, what=what, headers=headers, stream=True)
+    if response.status_code == 200:
+        raise FullBody(response)
+    try:
+        if response.status_code != 206:
+            raise status_error(response, what)
+        m = _CONTENT_RANGE.fullmatch(response.headers.get("Content-Range", ""))
+        if not m or int(m.group(1)) != offset:
+            raise SourceError(f"{what}: the registry answered range {offset} with "
+                              f"{response.headers.get('Content-Range')!r}")
+        data = b"".join(response.iter_bytes())
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+    finally:
+        response.close()
+    if len(data) != length:
+        raise SourceError(f"{what}: short body ({len(data)} of {length} bytes)", transient=True)
+    return data
 
 
 def status_error(response: httpx.Response, what: str) -> SourceError:

@@ -12,11 +12,15 @@ Options (``-o key=value``):
     version=ID           a specific object version (versioned buckets)
     credentials=SOURCE   env | profile[:NAME] | anonymous | auto (default; see below)
     ca=PATH              CA bundle for the endpoint's TLS certificate
+    cache-mib=N          in-memory block cache bound (default 256)
+    block-kib=N          cache block size (default 256)
+    readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
 
 Credentials come from $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY
 ($AWS_SESSION_TOKEN) or the shared credentials file, and are never
-recorded. Requests are signed with AWS Signature Version 4. Every read is
-one ranged GET. The record keeps the object's ETag and version id; reads
+recorded. Requests are signed with AWS Signature Version 4. Reads go
+through erofs-mount's block cache: each read the cache misses is one ranged
+GET. The record keeps the object's ETag and version id; reads
 carry If-Match, and reattach refuses an object that changed.
 """
 
@@ -25,17 +29,14 @@ from __future__ import annotations
 import os
 import urllib.parse
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from erofs_mount_core import Source, SourceChangedError, SourceError, UsageError, hookimpl
+from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, hookimpl
 
 from .credentials import CredentialSource
 
-if TYPE_CHECKING:
-    from .object import S3Object
-
 SCHEME = "s3"
-OPTIONS = ("region", "endpoint", "addressing", "version", "credentials", "ca")
+OPTIONS = ("region", "endpoint", "addressing", "version", "credentials", "ca", *CacheSettings.OPTIONS)
 
 
 def _parse(location: str, options: Mapping[str, str]) -> dict[str, Any]:
@@ -55,7 +56,8 @@ def _parse(location: str, options: Mapping[str, str]) -> dict[str, Any]:
         raise UsageError("s3: addressing must be path or virtual")
     return {"bucket": bucket, "key": key, "region": region, "endpoint": endpoint.rstrip("/"),
             "addressing": addressing, "version": options.get("version") or None,
-            "credentials": CredentialSource.parse(options.get("credentials")), "ca": options.get("ca") or None}
+            "credentials": CredentialSource.parse(options.get("credentials")), "ca": options.get("ca") or None,
+            "cache": CacheSettings.parse(options, SCHEME)}
 
 
 @hookimpl
@@ -67,12 +69,8 @@ def erofs_mount_schemes() -> dict[str, str]:
 def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
     from .object import S3Object  # httpx loads only when a source is opened
 
-    return S3Object(**_parse(location, options))
-
-
-@hookimpl
-def erofs_mount_serialize_source(source: S3Object) -> dict[str, Any]:
-    return source.state()
+    s3object = S3Object(**_parse(location, options))
+    return s3object.cache.wrap(s3object)
 
 
 @hookimpl
@@ -83,10 +81,11 @@ def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
         source = S3Object(
             str(state["bucket"]), str(state["key"]), region=str(state["region"]), endpoint=str(state["endpoint"]),
             addressing=str(state["addressing"]), credentials=CredentialSource.from_record(dict(state["credentials"])),
-            version=str(state["version"]) or None, ca=str(state.get("ca") or "") or None, etag=str(state["etag"]))
+            version=str(state["version"]) or None, ca=str(state.get("ca") or "") or None, etag=str(state["etag"]),
+            cache=CacheSettings.from_state(state))
     except KeyError as exc:
         raise SourceError(f"s3: record state lacks {exc}") from exc
     if source.size != int(state["size"]):
         source.close()
         raise SourceChangedError(f"s3: s3://{state['bucket']}/{state['key']} changed size since it was mounted")
-    return source
+    return source.cache.wrap(source)

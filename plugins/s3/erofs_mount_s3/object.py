@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import ssl
-import time
 import urllib.parse
 from collections.abc import Generator
 from typing import Any
 
 import httpx
 
-from erofs_mount_core import Source, SourceChangedError, SourceError
+from erofs_mount_core import CacheSettings, RetryPolicy, Source, SourceChangedError, SourceError
 
 from . import sigv4
 from .credentials import CredentialSource, Keys
 
-ATTEMPTS = 5
+#: the HEAD made while opening is retried with the core's policy; reads are one attempt each,
+#: retried by the core's Retrying filter
+RETRY = RetryPolicy()
+RETRY_STATUS = (429, 500, 502, 503, 504)
+DEFAULT_CACHE = CacheSettings()
 
 
 class _SigV4(httpx.Auth):
@@ -34,15 +37,15 @@ class _SigV4(httpx.Auth):
 class S3Object(Source):
     def __init__(self, bucket: str, key: str, *, region: str, endpoint: str, addressing: str,
                  credentials: CredentialSource, version: str | None = None, ca: str | None = None,
-                 etag: str | None = None) -> None:
+                 etag: str | None = None, cache: CacheSettings = DEFAULT_CACHE) -> None:
         self.bucket, self.key, self.region, self.endpoint = bucket, key, region, endpoint
-        self.addressing, self.credentials, self.ca = addressing, credentials, ca
+        self.addressing, self.credentials, self.ca, self.cache = addressing, credentials, ca, cache
         verify: Any = ssl.create_default_context(cafile=ca) if ca else True
         self.client = httpx.Client(auth=_SigV4(credentials.lookup(), region), verify=verify,
                                    timeout=httpx.Timeout(connect=10, read=60, write=60, pool=30))
         self.url = self._url(version)
         try:
-            response = self._send("HEAD", {})
+            response = RETRY.call(lambda: self._send("HEAD", {}), f"s3: HEAD s3://{bucket}/{key}")
         except BaseException:
             self.client.close()
             raise
@@ -73,18 +76,17 @@ class S3Object(Source):
         return url + (f"?versionId={urllib.parse.quote(version, safe='')}" if version and version != "null" else "")
 
     def _send(self, method: str, headers: dict[str, str]) -> httpx.Response:
-        last = ""
-        for attempt in range(ATTEMPTS):
-            try:
-                response = self.client.request(method, self.url, headers=headers)
-            except httpx.TransportError as exc:
-                last = f"{type(exc).__name__}: {exc}"
-            else:
-                if response.status_code not in (429, 500, 502, 503, 504):
-                    return response
-                last = f"HTTP {response.status_code}"
-            time.sleep(min(8.0, 0.2 * 2 ** attempt))
-        raise SourceError(f"s3: s3://{self.bucket}/{self.key}: {last}", transient=True)
+        """One request; 429, 5xx and transport failures are transient SourceErrors."""
+        try:
+            response = self.client.request(method, self.url, headers=headers)
+        except httpx.TransportError as exc:
+            raise SourceError(f"s3: s3://{self.bucket}/{self.key}: {type(exc).__name__}: {exc}",
+                              transient=True) from None
+        if response.status_code in RETRY_STATUS:
+            retry_after = response.headers.get("Retry-After", "")
+            raise SourceError(f"s3: s3://{self.bucket}/{self.key}: HTTP {response.status_code}", transient=True,
+                              retry_after=float(retry_after) if retry_after.isdigit() else None)
+        return response
 
     @property
     def size(self) -> int:
@@ -115,7 +117,8 @@ class S3Object(Source):
     def state(self) -> dict[str, Any]:
         return {"bucket": self.bucket, "key": self.key, "region": self.region, "endpoint": self.endpoint,
                 "addressing": self.addressing, "version": self.version or "", "etag": self.etag,
-                "size": self._size, "ca": self.ca or "", "credentials": self.credentials.to_record()}
+                "size": self._size, "ca": self.ca or "", "credentials": self.credentials.to_record(),
+                **self.cache.to_state()}
 
 
 def _status(response: httpx.Response, what: str) -> SourceError:

@@ -19,7 +19,7 @@ from typing import Any
 
 import attrs
 
-from .errors import RecordError
+from ._errors import RecordError
 
 FORMAT = 1
 DEFAULT_RUN_DIR = "/run/erofs-mount"

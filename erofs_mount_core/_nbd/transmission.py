@@ -6,9 +6,13 @@ header followed by nothing. A request the loop cannot stay in step with
 (bad magic, a truncated header, a write too large to skip) ends the
 connection instead of guessing.
 
-The one exception is opt-in: an ``Export(..., zero_copy=True)`` of a source
-with a file descriptor sends the header, then the data with sendfile(2);
-a failure in between can only close the connection. ``serve`` opts in for
+Retries are not made here: the source is wrapped in ``Retrying`` (see
+``_filters``), so what reaches this loop as an exception is final.
+
+The one exception to read-then-reply is opt-in: a ``Disk(...,
+zero_copy=True)`` of a source with a file descriptor sends the header, then
+the data with sendfile(2); a failure in between can only close the
+connection. ``serve`` opts in for
 its clients, which reconnect; the kernel's connections never do.
 """
 
@@ -17,28 +21,24 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import time
 
-from ..errors import SourceError
-from ..source import Source
+from .._errors import SourceError
+from .._source import Source
 from . import protocol as p
 
 log = logging.getLogger(__name__)
 
-#: back-off before each retry of a transient source failure (seconds)
-RETRY_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 4.0, 8.0)
 
-
-class Export:
-    """A source as the NBD client sees it: ``size`` may round the source up
-    to the block size; the tail past the source reads as zeros."""
+class Disk:
+    """A source as an NBD client sees it: ``size`` may round the source up to
+    the block size, and the tail past the source reads as zeros."""
 
     def __init__(self, source: Source, size: int | None = None, *, zero_copy: bool = False) -> None:
         self.source = source
         self.source_size = source.size
         self.size = self.source_size if size is None else size
         if self.size < self.source_size:
-            raise ValueError("an export cannot be smaller than its source")
+            raise ValueError("a disk cannot be smaller than its source")
         # sendfile sends the header before the data exists, so a failure can only
         # end the connection: fine for serve's clients, not for the kernel's
         # connections (a closed one blocks the device), which read first.
@@ -52,19 +52,10 @@ class Export:
         return bytes(head) + bytes(length - len(head))
 
     def _pread(self, length: int, offset: int) -> bytes | memoryview:
-        for delay in (*RETRY_DELAYS, None):
-            try:
-                data = self.source.pread(length, offset)
-            except SourceError as exc:
-                if not exc.transient or delay is None:
-                    raise
-                log.warning("read of %d bytes at %d failed (%s); retrying in %.2fs", length, offset, exc, delay)
-                time.sleep(delay)
-                continue
-            if len(data) != length:
-                raise SourceError(f"source returned {len(data)} bytes for a {length}-byte read at {offset}")
-            return data
-        raise AssertionError("unreachable")
+        data = self.source.pread(length, offset)
+        if len(data) != length:
+            raise SourceError(f"source returned {len(data)} bytes for a {length}-byte read at {offset}")
+        return data
 
 
 class ConnectionClosed(Exception):
@@ -102,7 +93,7 @@ def _finish_send(sock: socket.socket, header: bytes | bytearray, data: bytes | m
     sock.sendall(memoryview(data)[sent - len(header):])
 
 
-def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
+def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel") -> str:
     """Serve requests on ``sock`` until the client disconnects.
 
     Returns why the loop ended: ``"disconnect"`` (NBD_CMD_DISC), ``"closed"``
@@ -111,11 +102,11 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
     """
     header = bytearray(p.REQUEST.size)
     header_out = bytearray(p.REPLY.size)  # reused: a reply header is sent before the next is packed
-    size, source_size = export.size, export.source_size
+    source_size = disk.source_size
     # the hot path (a read inside the source) uses only these locals
     recv_into, sendmsg, unpack, pack_reply = sock.recv_into, sock.sendmsg, p.REQUEST.unpack, p.REPLY.pack_into
-    pread = export.source.pread
-    sendfile_fd, sendall, sock_fd = export.sendfile_fd, sock.sendall, sock.fileno()
+    pread = disk.source.pread
+    sendfile_fd, sendall, sock_fd = disk.sendfile_fd, sock.sendall, sock.fileno()
     request_size, request_magic, reply_magic = p.REQUEST.size, p.REQUEST_MAGIC, p.SIMPLE_REPLY_MAGIC
     reply_size = p.REPLY.size
     try:
@@ -139,7 +130,7 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
                     try:
                         data = pread(length, offset)
                     except Exception as exc:
-                        _read_slow(sock, export, cookie, offset, length, size, peer, exc)
+                        _read_slow(sock, disk, cookie, offset, length, peer, exc)
                         continue
                     if len(data) == length:
                         pack_reply(header_out, 0, reply_magic, 0, cookie)
@@ -147,7 +138,7 @@ def serve(sock: socket.socket, export: Export, *, peer: str = "kernel") -> str:
                         if sent != reply_size + length:
                             _finish_send(sock, header_out, data, sent)
                         continue
-                _read_slow(sock, export, cookie, offset, length, size, peer)
+                _read_slow(sock, disk, cookie, offset, length, peer)
             elif cmd == p.CMD_DISC:
                 return "disconnect"
             elif cmd == p.CMD_WRITE:
@@ -195,20 +186,20 @@ def _sendfile(out: int, fd: int, offset: int, length: int) -> None:
         length -= sent
 
 
-def _read_slow(sock: socket.socket, export: Export, cookie: int, offset: int, length: int,
-               size: int, peer: str, failure: Exception | None = None) -> None:
-    """Range checks, zero padding past the source, retries and error replies.
+def _read_slow(sock: socket.socket, disk: Disk, cookie: int, offset: int, length: int,
+               peer: str, failure: Exception | None = None) -> None:
+    """Range checks, zero padding past the source and error replies.
 
-    ``failure`` is what a first, direct read raised: retried only if transient.
+    ``failure`` is what a first, direct read raised (already retried by the source's filter).
     """
-    error = _check_range(offset, length, size)
+    error = _check_range(offset, length, disk.size)
     if error:
         _send(sock, p.reply_header(cookie, error))
         return
     try:
-        if failure is not None and not (isinstance(failure, SourceError) and failure.transient):
+        if failure is not None:
             raise failure
-        data = export.read(offset, length)
+        data = disk.read(offset, length)
     except Exception as exc:
         if isinstance(exc, SourceError):
             log.error("%s: read of %d bytes at %d failed: %s", peer, length, offset, exc)

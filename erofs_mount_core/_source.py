@@ -8,6 +8,8 @@ implementations must be safe to call concurrently.
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
+from typing import Any
 
 
 class Source(abc.ABC):
@@ -44,13 +46,24 @@ class Source(abc.ABC):
         """One line for ``erofs-mount list``: what is being served."""
         return type(self).__name__
 
+    def state(self) -> Mapping[str, Any] | None:
+        """What reattach needs to open these same bytes again, as a TOML-safe mapping.
+
+        The plugin's ``erofs_mount_deserialize_source`` hook gets it back.
+        Record where the bytes are and their identity (inode and mtime, a
+        digest, an ETag), never a secret. ``None`` (the default) means the
+        plugin still answers the deprecated ``erofs_mount_serialize_source``
+        hook instead.
+        """
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release files and connections. Called once, after the last ``pread``."""
 
 
 def split_spec(spec: str) -> tuple[str, str]:
     """``"local:/srv/a.erofs"`` -> ``("local", "/srv/a.erofs")``."""
-    from .errors import UsageError
+    from ._errors import UsageError
 
     scheme, sep, location = spec.partition(":")
     if not sep or not scheme or not location:

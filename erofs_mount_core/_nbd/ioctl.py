@@ -13,7 +13,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..errors import KernelError
+from .._errors import KernelError
 from . import sysfs
 
 

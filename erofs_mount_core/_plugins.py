@@ -22,8 +22,8 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownSchemeError
-from .source import Source
+from ._errors import PluginError, UnknownSchemeError
+from ._source import Source
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 LOAD_ENV = "EROFS_MOUNT_LOAD_PLUGINS"
@@ -148,11 +148,15 @@ class PluginHost:
     def deserialize_source(self, scheme: str, state: Mapping[str, Any]) -> Source:
         return self._source_from("erofs_mount_deserialize_source", scheme=scheme, state=state)
 
-    def serialize_source(self, scheme: str, source: Source) -> dict[str, Any]:
+    def source_state(self, scheme: str, source: Source) -> dict[str, Any]:
+        """What the record keeps of ``source``: its own ``state()``, or the deprecated serialize hook's answer."""
         name = self.owner(scheme).name
-        state = self._call_one(name, "erofs_mount_serialize_source", scheme=scheme, source=source)
+        state = source.state()
+        if state is None:
+            state = self._call_one(name, "erofs_mount_serialize_source", scheme=scheme, source=source)
         if not isinstance(state, Mapping):
-            raise PluginError(f"plugin {name!r} did not serialize its {scheme!r} source (got {type(state).__name__})")
+            raise PluginError(f"plugin {name!r} gave no recovery state for its {scheme!r} source "
+                              f"(got {type(state).__name__}): implement Source.state()")
         return dict(state)
 
     def _source_from(self, hook: str, **kwargs: Any) -> Source:

@@ -8,7 +8,7 @@ import errno
 import os
 import re
 
-from .errors import ErofsMountError, UsageError
+from ._errors import ErofsMountError, UsageError
 
 MS_RDONLY = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)

@@ -12,7 +12,10 @@
     └── DeviceStateError            the device is not in the state the command needs
 
 The CLI prints ``Error: <message>`` and exits with ``exit_code``; nothing
-else reaches the user unless ``--debug`` asks for the traceback.
+else reaches the user unless ``--debug`` asks for the traceback. A daemon's
+error reaches the command that started it as the same class
+(``_daemon_protocol``), so callers catch ``SourceChangedError`` whichever
+process raised it.
 """
 
 from __future__ import annotations
@@ -48,13 +51,17 @@ class KernelError(ErofsMountError):
 
 
 class SourceError(ErofsMountError):
-    """A source failed. ``transient`` says whether retrying the same call may help."""
+    """A source failed. ``transient`` says whether retrying the same call may help;
+    ``retry_after`` is how long the far side asked us to wait first (seconds, or None)."""
 
     exit_code = 4
+    transient = False
+    retry_after: float | None = None
 
-    def __init__(self, message: str, *, transient: bool = False) -> None:
+    def __init__(self, message: str, *, transient: bool = False, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.transient = transient
+        self.retry_after = retry_after
 
 
 class SourceChangedError(SourceError):

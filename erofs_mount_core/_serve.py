@@ -27,12 +27,13 @@ import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import UsageError
-from .nbd import handshake
-from .nbd import protocol as p
-from .nbd.server import Export, serve
-from .plugins import PluginHost
-from .source import Source, split_spec
+from ._errors import UsageError
+from ._filters import Retrying
+from ._nbd import handshake
+from ._nbd import protocol as p
+from ._nbd.transmission import Disk, transmit
+from ._plugins import PluginHost
+from ._source import Source, split_spec
 
 log = logging.getLogger("erofs_mount.serve")
 
@@ -93,7 +94,7 @@ def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None
             if command and not (socket_path or listen):
                 private_dir = tempfile.mkdtemp(prefix="erofs-mount-serve-")
                 socket_path = os.path.join(private_dir, "nbd.sock")
-            source = host.open_source(scheme, location, options)
+            source = Retrying(host.open_source(scheme, location, options))
             try:
                 return _serve(spec, source, socket_path, listen, command, signals)
             finally:
@@ -148,7 +149,7 @@ class _StopSignals:
 
 def _serve(spec: str, source: Source, socket_path: str | None, listen: str | None, command: str | None,
            signals: _StopSignals) -> int:
-    export = Export(source, zero_copy=True)
+    disk = Disk(source, zero_copy=True)
     # SIGINT and SIGTERM wait (blocked) until the listener and its acceptor exist and the
     # cleanup below is armed; the threads keep them blocked, so they reach the main thread
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
@@ -166,8 +167,8 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
         try:
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if handshake.negotiate(conn, size=export.size, flags=flags, description=source.describe()):
-                reason = serve(conn, export, peer=peer)
+            if handshake.negotiate(conn, size=disk.size, flags=flags, description=source.describe()):
+                reason = transmit(conn, disk, peer=peer)
                 log.info("%s: %s", peer, reason)
         except handshake.HandshakeError as exc:
             log.warning("%s: dropped: %s", peer, exc)
@@ -198,7 +199,7 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
     acceptor.start()
     try:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        log.info("serving %s (%d bytes) on %s", spec, export.size, where)
+        log.info("serving %s (%d bytes) on %s", spec, disk.size, where)
         if command:
             return _run_captive(command, where, signals)
         signals.wait()

@@ -15,7 +15,7 @@ from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST, genlmsg, nla
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.generic import GenericNetlinkSocket
 
-from ..errors import ErofsMountError, KernelError, NotRootError
+from .._errors import ErofsMountError, KernelError, NotRootError
 
 FAMILY = "nbd"
 VERSION = 1

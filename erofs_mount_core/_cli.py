@@ -1,4 +1,4 @@
-"""The ``erofs-mount`` command line: thin click commands over ``engine``.
+"""The ``erofs-mount`` command line: thin click commands over ``_lifecycle`` and ``_serve``.
 
 Errors end as one ``Error: ...`` line on stderr and the error's exit code;
 ``--debug`` shows the traceback too. Heavy modules (pyroute2, plugins'
@@ -15,7 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
-from .errors import ErofsMountError
+from ._errors import ErofsMountError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -87,11 +87,11 @@ def mount(spec: str, option_pairs: tuple[str, ...], connections: int, dead_timeo
     while the device is attached. 'erofs-mount plugins SCHEME' documents a
     source type's -o options.
     """
-    from . import engine
+    from . import _lifecycle as lifecycle
 
-    settings = engine.MountOptions(connections=connections, dead_timeout=dead_timeout,
-                                   block_size=int(block_size))
-    device = engine.mount(spec, mountpoint, _parse_options(option_pairs), settings)
+    settings = lifecycle.DeviceSettings(connections=connections, dead_timeout=dead_timeout,
+                                        block_size=int(block_size))
+    device = lifecycle.mount(spec, mountpoint, _parse_options(option_pairs), settings)
     click.echo(device)
 
 
@@ -100,9 +100,9 @@ def mount(spec: str, option_pairs: tuple[str, ...], connections: int, dead_timeo
 @_errors_as_lines
 def umount(target: str) -> None:
     """Unmount TARGET (a mountpoint or /dev/nbdN), disconnect the device and end its daemon."""
-    from . import engine
+    from . import _lifecycle as lifecycle
 
-    engine.umount(target)
+    lifecycle.umount(target)
 
 
 @cli.command()
@@ -115,22 +115,20 @@ def reattach(device: str | None, all_: bool) -> None:
     Rebuilds the source from the device's recovery record and refuses if the
     bytes would differ. A device whose daemon is alive is left alone.
     """
-    from . import engine
+    from . import _lifecycle as lifecycle
 
     if bool(device) == all_:
         raise click.UsageError("give a DEVICE or --all")
     if device:
-        index = engine.reattach(device)
+        index = lifecycle.reattach(device)
         click.echo(f"/dev/nbd{index}")
         return
-    engine.require_root("reattach")
     failed = 0
-    for index in engine.reattach_candidates():
-        try:
-            engine.reattach(f"/dev/nbd{index}")
-            click.echo(f"/dev/nbd{index}")
-        except ErofsMountError as exc:
-            click.echo(f"Error: /dev/nbd{index}: {exc}", err=True)
+    for outcome in lifecycle.reattach_all():
+        if outcome.error is None:
+            click.echo(f"/dev/nbd{outcome.index}")
+        else:
+            click.echo(f"Error: /dev/nbd{outcome.index}: {outcome.error}", err=True)
             failed += 1
     if failed:
         sys.exit(1)
@@ -141,9 +139,9 @@ def reattach(device: str | None, all_: bool) -> None:
 @_errors_as_lines
 def list_(as_json: bool) -> None:
     """Show attached nbd devices, their sources and daemons."""
-    from . import engine
+    from . import _lifecycle as lifecycle
 
-    rows = engine.list_devices()
+    rows = lifecycle.list_devices()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -179,7 +177,7 @@ def plugins(scheme: str | None, as_json: bool) -> None:
     With SCHEME, show that source type's documentation: its location syntax
     and its -o options.
     """
-    from .plugins import PluginHost
+    from ._plugins import PluginHost
 
     host = PluginHost()
     if scheme:
@@ -226,11 +224,11 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
     """
     import logging
 
-    from . import exporter
+    from . import _serve
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
                         format="erofs-mount serve: %(message)s")
-    status = exporter.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
+    status = _serve.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
                           command=command)
     sys.exit(status)
 

@@ -1,0 +1,186 @@
+"""The daemon protocol: how a command starts a serving daemon and hears from it.
+
+Both sides live here, so they cannot drift apart:
+
+- the record's lock (``<record>.lock``, flock): taken by the command, inherited
+  by the daemon, held for the daemon's life. A held lock means a live daemon,
+  whatever its pid; ``daemon_alive`` is the probe.
+- ``spawn``: the command's side. Starts ``python -m erofs_mount_core._daemon``
+  in its own session with the lock and the write end of the ready pipe, and
+  waits for its one line.
+- ``ReadyPipe``: the daemon's side. Writes that line once: ``READY <index>``,
+  or ``ERROR <class> <exit code> <message>``. ``spawn`` raises the same
+  ``ErofsMountError`` subclass again, so a caller can catch
+  ``SourceChangedError`` whichever process raised it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from . import _errors as errors
+from . import _record as rec
+
+READY = "READY"
+ERROR = "ERROR"
+MODES = ("connect", "reattach")
+DAEMON_MODULE = "erofs_mount_core._daemon"
+#: how long a command waits for its daemon's line (imports are slow on small VMs)
+READY_TIMEOUT = 120.0
+
+
+# -- the lock ----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def locked(record_path: Path) -> Iterator[int]:
+    """Take the record's daemon lock for a daemon about to start; DeviceStateError if one lives.
+
+    The command closes its descriptor on leaving; the daemon keeps its inherited copy, and with it the lock.
+    """
+    fd = os.open(rec.lock_path(record_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise errors.DeviceStateError("its daemon is alive and serving: nothing to do") from None
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def daemon_alive(record_path: Path) -> bool:
+    """True while some process holds the record's lock (its daemon, or a command starting one)."""
+    try:
+        fd = os.open(rec.lock_path(record_path), os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def check_lock(lock_fd: int, record_path: Path) -> None:
+    """The daemon's check that ``lock_fd`` is its record's lock, and held: else it must not serve."""
+    try:
+        held, named = os.fstat(lock_fd), os.stat(rec.lock_path(record_path))
+    except OSError as exc:
+        raise errors.KernelError(f"daemon started without its lock ({exc.strerror})") from None
+    if (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino):
+        raise errors.KernelError(f"daemon started with a lock that is not {rec.lock_path(record_path)}")
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a no-op for the holder's own descriptor
+    except BlockingIOError:
+        raise errors.DeviceStateError("another daemon holds this record's lock") from None
+
+
+# -- the command's side ----------------------------------------------------------
+
+
+def spawn(mode: str, record_path: Path) -> int:
+    """Start a daemon for ``record_path`` under its lock; return the device index it reports.
+
+    Raises DeviceStateError if a daemon already holds the lock, or whatever
+    the daemon reported (the same class).
+    """
+    with locked(record_path) as lock_fd:
+        return _start(mode, record_path, lock_fd)
+
+
+def _start(mode: str, record_path: Path, lock_fd: int) -> int:
+    ready_r, ready_w = os.pipe()
+    logf = os.open(rec.log_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", DAEMON_MODULE, mode, str(record_path),
+             "--ready-fd", str(ready_w), "--lock-fd", str(lock_fd)],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            pass_fds=(ready_w, lock_fd), start_new_session=True, close_fds=True,
+        )
+    finally:
+        os.close(ready_w)
+        os.close(logf)
+    try:
+        line = _read_line(ready_r, READY_TIMEOUT)
+    finally:
+        os.close(ready_r)
+    word, _, rest = line.partition(" ")
+    if word == READY:
+        return int(rest)
+    if proc.poll() is None and not line:
+        proc.kill()
+    proc.wait()
+    if word == ERROR:
+        raise decode_error(rest)
+    raise errors.KernelError(f"the serving daemon exited without a word (status {proc.returncode}); "
+                             f"see {rec.log_path(record_path)}")
+
+
+def _read_line(fd: int, timeout: float) -> str:
+    data = b""
+    deadline = time.monotonic() + timeout
+    while not data.endswith(b"\n"):
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            break
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").strip()
+
+
+def encode_error(exc: errors.ErofsMountError) -> str:
+    message = str(exc).replace("\n", " ")
+    return f"{type(exc).__name__} {exc.exit_code} {message}"
+
+
+def decode_error(text: str) -> errors.ErofsMountError:
+    """The exception ``encode_error`` described: its class if the core defines it, its code and message."""
+    name, _, rest = text.partition(" ")
+    code, _, message = rest.partition(" ")
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, errors.ErofsMountError)):
+        cls = errors.ErofsMountError
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    if code.isdigit():
+        exc.exit_code = int(code)
+    return exc
+
+
+# -- the daemon's side --------------------------------------------------------------
+
+
+class ReadyPipe:
+    """The daemon's one line to the command that started it."""
+
+    def __init__(self, fd: int) -> None:
+        self._file = os.fdopen(fd, "w")
+
+    def ready(self, index: int) -> None:
+        self._write(f"{READY} {index}")
+
+    def failed(self, exc: errors.ErofsMountError) -> None:
+        self._write(f"{ERROR} {encode_error(exc)}")
+
+    def _write(self, line: str) -> None:
+        if self._file.closed:
+            return
+        try:
+            self._file.write(line + "\n")
+            self._file.close()
+        except BrokenPipeError:  # the command gave up waiting
+            pass
