@@ -71,7 +71,7 @@ def check_erofs(source: Source, spec: str) -> None:
 # -- mount -------------------------------------------------------------------
 
 def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
-          settings: DeviceSettings = DeviceSettings(), store: rec.RecordStore | None = None) -> str:
+          settings: DeviceSettings = DeviceSettings()) -> str:
     """Attach ``spec`` to a new nbd device and mount it; return the device path."""
     require_root("mount")
     if not os.path.isdir(mountpoint):
@@ -92,7 +92,7 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
     link = choose_link()
     connections = min(settings.connections, link.max_connections)
 
-    store = store or rec.RecordStore()
+    store = rec.RecordStore()
     store.ensure()
     path = store.new_path()
     record = rec.Record(

@@ -31,6 +31,8 @@ from ._errors import ErofsMountError, SourceChangedError, SourceError
 from ._plugins import PluginHost
 from ._source import Source
 
+__all__ = ["CHECKS", "ContractError", "SourceCase", "check_source"]
+
 
 class ContractError(AssertionError):
     """A source plugin broke a rule of the contract."""

@@ -23,7 +23,6 @@ VERSION = 1
 NBD_CMD_CONNECT = 1
 NBD_CMD_DISCONNECT = 2
 NBD_CMD_RECONFIGURE = 3
-NBD_CMD_STATUS = 5
 
 
 class nbdmsg(genlmsg):  # noqa: N801 - pyroute2 naming convention
@@ -109,12 +108,11 @@ def disconnect_msg(index: int) -> nbdmsg:
     return _msg(NBD_CMD_DISCONNECT, [["NBD_ATTR_INDEX", index]])
 
 
-def status_msg(index: int | None = None) -> nbdmsg:
-    return _msg(NBD_CMD_STATUS, [] if index is None else [["NBD_ATTR_INDEX", index]])
-
-
 class NBDNetlink(GenericNetlinkSocket):
     """The nbd generic netlink family. Raises ``KernelError`` with a user-facing line.
+
+    No STATUS: a device's state is read from sysfs (``sysfs.py``), which needs
+    no privilege and reads the same for devices attached through the ioctls.
 
     Method names avoid ``status``/``send``/``pid``: pyroute2's SyncAPI proxies those.
     """
@@ -155,17 +153,6 @@ class NBDNetlink(GenericNetlinkSocket):
 
     def disconnect_device(self, index: int) -> None:
         self._request(disconnect_msg(index), f"disconnect nbd{index}", ack=True)
-
-    def device_states(self, index: int | None = None) -> dict[int, bool]:
-        """NBD_CMD_STATUS: ``{index: connected}`` (connected stays true while the daemon is dead)."""
-        states: dict[int, bool] = {}
-        for reply in self._request(status_msg(index), "status", ack=False):
-            devices = reply.get_attr("NBD_ATTR_DEVICE_LIST")
-            if devices is None:
-                continue
-            for item in devices.get_attrs("NBD_DEVICE_ITEM"):
-                states[int(item.get_attr("NBD_DEVICE_INDEX"))] = bool(item.get_attr("NBD_DEVICE_CONNECTED"))
-        return states
 
 
 def _kernel_error(what: str, exc: NetlinkError) -> ErofsMountError:

@@ -1,0 +1,102 @@
+"""The daemon protocol: a daemon's error reaches the command as its own class; the lock is the liveness probe.
+
+These run a real daemon process on the host: it fails before it needs the
+nbd driver (the source refuses), which is exactly the path that carries an
+error back. tests/vm/ covers the paths that reach the kernel.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from erofs_mount_core import _daemon_protocol as protocol
+from erofs_mount_core import _errors as errors
+from erofs_mount_core import _record as rec
+
+
+@pytest.mark.parametrize("exc", [
+    errors.SourceChangedError("/srv/a.erofs is no longer the image that was mounted (inode changed)"),
+    errors.DeviceStateError("nbd3: its daemon is alive and serving: nothing to do"),
+    errors.NotRootError("mount"),
+    errors.KernelError("two\nlines"),
+])
+def test_an_error_crosses_the_pipe_as_its_own_class(exc: errors.ErofsMountError) -> None:
+    again = protocol.decode_error(protocol.encode_error(exc))
+    assert type(again) is type(exc)
+    assert str(again) == str(exc).replace("\n", " ") and again.exit_code == exc.exit_code
+
+
+def test_an_unknown_class_becomes_the_base_error() -> None:
+    again = protocol.decode_error("NoSuchError 9 something broke")
+    assert type(again) is errors.ErofsMountError and again.exit_code == 9 and str(again) == "something broke"
+
+
+def _record_for(tmp_path: Path, image: Path) -> Path:
+    from erofs_mount_core._plugins import PluginHost
+
+    host = PluginHost()
+    source = host.open_source("local", str(image), {})
+    try:
+        state = host.source_state("local", source)
+    finally:
+        source.close()
+    store = rec.RecordStore(tmp_path / "run")
+    store.ensure()
+    path = store.new_path()
+    store.write(path, rec.Record(
+        format=rec.FORMAT, created=rec.now(), daemon_pid=0,
+        device=rec.DeviceRecord(index=5, size=4096, block_size=512, connections=1, dead_timeout=60),
+        source=rec.SourceRecord(scheme="local", location=str(image), description=str(image), plugin="local",
+                                distribution="erofs-mount-local", state=state),
+    ))
+    return path
+
+
+def test_spawn_raises_the_daemon_s_refusal_as_source_changed_error(tmp_path: Path) -> None:
+    image = tmp_path / "app.erofs"
+    image.write_bytes(os.urandom(4096))
+    path = _record_for(tmp_path, image)
+    image.unlink()
+    image.write_bytes(os.urandom(4096))  # another file under the same name
+    with pytest.raises(errors.SourceChangedError, match="is no longer the image that was mounted"):
+        protocol.spawn("reattach", path)
+    assert not protocol.daemon_alive(path), "the daemon that refused is gone, and its lock with it"
+    assert path.exists(), "a refused reattach keeps the record"
+
+
+def test_a_held_lock_means_alive_and_spawn_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "nbd-x.toml"
+    path.write_text("")
+    assert not protocol.daemon_alive(path)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time\n"
+        f"fd = os.open({str(rec.lock_path(path))!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert protocol.daemon_alive(path)
+        with pytest.raises(errors.DeviceStateError, match="alive and serving"):
+            protocol.spawn("reattach", path)
+    finally:
+        holder.kill()
+        holder.communicate()
+    assert not protocol.daemon_alive(path)
+
+
+def test_a_daemon_given_another_lock_refuses_to_serve(tmp_path: Path) -> None:
+    path = tmp_path / "nbd-y.toml"
+    rec.lock_path(path).write_text("")
+    other = os.open(tmp_path / "other.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)
+        with pytest.raises(errors.KernelError, match="with a lock that is not"):
+            protocol.check_lock(other, path)
+    finally:
+        os.close(other)

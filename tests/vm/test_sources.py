@@ -1,0 +1,236 @@
+"""Every source through the real nbd driver: one set of scenarios, run for local, oci and s3.
+
+Each source is published by a ``Publisher`` (a file, a registry with its
+server running in the guest, an S3 server), mounted, killed and reattached.
+What differs is written down in the publisher: a moved name (a replaced
+file, a moved tag, an overwritten object) is either pinned (oci reads the
+recorded digest) or refused, and never served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.imagetree import file_sha256, make_tree, mkfs
+from tests.vm.conftest import assert_clean, cli, daemon_pids, devices, records
+from tests.vm.test_local_mount import drop_caches, kill_daemon
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_system")]
+
+PASSWORD = "guest pass:w0rd"
+
+
+class Publisher:
+    """Puts an image where a source type reads it, and changes it behind a mount."""
+
+    name: str
+    options: tuple[str, ...] = ()
+    env: dict[str, str] = {}
+    secrets: tuple[str, ...] = ()
+    moved_is_refused_with: str | None
+    """What reattach says after ``move``; None if the source pinned the old bytes and serves them."""
+    gone_is_refused_with: str
+
+    spec: str
+
+    def publish(self, image: Path) -> None:
+        raise NotImplementedError
+
+    def move(self, image: Path) -> None:
+        """The same name now holds ``image``'s bytes."""
+        raise NotImplementedError
+
+    def delete(self) -> None:
+        raise NotImplementedError
+
+    def pinned(self, image: Path) -> str:
+        """What ``list`` shows the source serves (a digest, a path)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        pass
+
+
+class LocalPublisher(Publisher):
+    name = "local"
+    moved_is_refused_with = "is no longer the image that was mounted"
+    gone_is_refused_with = "no such file"
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.path = tmp_path / "published" / "app.erofs"
+        self.path.parent.mkdir()
+        self.spec = f"local:{self.path}"
+
+    def publish(self, image: Path) -> None:
+        self.path.write_bytes(image.read_bytes())
+
+    def move(self, image: Path) -> None:
+        staged = self.path.with_name("staged")
+        staged.write_bytes(image.read_bytes())
+        os.replace(staged, self.path)
+
+    def delete(self) -> None:
+        self.path.unlink()
+
+    def pinned(self, image: Path) -> str:
+        return str(self.path)
+
+
+class OciPublisher(Publisher):
+    name = "oci"
+    moved_is_refused_with = None  # the record pins the blob digest: a moved tag changes nothing
+    gone_is_refused_with = "is gone from the registry"
+    env = {"EROFS_MOUNT_OCI_USERNAME": "bob", "EROFS_MOUNT_OCI_PASSWORD": PASSWORD}
+    secrets = ("bob", PASSWORD)
+    options = ("-o", "insecure,credentials=env")
+
+    def __init__(self, tmp_path: Path) -> None:
+        from tests.oci.registry import Registry
+
+        self.registry = Registry(tmp_path / "registry", auth="htpasswd", users={"bob": PASSWORD})
+        self.spec = f"oci:{self.registry.host}/team/app:stable"
+        self.digest = ""
+
+    def publish(self, image: Path) -> None:
+        from tests.oci.registry import EROFS_LAYER
+
+        data = image.read_bytes()
+        self.registry.push_image("team/app", "stable", [(data, EROFS_LAYER)])
+        self.digest = "sha256:" + hashlib.sha256(data).hexdigest()
+
+    def move(self, image: Path) -> None:
+        from tests.oci.registry import EROFS_LAYER
+
+        self.registry.push_image("team/app", "stable", [(image.read_bytes(), EROFS_LAYER)])
+
+    def delete(self) -> None:
+        self.registry.delete_blob("team/app", self.digest)
+
+    def pinned(self, image: Path) -> str:
+        return f"{self.registry.host}/team/app:stable#{self.digest}"
+
+    def stop(self) -> None:
+        self.registry.stop()
+
+
+class S3Publisher(Publisher):
+    name = "s3"
+    moved_is_refused_with = "changed since it was mounted"  # the record pins the ETag
+    gone_is_refused_with = "does not exist"
+
+    def __init__(self, tmp_path: Path) -> None:
+        from tests.s3.conftest import ACCESS_KEY, SECRET_KEY, S3Server
+
+        self.server = S3Server()
+        self.server.client.create_bucket(Bucket="images")
+        self.spec = "s3:images/app.erofs"
+        self.options = ("-o", f"endpoint={self.server.endpoint}")
+        self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
+        self.secrets = (SECRET_KEY,)
+
+    def publish(self, image: Path) -> None:
+        self.server.client.put_object(Bucket="images", Key="app.erofs", Body=image.read_bytes())
+
+    move = publish
+
+    def delete(self) -> None:
+        self.server.client.delete_object(Bucket="images", Key="app.erofs")
+
+    def pinned(self, image: Path) -> str:
+        return "s3://images/app.erofs"
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+PUBLISHERS = {p.name: p for p in (LocalPublisher, OciPublisher, S3Publisher)}
+
+
+@pytest.fixture(params=sorted(PUBLISHERS))
+def publisher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Publisher]:
+    p = PUBLISHERS[request.param](tmp_path)
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
+    """The image to mount with its files' sha256, and another one to move the name to."""
+    sums = make_tree(tmp_path / "tree", files=40, max_size=1 << 20)
+    make_tree(tmp_path / "other", files=5, seed=9)
+    return (mkfs(tmp_path / "v1.erofs", tmp_path / "tree"), sums,
+            mkfs(tmp_path / "v2.erofs", tmp_path / "other"))
+
+
+def mount(p: Publisher, mountpoint: Path) -> str:
+    return cli("mount", "--source", p.spec, *p.options, str(mountpoint), env=p.env).out.strip()
+
+
+def assert_files(mountpoint: Path, sums: dict[str, str]) -> None:
+    for rel, digest in sums.items():
+        assert file_sha256(mountpoint / rel) == digest, rel
+
+
+def assert_refused(p: Publisher, device: str, words: str) -> None:
+    result = cli("reattach", device, check=False, env=p.env)
+    assert result.code != 0 and words in result.err, result
+    assert len(result.err.strip().splitlines()) == 1
+    assert daemon_pids() == [] and len(records()) == 3, "the record stays for a later reattach"
+    cli("umount", device)
+
+
+def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: tuple[Path, dict[str, str], Path],
+                                                  mountpoint: Path) -> None:
+    image, sums, _other = images
+    publisher.publish(image)
+    device = mount(publisher, mountpoint)
+    try:
+        assert_files(mountpoint, sums)
+        (row,) = devices()
+        assert row["source"] == publisher.spec and publisher.pinned(image) in row["serving"]
+        record = Path(row["record"])
+        assert stat.S_IMODE(record.stat().st_mode) == 0o600
+        assert not [s for s in publisher.secrets if s in record.read_text()], "a secret reached the record"
+        kill_daemon(device)
+        drop_caches()
+        cli("reattach", device, env=publisher.env)
+        assert_files(mountpoint, sums)
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
+
+
+def test_a_moved_name_never_changes_the_bytes(publisher: Publisher, images: tuple[Path, dict[str, str], Path],
+                                              mountpoint: Path) -> None:
+    image, sums, other = images
+    publisher.publish(image)
+    device = mount(publisher, mountpoint)
+    kill_daemon(device)
+    publisher.move(other)
+    drop_caches()
+    if publisher.moved_is_refused_with is None:
+        cli("reattach", device, env=publisher.env)
+        assert_files(mountpoint, sums)
+        cli("umount", str(mountpoint))
+    else:
+        assert_refused(publisher, device, publisher.moved_is_refused_with)
+    assert not os.path.ismount(mountpoint)
+    assert_clean()
+
+
+def test_reattach_refuses_when_the_bytes_are_gone(publisher: Publisher, images: tuple[Path, dict[str, str], Path],
+                                                  mountpoint: Path) -> None:
+    image, _sums, _other = images
+    publisher.publish(image)
+    device = mount(publisher, mountpoint)
+    kill_daemon(device)
+    publisher.delete()
+    assert_refused(publisher, device, publisher.gone_is_refused_with)
+    assert not os.path.ismount(mountpoint)
+    assert_clean()
