@@ -70,7 +70,8 @@ def cli(debug: bool) -> None:
 @click.option("-s", "--source", "spec", required=True, metavar="SCHEME:LOCATION",
               help="What to serve, e.g. local:/srv/app.erofs ('erofs-mount plugins' lists the schemes).")
 @click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE[,...]",
-              help="A source option, passed to the source's plugin. Repeatable.")
+              help="A mount flag (nosuid and nodev are the default; suid, dev, noexec, noatime...) "
+                   "or a source option, passed to the source's plugin. Repeatable.")
 @click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64),
               help="Kernel connections (one serving thread each).")
 @click.option("--dead-timeout", default=86400, show_default=True, type=click.IntRange(1, 2**31),
@@ -83,8 +84,10 @@ def mount(spec: str, option_pairs: tuple[str, ...], connections: int, dead_timeo
           block_size: str, mountpoint: str) -> None:
     """Attach SOURCE to an nbd device and mount it read-only on MOUNTPOINT.
 
-    Prints the device. A recovery record is kept under /run/erofs-mount
-    while the device is attached. 'erofs-mount plugins SCHEME' documents a
+    Prints the device. The mount is nosuid,nodev unless -o suid or -o dev
+    asks otherwise: an image's setuid files and device nodes have no power
+    on the host. A recovery record is kept under /run/erofs-mount while the
+    device is attached. 'erofs-mount plugins SCHEME' documents a
     source type's -o options.
     """
     from . import _lifecycle as lifecycle
@@ -148,13 +151,13 @@ def list_(as_json: bool) -> None:
     if not rows:
         click.echo("no nbd devices attached")
         return
-    table = [("DEVICE", "MOUNTPOINT", "DAEMON", "SOURCE", "RECORD")]
+    table = [("DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SOURCE", "RECORD")]
     for row in rows:
         state = {True: "alive", False: "DEAD", None: "?"}[row["daemon_alive"]]
         source = row["source"] or row["error"]
         if row["serving"] and row["serving"] not in source:
             source += f" = {row['serving']}"
-        table.append((row["device"], ",".join(row["mountpoints"]) or "-",
+        table.append((row["device"], ",".join(row["mountpoints"]) or "-", row["mount_options"] or "-",
                       f"{row['daemon_pid'] or '-'} {state}", source, row["record"] or "-"))
     _echo_table(table)
 

@@ -5,9 +5,9 @@ Both sides live here, so they cannot drift apart:
 - the record's lock (``<record>.lock``, flock): taken by the command, inherited
   by the daemon, held for the daemon's life. A held lock means a live daemon,
   whatever its pid; ``daemon_alive`` is the probe.
-- ``spawn``: the command's side. Starts ``python -m erofs_mount_core._daemon``
-  in its own session with the lock and the write end of the ready pipe, and
-  waits for its one line.
+- ``spawn``: the command's side. Starts ``python -I -m erofs_mount_core._daemon``
+  in its own session, in ``/``, with the lock and the write end of the ready
+  pipe, and waits for its one line.
 - ``ReadyPipe``: the daemon's side. Writes that line once: ``READY <index>``,
   or ``ERROR <class> <exit code> <message>``. ``spawn`` raises the same
   ``ErofsMountError`` subclass again, so a caller can catch
@@ -103,10 +103,12 @@ def _start(mode: str, record_path: Path, lock_fd: int) -> int:
     ready_r, ready_w = os.pipe()
     logf = os.open(rec.log_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     try:
+        # -I: no PYTHON* variables, no user site, and not the caller's directory on sys.path; cwd /:
+        # nothing where root happens to run mount or reattach is imported by the daemon
         proc = subprocess.Popen(
-            [sys.executable, "-m", DAEMON_MODULE, mode, str(record_path),
+            [sys.executable, "-I", "-m", DAEMON_MODULE, mode, str(record_path),
              "--ready-fd", str(ready_w), "--lock-fd", str(lock_fd)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd="/",
             pass_fds=(ready_w, lock_fd), start_new_session=True, close_fds=True,
         )
     finally:

@@ -72,8 +72,13 @@ def check_erofs(source: Source, spec: str) -> None:
 
 def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
           settings: DeviceSettings = DeviceSettings()) -> str:
-    """Attach ``spec`` to a new nbd device and mount it; return the device path."""
+    """Attach ``spec`` to a new nbd device and mount it; return the device path.
+
+    ``options`` are the ``-o`` pairs: mount(8)'s flags (``nosuid``, ``suid``,
+    ``dev``, ``noexec``...; nosuid,nodev by default) for the mount, the rest for the source.
+    """
     require_root("mount")
+    flags, options = mounts.split_options(options or {})
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} does not exist or is not a directory")
     if settings.connections < 1 or settings.block_size not in (512, 1024, 2048, 4096):
@@ -81,7 +86,7 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
     host = PluginHost()
     scheme, location = split_spec(spec)
     plugin = host.owner(scheme)
-    source = Retrying(host.open_source(scheme, location, options or {}))
+    source = Retrying(host.open_source(scheme, location, options))
     try:
         check_erofs(source, spec)
         state = host.source_state(scheme, source)
@@ -112,7 +117,7 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
         raise
     device = f"/dev/nbd{index}"
     try:
-        mounts.mount_erofs(device, os.path.realpath(mountpoint))
+        mounts.mount_erofs(device, os.path.realpath(mountpoint), flags)
         link.disconnect_on_close(index, backend=str(path))  # a plain umount(8) now ends the daemon too
     except BaseException:
         _disconnect_and_wait(index, path)
@@ -264,6 +269,7 @@ def list_devices() -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "device": info.path,
             "mountpoints": mounts.mountpoints_of(info.path),
+            "mount_options": mounts.security_options_of(info.path),
             "source": None,
             "serving": None,
             "daemon_pid": None,

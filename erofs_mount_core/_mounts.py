@@ -1,4 +1,9 @@
-"""mount(2), umount2(2) and /proc/self/mounts, without shelling out."""
+"""mount(2), umount2(2) and /proc/self/mounts, without shelling out.
+
+Images come from whoever can write to a file or a repository, so mounts are
+``nosuid,nodev`` unless the user says ``-o suid`` or ``-o dev``: a setuid
+binary or a device node in an image then has no power on the host.
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,42 @@ import ctypes.util
 import errno
 import os
 import re
+from collections.abc import Mapping
 
 from ._errors import ErofsMountError, UsageError
 
-MS_RDONLY = 1
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
+DEFAULT_FLAGS = MS_RDONLY | MS_NOSUID | MS_NODEV
+#: mount(8)'s generic flags as ``-o`` takes them: name -> (flags set, flags cleared)
+FLAG_OPTIONS = {
+    "ro": (MS_RDONLY, 0),
+    "nosuid": (MS_NOSUID, 0), "suid": (0, MS_NOSUID),
+    "nodev": (MS_NODEV, 0), "dev": (0, MS_NODEV),
+    "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
+    "noatime": (MS_NOATIME, 0), "nodiratime": (MS_NODIRATIME, 0), "relatime": (MS_RELATIME, 0),
+}
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
-def mount_erofs(device: str, mountpoint: str, options: str = "") -> None:
-    rc = _libc.mount(device.encode(), mountpoint.encode(), b"erofs", MS_RDONLY,
-                     options.encode() if options else None)
+def split_options(options: Mapping[str, str]) -> tuple[int, dict[str, str]]:
+    """The mount(2) flags among ``-o`` options (over the nosuid,nodev default), and the source's options."""
+    flags, rest = DEFAULT_FLAGS, {}
+    for key, value in options.items():
+        if key == "rw":
+            raise UsageError("-o rw: EROFS is a read-only filesystem")
+        if key in FLAG_OPTIONS:
+            if value:
+                raise UsageError(f"-o {key} takes no value")
+            on, off = FLAG_OPTIONS[key]
+            flags = (flags | on) & ~off
+        else:
+            rest[key] = value
+    return flags, rest
+
+
+def mount_erofs(device: str, mountpoint: str, flags: int = DEFAULT_FLAGS) -> None:
+    rc = _libc.mount(device.encode(), mountpoint.encode(), b"erofs", flags | MS_RDONLY, None)
     if rc != 0:
         err = ctypes.get_errno()
         hint = {
@@ -42,25 +73,34 @@ def _unescape(field: str) -> str:
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
 
-def mount_table() -> list[tuple[str, str, str]]:
-    """``[(source, mountpoint, fstype)]`` of the calling process's namespace."""
+def mount_table() -> list[tuple[str, str, str, str]]:
+    """``[(source, mountpoint, fstype, options)]`` of the calling process's namespace."""
     table = []
     with open("/proc/self/mounts", encoding="utf-8", errors="surrogateescape") as f:
         for line in f:
             fields = line.split(" ")
-            if len(fields) >= 3:
-                table.append((_unescape(fields[0]), _unescape(fields[1]), fields[2]))
+            if len(fields) >= 4:
+                table.append((_unescape(fields[0]), _unescape(fields[1]), fields[2], fields[3]))
     return table
 
 
 def mountpoints_of(device: str) -> list[str]:
-    return [mp for src, mp, _ in mount_table() if src == device]
+    return [mp for src, mp, _, _ in mount_table() if src == device]
+
+
+def security_options_of(device: str) -> str | None:
+    """The ro/nosuid/nodev/noexec flags of the device's first mount, or None if it is not mounted."""
+    for src, _mp, _fstype, options in mount_table():
+        if src == device:
+            present = set(options.split(","))
+            return ",".join(n for n in ("ro", "nosuid", "nodev", "noexec") if n in present)
+    return None
 
 
 def device_mounted_at(mountpoint: str) -> str | None:
     mountpoint = os.path.realpath(mountpoint)
     found = None
-    for src, mp, _ in mount_table():
+    for src, mp, _, _ in mount_table():
         if mp == mountpoint:
             found = src  # the last one is on top
     return found

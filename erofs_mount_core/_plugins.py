@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -180,7 +181,22 @@ class PluginHost:
 
 
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
-    return importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    """The group's entry points from installed distributions, never from the working directory.
+
+    ``python -c`` and ``python -m`` put the working directory on sys.path; a
+    ``*.dist-info`` lying there must not name code for root to run.
+    """
+    cwd = os.path.realpath(os.getcwd())
+    path = [p for p in sys.path if p and os.path.realpath(p) != cwd]
+    found: list[importlib.metadata.EntryPoint] = []
+    seen: set[str] = set()
+    for dist in importlib.metadata.distributions(path=path):
+        name = (dist.metadata["Name"] or "").lower().replace("_", "-")
+        if name in seen:  # the first on the path wins, as for imports
+            continue
+        seen.add(name)
+        found += dist.entry_points.select(group=ENTRY_POINT_GROUP)
+    return found
 
 
 def _selected(eps: Iterable[importlib.metadata.EntryPoint]) -> list[importlib.metadata.EntryPoint]:

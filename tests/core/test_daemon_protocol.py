@@ -100,3 +100,35 @@ def test_a_daemon_given_another_lock_refuses_to_serve(tmp_path: Path) -> None:
             protocol.check_lock(other, path)
     finally:
         os.close(other)
+
+
+def _plant_a_plugin(where: Path, marker: Path) -> None:
+    """A *.dist-info with an erofs_mount entry point, and its module, as an attacker would leave them."""
+    info = where / "evil-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[erofs_mount]\nevil = evil_plugin\n")
+    (where / "evil_plugin.py").write_text(f"open({str(marker)!r}, 'w').write('ran as root')\n")
+
+
+def test_the_daemon_runs_no_code_from_the_caller_s_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    image = tmp_path / "app.erofs"
+    image.write_bytes(os.urandom(4096))
+    path = _record_for(tmp_path, image)
+    image.write_bytes(os.urandom(4096))  # the daemon will refuse: it gets as far as loading plugins
+    planted, marker = tmp_path / "cwd", tmp_path / "marker"
+    planted.mkdir()
+    _plant_a_plugin(planted, marker)
+    monkeypatch.chdir(planted)
+    with pytest.raises(errors.SourceChangedError):
+        protocol.spawn("reattach", path)
+    assert not marker.exists(), "the daemon imported a module from the directory it was started in"
+
+
+def test_the_plugin_host_ignores_the_working_directory(tmp_path: Path) -> None:
+    marker = tmp_path / "marker"
+    _plant_a_plugin(tmp_path, marker)
+    code = "from erofs_mount_core._plugins import PluginHost; print(sorted(i.name for i in PluginHost().plugins))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
+    assert "evil" not in out.stdout and "local" in out.stdout
+    assert not marker.exists()

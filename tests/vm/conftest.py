@@ -85,7 +85,7 @@ def force_clean() -> None:
     """Tear down whatever a failed test left, so the next test starts clean."""
     from erofs_mount_core._nbd.netlink import NBDNetlink
 
-    for src, mp, _fstype in _mounts():
+    for src, mp, _fstype, _options in _mounts():
         if src.startswith("/dev/nbd"):
             subprocess.run(["umount", "-l", mp], check=False)
     with NBDNetlink() as nl:
@@ -99,7 +99,7 @@ def force_clean() -> None:
         (RUN_DIR / name).unlink()
 
 
-def _mounts() -> list[tuple[str, str, str]]:
+def _mounts() -> list[tuple[str, str, str, str]]:
     from erofs_mount_core._mounts import mount_table
 
     return mount_table()

@@ -6,6 +6,7 @@ import os
 import random
 import shutil
 import signal
+import stat
 import subprocess
 import threading
 import time
@@ -320,6 +321,39 @@ def test_legacy_ioctl_interface_serves_but_cannot_reattach(sample: tuple[Path, d
         result = cli("reattach", device, check=False)
         assert result.code != 0 and "legacy ioctl interface" in result.err
         assert cli("reattach", "--all").out == ""
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
+
+
+@pytest.mark.kernel(newer=True)
+def test_an_image_s_setuid_files_and_device_nodes_have_no_power_unless_asked(tmp_path: Path,
+                                                                              mountpoint: Path) -> None:
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    shell = tree / "rootshell"
+    shell.write_bytes(Path("/bin/true").read_bytes())
+    shell.chmod(0o4755)
+    os.mknod(tree / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # /dev/null's numbers
+    image = mkfs(tmp_path / "danger.erofs", tree)
+    mount(image, mountpoint)
+    try:
+        assert os.stat(mountpoint / "rootshell").st_mode & stat.S_ISUID, "the image keeps its bits..."
+        assert os.statvfs(mountpoint).f_flag & os.ST_NOSUID, "...but the mount ignores them"
+        with pytest.raises(PermissionError):
+            open(mountpoint / "null", "rb").close()  # nodev
+        (row,) = devices()
+        assert row["mount_options"] == "ro,nosuid,nodev"
+        assert "ro,nosuid,nodev" in cli("list").out
+    finally:
+        cli("umount", str(mountpoint))
+    mount(image, mountpoint, "-o", "suid,dev")  # the documented opt-out
+    try:
+        assert not os.statvfs(mountpoint).f_flag & os.ST_NOSUID
+        with open(mountpoint / "null", "rb") as f:
+            assert f.read(10) == b""
+        (row,) = devices()
+        assert row["mount_options"] == "ro"
     finally:
         cli("umount", str(mountpoint))
     assert_clean()
