@@ -1,27 +1,30 @@
 """erofs-mount source ``local:PATH``: an EROFS image in a local file.
 
 Reattach reopens the recorded path and refuses unless it is still the same
-file (device, inode, size and modification time), so a replaced or
+file (device, inode, size, modification and change time), so a replaced or
 rewritten image is never served under a filesystem mounted from the old one.
+The change time catches a rewrite whose modification time was set back.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
+import stat
 from collections.abc import Mapping
 from typing import Any
 
 from erofs_mount_core import Source, SourceChangedError, SourceError, UsageError, hookimpl
 
 SCHEME = "local"
-_IDENTITY = ("device", "inode", "size", "mtime_ns")
+_IDENTITY = ("device", "inode", "size", "mtime_ns", "ctime_ns")
 
 
 class LocalFile(Source):
     def __init__(self, path: str) -> None:
         self.path = os.path.abspath(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:  # non-blocking: opening a FIFO must not wait for a writer
+            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except FileNotFoundError:
             raise SourceError(f"{path}: no such file") from None
         except IsADirectoryError:
@@ -29,12 +32,13 @@ class LocalFile(Source):
         except OSError as exc:
             raise SourceError(f"{path}: cannot open: {exc.strerror}") from None
         st = os.fstat(self._fd)
-        if st.st_mode & 0o170000 not in (0o100000, 0o060000):
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             os.close(self._fd)
             raise SourceError(f"{path}: not a regular file or block device")
-        self._size = st.st_size if st.st_mode & 0o170000 == 0o100000 else _blockdev_size(self._fd)
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+        self._size = st.st_size if stat.S_ISREG(st.st_mode) else _blockdev_size(self._fd)
         self.identity = {"device": st.st_dev, "inode": st.st_ino, "size": self._size,
-                         "mtime_ns": st.st_mtime_ns}
+                         "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
 
     @property
     def size(self) -> int:
@@ -84,11 +88,12 @@ def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source
 def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
     try:
         path = state["path"]
-        recorded = {k: int(state[k]) for k in _IDENTITY}
+        # records written before ctime was kept lack it: their other fields are still checked
+        recorded = {k: int(state[k]) for k in _IDENTITY if k in state or k != "ctime_ns"}
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"local: record state is incomplete ({exc})") from exc
     source = LocalFile(path)
-    changed = [k for k in _IDENTITY if source.identity[k] != recorded[k]]
+    changed = [k for k in recorded if source.identity[k] != recorded[k]]
     if changed:
         source.close()
         raise SourceChangedError(
