@@ -45,23 +45,39 @@ def locked(record_path: Path) -> Iterator[int]:
     """Take the record's daemon lock for a daemon about to start; DeviceStateError if one lives.
 
     The command closes its descriptor on leaving; the daemon keeps its inherited copy, and with it the lock.
+    A lock file removed while we waited (its record went with it) is no lock: DeviceStateError.
     """
-    fd = os.open(rec.lock_path(record_path), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    path = rec.lock_path(record_path)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # ELOOP: a symlink where our lock should be
+        raise errors.RecordError(f"cannot open the lock {path}: {exc.strerror}") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise errors.DeviceStateError("its daemon is alive and serving: nothing to do") from None
+        if not _same_file(fd, path):
+            raise errors.DeviceStateError("its record was removed meanwhile (the device was disconnected)")
         yield fd
     finally:
         os.close(fd)
 
 
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino)
+
+
 def daemon_alive(record_path: Path) -> bool:
     """True while some process holds the record's lock (its daemon, or a command starting one)."""
     try:
-        fd = os.open(rec.lock_path(record_path), os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
+        fd = os.open(rec.lock_path(record_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:  # missing, or not ours to follow: no daemon holds it
         return False
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -101,7 +117,8 @@ def spawn(mode: str, record_path: Path) -> int:
 
 def _start(mode: str, record_path: Path, lock_fd: int) -> int:
     ready_r, ready_w = os.pipe()
-    logf = os.open(rec.log_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    logf = os.open(rec.log_path(record_path),
+                   os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         # -I: no PYTHON* variables, no user site, and not the caller's directory on sys.path; cwd /:
         # nothing where root happens to run mount or reattach is imported by the daemon

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -22,10 +23,11 @@ import attrs
 
 from . import _mounts as mounts
 from . import _record as rec
-from ._daemon_protocol import daemon_alive, spawn
+from ._daemon_protocol import daemon_alive, locked, spawn
 from ._errors import (
     DeviceStateError,
     ErofsMountError,
+    KernelError,
     NotRootError,
     PluginError,
     RecordError,
@@ -118,20 +120,38 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
     device = f"/dev/nbd{index}"
     try:
         mounts.mount_erofs(device, os.path.realpath(mountpoint), flags)
-        link.disconnect_on_close(index, backend=str(path))  # a plain umount(8) now ends the daemon too
     except BaseException:
         _disconnect_and_wait(index, path)
         raise
+    try:
+        link.disconnect_on_close(index, backend=str(path))  # a plain umount(8) now ends the daemon too
+    except ErofsMountError as exc:  # the mount works: keep it, say what is missing
+        print(f"warning: {device}: {exc}; a plain umount(8) will not end its daemon, "
+              "use 'erofs-mount umount'", file=sys.stderr)
     return device
 
 
-def _disconnect_and_wait(index: int, record_path: Path, timeout: float = 10.0) -> None:
-    """Disconnect the device, let its daemon exit, and leave no record behind."""
+#: how long umount waits for a disconnected device's daemon to exit
+DAEMON_EXIT_TIMEOUT = 10.0
+
+
+def _disconnect_and_wait(index: int, record_path: Path, timeout: float = DAEMON_EXIT_TIMEOUT) -> None:
+    """Disconnect the device, let its daemon exit, and remove its files under its lock.
+
+    A daemon that outlives ``timeout`` keeps its files (and the next umount or reattach finds them).
+    """
     disconnect_any(index)
     deadline = time.monotonic() + timeout
     while daemon_alive(record_path) and time.monotonic() < deadline:
         time.sleep(0.05)
-    rec.RecordStore.remove(record_path)
+    try:
+        with locked(record_path):
+            rec.RecordStore.remove(record_path)
+    except DeviceStateError:
+        if not record_path.exists():
+            return  # the daemon removed them itself as it ended
+        raise KernelError(f"nbd{index} was disconnected, but its daemon did not exit within {timeout:.0f} s; "
+                          f"its record {record_path} is kept") from None
 
 
 # -- umount ------------------------------------------------------------------
@@ -150,16 +170,17 @@ def umount(target: str) -> str:
         points = mounts.mountpoints_of(device)
     index = _index_or_usage(device)
     info = sysfs.device(index)
-    record_path = _record_path_of(info) if info else None
+    connected = info is not None and info.configured
+    record_path = _record_path_of(info) if info is not None and connected else None
+    if connected and record_path is None:  # before anything is unmounted
+        raise DeviceStateError(f"{device} was not attached by erofs-mount (backend {info.backend!r}): "
+                               "leave it to the tool that attached it")
     for mp in reversed(points):
         mounts.umount(mp)
     if mounts.mountpoints_of(device):
         return device  # still mounted elsewhere: keep serving
-    if info is None or not info.configured:
-        raise DeviceStateError(f"{device} is not connected")
     if record_path is None:
-        disconnect_any(index)
-        return device
+        raise DeviceStateError(f"{device} is not connected")
     _disconnect_and_wait(index, record_path)
     return device
 
@@ -181,10 +202,14 @@ def _index_or_usage(target: str) -> int:
 
 def _record_path_of(info: sysfs.DeviceInfo) -> Path | None:
     """The device's record: named by its backend identifier, or (attached through
-    the ioctls, which have none) the record in our directory that names its index."""
-    if info.backend and info.backend.startswith("/") and info.backend.endswith(rec.SUFFIX):
-        return Path(info.backend)
+    the ioctls, which have none) the record in our directory that names its index.
+
+    Only a record in our run directory counts: a backend identifier naming a
+    file elsewhere belongs to another tool, whose device and files we leave alone.
+    """
     store = rec.RecordStore()
+    if info.backend:
+        return Path(info.backend) if store.holds(info.backend) else None
     for path in store.paths():
         with contextlib.suppress(RecordError):
             device = store.read(path).device

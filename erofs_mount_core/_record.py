@@ -9,8 +9,10 @@ would misread, and a reader refuses formats newer than its own.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
 import secrets
 import stat
 import tomllib
@@ -25,6 +27,9 @@ FORMAT = 1
 DEFAULT_RUN_DIR = "/run/erofs-mount"
 RUN_DIR_ENV = "EROFS_MOUNT_RUN_DIR"
 SUFFIX = ".toml"
+RECORD_NAME = re.compile(r"nbd-[0-9a-f]{12}\.toml")
+#: no record comes near this; a larger file is not one of ours
+MAX_RECORD = 1 << 20
 _U63 = attrs.validators.and_(attrs.validators.instance_of(int), attrs.validators.ge(0),
                              attrs.validators.lt(2**63))
 
@@ -116,19 +121,32 @@ class RecordStore:
         self.directory = Path(directory or os.environ.get(RUN_DIR_ENV) or DEFAULT_RUN_DIR)
 
     def ensure(self) -> None:
+        """Create the directory, or check it: a real directory of ours, private (made so if it is not)."""
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        st = self.directory.stat()
-        if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
+        st = self.directory.lstat()
+        if not stat.S_ISDIR(st.st_mode):
+            raise RecordError(f"run directory {self.directory} is not a directory (a symlink?): refusing it")
+        if st.st_uid != os.geteuid():
+            raise RecordError(f"run directory {self.directory} belongs to uid {st.st_uid}, not to us: refusing it")
+        if stat.S_IMODE(st.st_mode) & 0o077:
             os.chmod(self.directory, 0o700)
 
     def new_path(self) -> Path:
         return self.directory / f"nbd-{secrets.token_hex(6)}{SUFFIX}"
 
+    def holds(self, path: str | os.PathLike[str]) -> bool:
+        """Whether ``path`` names a record of this directory (``nbd-HEX.toml`` in it, nowhere else)."""
+        path = Path(path)
+        return (RECORD_NAME.fullmatch(path.name) is not None
+                and os.path.realpath(path.parent) == os.path.realpath(self.directory))
+
     def write(self, path: Path, record: Record) -> None:
-        """Replace ``path`` with ``record`` atomically (temp file, fsync, rename)."""
+        """Replace ``path`` with ``record`` atomically (temp file, fsync, rename); no symlink is followed."""
         text = dumps(record).encode()
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # left by a writer of the same pid that died
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.write(fd, text)
             os.fsync(fd)
@@ -145,17 +163,24 @@ class RecordStore:
     def read(path: str | os.PathLike[str]) -> Record:
         path = Path(path)
         try:
-            st = path.lstat()
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError as exc:
+            raise RecordError(f"record {path} does not exist") from exc
+        except OSError as exc:  # ELOOP: a symlink
+            raise RecordError(f"cannot read record {path}: {exc.strerror}") from exc
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
             if not stat.S_ISREG(st.st_mode):
                 raise RecordError(f"record {path} is not a regular file")
             if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) & 0o077:
                 mode = stat.S_IMODE(st.st_mode)
                 raise RecordError(f"record {path} is not private to its owner (mode {mode:o}): refusing it")
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError as exc:
-            raise RecordError(f"record {path} does not exist") from exc
-        except (OSError, UnicodeDecodeError) as exc:
-            raise RecordError(f"cannot read record {path}: {exc}") from exc
+            if st.st_size > MAX_RECORD:
+                raise RecordError(f"record {path} is {st.st_size} bytes, more than a record can be: refusing it")
+            try:
+                text = f.read(MAX_RECORD + 1).decode("utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                raise RecordError(f"cannot read record {path}: {exc}") from exc
         return loads(text, f"record {path}")
 
     def paths(self) -> list[Path]:
@@ -166,7 +191,8 @@ class RecordStore:
 
     @staticmethod
     def remove(path: Path) -> None:
-        for p in (path, lock_path(path), log_path(path)):
+        """The record first, its lock last: whoever holds the lock removes them."""
+        for p in (path, log_path(path), lock_path(path)):
             try:
                 p.unlink()
             except FileNotFoundError:

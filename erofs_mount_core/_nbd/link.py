@@ -10,7 +10,6 @@ never ask which one they hold. A record names its device's link by ``name``;
 from __future__ import annotations
 
 import abc
-import contextlib
 import os
 import socket
 import sys
@@ -198,10 +197,13 @@ def choose_link() -> KernelLink:
 
 
 def disconnect_any(index: int) -> None:
-    """Disconnect a device whatever attached it: netlink, else the ioctl (for devices we hold no record of)."""
+    """Disconnect a device whatever attached it: netlink, else the ioctl. Raises if neither could."""
     try:
         NetlinkLink().disconnect(index)
-    except KernelError:
-        if IoctlLink.available():
-            with contextlib.suppress(ErofsMountError, OSError):
-                IoctlLink().disconnect(index)
+    except KernelError as failed:
+        if not IoctlLink.available():
+            raise
+        try:
+            IoctlLink().disconnect(index)
+        except (ErofsMountError, OSError):
+            raise failed from None
