@@ -227,10 +227,10 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
     """
     import logging
 
-    from . import _serve
+    from . import _logging, _serve
 
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO,
-                        format="erofs-mount serve: %(message)s")
+    _logging.configure(sys.stderr, "erofs-mount serve: %(message)s",
+                       level=logging.WARNING if quiet else logging.INFO)
     status = _serve.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
                           command=command)
     sys.exit(status)

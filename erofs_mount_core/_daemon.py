@@ -30,6 +30,7 @@ from pathlib import Path
 import attrs
 
 from . import _daemon_protocol as protocol
+from . import _logging
 from . import _record as rec
 from ._errors import DeviceStateError, ErofsMountError, KernelError
 from ._filters import Retrying
@@ -183,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--lock-fd", type=int, required=True)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s")
+    _logging.configure(sys.stderr, "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
+                       limit=_logging.LOG_LIMIT)  # stderr is the record's .log file
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _harden()
     daemon = Daemon(args.record, protocol.ReadyPipe(args.ready_fd))

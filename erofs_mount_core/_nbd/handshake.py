@@ -14,7 +14,7 @@ import struct
 
 from . import protocol as p
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("erofs_mount.handshake")
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054

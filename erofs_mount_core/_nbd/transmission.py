@@ -26,7 +26,7 @@ from .._errors import SourceError
 from .._source import Source
 from . import protocol as p
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("erofs_mount.transmission")
 
 
 class Disk:
