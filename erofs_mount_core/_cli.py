@@ -215,10 +215,14 @@ def plugins(scheme: str | None, as_json: bool) -> None:
 @click.option("--run", "command", metavar="COMMAND",
               help="Serve only while COMMAND runs (through the shell, with $uri naming the export); "
                    "exit with its status. Without --socket or --listen, a private unix socket.")
+@click.option("--max-clients", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="Clients served at once; more are turned away.")
+@click.option("--handshake-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+              help="Seconds a client has to finish the handshake.")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @_errors_as_lines
 def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, listen: str | None,
-          command: str | None, quiet: bool) -> None:
+          command: str | None, max_clients: int, handshake_timeout: float, quiet: bool) -> None:
     """Export SOURCE read-only to NBD clients (qemu, nbd-client, libnbd tools).
 
     Speaks the fixed newstyle handshake and offers one export under any name.
@@ -232,7 +236,7 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
     _logging.configure(sys.stderr, "erofs-mount serve: %(message)s",
                        level=logging.WARNING if quiet else logging.INFO)
     status = _serve.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
-                          command=command)
+                        command=command, limits=_serve.ClientLimits(max_clients, handshake_timeout))
     sys.exit(status)
 
 

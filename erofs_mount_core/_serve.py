@@ -23,9 +23,12 @@ import stat
 import subprocess
 import tempfile
 import threading
+import time
 import urllib.parse
 from collections.abc import Mapping
 from pathlib import Path
+
+import attrs
 
 from ._errors import UsageError
 from ._filters import Retrying
@@ -82,8 +85,16 @@ def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, st
     return sock, where
 
 
+@attrs.frozen
+class ClientLimits:
+    """What one client may hold: a slot of ``max_clients``, and ``handshake_timeout`` seconds to negotiate."""
+
+    max_clients: int = 64
+    handshake_timeout: float = 30.0
+
+
 def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None,
-        listen: str | None = None, command: str | None = None) -> int:
+        listen: str | None = None, command: str | None = None, limits: ClientLimits = ClientLimits()) -> int:
     """Serve ``spec`` until SIGINT or SIGTERM, or until ``command`` exits; the exit status."""
     private_dir = None
     # from the start: a signal while the source opens or the socket binds also ends cleanly
@@ -96,7 +107,7 @@ def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None
                 socket_path = os.path.join(private_dir, "nbd.sock")
             source = Retrying(host.open_source(scheme, location, options))
             try:
-                return _serve(spec, source, socket_path, listen, command, signals)
+                return _serve(spec, source, socket_path, listen, command, signals, limits)
             finally:
                 source.close()
         except _Stop:
@@ -148,7 +159,7 @@ class _StopSignals:
 
 
 def _serve(spec: str, source: Source, socket_path: str | None, listen: str | None, command: str | None,
-           signals: _StopSignals) -> int:
+           signals: _StopSignals, limits: ClientLimits) -> int:
     disk = Disk(source, zero_copy=True)
     # SIGINT and SIGTERM wait (blocked) until the listener and its acceptor exist and the
     # cleanup below is armed; the threads keep them blocked, so they reach the main thread
@@ -163,15 +174,21 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
     threads: list[threading.Thread] = []
     lock = threading.Lock()
 
+    closing = threading.Event()
+
     def client(conn: socket.socket, n: int, peer: str) -> None:
         try:
             if conn.family != socket.AF_UNIX:
                 conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn.settimeout(limits.handshake_timeout)
             if handshake.negotiate(conn, size=disk.size, flags=flags, description=source.describe()):
+                conn.settimeout(None)
                 reason = transmit(conn, disk, peer=peer)
                 log.info("%s: %s", peer, reason)
         except handshake.HandshakeError as exc:
             log.warning("%s: dropped: %s", peer, exc)
+        except TimeoutError:
+            log.warning("%s: dropped: no handshake within %g s", peer, limits.handshake_timeout)
         except OSError as exc:
             log.info("%s: connection lost: %s", peer, exc.strerror or exc)
         finally:
@@ -181,19 +198,33 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
 
     def accept() -> None:
         n = 0
-        while True:
+        while not closing.is_set():
             try:
                 conn, addr = listener.accept()
-            except OSError:  # the listener was shut down: serving is over
-                return
+            except OSError as exc:
+                if closing.is_set():  # the listener was shut down: serving is over
+                    return
+                log.warning("accepting a client failed (%s); trying again", exc.strerror or exc)
+                time.sleep(0.1)  # EMFILE and the like: give closing clients a moment
+                continue
             n += 1
             peer = f"client {n}" + (f" {addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "")
             with lock:
+                if len(clients) >= limits.max_clients:
+                    log.warning("%s: refused: %d clients already (--max-clients)", peer, len(clients))
+                    conn.close()
+                    continue
                 clients[n] = conn
                 threads[:] = [x for x in threads if x.is_alive()]
                 t = threading.Thread(target=client, args=(conn, n, peer), name=f"nbd-client-{n}", daemon=True)
                 threads.append(t)
-            t.start()
+            try:
+                t.start()
+            except RuntimeError as exc:  # no thread to be had: this client only is turned away
+                log.warning("%s: refused: %s", peer, exc)
+                with lock:
+                    clients.pop(n, None)
+                conn.close()
 
     acceptor = threading.Thread(target=accept, name="nbd-accept", daemon=True)
     acceptor.start()
@@ -205,6 +236,7 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
         signals.wait()
         raise AssertionError("unreachable: wait() ends only by raising _Stop")
     finally:
+        closing.set()
         with contextlib.suppress(OSError):
             listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor's accept()
         acceptor.join(5)

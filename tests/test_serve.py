@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -33,10 +34,10 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str
 
 
 class Server:
-    def __init__(self, spec: str, sock: Path, *options: str) -> None:
+    def __init__(self, spec: str, sock: Path, *options: str, preexec_fn: Any = None) -> None:
         self.sock = sock
         self.proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", spec, *options, "--socket", str(sock)],
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
         for _ in range(200):
             if sock.exists():
                 return
@@ -233,3 +234,65 @@ def test_sigterm_stops_the_run_command_too(image: tuple[Path, dict[str, str]], t
     assert proc.returncode == 0, err
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)
+
+
+# -- a client cannot take the server down: timeouts, a cap, descriptors run out ---------------
+
+def _wait_closed(s: socket.socket, within: float) -> bytes:
+    """Everything the server sent until it closed the connection; fails if it is still open after ``within``."""
+    s.settimeout(within)
+    got = b""
+    while chunk := s.recv(4096):
+        got += chunk
+    return got
+
+
+def test_a_client_that_never_negotiates_is_dropped(image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    server = Server(f"local:{image[0]}", tmp_path / "nbd.sock", "--handshake-timeout", "1")
+    try:
+        silent = _raw_client(server.sock)
+        assert _wait_closed(silent, within=10)[:8] == b"NBDMAGIC"  # the greeting, then nothing, then closed
+        silent.close()
+        assert subprocess.run(["nbdinfo", "--size", server.uri], capture_output=True, timeout=30).returncode == 0
+    finally:
+        err = server.stop()
+    assert "no handshake within 1 s" in err
+
+
+def test_clients_past_the_cap_are_turned_away(image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    server = Server(f"local:{image[0]}", tmp_path / "nbd.sock", "--max-clients", "2")
+    try:
+        held = [_raw_client(server.sock) for _ in range(2)]
+        for s in held:
+            assert s.recv(18, socket.MSG_WAITALL)[:8] == b"NBDMAGIC"
+        extra = _raw_client(server.sock)
+        assert _wait_closed(extra, within=10) == b"", "turned away without a greeting"
+        extra.close()
+        for s in held:
+            s.close()
+        time.sleep(0.5)
+        assert subprocess.run(["nbdinfo", "--size", server.uri], capture_output=True, timeout=30).returncode == 0
+    finally:
+        err = server.stop()
+    assert "refused: 2 clients already" in err
+
+
+def test_running_out_of_descriptors_does_not_stop_accepting(image: tuple[Path, dict[str, str]],
+                                                           tmp_path: Path) -> None:
+    import resource
+
+    def few_descriptors() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (24, 24))
+
+    server = Server(f"local:{image[0]}", tmp_path / "nbd.sock", preexec_fn=few_descriptors)
+    try:
+        crowd = [_raw_client(server.sock) for _ in range(40)]  # more than the server can hold open
+        time.sleep(1)
+        for s in crowd:
+            s.close()
+        time.sleep(1)
+        out = subprocess.run(["nbdinfo", "--size", server.uri], capture_output=True, text=True, timeout=30)
+        assert out.returncode == 0 and int(out.stdout) == image[0].stat().st_size
+    finally:
+        err = server.stop()
+    assert "accepting a client failed" in err
