@@ -17,7 +17,9 @@ from typing import Any
 
 import httpx
 
-FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short")
+FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood")
+#: what a "flood" answer sends after the real body: far more than anyone asked for
+FLOOD = 256 << 20
 
 
 class FaultProxy:
@@ -26,6 +28,7 @@ class FaultProxy:
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self.storage_auth: list[str | None] = []
+        self.flooded: list[int] = []  # bytes each "flood" answer got out before the client hung up
         self._lock = threading.Lock()
         self._client = httpx.Client(base_url=f"http://{upstream}", timeout=30)
         self.proxy = self._serve(self._proxy_handler())
@@ -102,6 +105,23 @@ class FaultProxy:
                 passed = {k: v for k, v in upstream.headers.items()
                           if k.lower() in ("content-type", "content-range", "docker-content-digest",
                                            "www-authenticate", "accept-ranges", "etag")}
+                if fault == "flood":  # the real headers and body, then 256 MiB more, no Content-Length
+                    self.send_response(upstream.status_code)
+                    for k, v in passed.items():
+                        self.send_header(k, v)
+                    self.send_header("Connection", "close")
+                    self.end_headers()
+                    sent, zeros = 0, bytes(1 << 20)
+                    try:
+                        self.wfile.write(body)
+                        while sent < FLOOD:
+                            self.wfile.write(zeros)
+                            sent += len(zeros)
+                    except (BrokenPipeError, ConnectionResetError):
+                        pass
+                    proxy.flooded.append(sent)
+                    self.close_connection = True
+                    return
                 if fault in ("reset", "short"):
                     self.send_response(upstream.status_code)
                     for k, v in passed.items():

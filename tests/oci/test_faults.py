@@ -92,3 +92,28 @@ def test_a_read_that_keeps_failing_is_bounded(proxy: FaultProxy, token_registry:
     assert len(pauses) == DEFAULT_RETRY.attempts - 1
     assert sum(pauses) <= sum(DEFAULT_RETRY.max_delay if DEFAULT_RETRY.base_delay * 2 ** n > DEFAULT_RETRY.max_delay
                               else DEFAULT_RETRY.base_delay * 2 ** n for n in range(DEFAULT_RETRY.attempts - 1))
+
+
+def test_no_answer_is_read_past_what_was_asked(proxy: FaultProxy, token_registry: Registry,
+                                                layer: tuple[bytes, dict[str, str]], tmp_docker_config: Path) -> None:
+    """A range answer or a manifest that goes on and on is cut off, not read into memory."""
+    from erofs_mount_core import SourceError
+    from tests.oci.faultproxy import FLOOD
+
+    data = layer[0]
+    token_registry.push_image("faulty/flood", "v1", [(data, EROFS_LAYER)])
+    auth = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+    tmp_docker_config.write_text(json.dumps({"auths": {proxy.host: {"auth": auth}}}))
+    proxy.inject("manifest", "flood", "flood")  # the token challenge (401), then the manifest itself
+    with pytest.raises(SourceError, match="more than the .* bytes expected"):
+        open_reference(f"{proxy.host}/faulty/flood:v1", {"insecure": ""})
+    source = Retrying(open_reference(f"{proxy.host}/faulty/flood:v1", {"insecure": "", "readahead-kib": "0"}),
+                      RetryPolicy(base_delay=0.01))
+    try:
+        proxy.inject("blob", "flood")
+        assert source.pread(4096, 8192) == data[8192:12288]  # the flooded answer is refused, the retry serves
+        assert proxy.pending() == []
+    finally:
+        source.close()
+    assert len(proxy.flooded) == 3
+    assert all(sent < FLOOD // 4 for sent in proxy.flooded), f"read far past the answer: {proxy.flooded}"

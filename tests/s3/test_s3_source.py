@@ -136,3 +136,76 @@ def test_wrong_keys_are_a_clear_error(s3: S3Server, aws_env: dict[str, str],
     with pytest.raises((SourceError, SourceChangedError)):
         S3Object("images", "nope.erofs", region="us-east-1", endpoint=s3.endpoint, addressing="path",
                  credentials=CredentialSource("env"))
+
+
+class _Misbehaving:
+    """An HTTP server in S3's place that ignores Range (``mode="whole"``) or answers 206 with endless bytes."""
+
+    def __init__(self, mode: str, data: bytes) -> None:
+        import http.server
+        import threading
+
+        self.gets = 0
+        self.sent: list[int] = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_HEAD(self) -> None:  # noqa: N802
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.send_header("ETag", '"e1"')
+                self.end_headers()
+
+            def do_GET(self) -> None:  # noqa: N802
+                outer.gets += 1
+                self.send_response(200 if mode == "whole" else 206)
+                if mode == "whole":
+                    self.send_header("Content-Length", str(len(data)))
+                    body, extra = data, 0
+                else:
+                    self.send_header("Content-Range", f"bytes 0-4095/{len(data)}")
+                    self.send_header("Connection", "close")
+                    body, extra = data[:4096], 256 << 20
+                self.end_headers()
+                sent = 0
+                try:
+                    self.wfile.write(body)
+                    while sent < extra:
+                        self.wfile.write(bytes(1 << 20))
+                        sent += 1 << 20
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+                outer.sent.append(sent)
+                self.close_connection = True
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.mark.parametrize("mode, message", [("whole", "ignores Range requests"),
+                                           ("endless", "sent more than the 4096 bytes asked for")])
+def test_a_server_that_sends_too_much_is_cut_off(mode: str, message: str) -> None:
+    server = _Misbehaving(mode, os.urandom(1 << 20))
+    try:
+        source = S3Object("images", "x.erofs", region="us-east-1", endpoint=server.endpoint, addressing="path",
+                          credentials=CredentialSource("anonymous"))
+        try:
+            with pytest.raises(SourceError, match=message):
+                source.pread(4096, 0)
+        finally:
+            source.close()
+        assert server.gets == 1
+        assert all(sent < 64 << 20 for sent in server.sent), f"read far past the answer: {server.sent}"
+    finally:
+        server.stop()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import base64
 import email.utils
+import json
 import logging
 import re
 import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Generator
+from collections.abc import Generator, Iterator
 from typing import Any
 
 import httpx
@@ -29,12 +30,57 @@ TIMEOUT = httpx.Timeout(connect=10.0, read=60.0, write=60.0, pool=30.0)
 RETRY_STATUS = {429, 500, 502, 503, 504}
 #: refresh a Bearer token this long before it expires
 TOKEN_MARGIN = 30.0
+#: a token answer is a small JSON document; a larger one is not read
+MAX_TOKEN_ANSWER = 1 << 20
 #: open-time requests (manifests, blob HEAD) are retried with the core's policy;
 #: range reads are not: the core's Retrying filter owns retries on the read path
 RETRY = RetryPolicy()
 
 HTTPError = httpx.HTTPError
 Response = httpx.Response
+
+
+#: the most any answer body may hold: a 2xx (read_capped sets tighter bounds), and anything else
+MAX_BODY = 64 << 20
+MAX_OTHER_BODY = 1 << 20
+
+
+class _CappedBody(httpx.SyncByteStream):
+    def __init__(self, stream: httpx.SyncByteStream, cap: int) -> None:
+        self._stream, self._cap = stream, cap
+
+    def __iter__(self) -> Iterator[bytes]:
+        got = 0
+        for chunk in self._stream:
+            got += len(chunk)
+            if got > self._cap:
+                raise httpx.ReadError(f"an answer of more than {self._cap} bytes was cut off")
+            yield chunk
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _CappedTransport(httpx.BaseTransport):
+    """Bounds every body httpx reads, its own reads included (a 401 before auth, a redirect)."""
+
+    def __init__(self, inner: httpx.BaseTransport) -> None:
+        self._inner = inner
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        response = self._inner.handle_request(request)
+        cap = MAX_BODY if 200 <= response.status_code < 300 else MAX_OTHER_BODY
+        assert isinstance(response.stream, httpx.SyncByteStream)
+        response.stream = _CappedBody(response.stream, cap)
+        return response
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def _transport(verify: Any) -> _CappedTransport:
+    return _CappedTransport(httpx.HTTPTransport(
+        verify=verify, limits=httpx.Limits(max_connections=32, max_keepalive_connections=16)))
 
 
 def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | None) -> httpx.Client:
@@ -44,11 +90,10 @@ def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | Non
             verify = ssl.create_default_context(cafile=ca_bundle)
         except (OSError, ssl.SSLError) as exc:
             raise SourceError(f"oci: cannot use CA bundle {ca_bundle}: {exc}") from None
-    return httpx.Client(
-        auth=auth, verify=verify, timeout=TIMEOUT, follow_redirects=True,
-        headers={"User-Agent": USER_AGENT},
-        limits=httpx.Limits(max_connections=32, max_keepalive_connections=16),
-    )
+    if isinstance(auth, RegistryAuth):
+        auth.verify = verify  # the token server is trusted as the registry is
+    return httpx.Client(auth=auth, transport=_transport(verify), timeout=TIMEOUT, follow_redirects=True,
+                        headers={"User-Agent": USER_AGENT})
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -83,10 +128,36 @@ def attempt(client: httpx.Client, method: str, url: str, *, what: str,
     return response
 
 
-def send(client: httpx.Client, method: str, url: str, *, what: str,
-         headers: dict[str, str] | None = None) -> httpx.Response:
-    """One request, retried on transient failures by ``RETRY`` (for requests made while opening)."""
-    return RETRY.call(lambda: attempt(client, method, url, what=what, headers=headers), what)
+def fetch(client: httpx.Client, method: str, url: str, *, what: str, headers: dict[str, str] | None = None,
+          cap: int = 0) -> tuple[httpx.Response, bytes]:
+    """A request made while opening, retried by ``RETRY``: the (closed) response and, for a 200,
+    its body, read up to ``cap`` bytes: a larger one is refused, never read whole."""
+    def once() -> tuple[httpx.Response, bytes]:
+        response = attempt(client, method, url, what=what, headers=headers, stream=True)
+        try:
+            body = read_capped(response, cap, what) if response.status_code == 200 and cap else b""
+        finally:
+            response.close()
+        return response, body
+
+    return RETRY.call(once, what)
+
+
+def read_capped(response: httpx.Response, cap: int, what: str, *, transient: bool = False) -> bytes:
+    """The body, if it is at most ``cap`` bytes; SourceError as soon as it is more."""
+    declared = response.headers.get("Content-Length", "")
+    if declared.isdigit() and int(declared) > cap:
+        raise SourceError(f"{what}: the answer is {declared} bytes, more than the {cap} expected", transient=transient)
+    chunks, got = [], 0
+    try:
+        for chunk in response.iter_bytes():
+            got += len(chunk)
+            if got > cap:
+                raise SourceError(f"{what}: the answer is more than the {cap} bytes expected", transient=transient)
+            chunks.append(chunk)
+    except (httpx.TransportError, httpx.DecodingError) as exc:
+        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+    return b"".join(chunks)
 
 
 # -- range reads ---------------------------------------------------------------
@@ -118,9 +189,7 @@ def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what
         if not m or int(m.group(1)) != offset:
             raise SourceError(f"{what}: the registry answered range {offset} with "
                               f"{response.headers.get('Content-Range')!r}")
-        data = b"".join(response.iter_bytes())
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+        data = read_capped(response, length, what, transient=True)
     finally:
         response.close()
     if len(data) != length:
@@ -161,6 +230,7 @@ class RegistryAuth(httpx.Auth):
     def __init__(self, username: str | None = None, password: str | None = None,
                  identity_token: str | None = None) -> None:
         self.username, self.password, self.identity_token = username, password, identity_token
+        self.verify: Any = True
         self._lock = threading.Lock()
         self._tokens: dict[str, tuple[str, float]] = {}  # scope -> (token, expiry)
         self._challenge: tuple[str, dict[str, str]] | None = None
@@ -213,22 +283,31 @@ class RegistryAuth(httpx.Auth):
         realm = params["realm"]
         query = {k: v for k, v in (("service", params.get("service")), ("scope", params.get("scope"))) if v}
         headers = {"User-Agent": USER_AGENT}
-        with httpx.Client(timeout=TIMEOUT, follow_redirects=True) as client:
+        with httpx.Client(transport=_transport(self.verify), timeout=TIMEOUT, follow_redirects=True) as client:
             if self.identity_token:
                 body = {**query, "grant_type": "refresh_token", "refresh_token": self.identity_token,
                         "client_id": "erofs-mount"}
-                response = client.post(realm, data=body, headers=headers)
+                request = client.build_request("POST", realm, data=body, headers=headers)
             else:
                 if self.username is not None:
                     headers["Authorization"] = self._basic()
                 url = realm + ("&" if "?" in realm else "?") + urllib.parse.urlencode(query)
-                response = client.get(url, headers=headers)
+                request = client.build_request("GET", url, headers=headers)
+            try:
+                response = client.send(request, stream=True)
+            except httpx.TransportError as exc:
+                raise SourceError(f"token server {realm}: {type(exc).__name__}: {exc}", transient=True) from None
+            try:
+                answer = read_capped(response, MAX_TOKEN_ANSWER, f"token server {realm}") \
+                    if response.status_code == 200 else b""
+            finally:
+                response.close()
         if response.status_code != 200:
             raise SourceError(f"token server {realm} answered {response.status_code}: "
                               + ("wrong credentials" if response.status_code in (401, 403) else "no token"),
                               transient=response.status_code >= 500)
         try:
-            body = response.json()
+            body = json.loads(answer)
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError) as exc:

@@ -98,6 +98,9 @@ class BlobSource(Source):
             hasher = hashlib.new(self.digest.split(":")[0])
             try:
                 for chunk in response.iter_bytes(1 << 20):
+                    if spool.tell() + len(chunk) > self._size:  # bounded by the size the manifest gave
+                        spool.close()
+                        raise SourceError(f"blob {self.digest}: the registry sent more than its {self._size} bytes")
                     spool.write(chunk)
                     hasher.update(chunk)
             except _http.HTTPError as exc:

@@ -47,13 +47,10 @@ class Registry:
         """(media type, parsed manifest, digest) of a tag or digest, digest verified."""
         what = f"manifest {self.ref.repository}:{reference}" if not reference.startswith("sha") \
             else f"manifest {self.ref.repository}@{reference}"
-        response = _http.send(self.client, "GET", f"{self.base}/manifests/{reference}", what=what,
-                              headers={"Accept": ACCEPT})
+        response, body = _http.fetch(self.client, "GET", f"{self.base}/manifests/{reference}", what=what,
+                                     headers={"Accept": ACCEPT}, cap=MAX_MANIFEST)
         if response.status_code != 200:
             raise _http.status_error(response, what)
-        body = response.content
-        if len(body) > MAX_MANIFEST:
-            raise SourceError(f"{what} is larger than {MAX_MANIFEST} bytes")
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
         if reference.startswith("sha256:") and digest != reference:
             raise SourceChangedError(f"{what}: the registry sent a manifest with digest {digest}")
@@ -119,7 +116,7 @@ class Registry:
 
     def blob_size(self, digest: str) -> int:
         what = f"blob {self.ref.repository}@{digest}"
-        response = _http.send(self.client, "HEAD", self.blob_url(digest), what=what)
+        response, _ = _http.fetch(self.client, "HEAD", self.blob_url(digest), what=what)
         if response.status_code == 404:
             raise SourceChangedError(f"oci: {what} is gone from the registry: refusing to serve other bytes")
         if response.status_code != 200:

@@ -75,14 +75,15 @@ class S3Object(Source):
             url = f"{base.scheme}://{base.netloc}/{self.bucket}/{key}"
         return url + (f"?versionId={urllib.parse.quote(version, safe='')}" if version and version != "null" else "")
 
-    def _send(self, method: str, headers: dict[str, str]) -> httpx.Response:
+    def _send(self, method: str, headers: dict[str, str], *, stream: bool = False) -> httpx.Response:
         """One request; 429, 5xx and transport failures are transient SourceErrors."""
         try:
-            response = self.client.request(method, self.url, headers=headers)
+            response = self.client.send(self.client.build_request(method, self.url, headers=headers), stream=stream)
         except httpx.TransportError as exc:
             raise SourceError(f"s3: s3://{self.bucket}/{self.key}: {type(exc).__name__}: {exc}",
                               transient=True) from None
         if response.status_code in RETRY_STATUS:
+            response.close()
             retry_after = response.headers.get("Retry-After", "")
             raise SourceError(f"s3: s3://{self.bucket}/{self.key}: HTTP {response.status_code}", transient=True,
                               retry_after=float(retry_after) if retry_after.isdigit() else None)
@@ -98,12 +99,18 @@ class S3Object(Source):
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         if self.etag:
             headers["If-Match"] = self.etag
-        response = self._send("GET", headers)
-        if response.status_code == 412:
-            raise SourceChangedError(f"s3: s3://{self.bucket}/{self.key} changed under the mount")
-        if response.status_code not in (200, 206):
-            raise _status(response, f"s3://{self.bucket}/{self.key}")
-        data = response.content if response.status_code == 206 else response.content[offset:offset + length]
+        response = self._send("GET", headers, stream=True)
+        try:
+            if response.status_code == 412:
+                raise SourceChangedError(f"s3: s3://{self.bucket}/{self.key} changed under the mount")
+            if response.status_code == 200:  # every read would download the whole object: refuse
+                raise SourceError(f"s3: {self.endpoint} ignores Range requests and sent all of "
+                                  f"s3://{self.bucket}/{self.key}; it cannot serve reads")
+            if response.status_code != 206:
+                raise _status(response, f"s3://{self.bucket}/{self.key}")
+            data = _read_at_most(response, length, f"s3: range {offset}+{length}")
+        finally:
+            response.close()
         if len(data) != length:
             raise SourceError(f"s3: got {len(data)} of {length} bytes at {offset}", transient=True)
         return data
@@ -119,6 +126,20 @@ class S3Object(Source):
                 "addressing": self.addressing, "version": self.version or "", "etag": self.etag,
                 "size": self._size, "ca": self.ca or "", "credentials": self.credentials.to_record(),
                 **self.cache.to_state()}
+
+
+def _read_at_most(response: httpx.Response, length: int, what: str) -> bytes:
+    """The body, read no further than ``length`` bytes plus one chunk."""
+    chunks, got = [], 0
+    try:
+        for chunk in response.iter_bytes():
+            got += len(chunk)
+            if got > length:
+                raise SourceError(f"{what}: the server sent more than the {length} bytes asked for", transient=True)
+            chunks.append(chunk)
+    except httpx.TransportError as exc:
+        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+    return b"".join(chunks)
 
 
 def _status(response: httpx.Response, what: str) -> SourceError:
