@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood")
+FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood", "redirect401")
 #: what a "flood" answer sends after the real body: far more than anyone asked for
 FLOOD = 256 << 20
 
@@ -95,6 +95,8 @@ class FaultProxy:
                     return self._reply(401, b"", {"WWW-Authenticate": upstream.headers.get("WWW-Authenticate", "")})
                 if fault == "redirect":
                     return self._reply(307, b"", {"Location": f"{proxy.storage_url}{self.path}"})
+                if fault == "redirect401":  # the storage host then asks for credentials of its own
+                    return self._reply(307, b"", {"Location": f"{proxy.storage_url}/challenge{self.path}"})
                 if fault == "full200":
                     headers.pop("Range", None)
                     headers.pop("range", None)
@@ -160,6 +162,12 @@ class FaultProxy:
 
             def do_GET(self) -> None:  # noqa: N802
                 proxy.storage_auth.append(self.headers.get("Authorization"))
+                if self.path.startswith("/challenge/"):
+                    self.send_response(401)
+                    self.send_header("WWW-Authenticate", f'Bearer realm="{proxy.storage_url}/token",service="x"')
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 # blob storage trusts the signed URL; here: fetch with the registry's admin rights
                 upstream = proxy._client.get(self.path, headers={
                     "Authorization": "Bearer storage", **({"Range": self.headers["Range"]}

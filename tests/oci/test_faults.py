@@ -117,3 +117,36 @@ def test_no_answer_is_read_past_what_was_asked(proxy: FaultProxy, token_registry
         source.close()
     assert len(proxy.flooded) == 3
     assert all(sent < FLOOD // 4 for sent in proxy.flooded), f"read far past the answer: {proxy.flooded}"
+
+
+def test_credentials_go_only_to_the_registry(proxy: FaultProxy, token_registry: Registry,
+                                             layer: tuple[bytes, dict[str, str]], tmp_docker_config: Path) -> None:
+    """A host the registry redirects to, asking for credentials itself, gets none: not a token request, no Basic."""
+    from erofs_mount_core import SourceError
+
+    token_registry.push_image("faulty/leak", "v1", [(layer[0], EROFS_LAYER)])
+    auth = base64.b64encode(f"alice:{USERS['alice']}".encode()).decode()
+    tmp_docker_config.write_text(json.dumps({"auths": {proxy.host: {"auth": auth}}}))
+    source = open_reference(f"{proxy.host}/faulty/leak:v1", {"insecure": "", "readahead-kib": "0"})
+    try:
+        proxy.inject("blob", "redirect401")
+        with pytest.raises(SourceError, match="401"):
+            source.pread(4096, 0)
+    finally:
+        source.close()
+    assert proxy.storage_auth and all(a is None for a in proxy.storage_auth), proxy.storage_auth
+
+
+def test_a_redirect_from_https_to_http_is_refused() -> None:
+    """Checked on the transport itself: the real registry in these tests speaks plain http."""
+    import httpx
+    from erofs_mount_oci import _http
+
+    def registry(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(307, headers={"Location": "http://storage.example/blob?sig=1"})
+
+    client = httpx.Client(transport=_http._CappedTransport(httpx.MockTransport(registry)), follow_redirects=True)
+    from erofs_mount_core import SourceError
+
+    with client, pytest.raises(SourceError, match="redirected from https to plain http .*: refused"):
+        _http.attempt(client, "GET", "https://registry.example/v2/app/blobs/sha256:ab", what="blob")

@@ -80,7 +80,8 @@ def _client(registry: str, *, insecure: bool, ca: str | None, credentials: Any) 
     from . import _http
 
     creds = credentials.lookup(registry)
-    auth = _http.RegistryAuth(creds.username, creds.password, creds.identity_token)
+    auth = _http.RegistryAuth(registry, insecure=insecure, username=creds.username, password=creds.password,
+                              identity_token=creds.identity_token)
     return _http.make_client(insecure=insecure, ca_bundle=ca, auth=auth)
 
 

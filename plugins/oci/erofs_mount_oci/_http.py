@@ -61,14 +61,24 @@ class _CappedBody(httpx.SyncByteStream):
         self._stream.close()
 
 
+class InsecureRedirect(httpx.HTTPError):
+    """An https request redirected to plain http."""
+
+
 class _CappedTransport(httpx.BaseTransport):
-    """Bounds every body httpx reads, its own reads included (a 401 before auth, a redirect)."""
+    """Bounds every body httpx reads, its own reads included (a 401 before auth, a redirect),
+    and refuses a redirect from https to plain http."""
 
     def __init__(self, inner: httpx.BaseTransport) -> None:
         self._inner = inner
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         response = self._inner.handle_request(request)
+        location = response.headers.get("Location", "")
+        if request.url.scheme == "https" and 300 <= response.status_code < 400 \
+                and location[:7].lower() == "http://":
+            response.close()
+            raise InsecureRedirect(f"redirected from https to plain http ({location.split('?')[0]}): refused")
         cap = MAX_BODY if 200 <= response.status_code < 300 else MAX_OTHER_BODY
         assert isinstance(response.stream, httpx.SyncByteStream)
         response.stream = _CappedBody(response.stream, cap)
@@ -116,6 +126,8 @@ def attempt(client: httpx.Client, method: str, url: str, *, what: str,
     try:
         request = client.build_request(method, url, headers=headers)
         response = client.send(request, stream=stream)
+    except InsecureRedirect as exc:
+        raise SourceError(f"{what}: {exc}") from None
     except (httpx.TransportError, httpx.DecodingError) as exc:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # retrying cannot help
             raise SourceError(f"{what}: the registry's TLS certificate is not trusted "
@@ -227,8 +239,10 @@ class RegistryAuth(httpx.Auth):
     401. Only the token response is read into memory (blob bodies stream).
     """
 
-    def __init__(self, username: str | None = None, password: str | None = None,
+    def __init__(self, registry: str, *, insecure: bool, username: str | None = None, password: str | None = None,
                  identity_token: str | None = None) -> None:
+        self.origin = ("http" if insecure else "https", registry)
+        self.insecure = insecure
         self.username, self.password, self.identity_token = username, password, identity_token
         self.verify: Any = True
         self._lock = threading.Lock()
@@ -241,8 +255,15 @@ class RegistryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401 or "WWW-Authenticate" not in response.headers:
             return
+        if (response.url.scheme, response.url.netloc.decode()) != self.origin:
+            log.warning("ignoring an auth challenge from %s://%s, which is not the registry",
+                        response.url.scheme, response.url.netloc.decode())
+            return  # a redirect target asking for credentials gets none
         scheme, params = parse_challenge(response.headers["WWW-Authenticate"])
         if scheme == "bearer" and "realm" in params:
+            if not (params["realm"].startswith("https://") or self.insecure and params["realm"].startswith("http://")):
+                raise SourceError(f"the registry's token realm {params['realm']!r} is not https: "
+                                  "refusing to send credentials there (-o insecure allows plain http)")
             with self._lock:
                 self._challenge = (scheme, params)
                 self._tokens.pop(self._scope(params), None)
