@@ -184,6 +184,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-fd", type=int, required=True)
     parser.add_argument("--lock-fd", type=int, required=True)
     args = parser.parse_args(argv)
+    protocol.receive_environment(sys.stdin.buffer)  # before any plugin loads: they may read it
     _logging.configure(sys.stderr, "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
                        limit=_logging.LOG_LIMIT)  # stderr is the record's .log file
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

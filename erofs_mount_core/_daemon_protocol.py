@@ -8,6 +8,12 @@ Both sides live here, so they cannot drift apart:
 - ``spawn``: the command's side. Starts ``python -I -m erofs_mount_core._daemon``
   in its own session, in ``/``, with the lock and the write end of the ready
   pipe, and waits for its one line.
+- the environment: the daemon is executed with a fixed, minimal one (a
+  system ``PATH``, the locale) and receives the caller's variables, which a
+  source may need (credentials named in its record, proxies, CA files),
+  through its standard input. They live in its memory only, never in
+  ``/proc/PID/environ``, and no ``PATH``, ``LD_*`` or ``PYTHON*`` of the
+  caller's reaches a program the daemon runs.
 - ``ReadyPipe``: the daemon's side. Writes that line once: ``READY <index>``,
   or ``ERROR <class> <exit code> <message>``. ``spawn`` raises the same
   ``ErofsMountError`` subclass again, so a caller can catch
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import select
 import subprocess
@@ -25,6 +32,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from . import _errors as errors
 from . import _record as rec
@@ -35,6 +43,8 @@ MODES = ("connect", "reattach")
 DAEMON_MODULE = "erofs_mount_core._daemon"
 #: how long a command waits for its daemon's line (imports are slow on small VMs)
 READY_TIMEOUT = 120.0
+#: the daemon's PATH, whoever started it: root runs no program from a directory the caller chose
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 # -- the lock ----------------------------------------------------------------------
@@ -125,12 +135,18 @@ def _start(mode: str, record_path: Path, lock_fd: int) -> int:
         proc = subprocess.Popen(
             [sys.executable, "-I", "-m", DAEMON_MODULE, mode, str(record_path),
              "--ready-fd", str(ready_w), "--lock-fd", str(lock_fd)],
-            stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, cwd="/",
+            stdin=subprocess.PIPE, stdout=logf, stderr=logf, cwd="/", env=exec_environment(),
             pass_fds=(ready_w, lock_fd), start_new_session=True, close_fds=True,
         )
     finally:
         os.close(ready_w)
         os.close(logf)
+    assert proc.stdin is not None
+    try:
+        proc.stdin.write(json.dumps(passed_environment()).encode())
+        proc.stdin.close()
+    except BrokenPipeError:  # it died at once: its line (or its silence) says why
+        pass
     try:
         line = _read_line(ready_r, READY_TIMEOUT)
     finally:
@@ -145,6 +161,32 @@ def _start(mode: str, record_path: Path, lock_fd: int) -> int:
         raise decode_error(rest)
     raise errors.KernelError(f"the serving daemon exited without a word (status {proc.returncode}); "
                              f"see {rec.log_path(record_path)}")
+
+
+def exec_environment() -> dict[str, str]:
+    """What the daemon is executed with: nothing secret, nothing that changes what runs."""
+    env = {"PATH": SYSTEM_PATH}
+    for name in ("LANG", "LC_ALL", "TZ"):
+        if name in os.environ:
+            env[name] = os.environ[name]
+    return env
+
+
+def passed_environment() -> dict[str, str]:
+    """The caller's variables that reach the daemon's memory (``os.environ``) through its stdin."""
+    return {k: v for k, v in os.environ.items()
+            if k != "PATH" and not k.startswith(("LD_", "PYTHON"))}
+
+
+def receive_environment(stream: BinaryIO) -> None:
+    """The daemon's side: take the caller's variables into ``os.environ``, not into /proc/PID/environ."""
+    try:
+        passed = json.loads(stream.read() or b"{}")
+    except ValueError:
+        return
+    if isinstance(passed, dict):
+        os.environ.update({k: v for k, v in passed.items() if isinstance(k, str) and isinstance(v, str)
+                           and k != "PATH" and not k.startswith(("LD_", "PYTHON"))})
 
 
 def _read_line(fd: int, timeout: float) -> str:

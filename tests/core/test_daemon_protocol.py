@@ -8,6 +8,7 @@ error back. tests/vm/ covers the paths that reach the kernel.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import subprocess
 import sys
@@ -132,3 +133,22 @@ def test_the_plugin_host_ignores_the_working_directory(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True)
     assert "evil" not in out.stdout and "local" in out.stdout
     assert not marker.exists()
+
+
+def test_the_daemon_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    monkeypatch.setenv("PATH", "/home/user/bin:/usr/bin")
+    monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so")
+    monkeypatch.setenv("PYTHONPATH", "/tmp")
+    monkeypatch.setenv("EROFS_MOUNT_OCI_PASSWORD", "s3cret")
+    executed = protocol.exec_environment()
+    assert executed["PATH"] == protocol.SYSTEM_PATH and "s3cret" not in executed.values()
+    assert not {"LD_PRELOAD", "PYTHONPATH", "EROFS_MOUNT_OCI_PASSWORD"} & set(executed)
+    passed = protocol.passed_environment()
+    assert passed["EROFS_MOUNT_OCI_PASSWORD"] == "s3cret"
+    assert not {"PATH", "LD_PRELOAD", "PYTHONPATH"} & set(passed)
+    monkeypatch.delenv("EROFS_MOUNT_OCI_PASSWORD")
+    protocol.receive_environment(io.BytesIO(json.dumps({**passed, "LD_AUDIT": "x", "PATH": "/tmp"}).encode()))
+    assert os.environ["EROFS_MOUNT_OCI_PASSWORD"] == "s3cret"
+    assert "LD_AUDIT" not in os.environ and os.environ["PATH"] == "/home/user/bin:/usr/bin"

@@ -112,3 +112,27 @@ def test_tls_with_a_custom_ca_bundle(tls_registry: Registry, layer: tuple[bytes,
         source.close()
     with pytest.raises(SourceError, match="TLS certificate is not trusted"):
         open_reference(f"{tls_registry.host}/secure/app:v1", {})
+
+
+@pytest.mark.parametrize("name", ["../../tmp/evil", "/usr/bin/id", "x y", "-rf", ""])
+def test_a_helper_name_that_is_a_path_is_refused(name: str, helper: Path, token_registry: Registry,
+                                                 tmp_docker_config: Path) -> None:
+    tmp_docker_config.write_text(json.dumps({"credHelpers": {token_registry.host: name}}))
+    with pytest.raises(SourceError, match="is not a plain name|no credentials"):
+        open_reference(f"{token_registry.host}/helped/app:v1", {"insecure": "",
+                                                                "credentials": f"docker-config:{tmp_docker_config}"})
+    assert not helper.exists(), "no helper ran"
+
+
+@pytest.mark.parametrize("make_unsafe", ["owned by a user", "writable by others"])
+def test_root_takes_no_helper_from_a_config_a_user_can_change(make_unsafe: str, helper: Path, token_registry: Registry,
+                                                              tmp_docker_config: Path) -> None:
+    tmp_docker_config.write_text(json.dumps({"credHelpers": {token_registry.host: "testhelper"}}))
+    if make_unsafe == "owned by a user":
+        subprocess.os.chown(tmp_docker_config, 65534, 65534)
+    else:
+        tmp_docker_config.chmod(0o666)
+    with pytest.raises(SourceError, match="only root can change"):
+        open_reference(f"{token_registry.host}/helped/app:v1", {"insecure": "",
+                                                                "credentials": f"docker-config:{tmp_docker_config}"})
+    assert not helper.exists(), "no helper ran"

@@ -177,6 +177,14 @@ def assert_files(mountpoint: Path, sums: dict[str, str]) -> None:
         assert file_sha256(mountpoint / rel) == digest, rel
 
 
+def assert_no_secret_in_the_daemon_s_environ(p: Publisher) -> None:
+    """Credentials given through the environment reach the daemon's memory, not /proc/PID/environ."""
+    (row,) = devices()
+    environ = Path(f"/proc/{row['daemon_pid']}/environ").read_bytes()
+    assert not [s for s in p.secrets if s.encode() in environ], "a secret is in the daemon's environ"
+    assert b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\0" in environ
+
+
 def assert_refused(p: Publisher, device: str, words: str) -> None:
     result = cli("reattach", device, check=False, env=p.env)
     assert result.code != 0 and words in result.err, result
@@ -197,10 +205,12 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
         record = Path(row["record"])
         assert stat.S_IMODE(record.stat().st_mode) == 0o600
         assert not [s for s in publisher.secrets if s in record.read_text()], "a secret reached the record"
+        assert_no_secret_in_the_daemon_s_environ(publisher)
         kill_daemon(device)
         drop_caches()
         cli("reattach", device, env=publisher.env)
         assert_files(mountpoint, sums)
+        assert_no_secret_in_the_daemon_s_environ(publisher)
     finally:
         cli("umount", str(mountpoint))
     assert_clean()

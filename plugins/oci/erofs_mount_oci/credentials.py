@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ from erofs_mount_core import SourceError, UsageError
 
 USERNAME_ENV = "EROFS_MOUNT_OCI_USERNAME"
 PASSWORD_ENV = "EROFS_MOUNT_OCI_PASSWORD"
+#: docker-credential-NAME: a plain name, never a path
+HELPER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+#: a docker config is a small JSON document
+MAX_CONFIG = 4 << 20
 DOCKER_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docker.io", "registry-1.docker.io")
 
 
@@ -99,11 +104,25 @@ def _keys(registry: str) -> tuple[str, ...]:
     return (registry, f"https://{registry}", f"http://{registry}", f"https://{registry}/v1/")
 
 
+def _read_config(path: Path) -> dict[str, Any]:
+    """docker's config, if root may trust it: a file it names decides which program root runs."""
+    with open(path, "rb") as f:
+        st = os.fstat(f.fileno())
+        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+            raise SourceError(f"oci: docker config {path} is owned by uid {st.st_uid} or writable by others: "
+                              "root takes credentials (and the helper programs they name) only from a file "
+                              "only root can change; use -o credentials=env or a root-owned config")
+        config = json.loads(f.read(MAX_CONFIG))
+    if not isinstance(config, dict):
+        raise ValueError("not a JSON object")
+    return config
+
+
 def _mentions(path: Path, registry: str) -> bool:
     """Whether docker's config has a way to credentials for ``registry`` (no helper is run)."""
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError):
+        config = _read_config(path)
+    except (OSError, ValueError, SourceError):
         return False
     keys = _keys(registry)
     return bool(config.get("credsStore")) or any(
@@ -112,7 +131,7 @@ def _mentions(path: Path, registry: str) -> bool:
 
 def _docker_entry(path: Path, registry: str) -> Credentials | None:
     try:
-        config = json.loads(path.read_text())
+        config = _read_config(path)
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
@@ -137,6 +156,8 @@ def _docker_entry(path: Path, registry: str) -> Credentials | None:
 
 
 def _helper(name: str, server: str, missing_ok: bool = False) -> Credentials | None:
+    if not isinstance(name, str) or not HELPER_NAME.fullmatch(name):
+        raise SourceError(f"oci: credential helper name {name!r} is not a plain name (letters, digits, . _ -)")
     program = f"docker-credential-{name}"
     try:
         proc = subprocess.run([program, "get"], input=server, capture_output=True, text=True, timeout=30)
