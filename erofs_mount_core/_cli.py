@@ -128,7 +128,10 @@ def reattach(device: str | None, all_: bool) -> None:
         return
     failed = 0
     for outcome in lifecycle.reattach_all():
-        if outcome.error is None:
+        if outcome.due_in is not None:
+            click.echo(f"/dev/nbd{outcome.index}: its reattach keeps failing; next attempt in "
+                       f"{outcome.due_in:.0f} s (or: erofs-mount reattach /dev/nbd{outcome.index})", err=True)
+        elif outcome.error is None:
             click.echo(f"/dev/nbd{outcome.index}")
         else:
             click.echo(f"Error: /dev/nbd{outcome.index}: {outcome.error}", err=True)

@@ -241,24 +241,58 @@ def reattach(target: str) -> int:
 
 @attrs.frozen
 class Reattached:
-    """One device's outcome in ``reattach_all``: its index, and the error if it failed."""
+    """One device's outcome in ``reattach_all``: its index, and the error if it failed,
+    or when it is due again if it was skipped (its reattach keeps failing)."""
 
     index: int
     error: ErofsMountError | None = None
+    due_in: float | None = None
 
 
-def reattach_all() -> list[Reattached]:
-    """Reattach every erofs-mount device whose daemon is gone; a failure does not stop the others."""
+#: back-off for a device whose reattach keeps failing, in ``reattach --all`` (a timer runs it often)
+RETRY_FIRST, RETRY_MAX = 10.0, 600.0
+
+
+def reattach_all(now: float | None = None) -> list[Reattached]:
+    """Reattach every erofs-mount device whose daemon is gone; a failure does not stop the others.
+
+    A device whose reattach failed is tried again after 10 s, then 20 s, 40 s... up to 10 minutes,
+    so a timer that runs this every few seconds does not hammer a registry or fill the journal.
+    ``reattach DEVICE`` always tries at once.
+    """
     require_root("reattach")
+    now = time.time() if now is None else now
     outcomes = []
-    for index in reattach_candidates():
+    for index, path in _dead_devices():
+        failures, due = _retry_state(path)
+        if now < due:
+            outcomes.append(Reattached(index, due_in=due - now))
+            continue
         try:
             reattach(f"/dev/nbd{index}")
         except ErofsMountError as exc:
             outcomes.append(Reattached(index, exc))
+            _write_retry_state(path, failures + 1, now + min(RETRY_MAX, RETRY_FIRST * 2 ** failures))
         else:
             outcomes.append(Reattached(index))
+            rec.retry_path(path).unlink(missing_ok=True)
     return outcomes
+
+
+def _retry_state(record_path: Path) -> tuple[int, float]:
+    """(failures so far, when the next attempt is due); a missing or odd file means none."""
+    try:
+        failures, due = rec.retry_path(record_path).read_text().split()
+        return int(failures), float(due)
+    except (OSError, ValueError):
+        return 0, 0.0
+
+
+def _write_retry_state(record_path: Path, failures: int, due: float) -> None:
+    fd = os.open(rec.retry_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{failures} {due}\n")
 
 
 def _check_plugin(record: rec.Record) -> None:
@@ -271,8 +305,8 @@ def _check_plugin(record: rec.Record) -> None:
         ) from None
 
 
-def reattach_candidates() -> list[int]:
-    """Devices attached by erofs-mount whose daemon is gone."""
+def _dead_devices() -> list[tuple[int, Path]]:
+    """Devices attached by erofs-mount whose daemon is gone and which can be reattached, with their records."""
     found = []
     for info in sysfs.devices():
         path = _record_path_of(info) if info.configured else None
@@ -280,7 +314,7 @@ def reattach_candidates() -> list[int]:
             continue
         with contextlib.suppress(RecordError, DeviceStateError):
             link_named(rec.RecordStore.read(path).device.interface).check_reattach(info.index)
-            found.append(info.index)
+            found.append((info.index, path))
     return found
 
 

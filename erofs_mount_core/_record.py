@@ -192,7 +192,7 @@ class RecordStore:
     @staticmethod
     def remove(path: Path) -> None:
         """The record first, its lock last: whoever holds the lock removes them."""
-        for p in (path, log_path(path), lock_path(path)):
+        for p in (path, log_path(path), retry_path(path), lock_path(path)):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -206,6 +206,11 @@ def lock_path(record_path: Path) -> Path:
 
 def log_path(record_path: Path) -> Path:
     return record_path.with_suffix(".log")
+
+
+def retry_path(record_path: Path) -> Path:
+    """When ``reattach --all`` may try a device again whose reattach keeps failing (``_lifecycle``)."""
+    return record_path.with_suffix(".retry")
 
 
 def now() -> datetime.datetime:

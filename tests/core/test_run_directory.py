@@ -151,3 +151,30 @@ def test_a_mount_whose_last_step_fails_stays_mounted(store: rec.RecordStore, tmp
     assert lifecycle.mount(f"local:{image}", str(tmp_path / "mnt")) == "/dev/nbd7"
     assert torn_down == []
     assert "warning: /dev/nbd7: nbd reconfigure nbd7" in capsys.readouterr().err
+
+
+def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordStore,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a timer runs it every 10 s: a refused device is tried after 10, 20, 40 s..., a good one every time."""
+    bad, good = store.new_path(), store.new_path()
+    attempts: list[int] = []
+
+    def reattach(target: str) -> int:
+        index = int(target.removeprefix("/dev/nbd"))
+        attempts.append(index)
+        if index == 1:
+            raise KernelError("nbd1: no credentials in this environment")
+        return index
+
+    monkeypatch.setattr(lifecycle, "_dead_devices", lambda: [(1, bad), (2, good)])
+    monkeypatch.setattr(lifecycle, "reattach", reattach)
+    for now in range(0, 70, 10):  # seven runs of the timer
+        lifecycle.reattach_all(now=float(now))
+    assert attempts.count(2) == 7
+    assert attempts.count(1) == 3, "tried at 0, 10 and 30 s; next at 70 s... backed off"
+    outcome = lifecycle.reattach_all(now=69.0)[0]
+    assert outcome.index == 1 and outcome.error is None and outcome.due_in == pytest.approx(1.0)
+    lifecycle.reattach_all(now=70.0)
+    assert attempts.count(1) == 4
+    rec.RecordStore.remove(bad)
+    assert not rec.retry_path(bad).exists()
