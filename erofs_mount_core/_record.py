@@ -98,6 +98,8 @@ def loads(text: str, where: str = "record") -> Record:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise RecordError(f"{where} is not valid TOML ({exc}): it is corrupt or truncated") from exc
+    except RecursionError:  # nested deeper than any record: not ours
+        raise RecordError(f"{where} is not a record (nested too deeply)") from None
     version = raw.get("format")
     if not isinstance(version, int):
         raise RecordError(f"{where} is not an erofs-mount recovery record (no format number)")
@@ -107,6 +109,8 @@ def loads(text: str, where: str = "record") -> Record:
         )
     try:
         return _converter().structure(raw, Record)
+    except RecursionError:
+        raise RecordError(f"{where} is invalid: nested too deeply") from None
     except Exception as exc:
         from cattrs import transform_error
 

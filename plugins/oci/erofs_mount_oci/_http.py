@@ -222,13 +222,43 @@ def status_error(response: httpx.Response, what: str) -> SourceError:
 
 # -- registry auth ---------------------------------------------------------------
 
-_PARAM = re.compile(r'(\w+)=(?:"((?:[^"\\]|\\.)*)"|([^\s,]+))')
-
-
 def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
+    """``Bearer realm="...",service=x`` -> ``("bearer", {"realm": ..., "service": "x"})``.
+
+    One pass over the header (a registry's text), whatever it holds: no
+    backtracking, so a long malformed header costs linear time.
+    """
     scheme, _, rest = header.strip().partition(" ")
-    params = {m.group(1).lower(): (m.group(2) if m.group(2) is not None else m.group(3))
-              for m in _PARAM.finditer(rest)}
+    params: dict[str, str] = {}
+    i, n = 0, len(rest)
+    while i < n:
+        while i < n and rest[i] in " \t,":
+            i += 1
+        j = i
+        while j < n and (rest[j].isalnum() or rest[j] == "_"):
+            j += 1
+        key = rest[i:j]
+        if key and j < n and rest[j] == "=":
+            j += 1
+            if j < n and rest[j] == '"':
+                j += 1
+                value: list[str] = []
+                while j < n and rest[j] != '"':
+                    if rest[j] == "\\" and j + 1 < n:
+                        j += 1
+                    value.append(rest[j])
+                    j += 1
+                params[key.lower()] = "".join(value)
+                j += 1
+            else:
+                start = j
+                while j < n and rest[j] not in " \t,":
+                    j += 1
+                params[key.lower()] = rest[start:j]
+        else:  # not a parameter: on to the next comma
+            while j < n and rest[j] != ",":
+                j += 1
+        i = max(j, i + 1)
     return scheme.lower(), params
 
 

@@ -42,7 +42,13 @@ class Reference:
         return out
 
 
+#: longer than any real reference (a registry host, a 255-character name, a tag and a digest)
+MAX_REFERENCE = 1024
+
+
 def parse(text: str) -> Reference:
+    if len(text) > MAX_REFERENCE:
+        raise UsageError(f"oci: the reference is {len(text)} characters long, more than {MAX_REFERENCE}")
     original = text
     digest = None
     if "@" in text:

@@ -12,7 +12,7 @@ from erofs_mount_core import SourceChangedError, SourceError, UsageError
 
 from . import _http
 from .platform import Platform
-from .reference import Reference
+from .reference import DIGEST, Reference
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -59,9 +59,13 @@ class Registry:
             raise SourceError(f"{what}: body digest {digest} differs from Docker-Content-Digest {claimed}")
         try:
             doc = json.loads(body)
-        except ValueError as exc:
-            raise SourceError(f"{what} is not JSON: {exc}") from exc
+        except (ValueError, RecursionError) as exc:
+            raise SourceError(f"{what} is not JSON: {str(exc)[:200]}") from None
+        if not isinstance(doc, dict):
+            raise SourceError(f"{what} is not a JSON object")
         media_type = doc.get("mediaType") or _content_type(response) or _guess(doc)
+        if not isinstance(media_type, str):
+            raise SourceError(f"{what}: its mediaType is not a string")
         return media_type, doc, digest
 
     def image_manifest(self, platform: Platform) -> tuple[dict[str, Any], str, str]:
@@ -69,21 +73,24 @@ class Registry:
         reference = self.ref.digest or self.ref.tag or "latest"
         media_type, doc, digest = self.manifest(reference)
         if media_type in INDEXES or "manifests" in doc:
+            entries = _descriptors(doc.get("manifests"), f"oci: {self.ref}: its index")
             candidates = []
-            for entry in doc.get("manifests", []):
-                annotations = entry.get("annotations") or {}
-                if annotations.get("vnd.docker.reference.type") == "attestation-manifest":
+            for entry in entries:
+                annotations = entry.get("annotations")
+                if isinstance(annotations, dict) and \
+                        annotations.get("vnd.docker.reference.type") == "attestation-manifest":
                     continue
                 p = Platform.from_descriptor(entry)
                 if p is not None and p.matches(platform):
                     candidates.append((entry, p))
             if not candidates:
-                offered = sorted({str(p) for e in doc.get("manifests", [])
-                                  if (p := Platform.from_descriptor(e)) and p.os != "unknown"})
+                offered = sorted({str(p) for e in entries if (p := Platform.from_descriptor(e)) and p.os != "unknown"})
                 raise UsageError(f"oci: {self.ref} has no image for platform {platform} "
                                  f"(it has: {', '.join(offered) or 'none'}); choose one with -o platform=")
             entry, chosen = candidates[0]
-            _media, doc, digest = self.manifest(entry["digest"])
+            media_type, doc, digest = self.manifest(entry["digest"])
+            if media_type in INDEXES or "manifests" in doc:
+                raise SourceError(f"oci: {self.ref}: its index names another index, not an image manifest")
             return doc, digest, str(chosen)
         if media_type not in MANIFESTS and "layers" not in doc:
             raise SourceError(f"oci: {self.ref} is a {media_type}, not an image manifest or index")
@@ -91,13 +98,13 @@ class Registry:
 
     def choose_layer(self, manifest: dict[str, Any], digest: str, platform: str, *,
                      index: int | None = None, blob: str | None = None) -> Layer:
-        layers = manifest.get("layers") or []
-        if not isinstance(layers, list) or not layers:
+        layers = _descriptors(manifest.get("layers"), f"oci: {self.ref}: its manifest")
+        if not layers:
             raise SourceError(f"oci: {self.ref} has no layers")
 
         def layer(i: int) -> Layer:
             d = layers[i]
-            return Layer(digest, str(d["digest"]), int(d["size"]), str(d.get("mediaType", "")), i, platform)
+            return Layer(digest, d["digest"], d["size"], str(d.get("mediaType", "")), i, platform)
 
         if index is not None:
             if not 0 <= index < len(layers):
@@ -125,6 +132,27 @@ class Registry:
         if length is None or not length.isdigit():
             raise SourceError(f"{what}: the registry gave no size")
         return int(length)
+
+
+def _descriptors(value: Any, what: str) -> list[dict[str, Any]]:
+    """A list of OCI descriptors, each with a well-formed digest and size; SourceError otherwise.
+
+    Everything in a manifest comes from the registry: checked here before a
+    digest goes into a URL or a size into arithmetic.
+    """
+    if not isinstance(value, list):
+        raise SourceError(f"{what} has no list of descriptors")
+    for d in value:
+        if not isinstance(d, dict):
+            raise SourceError(f"{what} has a descriptor that is not a JSON object")
+        digest, size = d.get("digest"), d.get("size")
+        if not isinstance(digest, str) or not DIGEST.fullmatch(digest):
+            raise SourceError(f"{what} has a descriptor without a valid digest")
+        if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size < 1 << 63:
+            raise SourceError(f"{what}: descriptor {digest} has no valid size")
+        if not isinstance(d.get("mediaType", ""), str):
+            raise SourceError(f"{what}: descriptor {digest} has a mediaType that is not a string")
+    return value
 
 
 def _content_type(response: Any) -> str:
