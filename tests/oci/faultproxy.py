@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood", "redirect401")
+FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood", "redirect401", "corrupt")
 #: what a "flood" answer sends after the real body: far more than anyone asked for
 FLOOD = 256 << 20
 
@@ -27,6 +27,7 @@ class FaultProxy:
         self.upstream = upstream
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
+        self.ranges: list[str | None] = []  # the Range header of each blob GET
         self.storage_auth: list[str | None] = []
         self.flooded: list[int] = []  # bytes each "flood" answer got out before the client hung up
         self._lock = threading.Lock()
@@ -86,6 +87,8 @@ class FaultProxy:
                 kind = "blob" if "/blobs/" in self.path else "manifest" if "/manifests/" in self.path else "other"
                 fault = proxy._take(kind) if method == "GET" else None
                 proxy.log.append((method, self.path, fault or "pass"))
+                if kind == "blob" and method == "GET":
+                    proxy.ranges.append(self.headers.get("Range"))
                 headers = dict(self.headers.items())
                 if fault in ("429", "503"):
                     extra = {"Retry-After": "1"} if fault == "429" else {}
@@ -104,6 +107,8 @@ class FaultProxy:
                     time.sleep(1.5)
                 upstream = proxy._forward(method, self.path, headers)
                 body = upstream.content
+                if fault == "corrupt" and body:  # one bit flipped, as a broken middlebox might
+                    body = bytes([body[0] ^ 1]) + body[1:]
                 passed = {k: v for k, v in upstream.headers.items()
                           if k.lower() in ("content-type", "content-range", "docker-content-digest",
                                            "www-authenticate", "accept-ranges", "etag")}

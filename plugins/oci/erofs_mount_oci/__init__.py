@@ -12,6 +12,12 @@ Options (``-o key=value``, comma-separated or repeated):
     insecure             plain HTTP (registries on loopback or a trusted network)
     ca=PATH              CA bundle for the registry's TLS certificate
     credentials=SOURCE   anonymous | env[:USER_VAR:PASS_VAR] | docker-config[:PATH] | auto (default)
+    verify=MODE          lazy (default): reads are served as the registry sends them, and the
+                         blob's digest is checked once sequential reads have covered it;
+                         full: the blob is streamed and checked against its digest before
+                         any byte is served, and every later read is checked against the
+                         sha256 of its spans (kept in $EROFS_MOUNT_CACHE_DIR, default
+                         /var/cache/erofs-mount)
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
     readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
@@ -45,6 +51,7 @@ class Options:
     insecure: bool = False
     ca: str | None = None
     credentials: str | None = None
+    verify: str = "lazy"
     cache: CacheSettings = CacheSettings()
 
     @classmethod
@@ -66,6 +73,8 @@ class Options:
                 values[name] = int(value)
             else:
                 values[name] = value
+        if values.get("verify", "lazy") not in ("lazy", "full"):
+            raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
         if "layer" in values and "blob" in values:
             raise UsageError("oci: give layer= or blob=, not both")
         if "blob" in values:
@@ -86,6 +95,7 @@ def _client(registry: str, *, insecure: bool, ca: str | None, credentials: Any) 
 
 
 def open_reference(location: str, options: Mapping[str, str]) -> Source:
+    from . import spans
     from .blob import BlobSource
     from .credentials import CredentialSource
     from .platform import Platform
@@ -112,8 +122,18 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
         "insecure": opts.insecure, "ca": opts.ca or "", "credentials": credentials.to_record(),
         **opts.cache.to_state(),
     }
-    blob = BlobSource(client, registry.blob_url(layer.digest), layer.digest, layer.size,
-                      description=f"{ref}#{layer.digest}", state=state)
+    url = registry.blob_url(layer.digest)
+    found = None
+    if opts.verify == "full":
+        try:
+            found = spans.measure(client, url, layer.digest, layer.size, opts.cache.block_kib << 10)
+            spans.store(layer.digest, found)
+        except BaseException:
+            client.close()
+            raise
+        state.update(verify="full", span_size=found.span_size, spans_sha256=found.root())
+    blob = BlobSource(client, url, layer.digest, layer.size, description=f"{ref}#{layer.digest}", state=state,
+                      spans=found)
     return opts.cache.wrap(blob)
 
 
@@ -138,12 +158,32 @@ def reopen(state: Mapping[str, Any]) -> Source:
         found = registry.blob_size(digest)
         if found != size:
             raise SourceChangedError(f"oci: blob {digest} is {found} bytes now, {size} when mounted")
+        verified = _verified_spans(client, registry.blob_url(digest), digest, size, state)
     except BaseException:
         client.close()
         raise
     blob = BlobSource(client, registry.blob_url(digest), digest, size,
-                      description=f"{state['reference']}#{digest}", state=state)
+                      description=f"{state['reference']}#{digest}", state=state, spans=verified)
     return cache.wrap(blob)
+
+
+def _verified_spans(client: Any, url: str, digest: str, size: int, state: Mapping[str, Any]) -> Any:
+    """Under verify=full, the span hashes measured at mount: from the cache, or measured again."""
+    from . import spans
+
+    if state.get("verify") != "full":
+        return None
+    try:
+        span_size, root = int(state["span_size"]), str(state["spans_sha256"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"oci: record state is incomplete ({exc})") from exc
+    found = spans.load(digest, span_size, root)
+    if found is None:  # not cached, or not the same: one more streamed pass, digest checked again
+        found = spans.measure(client, url, digest, size, span_size)
+        if found.root() != root:
+            raise SourceChangedError(f"oci: blob {digest} no longer gives the span hashes measured at mount")
+        spans.store(digest, found)
+    return found
 
 
 @hookimpl

@@ -1,4 +1,4 @@
-"""A registry blob as a Source: one HTTP range request per read.
+"""A registry blob as a Source: one HTTP range request per read, checked span by span under verify=full.
 
 The core's ``BlockCache`` in front of it (see ``open_reference``) turns the
 kernel's reads into block-aligned ranges with readahead, and the core's
@@ -21,15 +21,17 @@ from typing import Any
 from erofs_mount_core import Source, SourceError
 
 from . import _http
+from .spans import Spans
 
 log = logging.getLogger("erofs_mount.oci")
 
 
 class BlobSource(Source):
     def __init__(self, client: Any, url: str, digest: str, size: int, *, description: str,
-                 state: Mapping[str, Any]) -> None:
+                 state: Mapping[str, Any], spans: Spans | None = None) -> None:
         self.client, self.url, self.digest, self._size = client, url, digest, size
         self.description = description
+        self.spans = spans
         self._state = dict(state)
         self._lock = threading.Lock()
         self._full: Any = None  # a temp file holding the whole blob, if the registry ignored Range
@@ -56,16 +58,24 @@ class BlobSource(Source):
             raise SourceError(f"blob {self.digest}: read of {length} bytes at {offset} is outside "
                               f"its {self._size} bytes")
         if self._full is None:
-            what = f"blob {self.digest[:19]}… bytes {offset}-{offset + length - 1}"
+            start, end = offset, offset + length
+            if self.spans:  # whole spans only: each is checked before a byte of it is served
+                span = self.spans.span_size
+                start, end = start - start % span, min(-(-end // span) * span, self._size)
+            what = f"blob {self.digest[:19]}… bytes {start}-{end - 1}"
             self.requests += 1
             try:
-                data = _http.read_range(self.client, self.url, offset, length, what=what)
+                data = _http.read_range(self.client, self.url, start, end - start, what=what)
             except _http.FullBody as full:
                 self._take_full_body(full.response)
             else:
                 self.bytes_fetched += len(data)
+                if self.spans:
+                    self.spans.check(start, data, what)
                 with self._lock:
-                    self._hash_along(offset, data)
+                    self._hash_along(start, data)
+                if (start, end) != (offset, offset + length):
+                    data = data[offset - start:offset - start + length]
                 return data
         return os.pread(self._full.fileno(), length, offset)
 
