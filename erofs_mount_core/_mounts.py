@@ -47,7 +47,7 @@ def split_options(options: Mapping[str, str]) -> tuple[int, dict[str, str]]:
 
 
 def mount_erofs(device: str, mountpoint: str, flags: int = DEFAULT_FLAGS) -> None:
-    rc = _libc.mount(device.encode(), mountpoint.encode(), b"erofs", flags | MS_RDONLY, None)
+    rc = _libc.mount(os.fsencode(device), os.fsencode(mountpoint), b"erofs", flags | MS_RDONLY, None)
     if rc != 0:
         err = ctypes.get_errno()
         hint = {
@@ -61,7 +61,7 @@ def mount_erofs(device: str, mountpoint: str, flags: int = DEFAULT_FLAGS) -> Non
 
 
 def umount(mountpoint: str) -> None:
-    if _libc.umount2(mountpoint.encode(), 0) != 0:
+    if _libc.umount2(os.fsencode(mountpoint), 0) != 0:
         err = ctypes.get_errno()
         if err == errno.EBUSY:
             raise UsageError(f"{mountpoint} is busy (files open or processes inside); nothing was changed")

@@ -88,9 +88,15 @@ def dumps(record: Record) -> str:
     import tomli_w
 
     try:
-        return tomli_w.dumps(_converter().unstructure(record))
+        text = tomli_w.dumps(_converter().unstructure(record))
     except TypeError as exc:  # e.g. None in a plugin's state
         raise RecordError(f"cannot write a record for {record.source.scheme!r}: {exc}") from exc
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # a path whose bytes are not UTF-8: TOML cannot hold it
+        raise RecordError(f"cannot write a record for {record.source.scheme}:{record.source.location!r}: "
+                          "it holds a name that is not valid UTF-8; rename the file") from None
+    return text
 
 
 def loads(text: str, where: str = "record") -> Record:

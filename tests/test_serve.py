@@ -296,3 +296,24 @@ def test_running_out_of_descriptors_does_not_stop_accepting(image: tuple[Path, d
     finally:
         err = server.stop()
     assert "accepting a client failed" in err
+
+
+def test_a_file_whose_name_is_not_utf8_is_served(image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    odd = os.path.join(os.fsencode(tmp_path), b"caf\xe9.erofs")
+    os.symlink(os.fsencode(image[0]), odd)
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen([os.fsencode(EROFS_MOUNT), b"serve", b"--source", b"local:" + odd, b"--socket",
+                             os.fsencode(sock)], stderr=subprocess.PIPE)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        out = subprocess.run(["nbdinfo", "--json", f"nbd+unix:///?socket={sock}"], capture_output=True, text=True,
+                             timeout=30)
+        assert out.returncode == 0, out.stderr
+        assert json.loads(out.stdout)["exports"][0]["export-size"] == image[0].stat().st_size
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=20)
+    assert b"Traceback" not in err

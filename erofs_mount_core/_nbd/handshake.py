@@ -105,7 +105,7 @@ def negotiate(sock: socket.socket, *, size: int, flags: int, description: str = 
                 _reply(sock, option, REP_INFO, struct.pack(">H", INFO_NAME) + name)
             if INFO_DESCRIPTION in wanted and description:
                 _reply(sock, option, REP_INFO,
-                       struct.pack(">H", INFO_DESCRIPTION) + description.encode()[:4096])
+                       struct.pack(">H", INFO_DESCRIPTION) + description.encode("utf-8", "replace")[:4096])
             _reply(sock, option, REP_ACK)
             if option == OPT_GO:
                 return True

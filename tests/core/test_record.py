@@ -90,3 +90,9 @@ def test_a_record_readable_by_others_is_refused(tmp_path: Path) -> None:
 def test_missing_record(tmp_path: Path) -> None:
     with pytest.raises(RecordError, match="does not exist"):
         rec.RecordStore.read(tmp_path / "nope.toml")
+
+
+def test_a_name_that_is_not_utf8_is_a_clear_error() -> None:
+    name = os.fsdecode(b"/srv/caf\xe9.erofs")  # Latin-1 bytes on disk: a lone surrogate in Python
+    with pytest.raises(RecordError, match="not valid UTF-8; rename the file"):
+        rec.dumps(make(location=name, path=name))
