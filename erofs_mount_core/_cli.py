@@ -160,7 +160,7 @@ def list_(as_json: bool) -> None:
         source = row["source"] or row["error"]
         if row["serving"] and row["serving"] not in source:
             source += f" = {row['serving']}"
-        table.append((row["device"], ",".join(row["mountpoints"]) or "-", row["mount_options"] or "-",
+        table.append((row["device"] or "-", ",".join(row["mountpoints"]) or "-", row["mount_options"] or "-",
                       f"{row['daemon_pid'] or '-'} {state}", source, row["record"] or "-"))
     _echo_table(table)
 

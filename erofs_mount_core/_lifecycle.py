@@ -101,6 +101,7 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
 
     store = rec.RecordStore()
     store.ensure()
+    prune_orphans()
     path = store.new_path()
     record = rec.Record(
         format=rec.FORMAT, created=rec.now(), daemon_pid=0,
@@ -320,7 +321,29 @@ def _dead_devices() -> list[tuple[int, Path]]:
 
 # -- list --------------------------------------------------------------------
 
+def _orphans() -> list[Path]:
+    """Records (with their lock, log and retry files) in the run directory that no attached device
+    names and no process holds: left by a daemon killed as its device was disconnected, say."""
+    store = rec.RecordStore()
+    named = {p for info in sysfs.devices() if info.configured and (p := _record_path_of(info))}
+    stems = {p.with_suffix("") for p in store.directory.glob("nbd-*.*") if store.holds(p.with_suffix(rec.SUFFIX))}
+    return sorted(stem.with_suffix(rec.SUFFIX) for stem in stems
+                  if stem.with_suffix(rec.SUFFIX) not in named and not daemon_alive(stem.with_suffix(rec.SUFFIX)))
+
+
+def prune_orphans() -> list[Path]:
+    """Remove the orphans' files, each under its lock (a mount that takes it meanwhile keeps its files)."""
+    removed = []
+    for path in _orphans():
+        with contextlib.suppress(DeviceStateError, RecordError):
+            with locked(path):
+                rec.RecordStore.remove(path)
+                removed.append(path)
+    return removed
+
+
 def list_devices() -> list[dict[str, Any]]:
+    """One row per attached nbd device, then one per orphaned record (``device`` None)."""
     rows = []
     for info in sysfs.devices():
         if not info.configured:
@@ -350,4 +373,8 @@ def list_devices() -> list[dict[str, Any]]:
                 row["daemon_pid"] = record.daemon_pid or None
                 row["daemon_alive"] = daemon_alive(path)
         rows.append(row)
+    for path in _orphans():
+        rows.append({"device": None, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
+                     "daemon_pid": None, "daemon_alive": None, "record": str(path),
+                     "error": "orphaned: no device is attached with this record (the next mount removes it)"})
     return rows

@@ -178,3 +178,29 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
     assert attempts.count(1) == 4
     rec.RecordStore.remove(bad)
     assert not rec.retry_path(bad).exists()
+
+
+def test_orphaned_files_are_listed_and_pruned_but_not_a_mount_in_progress(store: rec.RecordStore) -> None:
+    """No nbd device is attached on this host: every record is an orphan, except one whose lock is held."""
+    stale, starting = store.new_path(), store.new_path()
+    for path in (stale, starting):
+        store.write(path, sample_record())
+        rec.log_path(path).write_text("old log\n")
+    lonely_lock = rec.lock_path(store.new_path())  # a lock whose record is long gone
+    lonely_lock.write_text("")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(rec.lock_path(starting))!r}, os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        rows = lifecycle.list_devices()
+        assert sorted(r["record"] for r in rows) == sorted([str(stale), str(lonely_lock.with_suffix(".toml"))])
+        assert all(r["device"] is None and r["error"].startswith("orphaned") for r in rows)
+        lifecycle.prune_orphans()
+        assert sorted(p.name for p in store.directory.iterdir()) == sorted(
+            [starting.name, rec.lock_path(starting).name, rec.log_path(starting).name])
+    finally:
+        holder.kill()
+        holder.communicate()
