@@ -7,11 +7,13 @@ error back. tests/vm/ covers the paths that reach the kernel.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -71,23 +73,30 @@ def test_spawn_raises_the_daemon_s_refusal_as_source_changed_error(tmp_path: Pat
     assert path.exists(), "a refused reattach keeps the record"
 
 
-def test_a_held_lock_means_alive_and_spawn_refuses(tmp_path: Path) -> None:
-    path = tmp_path / "nbd-x.toml"
-    path.write_text("")
-    assert not protocol.daemon_alive(path)
+@contextlib.contextmanager
+def lock_held_elsewhere(record_path: Path) -> Iterator[None]:
+    """Another process holds the record's lock, as a live daemon (or a command starting one) does."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, sys, time\n"
-        f"fd = os.open({str(rec.lock_path(path))!r}, os.O_RDWR | os.O_CREAT)\n"
+        "import fcntl, os, time\n"
+        f"fd = os.open({str(rec.lock_path(record_path))!r}, os.O_RDWR | os.O_CREAT)\n"
         "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
         stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
-        assert protocol.daemon_alive(path)
-        with pytest.raises(errors.DeviceStateError, match="alive and serving"):
-            protocol.spawn("reattach", path)
+        yield
     finally:
         holder.kill()
         holder.communicate()
+
+
+def test_a_held_lock_means_alive_and_spawn_refuses(tmp_path: Path) -> None:
+    path = tmp_path / "nbd-x.toml"
+    path.write_text("")
+    assert not protocol.daemon_alive(path)
+    with lock_held_elsewhere(path):
+        assert protocol.daemon_alive(path)
+        with pytest.raises(errors.DeviceStateError, match="alive and serving"):
+            protocol.spawn("reattach", path)
     assert not protocol.daemon_alive(path)
 
 

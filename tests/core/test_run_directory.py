@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,7 @@ from erofs_mount_core import _record as rec
 from erofs_mount_core._errors import DeviceStateError, KernelError, RecordError
 from erofs_mount_core._nbd import link as links
 from erofs_mount_core._nbd.sysfs import DeviceInfo
+from tests.core.test_daemon_protocol import lock_held_elsewhere
 from tests.core.test_record import make as sample_record
 
 
@@ -104,19 +103,10 @@ def test_files_are_removed_only_under_the_lock(store: rec.RecordStore, monkeypat
     path = store.new_path()
     store.write(path, sample_record())
     monkeypatch.setattr(lifecycle, "disconnect_any", lambda index: None)
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"fd = os.open({str(rec.lock_path(path))!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(path):
         with pytest.raises(KernelError, match="did not exit within 0 s; its record .* is kept"):
             lifecycle._disconnect_and_wait(3, path, timeout=0.2)
         assert path.exists() and rec.lock_path(path).exists()
-    finally:
-        holder.kill()
-        holder.communicate()
     lifecycle._disconnect_and_wait(3, path, timeout=0.2)  # the daemon is gone: now they go
     assert not path.exists() and not rec.lock_path(path).exists()
 
@@ -188,19 +178,10 @@ def test_orphaned_files_are_listed_and_pruned_but_not_a_mount_in_progress(store:
         rec.log_path(path).write_text("old log\n")
     lonely_lock = rec.lock_path(store.new_path())  # a lock whose record is long gone
     lonely_lock.write_text("")
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, os, time\n"
-        f"fd = os.open({str(rec.lock_path(starting))!r}, os.O_RDWR | os.O_CREAT)\n"
-        "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n")],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(starting):
         rows = lifecycle.list_devices()
         assert sorted(r["record"] for r in rows) == sorted([str(stale), str(lonely_lock.with_suffix(".toml"))])
         assert all(r["device"] is None and r["error"].startswith("orphaned") for r in rows)
         lifecycle.prune_orphans()
         assert sorted(p.name for p in store.directory.iterdir()) == sorted(
             [starting.name, rec.lock_path(starting).name, rec.log_path(starting).name])
-    finally:
-        holder.kill()
-        holder.communicate()
