@@ -14,7 +14,7 @@ import os
 import re
 from typing import TextIO
 
-#: the loggers of erofs-mount and its plugins ("erofs_mount.oci", ...)
+#: the loggers of erofs-mount and its plugins ("erofs_mount.daemon", "erofs_mount.PLUGIN", ...)
 OUR_LOGGERS = "erofs_mount"
 LOG_LIMIT = 1 << 20
 _QUERY = re.compile(r"(\b[a-z][a-z0-9+.-]*://[^\s?#\"'<>]*)\?[^\s#\"'<>]*", re.I)
