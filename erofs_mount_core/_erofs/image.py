@@ -1,0 +1,52 @@
+"""A synthesized image as a Source: its metadata from memory, its files' blocks from the backing stream."""
+
+from __future__ import annotations
+
+from .._errors import SourceError
+from .._source import Source
+from .build import BS, Layout
+
+
+class SynthesizedImage(Source):
+    """``layout``'s device: block n is metadata, a block of a file's extent in ``backing``, or zeros."""
+
+    def __init__(self, layout: Layout, backing: Source, description: str = "synthesized EROFS image") -> None:
+        self.layout, self.backing, self.description = layout, backing, description
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    def describe(self) -> str:
+        return self.description
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise SourceError(f"read of {length} bytes at {offset} is outside the image's {self.size} bytes")
+        out = bytearray()
+        end = offset + length
+        meta_end = self.layout.data_start * BS
+        while offset < end:
+            if offset < meta_end:
+                n = min(end, meta_end) - offset
+                out += self.layout.metadata[offset:offset + n]
+                offset += n
+                continue
+            block = offset // BS
+            extent = self.layout.extent_at(block)
+            if extent is None:  # a gap between files: zeros up to the next block
+                n = min(end, (block + 1) * BS) - offset
+                out += bytes(n)
+            else:
+                into = offset - extent.first_block * BS
+                extent_end = (extent.first_block * BS) + -(-extent.size // BS) * BS
+                n = min(end, extent_end) - offset
+                have = max(0, min(n, extent.size - into))  # past the file's bytes: its last block's zeros
+                if have:
+                    out += self.backing.pread(have, extent.backing_offset + into)
+                out += bytes(n - have)
+            offset += n
+        return bytes(out)
+
+    def close(self) -> None:
+        self.backing.close()
