@@ -4,6 +4,7 @@ The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
+    from erofs_mount_core import ImageNode, SynthesizedImage  # an EROFS image made from a tree
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
 contract kit in ``erofs_mount_core.testing``. Every other module is private
@@ -24,10 +25,12 @@ _EXPORTS = {
     "CacheSettings": "_filters",
     "ErofsMountError": "_errors",
     "Filter": "_filters",
+    "ImageNode": "_erofs.build",
     "RetryPolicy": "_filters",
     "Source": "_source",
     "SourceChangedError": "_errors",
     "SourceError": "_errors",
+    "SynthesizedImage": "_erofs.image",
     "UsageError": "_errors",
     "hookimpl": "hookspecs",
 }
@@ -37,15 +40,19 @@ __all__ = [
     "CacheSettings",
     "ErofsMountError",
     "Filter",
+    "ImageNode",
     "RetryPolicy",
     "Source",
     "SourceChangedError",
     "SourceError",
+    "SynthesizedImage",
     "UsageError",
     "hookimpl",
 ]
 
 if TYPE_CHECKING:
+    from ._erofs.build import ImageNode
+    from ._erofs.image import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError
     from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
     from ._source import Source

@@ -25,8 +25,8 @@ FIRST_RECORD = fmt.SUPER_OFFSET + fmt.SUPER.size  # inodes start right after the
 
 
 @attrs.define(eq=False)
-class Node:
-    """One inode. The same Node under several names is one inode with several links (a hardlink)."""
+class ImageNode:
+    """One inode. The same ImageNode under several names is one inode with several links (a hardlink)."""
 
     mode: int
     """st_mode: the file type bits and the permissions (setuid, setgid and sticky included)."""
@@ -43,7 +43,7 @@ class Node:
     """Symlinks: where they point."""
     rdev: tuple[int, int] = (0, 0)
     """Character and block devices: (major, minor)."""
-    children: dict[bytes, Node] = attrs.Factory(dict)
+    children: dict[bytes, ImageNode] = attrs.Factory(dict)
     """Directories: name -> entry, without "." and ".."."""
 
     @property
@@ -88,8 +88,8 @@ class Layout:
 
 @attrs.define(eq=False)
 class _Placed:
-    node: Node
-    parent: Node
+    node: ImageNode
+    parent: ImageNode
     content_size: int = 0      # directories and symlinks: the size of their data
     full_blocks: int = 0       # blocks of content outside the inode record
     tail: int = 0              # bytes of content inline after the inode (FLAT_INLINE)
@@ -104,7 +104,7 @@ class _Placed:
         return self.offset // fmt.NID_SIZE
 
 
-def build(root: Node, *, build_time: int = 0) -> Layout:
+def build(root: ImageNode) -> Layout:
     """Lay out the tree under ``root`` (a directory) as an EROFS image."""
     if root.kind != stat.S_IFDIR:
         raise ValueError("the root of an image must be a directory")
@@ -130,7 +130,7 @@ def build(root: Node, *, build_time: int = 0) -> Layout:
                 p.raw_blkaddr = fmt.NULL_ADDR
     metadata = bytearray(data_start * BS)
     metadata[fmt.SUPER_OFFSET:FIRST_RECORD] = fmt.superblock(
-        root_nid=placed[id(root)].nid, inodes=len(placed), blocks=block, meta_blkaddr=0, build_time=build_time)
+        root_nid=placed[id(root)].nid, inodes=len(placed), blocks=block, meta_blkaddr=0)
     for p in placed.values():
         content = _content(p, placed)
         record = _inode(p) + p.xattrs + (content[p.full_blocks * BS:] if p.tail else b"")
@@ -138,12 +138,10 @@ def build(root: Node, *, build_time: int = 0) -> Layout:
         if p.full_blocks:
             start = p.raw_blkaddr * BS
             metadata[start:start + p.full_blocks * BS] = content[:p.full_blocks * BS].ljust(p.full_blocks * BS, b"\0")
-    if placed[id(root)].nid > 0xFFFF:
-        raise ValueError("the root inode does not fit a 16-bit nid")
     return Layout(bytes(metadata), data_start, tuple(extents), block, len(placed))
 
 
-def _collect(root: Node) -> dict[int, _Placed]:
+def _collect(root: ImageNode) -> dict[int, _Placed]:
     """Every inode once, root first, directories before their contents; link counts."""
     placed: dict[int, _Placed] = {id(root): _Placed(root, root)}
     stack = [root]

@@ -50,10 +50,10 @@ XATTR_PREFIXES = (
 )
 
 
-def superblock(*, root_nid: int, inodes: int, blocks: int, meta_blkaddr: int, build_time: int = 0,
-               uuid: bytes = bytes(16), volume_name: bytes = b"") -> bytes:
-    return SUPER.pack(MAGIC, 0, 0, BLOCK_BITS, 0, root_nid, inodes, build_time, 0, blocks, meta_blkaddr, 0,
-                      uuid, volume_name[:16], 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(23))
+def superblock(*, root_nid: int, inodes: int, blocks: int, meta_blkaddr: int) -> bytes:
+    """Extended inodes carry their own times, so build_time stays 0; no uuid, no volume name."""
+    return SUPER.pack(MAGIC, 0, 0, BLOCK_BITS, 0, root_nid, inodes, 0, 0, blocks, meta_blkaddr, 0,
+                      bytes(16), bytes(16), 0, 0, 0, 0, 0, 0, 0, 0, 0, bytes(23))
 
 
 def encode_dev(major: int, minor: int) -> int:

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from .._errors import SourceError
 from .._source import Source
-from .build import BS, Layout
+from .build import BS, ImageNode, Layout, build
 
 
 class SynthesizedImage(Source):
-    """``layout``'s device: block n is metadata, a block of a file's extent in ``backing``, or zeros."""
+    """An EROFS image made from a tree: block n is metadata, a block of a file's bytes in ``backing``, or zeros.
 
-    def __init__(self, layout: Layout, backing: Source, description: str = "synthesized EROFS image") -> None:
-        self.layout, self.backing, self.description = layout, backing, description
+    It is built from ``root``, a directory ``ImageNode`` whose regular files
+    name where their bytes start in ``backing`` (``data_offset``). It answers
+    no recovery state of its own: the source that made it records how to make
+    it again (``state()`` of a subclass).
+    """
+
+    def __init__(self, root: ImageNode, backing: Source, description: str = "synthesized EROFS image") -> None:
+        self.layout: Layout = build(root)
+        self.backing, self.description = backing, description
 
     @property
     def size(self) -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from erofs_mount_core import Source
-from erofs_mount_core._erofs.build import BS, Node, build
+from erofs_mount_core._erofs.build import BS, ImageNode, build
 from erofs_mount_core._erofs.image import SynthesizedImage
 
 # security.capability: cap_net_bind_service, effective (struct vfs_cap_data, revision 2)
@@ -70,18 +70,18 @@ def make_tree(root: Path) -> None:
     os.utime(root / "size-511", ns=(1, 1_700_000_000_123_456_789))
 
 
-def tree_from(root: Path, stream: Path) -> Node:
+def tree_from(root: Path, stream: Path) -> ImageNode:
     """Nodes for the directory, each file's bytes appended to ``stream`` after some junk."""
-    nodes: dict[tuple[int, int], Node] = {}
+    nodes: dict[tuple[int, int], ImageNode] = {}
     with open(stream, "wb") as out:
         out.write(b"junk" * 3)
 
-        def node_of(path: Path) -> Node:
+        def node_of(path: Path) -> ImageNode:
             st = path.lstat()
             key = (st.st_dev, st.st_ino)
             if key in nodes:
                 return nodes[key]
-            node = Node(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns // 10**9,
+            node = ImageNode(mode=st.st_mode, uid=st.st_uid, gid=st.st_gid, mtime=st.st_mtime_ns // 10**9,
                         mtime_nsec=st.st_mtime_ns % 10**9)
             if stat.S_ISREG(st.st_mode):
                 out.write(b"h" * 513)  # a tar header's worth of other bytes
@@ -108,8 +108,7 @@ def synthesized(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, P
     base = tmp_path_factory.mktemp("synth")
     make_tree(base / "tree")
     stream = base / "stream"
-    layout = build(tree_from(base / "tree", stream), build_time=1_700_000_000)
-    image = SynthesizedImage(layout, FileSource(stream))
+    image = SynthesizedImage(tree_from(base / "tree", stream), FileSource(stream))
     try:
         assert image.size % BS == 0
         data = b"".join(image.pread(min(1 << 20, image.size - o), o) for o in range(0, image.size, 1 << 20))
@@ -160,13 +159,13 @@ def test_what_cannot_be_an_image_is_refused() -> None:
     from erofs_mount_core._erofs import format as fmt
 
     with pytest.raises(ValueError, match="must be a directory"):
-        build(Node(mode=stat.S_IFREG | 0o644))
+        build(ImageNode(mode=stat.S_IFREG | 0o644))
     with pytest.raises(ValueError, match="cannot be a name"):
-        build(Node(mode=stat.S_IFDIR | 0o755, children={b"a/b": Node(mode=stat.S_IFREG | 0o644)}))
-    loop = Node(mode=stat.S_IFDIR | 0o755)
+        build(ImageNode(mode=stat.S_IFDIR | 0o755, children={b"a/b": ImageNode(mode=stat.S_IFREG | 0o644)}))
+    loop = ImageNode(mode=stat.S_IFDIR | 0o755)
     loop.children[b"again"] = loop
     with pytest.raises(ValueError, match="linked twice"):
-        build(Node(mode=stat.S_IFDIR | 0o755, children={b"d": loop}))
+        build(ImageNode(mode=stat.S_IFDIR | 0o755, children={b"d": loop}))
     with pytest.raises(ValueError, match="in no namespace EROFS stores"):
         fmt.xattr_name(b"system.other")
     assert fmt.xattr_name(b"system.posix_acl_access") == (2, b"")

@@ -1,4 +1,4 @@
-"""Every source through the real nbd driver: one set of scenarios, run for local, oci and s3.
+"""Every source through the real nbd driver: one set of scenarios, run for local, oci, s3 and tar.
 
 Each source is published by a ``Publisher`` (a file, a registry with its
 server running in the guest, an S3 server), mounted, killed and reattached.
@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import attrs
 import pytest
 
 from tests.imagetree import file_sha256, make_tree, mkfs
@@ -26,8 +28,16 @@ pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_system")]
 PASSWORD = "guest pass:w0rd"
 
 
+@attrs.frozen
+class Version:
+    """One version of the published bytes: an EROFS image of ``tree``, and the tree itself."""
+
+    image: Path
+    tree: Path
+
+
 class Publisher:
-    """Puts an image where a source type reads it, and changes it behind a mount."""
+    """Puts a version where a source type reads it (an image, or an archive of its tree), and changes it."""
 
     name: str
     options: tuple[str, ...] = ()
@@ -39,17 +49,17 @@ class Publisher:
 
     spec: str
 
-    def publish(self, image: Path) -> None:
+    def publish(self, version: Version) -> None:
         raise NotImplementedError
 
-    def move(self, image: Path) -> None:
-        """The same name now holds ``image``'s bytes."""
+    def move(self, version: Version) -> None:
+        """The same name now holds ``version``'s bytes."""
         raise NotImplementedError
 
     def delete(self) -> None:
         raise NotImplementedError
 
-    def pinned(self, image: Path) -> str:
+    def pinned(self, version: Version) -> str:
         """What ``list`` shows the source serves (a digest, a path)."""
         raise NotImplementedError
 
@@ -67,19 +77,40 @@ class LocalPublisher(Publisher):
         self.path.parent.mkdir()
         self.spec = f"local:{self.path}"
 
-    def publish(self, image: Path) -> None:
-        self.path.write_bytes(image.read_bytes())
+    def publish(self, version: Version) -> None:
+        self.path.write_bytes(self.bytes_of(version))
 
-    def move(self, image: Path) -> None:
+    def move(self, version: Version) -> None:
         staged = self.path.with_name("staged")
-        staged.write_bytes(image.read_bytes())
+        staged.write_bytes(self.bytes_of(version))
         os.replace(staged, self.path)
 
     def delete(self) -> None:
         self.path.unlink()
 
-    def pinned(self, image: Path) -> str:
+    def pinned(self, version: Version) -> str:
         return str(self.path)
+
+    @staticmethod
+    def bytes_of(version: Version) -> bytes:
+        return version.image.read_bytes()
+
+
+class TarPublisher(LocalPublisher):
+    """The tree as a tar archive, mounted without extracting it."""
+
+    name = "tar"
+    moved_is_refused_with = "is no longer the archive that was mounted"
+
+    def __init__(self, tmp_path: Path) -> None:
+        super().__init__(tmp_path)
+        self.path = self.path.with_name("rootfs.tar")
+        self.spec = f"tar:{self.path}"
+
+    @staticmethod
+    def bytes_of(version: Version) -> bytes:
+        return subprocess.run(["tar", "--numeric-owner", "-C", str(version.tree), "-cf", "-", "."],
+                              check=True, capture_output=True).stdout
 
 
 class OciPublisher(Publisher):
@@ -97,22 +128,22 @@ class OciPublisher(Publisher):
         self.spec = f"oci:{self.registry.host}/team/app:stable"
         self.digest = ""
 
-    def publish(self, image: Path) -> None:
+    def publish(self, version: Version) -> None:
         from tests.oci.registry import EROFS_LAYER
 
-        data = image.read_bytes()
+        data = version.image.read_bytes()
         self.registry.push_image("team/app", "stable", [(data, EROFS_LAYER)])
         self.digest = "sha256:" + hashlib.sha256(data).hexdigest()
 
-    def move(self, image: Path) -> None:
+    def move(self, version: Version) -> None:
         from tests.oci.registry import EROFS_LAYER
 
-        self.registry.push_image("team/app", "stable", [(image.read_bytes(), EROFS_LAYER)])
+        self.registry.push_image("team/app", "stable", [(version.image.read_bytes(), EROFS_LAYER)])
 
     def delete(self) -> None:
         self.registry.delete_blob("team/app", self.digest)
 
-    def pinned(self, image: Path) -> str:
+    def pinned(self, version: Version) -> str:
         return f"{self.registry.host}/team/app:stable#{self.digest}"
 
     def stop(self) -> None:
@@ -134,25 +165,27 @@ class S3Publisher(Publisher):
         self.env = {"AWS_ACCESS_KEY_ID": ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": SECRET_KEY}
         self.secrets = (SECRET_KEY,)
 
-    def publish(self, image: Path) -> None:
-        self.server.client.put_object(Bucket="images", Key="app.erofs", Body=image.read_bytes())
+    def publish(self, version: Version) -> None:
+        self.server.client.put_object(Bucket="images", Key="app.erofs", Body=version.image.read_bytes())
 
     move = publish
 
     def delete(self) -> None:
         self.server.client.delete_object(Bucket="images", Key="app.erofs")
 
-    def pinned(self, image: Path) -> str:
+    def pinned(self, version: Version) -> str:
         return "s3://images/app.erofs"
 
     def stop(self) -> None:
         self.server.stop()
 
 
-PUBLISHERS = {p.name: p for p in (LocalPublisher, OciPublisher, S3Publisher)}
+PUBLISHERS = {p.name: p for p in (LocalPublisher, OciPublisher, S3Publisher, TarPublisher)}
 
 
-@pytest.fixture(params=sorted(PUBLISHERS))
+# tar: images the project synthesizes itself, so the newer kernel reads them too
+@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.kernel(newer=True)) if name == "tar" else name
+                        for name in sorted(PUBLISHERS)])
 def publisher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Publisher]:
     p = PUBLISHERS[request.param](tmp_path)
     yield p
@@ -160,12 +193,12 @@ def publisher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Publis
 
 
 @pytest.fixture
-def images(tmp_path: Path) -> tuple[Path, dict[str, str], Path]:
-    """The image to mount with its files' sha256, and another one to move the name to."""
+def images(tmp_path: Path) -> tuple[Version, dict[str, str], Version]:
+    """The version to mount with its files' sha256, and another one to move the name to."""
     sums = make_tree(tmp_path / "tree", files=40, max_size=1 << 20)
     make_tree(tmp_path / "other", files=5, seed=9)
-    return (mkfs(tmp_path / "v1.erofs", tmp_path / "tree"), sums,
-            mkfs(tmp_path / "v2.erofs", tmp_path / "other"))
+    return (Version(mkfs(tmp_path / "v1.erofs", tmp_path / "tree"), tmp_path / "tree"), sums,
+            Version(mkfs(tmp_path / "v2.erofs", tmp_path / "other"), tmp_path / "other"))
 
 
 def mount(p: Publisher, mountpoint: Path) -> str:
@@ -193,7 +226,7 @@ def assert_refused(p: Publisher, device: str, words: str) -> None:
     cli("umount", device)
 
 
-def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: tuple[Path, dict[str, str], Path],
+def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: tuple[Version, dict[str, str], Version],
                                                   mountpoint: Path) -> None:
     image, sums, _other = images
     publisher.publish(image)
@@ -216,7 +249,7 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
     assert_clean()
 
 
-def test_a_moved_name_never_changes_the_bytes(publisher: Publisher, images: tuple[Path, dict[str, str], Path],
+def test_a_moved_name_never_changes_the_bytes(publisher: Publisher, images: tuple[Version, dict[str, str], Version],
                                               mountpoint: Path) -> None:
     image, sums, other = images
     publisher.publish(image)
@@ -234,7 +267,7 @@ def test_a_moved_name_never_changes_the_bytes(publisher: Publisher, images: tupl
     assert_clean()
 
 
-def test_reattach_refuses_when_the_bytes_are_gone(publisher: Publisher, images: tuple[Path, dict[str, str], Path],
+def test_reattach_refuses_when_the_bytes_are_gone(publisher: Publisher, images: tuple[Version, dict[str, str], Version],
                                                   mountpoint: Path) -> None:
     image, _sums, _other = images
     publisher.publish(image)

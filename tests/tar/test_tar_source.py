@@ -1,0 +1,237 @@
+"""tar:PATH: archives by Python's tarfile (GNU, PAX, ustar) and by GNU tar, mounted as EROFS on the host.
+
+Each image is read through the source into a file, checked by fsck.erofs,
+mounted by the kernel (loop) and compared entry by entry with what
+``tar -x --xattrs --numeric-owner`` extracts from the same archive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import random
+import stat
+import subprocess
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from erofs_mount_tar import open_archive
+
+from erofs_mount_core import SourceError, UsageError
+from erofs_mount_core.testing import SourceCase, check_source
+
+LONG = "long-" + "n" * 120  # past ustar's 100-character name field
+
+
+def make_tree(root: Path) -> None:
+    rng = random.Random(3)
+    root.mkdir()
+    for size in (0, 1, 511, 512, 513, 4096, 70_000):
+        (root / f"file-{size}").write_bytes(rng.randbytes(size))
+    (root / "dir" / "sub").mkdir(parents=True)
+    (root / "dir" / "sub" / "leaf").write_text("leaf\n")
+    (root / "dir" / LONG).write_bytes(rng.randbytes(3000))
+    os.symlink("file-1", root / "link")
+    os.symlink("/" + "t" * 300, root / "long link")
+    os.link(root / "file-513", root / "hardlink")
+    os.mknod(root / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.mknod(root / "disk", 0o660 | stat.S_IFBLK, os.makedev(8, 17))
+    os.mkfifo(root / "fifo")
+    os.chmod(root / "file-1", 0o4755)
+    os.chmod(root / "dir" / "sub", 0o3777)
+    os.chown(root / "file-512", 3_000_000, 7)  # past ustar's 8-digit octal: GNU base-256, PAX text
+    os.utime(root / "file-0", ns=(0, 1_600_000_000_987_654_321))
+    os.setxattr(root / "file-4096", "user.mime", b"application/octet-stream")
+    os.setxattr(root / "dir", "trusted.overlay.opaque", b"y")
+
+
+def tarfile_archive(tree: Path, path: Path, fmt: int) -> Path:
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for entry in sorted(tree.rglob("*")):
+            info = tar.gettarinfo(entry, arcname=str(entry.relative_to(tree)))
+            if fmt == tarfile.PAX_FORMAT:
+                for name in os.listxattr(entry, follow_symlinks=False):
+                    value = os.getxattr(entry, name, follow_symlinks=False)
+                    info.pax_headers[f"SCHILY.xattr.{name}"] = value.decode("utf-8", "surrogateescape")
+                ns = entry.lstat().st_mtime_ns
+                info.pax_headers["mtime"] = f"{ns // 10**9}.{ns % 10**9:09d}"
+            if info.isreg():
+                with open(entry, "rb") as f:
+                    tar.addfile(info, f)
+            else:
+                tar.addfile(info)
+    return path
+
+
+ARCHIVES = {
+    "tarfile-gnu": lambda tree, p: tarfile_archive(tree, p, tarfile.GNU_FORMAT),
+    "tarfile-pax": lambda tree, p: tarfile_archive(tree, p, tarfile.PAX_FORMAT),
+    "gnu-tar-posix": lambda tree, p: subprocess.run(
+        ["tar", "--xattrs", "--xattrs-include=*", "--format=posix", "--numeric-owner", "-C", str(tree), "-cf", str(p),
+         "."], check=True) and p,
+    "gnu-tar-gnu": lambda tree, p: subprocess.run(
+        ["tar", "--format=gnu", "--numeric-owner", "-C", str(tree), "-cf", str(p), "."], check=True) and p,
+}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("tartree")
+    make_tree(base / "tree")
+    return base / "tree"
+
+
+def materialize(archive: Path, into: Path) -> Path:
+    image = open_archive(str(archive))
+    try:
+        into.write_bytes(image.pread(image.size, 0))
+    finally:
+        image.close()
+    return into
+
+
+@pytest.fixture
+def mounted(request: pytest.FixtureRequest, tree: Path, tmp_path: Path) -> Iterator[tuple[Path, Path, str]]:
+    """(the archive's extraction by GNU tar, the image's mount, the archive's kind)"""
+    kind = request.param
+    archive = tmp_path / f"{kind}.tar"
+    ARCHIVES[kind](tree, archive)
+    image = materialize(archive, tmp_path / "image.erofs")
+    fsck = subprocess.run(["fsck.erofs", str(image)], capture_output=True, text=True)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    extracted, mnt = tmp_path / "extracted", tmp_path / "mnt"
+    extracted.mkdir()
+    mnt.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-p", "-C", str(extracted), "-xf",
+                    str(archive)], check=True)
+    subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", str(image), str(mnt)], check=True)
+    try:
+        yield extracted, mnt, kind
+    finally:
+        subprocess.run(["umount", str(mnt)], check=True)
+
+
+def _xattrs(path: Path) -> dict[str, bytes]:
+    return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)}
+
+
+@pytest.mark.parametrize("mounted", sorted(ARCHIVES), indirect=True)
+def test_the_image_equals_the_extraction(mounted: tuple[Path, Path, str]) -> None:
+    extracted, mnt, kind = mounted
+    checked = 0
+    for dirpath, dirnames, filenames in os.walk(extracted):
+        for name in dirnames + filenames:
+            want = Path(dirpath) / name
+            got = mnt / want.relative_to(extracted)
+            a, b = want.lstat(), got.lstat()
+            where = f"{kind}: {want.relative_to(extracted)}"
+            assert (stat.S_IFMT(b.st_mode), stat.S_IMODE(b.st_mode), b.st_uid, b.st_gid, b.st_rdev) == \
+                   (stat.S_IFMT(a.st_mode), stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid, a.st_rdev), where
+            if not stat.S_ISLNK(a.st_mode):
+                assert b.st_mtime_ns == a.st_mtime_ns, where
+            if stat.S_ISREG(a.st_mode):
+                assert (b.st_size, b.st_nlink) == (a.st_size, a.st_nlink), where
+                assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(want.read_bytes()).digest(), where
+            elif stat.S_ISLNK(a.st_mode):
+                assert os.readlink(got) == os.readlink(want), where
+            elif stat.S_ISDIR(a.st_mode):
+                assert sorted(os.listdir(got)) == sorted(os.listdir(want)), where
+            assert _xattrs(got) == _xattrs(want), where
+            checked += 1
+    assert checked >= 16
+    assert (mnt / "hardlink").stat().st_ino == (mnt / "file-513").stat().st_ino
+    assert (mnt / "dir" / LONG).stat().st_size == 3000
+    if kind in ("tarfile-pax", "gnu-tar-posix"):
+        assert (mnt / "file-0").lstat().st_mtime_ns == 1_600_000_000_987_654_321
+        assert os.getxattr(mnt / "file-4096", "user.mime") == b"application/octet-stream"
+
+
+def layer_with_whiteouts(path: Path) -> Path:
+    def add(tar: tarfile.TarFile, name: str, kind: bytes = tarfile.REGTYPE, data: bytes = b"") -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mode = kind, len(data), 0o755 if kind == tarfile.DIRTYPE else 0o644
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, "etc", tarfile.DIRTYPE)
+        add(tar, "etc/.wh.gone")                       # deletes etc/gone of the layers below
+        add(tar, "etc/new", data=b"new\n")
+        add(tar, "var/cache/.wh..wh..opq")             # hides everything var/cache had below
+        add(tar, "var/cache/fresh", data=b"fresh\n")
+    return path
+
+
+def test_whiteouts_and_opaque_directories_work_under_overlayfs(tmp_path: Path) -> None:
+    lower = tmp_path / "lower"
+    (lower / "etc").mkdir(parents=True)
+    (lower / "etc" / "gone").write_text("old\n")
+    (lower / "etc" / "kept").write_text("kept\n")
+    (lower / "var" / "cache").mkdir(parents=True)
+    (lower / "var" / "cache" / "stale").write_text("stale\n")
+    image = materialize(layer_with_whiteouts(tmp_path / "layer.tar"), tmp_path / "layer.erofs")
+    layer, merged = tmp_path / "layer", tmp_path / "merged"
+    layer.mkdir()
+    merged.mkdir()
+    subprocess.run(["mount", "-t", "erofs", "-o", "ro,loop", str(image), str(layer)], check=True)
+    try:
+        gone = (layer / "etc" / "gone").lstat()
+        assert stat.S_ISCHR(gone.st_mode) and gone.st_rdev == 0
+        assert os.getxattr(layer / "var" / "cache", "trusted.overlay.opaque") == b"y"
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o", f"lowerdir={layer}:{lower}", str(merged)],
+                       check=True)
+        try:
+            assert sorted(os.listdir(merged / "etc")) == ["kept", "new"]
+            assert sorted(os.listdir(merged / "var" / "cache")) == ["fresh"]
+            assert (merged / "etc" / "kept").read_text() == "kept\n"
+        finally:
+            subprocess.run(["umount", str(merged)], check=True)
+    finally:
+        subprocess.run(["umount", str(layer)], check=True)
+
+
+def _archive(path: Path, *entries: tuple[str, bytes, str]) -> Path:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, kind, link in entries:
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = kind, link
+            tar.addfile(info, io.BytesIO(b""))
+    return path
+
+
+@pytest.mark.parametrize("make, error, message", [
+    (lambda p: _archive(p, ("ok", tarfile.REGTYPE, ""), ("../escape", tarfile.REGTYPE, "")), SourceError,
+     r"entry '\.\./escape' would land outside the root"),
+    (lambda p: _archive(p, ("a/../../b", tarfile.REGTYPE, "")), SourceError, "would land outside the root"),
+    (lambda p: _archive(p, ("link", tarfile.LNKTYPE, "missing")), SourceError,
+     "'link' is a hardlink to 'missing', which the archive does not hold before it"),
+    (lambda p: p.write_bytes(os.urandom(4096)) and p, SourceError, "is not a tar archive"),
+    (lambda p: p.write_bytes(b"\x1f\x8b\x08" + bytes(600)) and p, UsageError, "is gzip-compressed"),
+    (lambda p: p.write_bytes(b"\x28\xb5\x2f\xfd" + bytes(600)) and p, UsageError, "is zstd-compressed"),
+])
+def test_bad_archives_are_one_clear_error(make, error: type, message: str, tmp_path: Path) -> None:  # noqa: ANN001
+    archive = make(tmp_path / "bad.tar")
+    with pytest.raises(error, match=message):
+        open_archive(str(archive))
+
+
+def test_a_truncated_archive_is_refused(tree: Path, tmp_path: Path) -> None:
+    archive = tarfile_archive(tree, tmp_path / "whole.tar", tarfile.GNU_FORMAT)
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(archive.read_bytes()[:20_000])
+    with pytest.raises(SourceError):
+        image = open_archive(str(cut))
+        image.close()
+
+
+def test_the_tar_source_keeps_the_contract(tree: Path, tmp_path: Path) -> None:
+    archive = tarfile_archive(tree, tmp_path / "contract.tar", tarfile.PAX_FORMAT)
+    expected = materialize(archive, tmp_path / "expected.erofs").read_bytes()
+
+    def rewrite() -> None:
+        archive.write_bytes(archive.read_bytes())  # same bytes, rewritten: the identity changes
+
+    check_source(SourceCase(scheme="tar", location=str(archive), expected=expected, change=rewrite,
+                            missing_location=str(tmp_path / "missing.tar")))
