@@ -183,11 +183,13 @@ class S3Publisher(Publisher):
 PUBLISHERS = {p.name: p for p in (LocalPublisher, OciPublisher, S3Publisher, TarPublisher)}
 
 
-# tar: images the project synthesizes itself, so the newer kernel reads them too
-@pytest.fixture(params=[pytest.param(name, marks=pytest.mark.kernel(newer=True)) if name == "tar" else name
-                        for name in sorted(PUBLISHERS)])
-def publisher(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Publisher]:
-    p = PUBLISHERS[request.param](tmp_path)
+# One publisher (and its server) per source type for the whole module: a registry or an S3
+# server takes long to start in the guest. tar: images the project synthesizes itself, so the
+# newer kernel reads them too.
+@pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.kernel(newer=True))
+                                        if name == "tar" else name for name in sorted(PUBLISHERS)])
+def publisher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Publisher]:
+    p = PUBLISHERS[request.param](tmp_path_factory.mktemp(request.param))
     yield p
     p.stop()
 
