@@ -197,7 +197,7 @@ def publisher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 @pytest.fixture
 def images(tmp_path: Path) -> tuple[Version, dict[str, str], Version]:
     """The version to mount with its files' sha256, and another one to move the name to."""
-    sums = make_tree(tmp_path / "tree", files=40, max_size=1 << 20)
+    sums = make_tree(tmp_path / "tree", files=16, max_size=512 << 10)
     make_tree(tmp_path / "other", files=5, seed=9)
     return (Version(mkfs(tmp_path / "v1.erofs", tmp_path / "tree"), tmp_path / "tree"), sums,
             Version(mkfs(tmp_path / "v2.erofs", tmp_path / "other"), tmp_path / "other"))
