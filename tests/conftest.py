@@ -1,10 +1,9 @@
 """Runs the ``kernel``-marked tests inside a VM with a real nbd driver.
 
 On the host, each selected kernel test is replaced by a stand-in item; the
-first stand-in boots one guest per kernel series (tests/vm/vm-run), side by
-side, each running all of its tests in a single pytest session, and every
-stand-in then reports its own test's outcome from its guest. Inside the
-guest (VMTEST_GUEST=1) the real tests run.
+first stand-in boots one guest (tests/vm/vm-run) that runs all of them in a
+single pytest session, and every stand-in then reports its own test's
+outcome from the guest. Inside the guest (VMTEST_GUEST=1) the real tests run.
 
 Every kernel test runs on Debian's stock kernel (6.1). Tests marked
 ``kernel(newer=True)`` also run on a newer one (6.12, whose nbd driver
@@ -20,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -32,7 +30,7 @@ IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
 REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
 GUEST_LOG = ROOT / ".guest-pytest.log"
-GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1800"))
+GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1200"))
 #: the newer kernel series; tests/vm/kernel-pkg names its current Debian package
 NEWER_KERNEL = "6.12"
 STOCK_KERNEL = ""  # vm-run's default: Debian's linux-image-amd64
@@ -71,19 +69,6 @@ class GuestRun:
         self.error: str | None = None
         self.output = ""
         self.seconds = 0.0
-
-    def start(self, nodeids: list[str]) -> None:
-        """Boot the guest and run ``nodeids`` in a thread of its own, so that guests run side by side."""
-        self._thread = threading.Thread(target=self.run, args=(nodeids,), name=f"guest {self.kernel or 'stock'}",
-                                        daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    @property
-    def started(self) -> bool:
-        return hasattr(self, "_thread")
 
     def run(self, nodeids: list[str]) -> None:
         report = self.log.with_name(self.log.name + ".report.json")
@@ -143,12 +128,10 @@ class GuestItem(pytest.Item):
         if self.config.getoption("--skip-kernel"):
             pytest.skip(f"kernel tests skipped on request (--skip-kernel / {SKIP_ENV}=1)")
         guest = _guest(self.config, self.kernel)
-        if not guest.started:  # the first stand-in boots every kernel's guest at once: they run side by side
-            kernels = {i.kernel for i in self.session.items if isinstance(i, GuestItem)}
-            for kernel in sorted(kernels):
-                _guest(self.config, kernel).start([i.nodeid_in_guest for i in self.session.items
-                                                   if isinstance(i, GuestItem) and i.kernel == kernel])
-        guest.wait()
+        if guest.results is None and guest.error is None:
+            wanted = [i.nodeid_in_guest for i in self.session.items
+                      if isinstance(i, GuestItem) and i.kernel == self.kernel]
+            guest.run(wanted)
         if guest.error:
             raise GuestFailure(guest.error)
         result = guest.results.get(self.nodeid_in_guest) if guest.results else None
