@@ -30,7 +30,7 @@ IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
 REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
 GUEST_LOG = ROOT / ".guest-pytest.log"
-GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1200"))
+GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "1800"))
 #: the newer kernel series; tests/vm/kernel-pkg names its current Debian package
 NEWER_KERNEL = "6.12"
 STOCK_KERNEL = ""  # vm-run's default: Debian's linux-image-amd64
