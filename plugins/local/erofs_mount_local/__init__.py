@@ -86,18 +86,26 @@ def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source
 
 @hookimpl
 def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
+    return reopen(state)
+
+
+def reopen(state: Mapping[str, Any], what: str = "image") -> LocalFile:
+    """The file a record names, if it is still the same one (``what`` it held names it in the refusal).
+
+    Other sources whose bytes are a local file (``tar:``) reopen theirs with it too.
+    """
     try:
-        path = state["path"]
+        path = str(state["path"])
         # records written before ctime was kept lack it: their other fields are still checked
         recorded = {k: int(state[k]) for k in _IDENTITY if k in state or k != "ctime_ns"}
     except (KeyError, TypeError, ValueError) as exc:
-        raise SourceError(f"local: record state is incomplete ({exc})") from exc
+        raise SourceError(f"the {what}'s record state is incomplete ({exc})") from exc
     source = LocalFile(path)
     changed = [k for k in recorded if source.identity[k] != recorded[k]]
     if changed:
         source.close()
         raise SourceChangedError(
-            f"{path} is no longer the image that was mounted ({', '.join(changed)} changed): "
+            f"{path} is no longer the {what} that was mounted ({', '.join(changed)} changed): "
             "refusing to serve other bytes under the mounted filesystem"
         )
     return source

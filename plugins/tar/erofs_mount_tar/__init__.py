@@ -20,84 +20,23 @@ same file (device, inode, size, modification and change time).
 
 from __future__ import annotations
 
-import os
-import stat
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from erofs_mount_core import Source, SourceChangedError, SourceError, SynthesizedImage, UsageError, hookimpl
+from erofs_mount_core import Source, UsageError, hookimpl
+
+if TYPE_CHECKING:
+    from .image import TarImage
 
 SCHEME = "tar"
-_IDENTITY = ("device", "inode", "size", "mtime_ns", "ctime_ns")
-GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
-
-
-class ArchiveFile(Source):
-    """The archive's bytes: the stream the image's files are read from."""
-
-    def __init__(self, path: str) -> None:
-        self.path = os.path.abspath(path)
-        try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise SourceError(f"{path}: no such file") from None
-        except OSError as exc:
-            raise SourceError(f"{path}: cannot open: {exc.strerror}") from None
-        st = os.fstat(self._fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(self._fd)
-            raise SourceError(f"{path}: not a regular file")
-        self._size = st.st_size
-        self.identity = {"device": st.st_dev, "inode": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                         "ctime_ns": st.st_ctime_ns}
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def pread(self, length: int, offset: int) -> bytes:
-        try:
-            data = os.pread(self._fd, length, offset)
-        except OSError as exc:
-            raise SourceError(f"{self.path}: read failed: {exc.strerror}", transient=True) from exc
-        if len(data) != length:
-            raise SourceError(f"{self.path}: the archive shrank under a read at {offset}")
-        return data
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def close(self) -> None:
-        os.close(self._fd)
-
-
-class TarImage(SynthesizedImage):
-    """The EROFS image of one archive."""
-
-    def __init__(self, archive: ArchiveFile) -> None:
-        from .tree import read_tree
-
-        head = archive.pread(min(512, archive.size), 0)
-        if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
-            kind = "gzip" if head.startswith(GZIP_MAGIC) else "zstd"
-            raise UsageError(f"tar: {archive.path} is {kind}-compressed; this release mounts uncompressed "
-                             "archives only (decompress it first)")
-        with open(archive.fileno(), "rb", closefd=False) as f:
-            root = read_tree(f, archive.path)
-        super().__init__(root, archive, archive.path)
-        self.archive = archive
-
-    def state(self) -> dict[str, Any]:
-        return {"path": self.archive.path, **self.archive.identity}
 
 
 def open_archive(path: str) -> TarImage:
-    archive = ArchiveFile(path)
-    try:
-        return TarImage(archive)
-    except BaseException:
-        archive.close()
-        raise
+    from erofs_mount_local import LocalFile
+
+    from .image import serve_archive  # the image builder loads only when an archive is opened
+
+    return serve_archive(LocalFile(path))
 
 
 @hookimpl
@@ -114,19 +53,8 @@ def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source
 
 @hookimpl
 def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
-    try:
-        path = str(state["path"])
-        recorded = {k: int(state[k]) for k in _IDENTITY}
-    except (KeyError, TypeError, ValueError) as exc:
-        raise SourceError(f"tar: record state is incomplete ({exc})") from exc
-    archive = ArchiveFile(path)
-    changed = [k for k in _IDENTITY if archive.identity[k] != recorded[k]]
-    if changed:
-        archive.close()
-        raise SourceChangedError(f"{path} is no longer the archive that was mounted ({', '.join(changed)} changed): "
-                                 "refusing to serve other bytes under the mounted filesystem")
-    try:
-        return TarImage(archive)
-    except BaseException:
-        archive.close()
-        raise
+    from erofs_mount_local import reopen
+
+    from .image import serve_archive
+
+    return serve_archive(reopen(state, what="archive"))
