@@ -4,7 +4,9 @@ The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
-    from erofs_mount_core import ImageNode, SynthesizedImage  # an EROFS image made from a tree
+    from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
+    from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
+    from erofs_mount_core import cache_directory, open_cache_file, write_cache_file  # kept between mounts
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
 contract kit in ``erofs_mount_core.testing``. Every other module is private
@@ -25,14 +27,20 @@ _EXPORTS = {
     "CacheSettings": "_filters",
     "ErofsMountError": "_errors",
     "Filter": "_filters",
+    "ImageLayout": "_erofs.build",
     "ImageNode": "_erofs.build",
     "RetryPolicy": "_filters",
     "Source": "_source",
     "SourceChangedError": "_errors",
     "SourceError": "_errors",
+    "SpanHashes": "_spans",
+    "SpanHasher": "_spans",
     "SynthesizedImage": "_erofs.image",
     "UsageError": "_errors",
+    "cache_directory": "_cache",
     "hookimpl": "hookspecs",
+    "open_cache_file": "_cache",
+    "write_cache_file": "_cache",
 }
 
 __all__ = [
@@ -40,22 +48,30 @@ __all__ = [
     "CacheSettings",
     "ErofsMountError",
     "Filter",
+    "ImageLayout",
     "ImageNode",
     "RetryPolicy",
     "Source",
     "SourceChangedError",
     "SourceError",
+    "SpanHasher",
+    "SpanHashes",
     "SynthesizedImage",
     "UsageError",
+    "cache_directory",
     "hookimpl",
+    "open_cache_file",
+    "write_cache_file",
 ]
 
 if TYPE_CHECKING:
-    from ._erofs.build import ImageNode
+    from ._cache import cache_directory, open_cache_file, write_cache_file
+    from ._erofs.build import ImageLayout, ImageNode
     from ._erofs.image import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError
     from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
     from ._source import Source
+    from ._spans import SpanHasher, SpanHashes
     from .hookspecs import hookimpl
 
 

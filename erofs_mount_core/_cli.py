@@ -209,6 +209,71 @@ def plugins(scheme: str | None, as_json: bool) -> None:
         click.echo(f"conflict: scheme {scheme!r} is claimed by {', '.join(names)}; it cannot be used")
 
 
+@cli.group()
+def cache() -> None:
+    """The cache directory: indexes, span hashes and unpacked streams kept between mounts.
+
+    It is /var/cache/erofs-mount unless EROFS_MOUNT_CACHE_DIR names another.
+    Anything in it may be deleted; what a mount needs again is rebuilt.
+    """
+
+
+@cache.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors_as_lines
+def cache_list(as_json: bool) -> None:
+    """Show the cache's files, least recently used first, and which are in use by a daemon."""
+    from . import _cache
+
+    found = _cache.entries()
+    if as_json:
+        click.echo(json.dumps({"directory": str(_cache.cache_root()), "entries": [
+            {"path": str(e.path), "bytes": e.size, "used": e.used, "in_use": e.in_use} for e in found]}, indent=2))
+        return
+    if not found:
+        click.echo(f"{_cache.cache_root()}: empty")
+        return
+    import time
+
+    table = [("SIZE", "LAST USED", "IN USE", "FILE")]
+    for e in found:
+        table.append((_size_text(e.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)),
+                      "yes" if e.in_use else "-", str(e.path.relative_to(_cache.cache_root()))))
+    _echo_table(table)
+    click.echo(f"{_size_text(sum(e.size for e in found))} in {len(found)} files under {_cache.cache_root()}")
+
+
+@cache.command(name="prune")
+@click.option("--max-size", default="0", show_default=True, metavar="SIZE",
+              help="Keep at most this much (bytes, or with K, M, G, T); files in use are kept.")
+@_errors_as_lines
+def cache_prune(max_size: str) -> None:
+    """Delete the least recently used cache files not in use until the cache is at most SIZE."""
+    from . import _cache
+
+    removed = _cache.prune(_parse_size(max_size))
+    click.echo(f"removed {len(removed)} files, {_size_text(sum(e.size for e in removed))}")
+
+
+def _size_text(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError
+
+
+def _parse_size(text: str) -> int:
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    number, unit = text.rstrip("KMGTkmgtiBb"), text[len(text.rstrip("KMGTkmgtiBb")):]
+    unit = unit.upper().removesuffix("B").removesuffix("I")
+    if not number.isdigit() or unit not in units:
+        from ._errors import UsageError
+
+        raise UsageError(f"--max-size: {text!r} is not a size (like 500M or 20G)")
+    return int(number) * units[unit]
+
+
 @cli.command()
 @click.option("-s", "--source", "spec", required=True, metavar="SCHEME:LOCATION", help="What to serve.")
 @click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE[,...]",

@@ -8,7 +8,6 @@ binary or a device node in an image then has no power on the host.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import re
@@ -27,7 +26,7 @@ FLAG_OPTIONS = {
     "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
     "noatime": (MS_NOATIME, 0), "nodiratime": (MS_NODIRATIME, 0), "relatime": (MS_RELATIME, 0),
 }
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has (find_library runs ldconfig)
 
 
 def split_options(options: Mapping[str, str]) -> tuple[int, dict[str, str]]:

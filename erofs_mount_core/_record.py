@@ -13,7 +13,6 @@ import contextlib
 import datetime
 import os
 import re
-import secrets
 import stat
 import tomllib
 from pathlib import Path
@@ -142,7 +141,7 @@ class RecordStore:
             os.chmod(self.directory, 0o700)
 
     def new_path(self) -> Path:
-        return self.directory / f"nbd-{secrets.token_hex(6)}{SUFFIX}"
+        return self.directory / f"nbd-{os.urandom(6).hex()}{SUFFIX}"  # (secrets would load OpenSSL for this)
 
     def holds(self, path: str | os.PathLike[str]) -> bool:
         """Whether ``path`` names a record of this directory (``nbd-HEX.toml`` in it, nowhere else)."""

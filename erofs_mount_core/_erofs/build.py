@@ -4,7 +4,7 @@ The device is ``[metadata blocks][data region]``. The metadata blocks hold
 the superblock, every inode (with its inline xattrs and, where it fits, the
 tail of a directory or symlink), then the full blocks of large directories.
 The data region holds each regular file's bytes from its own block on; its
-blocks are not stored anywhere: ``Layout.extents`` says which range of the
+blocks are not stored anywhere: ``ImageLayout.extents`` says which range of the
 backing stream each file's blocks come from, and the image source reads
 them there, zero-filling each file's last block. Nothing is copied, and no
 alignment of the stream is needed.
@@ -12,7 +12,9 @@ alignment of the stream is needed.
 
 from __future__ import annotations
 
+import hashlib
 import stat
+import struct
 from bisect import bisect_right
 
 import attrs
@@ -59,8 +61,15 @@ class Extent:
     """The file's bytes; its last block is zero-filled past them."""
 
 
+_PACKED_HEAD = struct.Struct("<8sIIIQ")  # magic, data_start, blocks, inodes, extents
+_PACKED_EXTENT = struct.Struct("<QQQ")  # first_block, backing_offset, size
+_PACKED_MAGIC = b"EROFSLAY"
+
+
 @attrs.frozen
-class Layout:
+class ImageLayout:
+    """What a synthesized image serves: its metadata blocks, and where each file's blocks come from."""
+
     metadata: bytes
     """Blocks [0, data_start): everything but the regular files' bytes."""
     data_start: int
@@ -76,6 +85,42 @@ class Layout:
     @property
     def size(self) -> int:
         return self.blocks * BS
+
+    @staticmethod
+    def of(root: ImageNode) -> ImageLayout:
+        """Lay out the tree under ``root`` (a directory) as an EROFS image."""
+        return build(root)
+
+    def to_bytes(self) -> bytes:
+        """A compact form to keep in a cache: ``from_bytes`` gives this layout back, exactly."""
+        head = _PACKED_HEAD.pack(_PACKED_MAGIC, self.data_start, self.blocks, self.inodes, len(self.extents))
+        return head + b"".join(_PACKED_EXTENT.pack(e.first_block, e.backing_offset, e.size)
+                               for e in self.extents) + self.metadata
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ImageLayout:
+        """ValueError unless ``data`` is what ``to_bytes`` writes."""
+        try:
+            magic, data_start, blocks, inodes, count = _PACKED_HEAD.unpack_from(data)
+        except struct.error:
+            raise ValueError("not a packed image layout") from None
+        start = _PACKED_HEAD.size + count * _PACKED_EXTENT.size
+        if magic != _PACKED_MAGIC or len(data) != start + data_start * BS:
+            raise ValueError("not a packed image layout")
+        extents = tuple(Extent(*_PACKED_EXTENT.unpack_from(data, _PACKED_HEAD.size + i * _PACKED_EXTENT.size))
+                        for i in range(count))
+        end = data_start
+        for e in extents:
+            if e.first_block < end or e.size <= 0:
+                raise ValueError("a packed image layout's extents overlap")
+            end = e.first_block + -(-e.size // BS)
+        if end > blocks:
+            raise ValueError("a packed image layout's extents run past its end")
+        return cls(data[start:], data_start, extents, blocks, inodes)
+
+    def digest(self) -> str:
+        """The sha256 of the packed layout: equal digests serve equal bytes from equal streams."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def extent_at(self, block: int) -> Extent | None:
         i = bisect_right(self._firsts, block) - 1
@@ -104,7 +149,7 @@ class _Placed:
         return self.offset // fmt.NID_SIZE
 
 
-def build(root: ImageNode) -> Layout:
+def build(root: ImageNode) -> ImageLayout:
     """Lay out the tree under ``root`` (a directory) as an EROFS image."""
     if root.kind != stat.S_IFDIR:
         raise ValueError("the root of an image must be a directory")
@@ -138,7 +183,7 @@ def build(root: ImageNode) -> Layout:
         if p.full_blocks:
             start = p.raw_blkaddr * BS
             metadata[start:start + p.full_blocks * BS] = content[:p.full_blocks * BS].ljust(p.full_blocks * BS, b"\0")
-    return Layout(bytes(metadata), data_start, tuple(extents), block, len(placed))
+    return ImageLayout(bytes(metadata), data_start, tuple(extents), block, len(placed))
 
 
 def _collect(root: ImageNode) -> dict[int, _Placed]:

@@ -4,20 +4,23 @@ from __future__ import annotations
 
 from .._errors import SourceError
 from .._source import Source
-from .build import BS, ImageNode, Layout, build
+from .build import BS, ImageLayout, ImageNode
 
 
 class SynthesizedImage(Source):
     """An EROFS image made from a tree: block n is metadata, a block of a file's bytes in ``backing``, or zeros.
 
-    It is built from ``root``, a directory ``ImageNode`` whose regular files
-    name where their bytes start in ``backing`` (``data_offset``). It answers
-    no recovery state of its own: the source that made it records how to make
-    it again (``state()`` of a subclass).
+    It is built from ``layout``: ``ImageLayout.of(root)`` of a directory
+    ``ImageNode`` whose regular files name where their bytes start in
+    ``backing`` (``data_offset``), or a layout kept from an earlier build
+    (``ImageLayout.from_bytes``), which serves the very same bytes. It
+    answers no recovery state of its own: the source that made it records
+    how to make it again (``state()`` of a subclass).
     """
 
-    def __init__(self, root: ImageNode, backing: Source, description: str = "synthesized EROFS image") -> None:
-        self.layout: Layout = build(root)
+    def __init__(self, layout: ImageLayout | ImageNode, backing: Source,
+                 description: str = "synthesized EROFS image") -> None:
+        self.layout = layout if isinstance(layout, ImageLayout) else ImageLayout.of(layout)
         self.backing, self.description = backing, description
 
     @property

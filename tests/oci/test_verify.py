@@ -57,7 +57,7 @@ def test_verify_full_serves_no_corrupted_byte(proxy: FaultProxy, token_registry:
     try:
         assert whole_blob_gets(proxy) == 1, "one streamed pass at mount"
         proxy.inject("blob", "corrupt")
-        with pytest.raises(SourceError, match="does not match the blob verified at mount"):
+        with pytest.raises(SourceError, match="is not the bytes measured when it was first read"):
             full.pread(4096, 0)
         proxy.inject("blob", "corrupt")
         served = Retrying(full, RetryPolicy(base_delay=0.01))  # as the daemon serves it

@@ -21,7 +21,7 @@ import pytest
 
 from tests.imagetree import file_sha256, make_tree, mkfs
 from tests.vm.conftest import assert_clean, cli, daemon_pids, devices, records
-from tests.vm.test_local_mount import drop_caches, kill_daemon
+from tests.vm.test_local_mount import Readers, drop_caches, kill_daemon
 
 pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_system")]
 
@@ -97,19 +97,19 @@ class LocalPublisher(Publisher):
 
 
 class TarPublisher(LocalPublisher):
-    """The tree as a tar archive, mounted without extracting it."""
+    """The tree as a tar.gz archive, mounted without extracting it."""
 
     name = "tar"
     moved_is_refused_with = "is no longer the archive that was mounted"
 
     def __init__(self, tmp_path: Path) -> None:
         super().__init__(tmp_path)
-        self.path = self.path.with_name("rootfs.tar")
+        self.path = self.path.with_name("rootfs.tar.gz")
         self.spec = f"tar:{self.path}"
 
     @staticmethod
     def bytes_of(version: Version) -> bytes:
-        return subprocess.run(["tar", "--numeric-owner", "-C", str(version.tree), "-cf", "-", "."],
+        return subprocess.run(f"tar --numeric-owner -C {version.tree} -cf - . | gzip -c", shell=True,
                               check=True, capture_output=True).stdout
 
 
@@ -194,13 +194,15 @@ def publisher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     p.stop()
 
 
-@pytest.fixture
-def images(tmp_path: Path) -> tuple[Version, dict[str, str], Version]:
-    """The version to mount with its files' sha256, and another one to move the name to."""
-    sums = make_tree(tmp_path / "tree", files=16, max_size=512 << 10)
-    make_tree(tmp_path / "other", files=5, seed=9)
-    return (Version(mkfs(tmp_path / "v1.erofs", tmp_path / "tree"), tmp_path / "tree"), sums,
-            Version(mkfs(tmp_path / "v2.erofs", tmp_path / "other"), tmp_path / "other"))
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> tuple[Version, dict[str, str], Version]:
+    """The version to mount with its files' sha256, and another one to move the name to (made once:
+    publishers copy them, no test changes them)."""
+    base = tmp_path_factory.mktemp("versions")
+    sums = make_tree(base / "tree", files=16, max_size=512 << 10)
+    make_tree(base / "other", files=5, seed=9)
+    return (Version(mkfs(base / "v1.erofs", base / "tree"), base / "tree"), sums,
+            Version(mkfs(base / "v2.erofs", base / "other"), base / "other"))
 
 
 def mount(p: Publisher, mountpoint: Path) -> str:
@@ -218,6 +220,15 @@ def assert_no_secret_in_the_daemon_s_environ(p: Publisher) -> None:
     environ = Path(f"/proc/{row['daemon_pid']}/environ").read_bytes()
     assert not [s for s in p.secrets if s.encode() in environ], "a secret is in the daemon's environ"
     assert b"PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\0" in environ
+
+
+def daemon_read_bytes() -> int:
+    """All the daemon has read so far (its code included), from /proc/PID/io."""
+    (row,) = devices()
+    for line in Path(f"/proc/{row['daemon_pid']}/io").read_text().splitlines():
+        if line.startswith("rchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no rchar in /proc/PID/io")
 
 
 def assert_refused(p: Publisher, device: str, words: str) -> None:
@@ -241,11 +252,25 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
         assert stat.S_IMODE(record.stat().st_mode) == 0o600
         assert not [s for s in publisher.secrets if s in record.read_text()], "a secret reached the record"
         assert_no_secret_in_the_daemon_s_environ(publisher)
+        started = daemon_read_bytes()
         kill_daemon(device)
         drop_caches()
         cli("reattach", device, env=publisher.env)
+        reattached = daemon_read_bytes()
+        if publisher.name == "tar":  # the index is in the cache: the new daemon reads none of the archive
+            archive = publisher.path.stat().st_size
+            print(f"bytes read by the daemon: at mount {started}, at reattach {reattached}; archive {archive}")
+            assert reattached < started + archive // 4, (started, reattached, archive)
         assert_files(mountpoint, sums)
         assert_no_secret_in_the_daemon_s_environ(publisher)
+        if publisher.name == "tar":  # and killed again under readers: every read they make is right
+            with Readers(mountpoint, sums) as readers:
+                readers.wait_for_reads(10)
+                kill_daemon(device)
+                drop_caches()
+                cli("reattach", device, env=publisher.env)
+                readers.wait_for_reads(10)
+            assert readers.errors == [] and readers.mismatches == []
     finally:
         cli("umount", str(mountpoint))
     assert_clean()

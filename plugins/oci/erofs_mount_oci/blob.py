@@ -71,7 +71,7 @@ class BlobSource(Source):
             else:
                 self.bytes_fetched += len(data)
                 if self.spans:
-                    self.spans.check(start, data, what)
+                    self.spans.check(start, data, what, transient=True)  # a retry may get the right bytes
                 with self._lock:
                     self._hash_along(start, data)
                 if (start, end) != (offset, offset + length):

@@ -1,60 +1,64 @@
 """erofs-mount source ``tar:PATH``: a tar archive mounted as EROFS, without extracting it.
 
-    erofs-mount mount --source tar:/srv/rootfs.tar /mnt/rootfs
+    erofs-mount mount --source tar:/srv/rootfs.tar.gz /mnt/rootfs
 
-The archive's headers are read once; erofs-mount then serves an EROFS image
-made for it: its metadata built in memory, each file's blocks read from the
-archive where the file's bytes already are (no copy, no conversion, no
-alignment needed, so kernels from 6.1 on mount it). Ownership, modes
-(setuid included), nanosecond times, xattrs from PAX headers, hardlinks,
-devices and FIFOs are kept; OCI whiteouts become what overlayfs reads
-(``.wh.NAME`` a 0/0 character device, ``.wh..wh..opq`` the xattr
-``trusted.overlay.opaque=y``), so single layers stack with overlayfs.
+The archive (plain, gzip or zstd, recognized by its content, not its name)
+is read once, in one pass: its headers give the tree, and the sha256 of
+every 1 MiB span of its uncompressed stream is taken, with what random
+access needs (gzip checkpoints, zstd frames). That index is kept in the
+cache directory ($EROFS_MOUNT_CACHE_DIR, default /var/cache/erofs-mount),
+so mounting the same file again and every reattach start without reading
+the archive. erofs-mount then serves an EROFS image made for it: its
+metadata from the index, each file's blocks from the archive's stream where
+the file's bytes already are (no copy, no alignment needed, so kernels from
+6.1 on mount it), every span checked against its hash before it is served.
+Ownership, modes (setuid included), nanosecond times, xattrs from PAX
+headers, hardlinks, devices and FIFOs are kept; OCI whiteouts become what
+overlayfs reads (``.wh.NAME`` a 0/0 character device, ``.wh..wh..opq`` the
+xattr ``trusted.overlay.opaque=y``), so single layers stack with overlayfs.
 
-The archive is recognized by its content, not its name. This release reads
-uncompressed archives; tar.gz and tar.zst are refused with a clear error.
-
-Options: none. Reattach reopens the path and refuses unless it is still the
-same file (device, inode, size, modification and change time).
+Options: ``cache-mib=N`` (decompressed spans kept in memory, default 256),
+``readahead-kib=N`` (read ahead on sequential reads, default 4096).
+Reattach reopens the path and refuses unless it is still the same file
+(device, inode, size, modification and change time) and gives the same
+image.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from erofs_mount_core import Source, UsageError, hookimpl
-
-if TYPE_CHECKING:
-    from .image import TarImage
+from erofs_mount_core import CacheSettings, Source, UsageError, hookimpl
 
 SCHEME = "tar"
-
-
-def open_archive(path: str) -> TarImage:
-    from erofs_mount_local import LocalFile
-
-    from .image import serve_archive  # the image builder loads only when an archive is opened
-
-    return serve_archive(LocalFile(path))
+OPTIONS = ("cache-mib", "readahead-kib")
 
 
 @hookimpl
 def erofs_mount_schemes() -> dict[str, str]:
-    return {SCHEME: "a tar archive, mounted as EROFS without extracting it: tar:PATH"}
+    return {SCHEME: "a tar archive (plain, gzip, zstd), mounted as EROFS without extracting it: tar:PATH"}
 
 
 @hookimpl
 def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
-    if options:
-        raise UsageError(f"tar: unknown option(s): {', '.join(sorted(options))}")
-    return open_archive(location)
+    import sys
+
+    from erofs_mount_local import LocalFile
+
+    from .image import mount_archive  # the indexer and the image builder load only when an archive is opened
+
+    unknown = sorted(set(options) - set(OPTIONS))
+    if unknown:
+        raise UsageError(f"tar: unknown option(s): {', '.join(unknown)}")
+    cache = CacheSettings.parse(options, SCHEME)
+    return mount_archive(LocalFile(location), cache, progress=sys.stderr.isatty())
 
 
 @hookimpl
 def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
     from erofs_mount_local import reopen
 
-    from .image import serve_archive
+    from .image import reattach_archive
 
-    return serve_archive(reopen(state, what="archive"))
+    return reattach_archive(reopen(state, what="archive"), state)

@@ -1,40 +1,72 @@
-"""The EROFS image of one archive: its tree read from the headers, its files' blocks from the archive."""
+"""The EROFS image of one archive: its layout from the index, its files' bytes from the archive's stream, checked."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from erofs_mount_local import LocalFile
 
-from erofs_mount_core import SynthesizedImage, UsageError
+from erofs_mount_core import CacheSettings, SourceChangedError, SourceError, SynthesizedImage
 
-from .tree import read_tree
-
-GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+from . import index as indexes
 
 
 class TarImage(SynthesizedImage):
-    """Served from ``archive`` (a local file, checked by identity on reattach as ``local:`` files are)."""
+    """Every span of the stream is checked against the index's hash before a byte of it is served."""
 
-    def __init__(self, archive: LocalFile) -> None:
-        head = archive.pread(min(512, archive.size), 0)
-        if head.startswith(GZIP_MAGIC) or head.startswith(ZSTD_MAGIC):
-            kind = "gzip" if head.startswith(GZIP_MAGIC) else "zstd"
-            raise UsageError(f"tar: {archive.path} is {kind}-compressed; this release mounts uncompressed "
-                             "archives only (decompress it first)")
-        with open(archive.fileno(), "rb", closefd=False) as f:
-            root = read_tree(f, archive.path)
-        super().__init__(root, archive, archive.path)
-        self.archive = archive
+    def __init__(self, archive: LocalFile, index: indexes.ArchiveIndex, cache: CacheSettings) -> None:
+        stream = index.open_stream(archive)
+        what = f"tar: {archive.path}"
+        backing = index.spans.verified(stream, cache, what)
+        unpacked = ", unpacked in the cache" if index.unpacked else ""
+        super().__init__(index.layout, backing, f"{archive.path} ({index.compression}{unpacked})")
+        self.archive, self.index, self.cache = archive, index, cache
+        self.image_sha256 = index.layout.digest()
 
     def state(self) -> dict[str, Any]:
-        return self.archive.state()
+        return {**self.archive.state(), "archive_sha256": self.index.archive_sha256,
+                "image_sha256": self.image_sha256, **self.cache.to_state()}
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.index.compression != "tar":  # a plain archive is the stream: closed with it
+                self.archive.close()
 
 
-def serve_archive(archive: LocalFile) -> TarImage:
-    """The archive's image; the archive is closed if it cannot be made."""
+def mount_archive(archive: LocalFile, cache: CacheSettings, *, progress: bool) -> TarImage:
+    """The archive's image, indexed now unless the cache holds this very file's index."""
     try:
-        return TarImage(archive)
+        return TarImage(archive, indexes.for_archive(archive, archive.path, progress=progress), cache)
+    except BaseException:
+        archive.close()
+        raise
+
+
+def reattach_archive(archive: LocalFile, state: Mapping[str, Any]) -> TarImage:
+    """The image served at mount: the cached index if it is there, else the archive indexed again,
+    and refused unless it gives the very same image."""
+    try:
+        try:
+            sha256, image = str(state["archive_sha256"]), str(state["image_sha256"])
+            cache = CacheSettings.from_state(state)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SourceError(f"tar: record state is incomplete ({exc})") from None
+        index = indexes.load(sha256)
+        if index is None:
+            index = indexes.build(archive, archive.path)
+            if index.archive_sha256 != sha256:
+                raise SourceChangedError(f"tar: {archive.path} is no longer the archive that was mounted "
+                                         f"(sha256 {index.archive_sha256[:16]}…, not {sha256[:16]}…)")
+            indexes.store(index, archive)
+        tar_image = TarImage(archive, index, cache)
+        if tar_image.image_sha256 != image:
+            tar_image.close()
+            raise SourceChangedError(f"tar: {archive.path} now gives another image than the one mounted "
+                                     "(the index was made by another erofs-mount version)")
+        return tar_image
     except BaseException:
         archive.close()
         raise

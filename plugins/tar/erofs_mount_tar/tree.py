@@ -25,25 +25,29 @@ import urllib.parse
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 
-from erofs_mount_core import ImageNode, SourceError
+from erofs_mount_core import ImageNode
+
+from .streams import ArchiveError
 
 WHITEOUT = ".wh."
 OPAQUE = ".wh..wh..opq"
 IMPLICIT_DIR_MODE = stat.S_IFDIR | 0o755
 
 
-class ArchiveError(SourceError):
-    """The archive cannot be mounted as it is: it names the entry and why."""
-
-
-def read_tree(archive: BinaryIO, where: str) -> ImageNode:
-    """The tree of the tar stream ``archive`` (seekable, uncompressed); ``where`` names it in errors."""
+def read_tree(stream: BinaryIO, where: str) -> ImageNode:
+    """The tree of the uncompressed tar ``stream``, read in order (it need only seek forward);
+    ``where`` names it in errors."""
     root = ImageNode(mode=IMPLICIT_DIR_MODE)
     by_path: dict[tuple[str, ...], ImageNode] = {(): root}
     try:
-        with tarfile.open(fileobj=archive, mode="r:", errors="surrogateescape") as tar:
+        with tarfile.open(fileobj=stream, mode="r:", errors="surrogateescape") as tar:
             for member in tar:
                 _add(member, root, by_path, where)
+                tar.members.clear()  # the tree holds what is needed; tarfile need not hold every header too
+    except tarfile.ReadError as exc:
+        if "unexpected end" in str(exc):
+            raise ArchiveError(f"{where} ends in the middle of an entry: it is truncated") from None
+        raise ArchiveError(f"{where} is not a tar archive that can be read: {exc}") from None
     except tarfile.TarError as exc:
         raise ArchiveError(f"{where} is not a tar archive that can be read: {exc}") from None
     except EOFError:

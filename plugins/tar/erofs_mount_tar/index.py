@@ -1,0 +1,312 @@
+"""An archive's index: made in one pass over it, kept in the cache under its digest, loaded by every reattach.
+
+The index holds all a daemon needs to serve the archive without reading it
+first: the synthesized image's layout (metadata and block map), the sha256
+of every span of the uncompressed stream, and what random access into the
+compressed stream needs (gzip checkpoints, zstd frames). It is kept in
+``$EROFS_MOUNT_CACHE_DIR/tar-index/<sha256 of the archive>.idx``, with a
+small alias under the file's identity (device, inode, size, times) so that
+mounting the same unchanged file again finds it without reading it.
+
+The file format (version 1, little-endian)::
+
+    magic "erofs-mount-tidx" | version u32 | payload length u64 | sha256(payload)
+    payload: sections, each  name length u8 | name | length u64 | bytes
+      meta     JSON: compression, archive sha256 and size, stream size, span size, frames
+      hashes   the span hashes, 32 bytes each
+      layout   zlib(ImageLayout.to_bytes())
+      gzip     zlib(rapidgzip's checkpoint export), for gzip archives
+
+An index that is missing, of another version, truncated or whose checksum
+fails is built again from the archive; one that does not describe the
+archive it is asked for is never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import threading
+import zlib
+from pathlib import Path
+from typing import Any
+
+import attrs
+from erofs_mount_local import LocalFile
+
+from erofs_mount_core import (
+    ImageLayout,
+    SourceError,
+    SpanHasher,
+    SpanHashes,
+    cache_directory,
+    open_cache_file,
+    write_cache_file,
+)
+
+from . import streams
+from .progress import Progress
+from .tree import read_tree
+
+MAGIC = b"erofs-mount-tidx"
+VERSION = 1
+_HEADER = struct.Struct("<16sIQ32s")
+SPAN_SIZE = 1 << 20
+MAX_INDEX = 1 << 30  # no archive's index is near this; a larger file is not one of ours
+INDEX_DIR, UNPACKED_DIR = "tar-index", "tar-unpacked"
+
+
+@attrs.frozen
+class ArchiveIndex:
+    compression: str
+    archive_sha256: str
+    archive_size: int
+    stream_size: int
+    spans: SpanHashes
+    layout: ImageLayout
+    gzip_checkpoints: bytes = b""
+    zstd_frames: tuple[streams.Frame, ...] = ()
+
+    @property
+    def unpacked(self) -> bool:
+        return self.compression == "zstd" and not self.zstd_frames
+
+    def open_stream(self, archive: LocalFile) -> Any:
+        """The uncompressed stream at random (not yet checked: see ``SpanHashes.verified``)."""
+        if self.compression == "gzip":
+            return streams.GzipStream(archive, self.gzip_checkpoints, self.stream_size)
+        if self.compression == "zstd" and self.zstd_frames:
+            return streams.ZstdFrameStream(archive, list(self.zstd_frames), self.stream_size)
+        if self.compression == "zstd":
+            return streams.UnpackedStream(streams.unpacked_path(cache_directory(UNPACKED_DIR),
+                                                                self.archive_sha256), self.stream_size)
+        return archive
+
+    # -- the file -------------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        meta = {"compression": self.compression, "archive_sha256": self.archive_sha256,
+                "archive_size": self.archive_size, "stream_size": self.stream_size,
+                "span_size": self.spans.span_size, "zstd_frames": [attrs.astuple(f) for f in self.zstd_frames]}
+        sections = {"meta": json.dumps(meta).encode(), "hashes": self.spans.hashes,
+                    "layout": zlib.compress(self.layout.to_bytes(), 6)}
+        if self.gzip_checkpoints:
+            sections["gzip"] = zlib.compress(self.gzip_checkpoints, 6)
+        payload = b"".join(struct.pack("<B", len(name)) + name.encode() + struct.pack("<Q", len(body)) + body
+                           for name, body in sections.items())
+        return _HEADER.pack(MAGIC, VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ArchiveIndex:
+        """ValueError unless ``data`` is a whole, intact index of this version."""
+        if len(data) < _HEADER.size:
+            raise ValueError("too short to be an index")
+        magic, version, length, checksum = _HEADER.unpack_from(data)
+        if magic != MAGIC or version != VERSION:
+            raise ValueError(f"not an index of version {VERSION}")
+        payload = memoryview(data)[_HEADER.size:]
+        if len(payload) != length or hashlib.sha256(payload).digest() != checksum:
+            raise ValueError("the index is damaged (its checksum does not match)")
+        sections, pos = {}, 0
+        while pos < len(payload):
+            n = payload[pos]
+            name = bytes(payload[pos + 1:pos + 1 + n]).decode()
+            (size,) = struct.unpack_from("<Q", payload, pos + 1 + n)
+            start = pos + 9 + n
+            sections[name], pos = bytes(payload[start:start + size]), start + size
+        try:
+            meta = json.loads(sections["meta"])
+            return cls(
+                compression=str(meta["compression"]), archive_sha256=str(meta["archive_sha256"]),
+                archive_size=int(meta["archive_size"]), stream_size=int(meta["stream_size"]),
+                spans=SpanHashes(int(meta["span_size"]), sections["hashes"]),
+                layout=ImageLayout.from_bytes(zlib.decompress(sections["layout"])),
+                gzip_checkpoints=zlib.decompress(sections["gzip"]) if "gzip" in sections else b"",
+                zstd_frames=tuple(streams.frames_from(meta["zstd_frames"])),
+            )
+        except (KeyError, TypeError, zlib.error, UnicodeDecodeError) as exc:
+            raise ValueError(f"the index is incomplete ({exc})") from None
+
+
+# -- the pass ---------------------------------------------------------------------------------------
+
+
+def build(archive: LocalFile, where: str, *, progress: bool = False) -> ArchiveIndex:
+    """Read ``archive`` once: its tree, its stream's span hashes, random-access data and its own sha256."""
+    compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
+    if compression == "gzip":
+        one_pass: streams.Pass = streams.GzipPass(archive, where)
+    elif compression == "zstd":
+        one_pass = streams.ZstdPass(archive, where, cache_directory(UNPACKED_DIR))
+    else:
+        one_pass = streams.PlainPass(archive, where)
+    digest = _Digest(archive, one_pass)
+    meter = Progress(f"indexing {where}", archive.size, enabled=progress)
+    hasher = SpanHasher(SPAN_SIZE)
+    try:
+        with streams.native_stderr_kept():
+            stream = _Tee(one_pass, hasher, meter)
+            root = read_tree(stream, where)  # type: ignore[arg-type]
+            stream.drain()
+        sha256 = digest.result()
+        one_pass.finish(sha256)
+    finally:
+        one_pass.close()
+        digest.cancel()
+        meter.close()
+    return ArchiveIndex(
+        compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=hasher.length,
+        spans=hasher.finish(), layout=ImageLayout.of(root),
+        gzip_checkpoints=one_pass.kept.get("checkpoints", b""),
+        zstd_frames=tuple(streams.frames_from(one_pass.kept.get("frames", []))),
+    )
+
+
+class _Tee:
+    """The pass's stream for the tar reader, every byte of it hashed on the way.
+
+    A file that reads and seeks forward only: tarfile skips each member's
+    data with a seek, which drops the bytes without copying them.
+    """
+
+    def __init__(self, one_pass: streams.Pass, hasher: SpanHasher, meter: Progress) -> None:
+        self.one_pass, self.hasher, self.meter = one_pass, hasher, meter
+        self._chunks = one_pass.chunks()
+        self._pending = memoryview(b"")
+        self._pos = 0
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        if whence != os.SEEK_SET or pos < self._pos:
+            raise OSError("the archive's stream is read forward only")
+        while pos > self._pos:
+            if not self._pending and not self._pull():
+                break  # past the end: the next read says so
+            n = min(pos - self._pos, len(self._pending))
+            self._pending = self._pending[n:]
+            self._pos += n
+        return self._pos
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            raise OSError("the archive's stream is read in pieces")
+        out = []
+        while size:
+            if not self._pending and not self._pull():
+                break
+            piece = self._pending[:size]
+            out.append(piece)
+            self._pending = self._pending[len(piece):]
+            self._pos += len(piece)
+            size -= len(piece)
+        return b"".join(out)
+
+    def drain(self) -> None:
+        """The tar reader has stopped at the archive's end: read (and hash) what follows it."""
+        self._pending = memoryview(b"")
+        while self._pull():
+            self._pending = memoryview(b"")
+
+    def _pull(self) -> bool:
+        chunk = next(self._chunks, None)
+        if chunk is None:
+            return False
+        self.hasher.update(chunk)
+        self.meter.update(self.one_pass.compressed_done, self.hasher.length)
+        self._pending = memoryview(chunk)
+        return True
+
+
+class _Digest:
+    """The archive's sha256: taken by a plain pass on the way, else read beside the pass
+    (in a thread: hashing releases the GIL)."""
+
+    def __init__(self, archive: LocalFile, one_pass: streams.Pass) -> None:
+        self.archive, self.one_pass = archive, one_pass
+        self._stop = threading.Event()
+        self._value: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="archive-sha256", daemon=True)
+        if not isinstance(one_pass, streams.PlainPass):
+            self._thread.start()
+
+    def _run(self) -> None:
+        h = hashlib.sha256()
+        try:
+            for offset in range(0, self.archive.size, 4 << 20):
+                if self._stop.is_set():
+                    return
+                h.update(self.archive.pread(min(4 << 20, self.archive.size - offset), offset))
+            self._value = h.hexdigest()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller of result()
+            self._error = exc
+
+    def result(self) -> str:
+        if isinstance(self.one_pass, streams.PlainPass):
+            return self.one_pass.sha256.hexdigest()
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def cancel(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+# -- the cache ---------------------------------------------------------------------------------------
+
+
+def _identity_alias(archive: LocalFile) -> Path:
+    st = os.fstat(archive.fileno())
+    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    return cache_directory(INDEX_DIR) / f"file-{hashlib.sha256(key.encode()).hexdigest()}"
+
+
+def _index_path(sha256: str) -> Path:
+    if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
+        raise SourceError(f"tar: {sha256!r} is not a sha256")
+    return cache_directory(INDEX_DIR) / f"{sha256}.idx"
+
+
+def load(sha256: str) -> ArchiveIndex | None:
+    """The cached index of the archive whose sha256 is ``sha256``; None if there is none that is whole."""
+    fd = open_cache_file(_index_path(sha256))
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(MAX_INDEX + 1)
+    try:
+        index = ArchiveIndex.from_bytes(data)
+    except ValueError:
+        return None
+    if index.archive_sha256 != sha256:
+        return None
+    if index.unpacked and not streams.unpacked_path(cache_directory(UNPACKED_DIR), sha256).is_file():
+        return None
+    return index
+
+
+def store(index: ArchiveIndex, archive: LocalFile) -> None:
+    write_cache_file(_index_path(index.archive_sha256), index.to_bytes())
+    write_cache_file(_identity_alias(archive), index.archive_sha256.encode())
+
+
+def for_archive(archive: LocalFile, where: str, *, progress: bool = False) -> ArchiveIndex:
+    """The index of ``archive``: from the cache if this very file was indexed before, else built and kept."""
+    fd = open_cache_file(_identity_alias(archive))
+    if fd is not None:
+        with os.fdopen(fd, "rb") as f:
+            known = f.read(64).decode("ascii", "replace")
+        index = load(known) if len(known) == 64 else None
+        if index is not None and index.archive_size == archive.size:
+            return index
+    index = build(archive, where, progress=progress)
+    store(index, archive)
+    return index

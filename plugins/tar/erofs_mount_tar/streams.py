@@ -1,0 +1,421 @@
+"""An archive's uncompressed tar stream: read once in order (to index it), then at random (to serve it).
+
+Each compression has a pass, which yields the stream in order and keeps
+what random access needs, and a reader built from what the pass kept:
+
+- ``tar``: the archive is the stream; nothing to keep.
+- ``gzip`` (single- or multi-member, as gzip, pigz and eStargz write it):
+  rapidgzip decompresses the pass (in parallel, CRC and length checked)
+  and exports checkpoints, each with its 32 KiB window, about every 4 MiB
+  of compressed data; a read inflates from the checkpoint before it.
+- ``zstd``: the pass walks the frame headers first. Archives of small
+  frames (zstd:chunked, seekable zstd, ``zstd -B``) are read frame by
+  frame; an archive with a large frame cannot be entered in the middle, so
+  the pass also unpacks it into a cache file, which then serves it.
+
+No reader checks the bytes it returns: the image verifies every span of the
+stream against the hashes the pass took (``SpanHashes``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import sys
+import tempfile
+import threading
+from bisect import bisect_right
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+from erofs_mount_local import LocalFile
+
+from erofs_mount_core import Source, SourceError, open_cache_file
+
+log = logging.getLogger("erofs_mount.tar")
+CHUNK = 1 << 20
+GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
+GZIP_CHECKPOINT_SPACING = 2 << 20  # of compressed data: at most ~4 MiB of output for typical content
+#: a zstd frame above this (compressed, or declared uncompressed) makes the archive unpacked into the cache
+ZSTD_FRAME_LIMIT, ZSTD_CONTENT_LIMIT = 4 << 20, 32 << 20
+OTHER_MAGICS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": "lz4"}
+
+
+class ArchiveError(SourceError):
+    """The archive cannot be mounted as it is: it says where and why."""
+
+
+def compression_of(head: bytes, where: str) -> str:
+    """``tar``, ``gzip`` or ``zstd``, from the archive's first bytes (its name does not matter)."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    for magic, name in OTHER_MAGICS.items():
+        if head.startswith(magic):
+            raise ArchiveError(f"{where} is {name}-compressed; tar archives can be plain, gzip or zstd")
+    return "tar"
+
+
+# -- the pass: the stream in order, once ---------------------------------------------------------------
+
+
+class Pass:
+    """Yields the uncompressed stream in order (``chunks``); ``kept`` is what random access needs."""
+
+    def __init__(self, archive: LocalFile, where: str) -> None:
+        self.archive, self.where = archive, where
+        self.kept: dict[str, Any] = {}
+        self.compressed_done = 0
+        """How far into the archive the pass is (for a progress line)."""
+
+    def chunks(self) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def finish(self, digest: str) -> None:
+        """The pass is complete and the archive's digest known: keep what must outlive it."""
+
+    def close(self) -> None:
+        """Let go of what the pass holds, complete or not."""
+
+
+class PlainPass(Pass):
+    """The archive is its stream: its sha256 is taken on the way (``sha256``), not in a second read."""
+
+    def __init__(self, archive: LocalFile, where: str) -> None:
+        super().__init__(archive, where)
+        self.sha256 = hashlib.sha256()
+
+    def chunks(self) -> Iterator[bytes]:
+        for offset in range(0, self.archive.size, CHUNK):
+            data = self.archive.pread(min(CHUNK, self.archive.size - offset), offset)
+            self.sha256.update(data)
+            self.compressed_done = offset + len(data)
+            yield data
+
+
+@contextlib.contextmanager
+def native_stderr_kept() -> Iterator[None]:
+    """What native code writes to fd 2 itself (rapidgzip's C++ complaints about a damaged stream)
+    goes to a temporary file while the pass runs, then to the debug log: erofs-mount's own error
+    stays the one line on stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            said = sink.read(64 << 10).decode(errors="replace").strip()
+            if said:
+                log.debug("said while reading the archive: %s", said)
+
+
+class GzipPass(Pass):
+    def __init__(self, archive: LocalFile, where: str) -> None:
+        import rapidgzip
+
+        super().__init__(archive, where)
+        self._file = open(os.dup(archive.fileno()), "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=min(4, os.cpu_count() or 1),
+                                               chunk_size=GZIP_CHECKPOINT_SPACING)
+
+    def chunks(self) -> Iterator[bytes]:
+        try:
+            while data := self._reader.read(CHUNK):
+                self.compressed_done = self._file.tell()
+                yield data
+            index = io.BytesIO()
+            self._reader.export_index(index)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ArchiveError(_gzip_damage(self.where, exc)) from None
+        self.kept["checkpoints"] = index.getvalue()
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._reader.close()
+        self._file.close()
+
+
+def _gzip_damage(where: str, exc: Exception) -> str:
+    text = str(exc)
+    if "CRC32" in text or "checksum" in text.lower():
+        return f"{where}: the gzip data is damaged (its CRC does not match): refusing the archive"
+    return f"{where}: the gzip data is truncated or damaged ({text.splitlines()[0][:120] if text else exc!r})"
+
+
+@attrs.frozen
+class Frame:
+    """One zstd frame: where it is in the archive, and where its output is in the stream."""
+
+    offset: int
+    length: int
+    out_offset: int = 0
+    out_length: int = 0
+
+
+_SKIPPABLE = range(0x184D2A50, 0x184D2A60)
+
+
+def zstd_frames(archive: LocalFile, where: str) -> tuple[list[Frame], bool]:
+    """The archive's frames (skippable ones left out) from their headers, and whether one is too large
+    to be entered at random (declared content size or compressed length over the limits)."""
+    frames, large, pos, size = [], False, 0, archive.size
+
+    def need(n: int, at: int) -> bytes:
+        if at + n > size:
+            raise ArchiveError(f"{where}: the zstd data is truncated (a frame runs past the end of the file)")
+        return archive.pread(n, at)
+
+    while pos < size:
+        magic = int.from_bytes(need(4, pos), "little")
+        if magic in _SKIPPABLE:
+            pos += 8 + int.from_bytes(need(4, pos + 4), "little")
+            continue
+        if magic != 0xFD2FB528:
+            raise ArchiveError(f"{where}: no zstd frame at byte {pos}: the file is damaged or has other data "
+                               "after its zstd frames")
+        fhd = need(1, pos + 4)[0]
+        single_segment, checksum, dict_flag, fcs_flag = fhd >> 5 & 1, fhd >> 2 & 1, fhd & 3, fhd >> 6
+        if dict_flag:
+            raise ArchiveError(f"{where}: a zstd frame needs a dictionary, which this archive does not carry")
+        fcs_size = (1 if single_segment else 0, 2, 4, 8)[fcs_flag]
+        header = 5 + (0 if single_segment else 1)
+        content = None
+        if fcs_size:
+            content = int.from_bytes(need(fcs_size, pos + header), "little") + (256 if fcs_size == 2 else 0)
+        block = pos + header + fcs_size
+        while True:
+            head = int.from_bytes(need(3, block), "little")
+            last, kind, length = head & 1, head >> 1 & 3, head >> 3
+            if kind == 3:
+                raise ArchiveError(f"{where}: the zstd data is damaged (a reserved block type at byte {block})")
+            block += 3 + (1 if kind == 1 else length)
+            if last:
+                break
+        end = block + 4 * checksum
+        need(0, end)
+        frame = Frame(pos, end - pos, out_length=content or 0)
+        large |= frame.length > ZSTD_FRAME_LIMIT or (content or 0) > ZSTD_CONTENT_LIMIT
+        frames.append(frame)
+        pos = end
+    if not frames:
+        raise ArchiveError(f"{where}: the zstd file holds no data frame")
+    return frames, large
+
+
+class ZstdPass(Pass):
+    """Frame by frame; with a large frame, the stream is also written, sparse, to a cache file."""
+
+    def __init__(self, archive: LocalFile, where: str, unpack_dir: Path) -> None:
+        super().__init__(archive, where)
+        self.frames, large = zstd_frames(archive, where)
+        self._unpack_dir = unpack_dir if large else None
+        self._out: Any = None
+        self._out_path: Path | None = None
+
+    def chunks(self) -> Iterator[bytes]:
+        import zstandard
+
+        done = []
+        out = 0
+        if self._unpack_dir is not None:
+            self._out_path = self._unpack_dir / f".unpacking.{os.getpid()}.{threading.get_ident()}.tmp"
+            fd = os.open(self._out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            self._out = os.fdopen(fd, "wb")
+        try:
+            for frame in self.frames:
+                compressed = _Range(self.archive, frame)
+                reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_size=CHUNK)
+                start = out
+                while data := reader.read(CHUNK):
+                    out += len(data)
+                    self.compressed_done = compressed.pos
+                    if self._out is not None:
+                        _write_sparse(self._out, data)
+                    yield data
+                self.compressed_done = frame.offset + frame.length
+                done.append(Frame(frame.offset, frame.length, start, out - start))
+        except zstandard.ZstdError as exc:
+            raise ArchiveError(f"{self.where}: the zstd data is damaged ({exc})") from None
+        if self._out is not None:
+            self._out.truncate(out)
+            self.kept["unpacked"] = True
+        else:
+            self.kept["frames"] = [attrs.astuple(f) for f in done]
+
+    def finish(self, digest: str) -> None:
+        if self._out is not None:
+            self._out.close()
+            os.replace(self._out_path, unpacked_path(self._unpack_dir, digest))
+            self._out = self._out_path = None
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+        if self._out_path is not None:
+            self._out_path.unlink(missing_ok=True)
+
+
+class _Range(io.RawIOBase):
+    """A frame's bytes in the archive, as a file to read in order."""
+
+    def __init__(self, archive: LocalFile, frame: Frame) -> None:
+        self.archive, self.pos, self.end = archive, frame.offset, frame.offset + frame.length
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.end - self.pos)
+        if n <= 0:
+            return 0
+        data = self.archive.pread(n, self.pos)
+        buffer[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def unpacked_path(directory: Path, digest: str) -> Path:
+    return directory / f"{digest}.tar"
+
+
+def _write_sparse(out: Any, data: bytes) -> None:
+    """Runs of zeros become holes (tar pads every file and ends with zeros)."""
+    step = 64 << 10
+    for start in range(0, len(data), step):
+        piece = data[start:start + step]
+        if piece.count(0) == len(piece):
+            out.seek(len(piece), os.SEEK_CUR)
+        else:
+            out.write(piece)
+
+
+# -- random access: the stream at any offset ----------------------------------------------------------
+
+
+class GzipStream(Source):
+    """Inflates from the checkpoint before each read; a read that continues the last one just continues."""
+
+    def __init__(self, archive: LocalFile, checkpoints: bytes, size: int) -> None:
+        import rapidgzip
+
+        self._size = size
+        self._file = open(os.dup(archive.fileno()), "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=1)
+        self._reader.import_index(io.BytesIO(checkpoints))
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        with self._lock:
+            try:
+                if self._reader.tell() != offset:
+                    self._reader.seek(offset)
+                data = self._reader.read(length)
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise SourceError(f"gzip stream: read of {length} bytes at {offset} failed: {exc}") from None
+        if len(data) != length:
+            raise SourceError(f"gzip stream: only {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self._reader.close()
+        self._file.close()
+
+
+class ZstdFrameStream(Source):
+    """Decompresses the frame a read falls in, from its start; a read that continues the last one continues."""
+
+    def __init__(self, archive: LocalFile, frames: list[Frame], size: int) -> None:
+        self.archive, self.frames, self._size = archive, frames, size
+        self._starts = [f.out_offset for f in frames]
+        self._lock = threading.Lock()
+        self._current: tuple[int, Any, int] | None = None  # frame index, its reader, the stream offset it is at
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        import zstandard
+
+        out = bytearray()
+        with self._lock:
+            try:
+                while len(out) < length:
+                    at = offset + len(out)
+                    i = bisect_right(self._starts, at) - 1
+                    frame = self.frames[i]
+                    reader = self._reader_at(i, frame, at)
+                    want = min(length - len(out), frame.out_offset + frame.out_length - at)
+                    data = reader.read(want)
+                    if len(data) != want:
+                        raise SourceError(f"zstd stream: frame {i} ended early")
+                    out += data
+                    self._current = (i, reader, at + want)
+            except zstandard.ZstdError as exc:
+                self._current = None
+                raise SourceError(f"zstd stream: read at {offset} failed: {exc}") from None
+        return bytes(out)
+
+    def _reader_at(self, i: int, frame: Frame, at: int) -> Any:
+        import zstandard
+
+        if self._current is not None and self._current[0] == i and self._current[2] == at:
+            return self._current[1]
+        reader = zstandard.ZstdDecompressor().stream_reader(_Range(self.archive, frame), read_size=CHUNK)
+        skip = at - frame.out_offset
+        while skip:
+            skipped = len(reader.read(min(skip, CHUNK)))
+            if not skipped:
+                raise SourceError(f"zstd stream: frame {i} ended early")
+            skip -= skipped
+        return reader
+
+    def close(self) -> None:
+        self._current = None
+
+
+class UnpackedStream(Source):
+    """A zstd archive's stream unpacked in the cache; held (locked) so that ``cache prune`` leaves it alone."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        fd = open_cache_file(path, hold=True)
+        if fd is None:
+            raise FileNotFoundError(path)
+        self._fd, self._size = fd, size
+        if os.fstat(fd).st_size != size:
+            os.close(fd)
+            raise FileNotFoundError(path)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = os.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise SourceError(f"unpacked stream: only {len(data)} of {length} bytes at {offset}")
+        return data
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def frames_from(kept: list[list[int]]) -> list[Frame]:
+    """The frames a pass kept, as the index holds them."""
+    return [Frame(*map(int, f)) for f in kept]
