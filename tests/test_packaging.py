@@ -53,13 +53,14 @@ def test_a_broken_plugin_is_listed_with_its_error_and_local_still_works(fresh_ve
     assert "broken" in text and "failed" in text and "local" in text
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["mount", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], ["plugins"], ["mount", "--help"], ["cache", "list"]])
 def test_cli_start_does_not_import_heavy_modules(argv: list[str]) -> None:
     code = ("import sys\n"
             "from erofs_mount_core._cli import cli\n"
             f"try: cli({argv!r}, prog_name='erofs-mount')\n"
             "except SystemExit: pass\n"
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pyroute2', 'httpx')))")
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('pyroute2', 'httpx', 'rapidgzip', 'zstandard', 'tarfile')))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert out.strip().splitlines()[-1] == "[]"
 

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from typing import Any
 
 from erofs_mount_local import LocalFile
 
-from erofs_mount_core import CacheSettings, SourceChangedError, SourceError, SynthesizedImage
+from erofs_mount_core import (
+    CacheSettings,
+    SourceChangedError,
+    SourceError,
+    SynthesizedImage,
+    open_cache_file,
+    write_cache_file,
+)
 
 from . import index as indexes
 
@@ -39,10 +47,26 @@ class TarImage(SynthesizedImage):
 def mount_archive(archive: LocalFile, cache: CacheSettings, *, progress: bool) -> TarImage:
     """The archive's image, indexed now unless the cache holds this very file's index."""
     try:
-        return TarImage(archive, indexes.for_archive(archive, archive.path, progress=progress), cache)
+        return TarImage(archive, _index_of_file(archive, progress), cache)
     except BaseException:
         archive.close()
         raise
+
+
+def _index_of_file(archive: LocalFile, progress: bool) -> indexes.ArchiveIndex:
+    """The cached index if this very file (device, inode, size, times) was indexed before, else a new one."""
+    alias = indexes.alias_path(":".join(str(archive.identity[k]) for k in sorted(archive.identity)))
+    fd = open_cache_file(alias)
+    if fd is not None:
+        with os.fdopen(fd, "rb") as f:
+            known = f.read(64).decode("ascii", "replace")
+        index = indexes.load(known) if len(known) == 64 else None
+        if index is not None and index.archive_size == archive.size:
+            return index
+    index = indexes.build(archive, archive.path, progress=progress)
+    indexes.store(index)
+    write_cache_file(alias, index.archive_sha256.encode())
+    return index
 
 
 def reattach_archive(archive: LocalFile, state: Mapping[str, Any]) -> TarImage:
@@ -60,7 +84,7 @@ def reattach_archive(archive: LocalFile, state: Mapping[str, Any]) -> TarImage:
             if index.archive_sha256 != sha256:
                 raise SourceChangedError(f"tar: {archive.path} is no longer the archive that was mounted "
                                          f"(sha256 {index.archive_sha256[:16]}…, not {sha256[:16]}…)")
-            indexes.store(index, archive)
+            indexes.store(index)
         tar_image = TarImage(archive, index, cache)
         if tar_image.image_sha256 != image:
             tar_image.close()

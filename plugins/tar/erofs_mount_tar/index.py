@@ -4,9 +4,10 @@ The index holds all a daemon needs to serve the archive without reading it
 first: the synthesized image's layout (metadata and block map), the sha256
 of every span of the uncompressed stream, and what random access into the
 compressed stream needs (gzip checkpoints, zstd frames). It is kept in
-``$EROFS_MOUNT_CACHE_DIR/tar-index/<sha256 of the archive>.idx``, with a
-small alias under the file's identity (device, inode, size, times) so that
-mounting the same unchanged file again finds it without reading it.
+``$EROFS_MOUNT_CACHE_DIR/tar-index/<sha256 of the archive>.idx``; whoever
+knows an archive by another key (a local file by its identity) may note
+its sha256 under that key (``alias_path``) to find the index again without
+reading the archive. Archives are any ``Source``: a local file, a blob.
 
 The file format (version 1, little-endian)::
 
@@ -34,10 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from erofs_mount_local import LocalFile
 
 from erofs_mount_core import (
     ImageLayout,
+    Source,
     SourceError,
     SpanHasher,
     SpanHashes,
@@ -73,7 +74,7 @@ class ArchiveIndex:
     def unpacked(self) -> bool:
         return self.compression == "zstd" and not self.zstd_frames
 
-    def open_stream(self, archive: LocalFile) -> Any:
+    def open_stream(self, archive: Source) -> Any:
         """The uncompressed stream at random (not yet checked: see ``SpanHashes.verified``)."""
         if self.compression == "gzip":
             return streams.GzipStream(archive, self.gzip_checkpoints, self.stream_size)
@@ -133,7 +134,7 @@ class ArchiveIndex:
 # -- the pass ---------------------------------------------------------------------------------------
 
 
-def build(archive: LocalFile, where: str, *, progress: bool = False) -> ArchiveIndex:
+def build(archive: Source, where: str, *, progress: bool = False) -> ArchiveIndex:
     """Read ``archive`` once: its tree, its stream's span hashes, random-access data and its own sha256."""
     compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
     if compression == "gzip":
@@ -225,7 +226,7 @@ class _Digest:
     """The archive's sha256: taken by a plain pass on the way, else read beside the pass
     (in a thread: hashing releases the GIL)."""
 
-    def __init__(self, archive: LocalFile, one_pass: streams.Pass) -> None:
+    def __init__(self, archive: Source, one_pass: streams.Pass) -> None:
         self.archive, self.one_pass = archive, one_pass
         self._stop = threading.Event()
         self._value: str | None = None
@@ -263,12 +264,6 @@ class _Digest:
 # -- the cache ---------------------------------------------------------------------------------------
 
 
-def _identity_alias(archive: LocalFile) -> Path:
-    st = os.fstat(archive.fileno())
-    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-    return cache_directory(INDEX_DIR) / f"file-{hashlib.sha256(key.encode()).hexdigest()}"
-
-
 def _index_path(sha256: str) -> Path:
     if len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256):
         raise SourceError(f"tar: {sha256!r} is not a sha256")
@@ -293,20 +288,10 @@ def load(sha256: str) -> ArchiveIndex | None:
     return index
 
 
-def store(index: ArchiveIndex, archive: LocalFile) -> None:
+def store(index: ArchiveIndex) -> None:
     write_cache_file(_index_path(index.archive_sha256), index.to_bytes())
-    write_cache_file(_identity_alias(archive), index.archive_sha256.encode())
 
 
-def for_archive(archive: LocalFile, where: str, *, progress: bool = False) -> ArchiveIndex:
-    """The index of ``archive``: from the cache if this very file was indexed before, else built and kept."""
-    fd = open_cache_file(_identity_alias(archive))
-    if fd is not None:
-        with os.fdopen(fd, "rb") as f:
-            known = f.read(64).decode("ascii", "replace")
-        index = load(known) if len(known) == 64 else None
-        if index is not None and index.archive_size == archive.size:
-            return index
-    index = build(archive, where, progress=progress)
-    store(index, archive)
-    return index
+def alias_path(key: str) -> Path:
+    """Where the sha256 of an archive known by ``key`` (a file's identity, say) is noted."""
+    return cache_directory(INDEX_DIR) / f"known-{hashlib.sha256(key.encode()).hexdigest()}"

@@ -21,7 +21,8 @@ class Progress:
                            if self.enabled else sys.stderr)
         self._owned = out is None and self.enabled
         self.what, self.total, self.every = what, total, every
-        self.start = self._last = time.monotonic()
+        self.start = time.monotonic()
+        self._last = self.start - every  # the first update shows at once
         self._shown = False
 
     def update(self, done: int, produced: int) -> None:

@@ -6,8 +6,10 @@ what random access needs, and a reader built from what the pass kept:
 - ``tar``: the archive is the stream; nothing to keep.
 - ``gzip`` (single- or multi-member, as gzip, pigz and eStargz write it):
   rapidgzip decompresses the pass (in parallel, CRC and length checked)
-  and exports checkpoints, each with its 32 KiB window, about every 4 MiB
-  of compressed data; a read inflates from the checkpoint before it.
+  and exports checkpoints, each with its 32 KiB window, every 2 MiB of
+  compressed data (2-3 MiB of output apart for typical content; long runs
+  of highly compressible data can put ~8 MiB between two); a read
+  inflates from the checkpoint before it.
 - ``zstd``: the pass walks the frame headers first. Archives of small
   frames (zstd:chunked, seekable zstd, ``zstd -B``) are read frame by
   frame; an archive with a large frame cannot be entered in the middle, so
@@ -33,14 +35,13 @@ from pathlib import Path
 from typing import Any
 
 import attrs
-from erofs_mount_local import LocalFile
 
 from erofs_mount_core import Source, SourceError, open_cache_file
 
 log = logging.getLogger("erofs_mount.tar")
 CHUNK = 1 << 20
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
-GZIP_CHECKPOINT_SPACING = 2 << 20  # of compressed data: at most ~4 MiB of output for typical content
+GZIP_CHECKPOINT_SPACING = 2 << 20  # of compressed data: at most ~3 MiB of output for typical content
 #: a zstd frame above this (compressed, or declared uncompressed) makes the archive unpacked into the cache
 ZSTD_FRAME_LIMIT, ZSTD_CONTENT_LIMIT = 4 << 20, 32 << 20
 OTHER_MAGICS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": "lz4"}
@@ -68,7 +69,7 @@ def compression_of(head: bytes, where: str) -> str:
 class Pass:
     """Yields the uncompressed stream in order (``chunks``); ``kept`` is what random access needs."""
 
-    def __init__(self, archive: LocalFile, where: str) -> None:
+    def __init__(self, archive: Source, where: str) -> None:
         self.archive, self.where = archive, where
         self.kept: dict[str, Any] = {}
         self.compressed_done = 0
@@ -87,7 +88,7 @@ class Pass:
 class PlainPass(Pass):
     """The archive is its stream: its sha256 is taken on the way (``sha256``), not in a second read."""
 
-    def __init__(self, archive: LocalFile, where: str) -> None:
+    def __init__(self, archive: Source, where: str) -> None:
         super().__init__(archive, where)
         self.sha256 = hashlib.sha256()
 
@@ -121,11 +122,11 @@ def native_stderr_kept() -> Iterator[None]:
 
 
 class GzipPass(Pass):
-    def __init__(self, archive: LocalFile, where: str) -> None:
+    def __init__(self, archive: Source, where: str) -> None:
         import rapidgzip
 
         super().__init__(archive, where)
-        self._file = open(os.dup(archive.fileno()), "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._file = SourceFile(archive)
         self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=min(4, os.cpu_count() or 1),
                                                chunk_size=GZIP_CHECKPOINT_SPACING)
 
@@ -166,7 +167,7 @@ class Frame:
 _SKIPPABLE = range(0x184D2A50, 0x184D2A60)
 
 
-def zstd_frames(archive: LocalFile, where: str) -> tuple[list[Frame], bool]:
+def zstd_frames(archive: Source, where: str) -> tuple[list[Frame], bool]:
     """The archive's frames (skippable ones left out) from their headers, and whether one is too large
     to be entered at random (declared content size or compressed length over the limits)."""
     frames, large, pos, size = [], False, 0, archive.size
@@ -216,7 +217,7 @@ def zstd_frames(archive: LocalFile, where: str) -> tuple[list[Frame], bool]:
 class ZstdPass(Pass):
     """Frame by frame; with a large frame, the stream is also written, sparse, to a cache file."""
 
-    def __init__(self, archive: LocalFile, where: str, unpack_dir: Path) -> None:
+    def __init__(self, archive: Source, where: str, unpack_dir: Path) -> None:
         super().__init__(archive, where)
         self.frames, large = zstd_frames(archive, where)
         self._unpack_dir = unpack_dir if large else None
@@ -266,10 +267,40 @@ class ZstdPass(Pass):
             self._out_path.unlink(missing_ok=True)
 
 
+class SourceFile(io.RawIOBase):
+    """A source as a seekable binary file (what rapidgzip reads): a local file and a registry blob alike."""
+
+    def __init__(self, source: Source) -> None:
+        self.source, self.pos = source, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.source.size}[whence]
+        self.pos = max(0, base + pos)
+        return self.pos
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.source.size - self.pos)
+        if n <= 0:
+            return 0
+        data = self.source.pread(n, self.pos)
+        buffer[:n] = data
+        self.pos += n
+        return n
+
+
 class _Range(io.RawIOBase):
     """A frame's bytes in the archive, as a file to read in order."""
 
-    def __init__(self, archive: LocalFile, frame: Frame) -> None:
+    def __init__(self, archive: Source, frame: Frame) -> None:
         self.archive, self.pos, self.end = archive, frame.offset, frame.offset + frame.length
 
     def readable(self) -> bool:
@@ -306,11 +337,11 @@ def _write_sparse(out: Any, data: bytes) -> None:
 class GzipStream(Source):
     """Inflates from the checkpoint before each read; a read that continues the last one just continues."""
 
-    def __init__(self, archive: LocalFile, checkpoints: bytes, size: int) -> None:
+    def __init__(self, archive: Source, checkpoints: bytes, size: int) -> None:
         import rapidgzip
 
         self._size = size
-        self._file = open(os.dup(archive.fileno()), "rb", buffering=0)  # noqa: SIM115 - closed in close()
+        self._file = SourceFile(archive)
         self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=1)
         self._reader.import_index(io.BytesIO(checkpoints))
         self._lock = threading.Lock()
@@ -340,7 +371,7 @@ class GzipStream(Source):
 class ZstdFrameStream(Source):
     """Decompresses the frame a read falls in, from its start; a read that continues the last one continues."""
 
-    def __init__(self, archive: LocalFile, frames: list[Frame], size: int) -> None:
+    def __init__(self, archive: Source, frames: list[Frame], size: int) -> None:
         self.archive, self.frames, self._size = archive, frames, size
         self._starts = [f.out_offset for f in frames]
         self._lock = threading.Lock()
