@@ -10,6 +10,7 @@ import tomllib
 import types
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
@@ -56,9 +57,12 @@ def command_lines() -> list[str]:
 def test_command_lines_name_real_commands_and_options(line: str) -> None:
     args = shlex.split(line)[1:]
     words = [a for a in args if a != "..."]
-    result = CliRunner().invoke(cli, [*words[:1], "--help"] if words else ["--help"])
+    command, depth = cli, 0  # down through groups: `cache prune` is the command, not `cache`
+    while depth < len(words) and isinstance(command, click.Group) and words[depth] in command.commands:
+        command, depth = command.commands[words[depth]], depth + 1
+    result = CliRunner().invoke(cli, [*words[:max(depth, 1)], "--help"] if words else ["--help"])
     assert result.exit_code == 0, result.output
     help_text = result.output
-    for arg in words[1:]:
+    for arg in words[max(depth, 1):]:
         if arg.startswith("-"):
             assert arg.split("=")[0] in help_text, f"{line}: {arg} is not an option of {words[0]}"
