@@ -115,7 +115,7 @@ def prune(max_bytes: int = 0) -> list[CacheEntry]:
     for entry in found:
         if total <= max_bytes:
             break
-        if entry.in_use or not _remove_unless_locked(entry.path):
+        if not _remove_unless_locked(entry.path):  # held by a daemon (now, not only when listed)
             continue
         total -= entry.size
         removed.append(entry)

@@ -256,11 +256,10 @@ def cache_prune(max_size: str) -> None:
 
 
 def _size_text(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError
+    if n < 1024:
+        return f"{n} B"
+    shift, unit = next((s, u) for s, u in ((10, "KiB"), (20, "MiB"), (30, "GiB")) if n < 1024 << s or u == "GiB")
+    return f"{n / (1 << shift):.1f} {unit}"
 
 
 def _parse_size(text: str) -> int:

@@ -156,6 +156,16 @@ def test_an_archive_with_a_large_zstd_frame_is_unpacked_in_the_cache_and_held(tm
     assert not unpacked.exists() and not list(cache_dir.glob("tar-index/*"))
 
 
+def test_unpacking_stops_before_it_would_fill_the_cache_s_filesystem(tmp_path: Path, cache_dir: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    big = random.Random(6).randbytes(streams.ZSTD_FRAME_LIMIT + (1 << 20))
+    archive = make_archive(tmp_path / "big.tar.zst", {"big": big}, ["zstd", "-q", "-c"])
+    monkeypatch.setattr(streams, "unpack_room", lambda directory: 2 << 20)  # as if the disk were nearly full
+    with pytest.raises(SourceError, match="would leave its filesystem with less than 1 GiB free"):
+        mount(archive)
+    assert [p for p in cache_dir.rglob("*") if not p.is_dir()] == [], "the partial unpacked file is left"
+
+
 def test_the_index_is_small(tmp_path: Path) -> None:
     rng = random.Random(2)
     text = {f"doc/{i}.txt": " ".join(rng.choice(["tar", "gzip", "erofs", "block", "inode", "span"])

@@ -85,12 +85,10 @@ def reattach_archive(archive: LocalFile, state: Mapping[str, Any]) -> TarImage:
                 raise SourceChangedError(f"tar: {archive.path} is no longer the archive that was mounted "
                                          f"(sha256 {index.archive_sha256[:16]}…, not {sha256[:16]}…)")
             indexes.store(index)
-        tar_image = TarImage(archive, index, cache)
-        if tar_image.image_sha256 != image:
-            tar_image.close()
+        if index.layout.digest() != image:
             raise SourceChangedError(f"tar: {archive.path} now gives another image than the one mounted "
                                      "(the index was made by another erofs-mount version)")
-        return tar_image
+        return TarImage(archive, index, cache)
     except BaseException:
         archive.close()
         raise

@@ -143,7 +143,8 @@ def build(archive: Source, where: str, *, progress: bool = False) -> ArchiveInde
         one_pass = streams.ZstdPass(archive, where, cache_directory(UNPACKED_DIR))
     else:
         one_pass = streams.PlainPass(archive, where)
-    digest = _Digest(archive, one_pass)
+    # a plain archive is its own stream: the pass hashes it on the way; else a second read beside it
+    digest = None if one_pass.sha256 is not None else _Digest(archive)
     meter = Progress(f"indexing {where}", archive.size, enabled=progress)
     hasher = SpanHasher(SPAN_SIZE)
     try:
@@ -151,11 +152,12 @@ def build(archive: Source, where: str, *, progress: bool = False) -> ArchiveInde
             stream = _Tee(one_pass, hasher, meter)
             root = read_tree(stream, where)  # type: ignore[arg-type]
             stream.drain()
-        sha256 = digest.result()
+        sha256 = digest.result() if digest is not None else one_pass.sha256.hexdigest()
         one_pass.finish(sha256)
     finally:
         one_pass.close()
-        digest.cancel()
+        if digest is not None:
+            digest.cancel()
         meter.close()
     return ArchiveIndex(
         compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=hasher.length,
@@ -223,17 +225,15 @@ class _Tee:
 
 
 class _Digest:
-    """The archive's sha256: taken by a plain pass on the way, else read beside the pass
-    (in a thread: hashing releases the GIL)."""
+    """The archive's sha256, read beside the pass (in a thread: hashing releases the GIL)."""
 
-    def __init__(self, archive: Source, one_pass: streams.Pass) -> None:
-        self.archive, self.one_pass = archive, one_pass
+    def __init__(self, archive: Source) -> None:
+        self.archive = archive
         self._stop = threading.Event()
         self._value: str | None = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="archive-sha256", daemon=True)
-        if not isinstance(one_pass, streams.PlainPass):
-            self._thread.start()
+        self._thread.start()
 
     def _run(self) -> None:
         h = hashlib.sha256()
@@ -247,8 +247,6 @@ class _Digest:
             self._error = exc
 
     def result(self) -> str:
-        if isinstance(self.one_pass, streams.PlainPass):
-            return self.one_pass.sha256.hexdigest()
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -257,8 +255,7 @@ class _Digest:
 
     def cancel(self) -> None:
         self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
+        self._thread.join()
 
 
 # -- the cache ---------------------------------------------------------------------------------------

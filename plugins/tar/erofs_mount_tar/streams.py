@@ -22,6 +22,7 @@ stream against the hashes the pass took (``SpanHashes``).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import logging
@@ -74,6 +75,8 @@ class Pass:
         self.kept: dict[str, Any] = {}
         self.compressed_done = 0
         """How far into the archive the pass is (for a progress line)."""
+        self.sha256: Any = None
+        """The archive's sha256, if the pass takes it on the way (a plain archive is its own stream)."""
 
     def chunks(self) -> Iterator[bytes]:
         raise NotImplementedError
@@ -86,7 +89,7 @@ class Pass:
 
 
 class PlainPass(Pass):
-    """The archive is its stream: its sha256 is taken on the way (``sha256``), not in a second read."""
+    """The archive is its stream: its sha256 is taken on the way, not in a second read."""
 
     def __init__(self, archive: Source, where: str) -> None:
         super().__init__(archive, where)
@@ -229,19 +232,27 @@ class ZstdPass(Pass):
 
         done = []
         out = 0
+        room = 0
         if self._unpack_dir is not None:
+            room = unpack_room(self._unpack_dir)
             self._out_path = self._unpack_dir / f".unpacking.{os.getpid()}.{threading.get_ident()}.tmp"
             fd = os.open(self._out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_SH)  # in use: `cache prune` leaves it alone
             self._out = os.fdopen(fd, "wb")
         try:
             for frame in self.frames:
-                compressed = _Range(self.archive, frame)
+                compressed = _frame_file(self.archive, frame)
                 reader = zstandard.ZstdDecompressor().stream_reader(compressed, read_size=CHUNK)
                 start = out
                 while data := reader.read(CHUNK):
                     out += len(data)
-                    self.compressed_done = compressed.pos
+                    self.compressed_done = frame.offset + compressed.pos
                     if self._out is not None:
+                        if out > room:
+                            raise ArchiveError(f"{self.where}: unpacking its zstd stream into the cache would leave "
+                                               f"its filesystem with less than {UNPACK_RESERVE >> 30} GiB free: "
+                                               "refusing it (write it in smaller frames: zstd -B, or "
+                                               "recompress it with gzip)")
                         _write_sparse(self._out, data)
                     yield data
                 self.compressed_done = frame.offset + frame.length
@@ -268,10 +279,13 @@ class ZstdPass(Pass):
 
 
 class SourceFile(io.RawIOBase):
-    """A source as a seekable binary file (what rapidgzip reads): a local file and a registry blob alike."""
+    """Bytes ``start`` to ``end`` of a source as a seekable binary file (what rapidgzip and zstandard read):
+    a local file and a registry blob alike."""
 
-    def __init__(self, source: Source) -> None:
-        self.source, self.pos = source, 0
+    def __init__(self, source: Source, start: int = 0, end: int | None = None) -> None:
+        self.source, self.start = source, start
+        self.end = source.size if end is None else end
+        self.pos = 0  # from start
 
     def readable(self) -> bool:
         return True
@@ -283,37 +297,31 @@ class SourceFile(io.RawIOBase):
         return self.pos
 
     def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
-        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.source.size}[whence]
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self.pos, os.SEEK_END: self.end - self.start}[whence]
         self.pos = max(0, base + pos)
         return self.pos
 
     def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self.source.size - self.pos)
+        n = min(len(buffer), self.end - self.start - self.pos)
         if n <= 0:
             return 0
-        data = self.source.pread(n, self.pos)
-        buffer[:n] = data
+        buffer[:n] = self.source.pread(n, self.start + self.pos)
         self.pos += n
         return n
 
 
-class _Range(io.RawIOBase):
-    """A frame's bytes in the archive, as a file to read in order."""
+def _frame_file(archive: Source, frame: Frame) -> SourceFile:
+    return SourceFile(archive, frame.offset, frame.offset + frame.length)
 
-    def __init__(self, archive: Source, frame: Frame) -> None:
-        self.archive, self.pos, self.end = archive, frame.offset, frame.offset + frame.length
 
-    def readable(self) -> bool:
-        return True
+#: what unpacking leaves free on the cache's filesystem, at least
+UNPACK_RESERVE = 1 << 30
 
-    def readinto(self, buffer: Any) -> int:
-        n = min(len(buffer), self.end - self.pos)
-        if n <= 0:
-            return 0
-        data = self.archive.pread(n, self.pos)
-        buffer[:len(data)] = data
-        self.pos += len(data)
-        return len(data)
+
+def unpack_room(directory: Path) -> int:
+    """How many bytes an unpacked stream may take in ``directory``: the free space but the reserve."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize - UNPACK_RESERVE
 
 
 def unpacked_path(directory: Path, digest: str) -> Path:
@@ -408,7 +416,7 @@ class ZstdFrameStream(Source):
 
         if self._current is not None and self._current[0] == i and self._current[2] == at:
             return self._current[1]
-        reader = zstandard.ZstdDecompressor().stream_reader(_Range(self.archive, frame), read_size=CHUNK)
+        reader = zstandard.ZstdDecompressor().stream_reader(_frame_file(self.archive, frame), read_size=CHUNK)
         skip = at - frame.out_offset
         while skip:
             skipped = len(reader.read(min(skip, CHUNK)))
