@@ -99,6 +99,7 @@ class Registry:
 
     def __init__(self, root: Path, *, auth: str = "none", users: dict[str, str] | None = None,
                  token_server: TokenServer | None = None, tls: tuple[Path, Path] | None = None) -> None:
+        self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.users = users or {}
@@ -107,6 +108,7 @@ class Registry:
             "version: 0.1",
             "log: {level: error}",
             f"storage: {{filesystem: {{rootdirectory: {root / 'data'}}}, delete: {{enabled: true}}}}",
+            "validation: {manifests: {urls: {allow: ['^https?://']}}}",  # foreign layers may be pushed
             f"http: {{addr: '{self.host}'}}" if tls is None else
             f"http: {{addr: '{self.host}', tls: {{certificate: {tls[0]}, key: {tls[1]}}}}}",
         ]
@@ -165,15 +167,20 @@ class Registry:
         assert r.status_code == 201, r.text
         return digest
 
-    def push_image(self, repo: str, tag: str, layers: list[tuple[bytes, str]]) -> str:
-        """Push layers (data, media type) and a config; tag the manifest; return its digest."""
-        config = json.dumps({"architecture": "amd64", "os": "linux"}).encode()
+    def push_image(self, repo: str, tag: str, layers: list[tuple[bytes, str]], *,
+                   diff_ids: list[str] | None = None, extra: list[dict[str, Any]] | None = None) -> str:
+        """Push layers (data, media type) and a config (with ``diff_ids``, for tar layers); tag the manifest
+        (its layers followed by the ``extra`` descriptors); return its digest."""
+        doc: dict[str, Any] = {"architecture": "amd64", "os": "linux"}
+        if diff_ids is not None:
+            doc["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
+        config = json.dumps(doc).encode()
         manifest = {
             "schemaVersion": 2, "mediaType": OCI_MANIFEST,
             "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
                        "digest": self.push_blob(repo, config), "size": len(config)},
             "layers": [{"mediaType": mt, "digest": self.push_blob(repo, data), "size": len(data)}
-                       for data, mt in layers],
+                       for data, mt in layers] + (extra or []),
         }
         return self.put_manifest(repo, tag, manifest, OCI_MANIFEST)
 
@@ -191,6 +198,11 @@ class Registry:
             manifests.append({"mediaType": OCI_MANIFEST, "digest": digest, "size": size, "platform": platform})
         return self.put_manifest(repo, tag, {"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests},
                                  OCI_INDEX)
+
+    def blob_file(self, digest: str) -> Path:
+        """Where the registry keeps a blob on disk (to make it serve other bytes)."""
+        hexdigest = digest.removeprefix("sha256:")
+        return self.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data"
 
     def delete_blob(self, repo: str, digest: str) -> None:
         r = self._admin.delete(f"/v2/{repo}/blobs/{digest}")

@@ -1,18 +1,31 @@
-"""erofs-mount source ``oci:REFERENCE``: an EROFS layer blob in an OCI registry.
+"""erofs-mount source ``oci:REFERENCE``: an image in an OCI registry, read lazily.
 
     erofs-mount mount --source oci:registry.example.com/team/app:1.4 /mnt/app
     erofs-mount mount --source oci:localhost:5000/app@sha256:... -o layer=1,insecure /mnt/app
 
+An image of ordinary tar layers (tar, tar+gzip, tar+zstd; OCI or Docker)
+is mounted whole: its layers merged into one EROFS as a container sees
+its root filesystem (later layers win, whiteouts delete, opaque
+directories hide what is below). Each layer is downloaded once and
+indexed on the way (in parallel, its digest and the config's diff_id
+checked); the index is kept in the cache under the layer's digest, so
+layers shared with an image mounted before are not downloaded again.
+Reads then fetch only the compressed spans they need, one range request
+each, and every span is checked against the hash taken when its layer
+was indexed. An image whose layers are EROFS images is served as the
+layer blob itself.
+
 Options (``-o key=value``, comma-separated or repeated):
 
-    layer=N              the N-th layer (from 0) of the image manifest
+    layer=N              only the N-th layer (from 0) of the image manifest: a tar layer as it
+                         is, whiteouts in overlayfs form (to stack layers with overlayfs)
     blob=sha256:...      the layer with this digest
-                         (default: the first layer whose media type says erofs)
+                         (default: the whole image, or the first layer whose media type says erofs)
     platform=OS/ARCH[/VARIANT]   which image of a multi-platform index (default: this host's)
     insecure             plain HTTP (registries on loopback or a trusted network)
     ca=PATH              CA bundle for the registry's TLS certificate
     credentials=SOURCE   anonymous | env[:USER_VAR:PASS_VAR] | docker-config[:PATH] | auto (default)
-    verify=MODE          lazy (default): reads are served as the registry sends them, and the
+    verify=MODE          (EROFS layers) lazy (default): reads are served as the registry sends them, and the
                          blob's digest is checked once sequential reads have covered it;
                          full: the blob is streamed and checked against its digest before
                          any byte is served, and every later read is checked against the
@@ -24,9 +37,10 @@ Options (``-o key=value``, comma-separated or repeated):
 
 Passwords never go on the command line: they come from environment
 variables or docker's config (and its credential helpers), and the record
-names the place, not the secret. The record pins the manifest and blob
-digests: reattach reads ``/v2/<repository>/blobs/<digest>`` and never
-resolves the tag again, so a moved tag cannot change the bytes.
+names the place, not the secret. The record pins the manifest, the
+platform and every blob's digest: reattach reads
+``/v2/<repository>/blobs/<digest>`` and never resolves the tag again, so
+a moved tag cannot change the bytes; a layer that is gone refuses it.
 """
 
 from __future__ import annotations
@@ -95,11 +109,9 @@ def _client(registry: str, *, insecure: bool, ca: str | None, credentials: Any) 
 
 
 def open_reference(location: str, options: Mapping[str, str]) -> Source:
-    from . import spans
-    from .blob import BlobSource
     from .credentials import CredentialSource
     from .platform import Platform
-    from .registry import Registry
+    from .registry import TAR_LAYERS, Registry, is_erofs
 
     ref = references.parse(location)
     opts = Options.parse(options)
@@ -111,26 +123,64 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
     try:
         registry = Registry(client, ref, insecure=opts.insecure)
         manifest, digest, chosen = registry.image_manifest(platform)
+        common = {"reference": location, "registry": ref.registry, "repository": ref.repository,
+                  "manifest_digest": digest, "platform": chosen, "insecure": opts.insecure, "ca": opts.ca or "",
+                  "credentials": credentials.to_record(), **opts.cache.to_state()}
+        if opts.layer is None and opts.blob is None:
+            descriptors = manifest.get("layers") if isinstance(manifest.get("layers"), list) else []
+            if not any(isinstance(d, dict) and is_erofs(str(d.get("mediaType", ""))) for d in descriptors):
+                return _open_image(registry, registry.tar_layers(manifest, digest, chosen), manifest, common,
+                                   opts, whole=True)
         layer = registry.choose_layer(manifest, digest, chosen, index=opts.layer, blob=opts.blob)
+        if layer.media_type in TAR_LAYERS:
+            (layer,) = registry.tar_layers(manifest, digest, chosen, only=layer.index)
+            return _open_image(registry, [layer], manifest, common, opts, whole=False)
+        return _open_blob(registry, layer, common, opts)
     except BaseException:
         client.close()
         raise
-    state = {
-        "reference": location, "registry": ref.registry, "repository": ref.repository,
-        "manifest_digest": layer.manifest_digest, "blob_digest": layer.digest, "blob_size": layer.size,
-        "media_type": layer.media_type, "layer_index": layer.index, "platform": layer.platform,
-        "insecure": opts.insecure, "ca": opts.ca or "", "credentials": credentials.to_record(),
-        **opts.cache.to_state(),
-    }
+
+
+def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], common: dict[str, Any],
+                opts: Options, *, whole: bool) -> Source:
+    """Tar layers: the whole image merged, or one layer as it is, from the layers' indexes."""
+    import sys
+
+    from .image import LayersImage, layer_state
+    from .layers import indexed
+
+    if opts.verify != "lazy":
+        raise UsageError("oci: verify= is for EROFS layers: every span of a tar layer is always checked")
+    diff_ids = registry.diff_ids(manifest)
+    if not whole:
+        diff_ids = [diff_ids[layers[0].index]] if layers[0].index < len(diff_ids) else None
+    found = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty())
+    state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids)}
+    return LayersImage(registry, layers, found, opts.cache, state, whole=whole,
+                       description=_image_description(state))
+
+
+def _image_description(state: Mapping[str, Any]) -> str:
+    layers = state["layers"]
+    where = f"{state['registry']}/{state['repository']}@{state['manifest_digest']}"
+    if state["kind"] == "image":
+        return f"{where} ({len(layers)} tar layer(s), merged)"
+    return f"{where} layer {layers[0]['index']} ({layers[0]['digest']}, as a layer)"
+
+
+def _open_blob(registry: Any, layer: Any, common: dict[str, Any], opts: Options) -> Source:
+    """An EROFS layer: its blob served as it is, by range requests."""
+    from . import spans
+    from .blob import BlobSource
+
+    ref, client = registry.ref, registry.client
+    state = {**common, "blob_digest": layer.digest, "blob_size": layer.size, "media_type": layer.media_type,
+             "layer_index": layer.index}
     url = registry.blob_url(layer.digest)
     found = None
     if opts.verify == "full":
-        try:
-            found = spans.measure(client, url, layer.digest, layer.size, opts.cache.block_kib << 10)
-            spans.store(layer.digest, found)
-        except BaseException:
-            client.close()
-            raise
+        found = spans.measure(client, url, layer.digest, layer.size, opts.cache.block_kib << 10)
+        spans.store(layer.digest, found)
         state.update(verify="full", span_size=found.span_size, spans_sha256=found.root())
     blob = BlobSource(client, url, layer.digest, layer.size, description=f"{ref}#{layer.digest}", state=state,
                       spans=found)
@@ -138,30 +188,45 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
 
 
 def reopen(state: Mapping[str, Any]) -> Source:
-    """Rebuild from a record: the blob by digest, its size checked, no tag lookup."""
-    from .blob import BlobSource
+    """Rebuild from a record: blobs by digest, their sizes checked, no tag lookup."""
     from .credentials import CredentialSource
     from .reference import Reference
     from .registry import Registry
 
     try:
         ref = Reference(str(state["registry"]), str(state["repository"]), None, str(state["manifest_digest"]))
-        digest, size = str(state["blob_digest"]), int(state["blob_size"])
         insecure, ca = bool(state["insecure"]), str(state.get("ca") or "") or None
         credentials = CredentialSource.from_record(dict(state["credentials"]))
         cache = CacheSettings.from_state(state)
+        kind = str(state.get("kind", "blob"))
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"oci: record state is incomplete ({exc})") from exc
     client = _client(ref.api_host, insecure=insecure, ca=ca, credentials=credentials)
     try:
         registry = Registry(client, ref, insecure=insecure)
-        found = registry.blob_size(digest)
-        if found != size:
-            raise SourceChangedError(f"oci: blob {digest} is {found} bytes now, {size} when mounted")
-        verified = _verified_spans(client, registry.blob_url(digest), digest, size, state)
+        if kind in ("image", "tar-layer"):
+            from .image import reopen_layers
+
+            return reopen_layers(registry, state, cache, whole=kind == "image",
+                                 description=_image_description({**state, "kind": kind}))
+        return _reopen_blob(registry, state, cache)
     except BaseException:
         client.close()
         raise
+
+
+def _reopen_blob(registry: Any, state: Mapping[str, Any], cache: CacheSettings) -> Source:
+    from .blob import BlobSource
+
+    client = registry.client
+    try:
+        digest, size = str(state["blob_digest"]), int(state["blob_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"oci: record state is incomplete ({exc})") from exc
+    found = registry.blob_size(digest)
+    if found != size:
+        raise SourceChangedError(f"oci: blob {digest} is {found} bytes now, {size} when mounted")
+    verified = _verified_spans(client, registry.blob_url(digest), digest, size, state)
     blob = BlobSource(client, registry.blob_url(digest), digest, size,
                       description=f"{state['reference']}#{digest}", state=state, spans=verified)
     return cache.wrap(blob)
@@ -188,7 +253,8 @@ def _verified_spans(client: Any, url: str, digest: str, size: int, state: Mappin
 
 @hookimpl
 def erofs_mount_schemes() -> dict[str, str]:
-    return {SCHEME: "EROFS layer in an OCI registry, read lazily: oci:[REGISTRY/]REPOSITORY[:TAG][@DIGEST]"}
+    return {SCHEME: "an image in an OCI registry (tar or EROFS layers), read lazily: "
+                    "oci:[REGISTRY/]REPOSITORY[:TAG][@DIGEST]"}
 
 
 @hookimpl

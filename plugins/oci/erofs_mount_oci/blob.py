@@ -5,7 +5,8 @@ kernel's reads into block-aligned ranges with readahead, and the core's
 ``Retrying`` filter retries what fails transiently; each ``pread`` here is
 one attempt. A registry that ignores Range and sends the whole blob is read
 once into a temporary file, which then serves every read. The blob's digest
-is checked when sequential reads have passed over all of it.
+is checked when sequential reads have passed over all of it (unless the
+caller checks every read itself, as tar layers do against their span hashes).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ log = logging.getLogger("erofs_mount.oci")
 
 class BlobSource(Source):
     def __init__(self, client: Any, url: str, digest: str, size: int, *, description: str,
-                 state: Mapping[str, Any], spans: Spans | None = None) -> None:
+                 state: Mapping[str, Any], spans: Spans | None = None, digest_along: bool = True) -> None:
         self.client, self.url, self.digest, self._size = client, url, digest, size
         self.description = description
         self.spans = spans
@@ -36,7 +37,7 @@ class BlobSource(Source):
         self._lock = threading.Lock()
         self._full: Any = None  # a temp file holding the whole blob, if the registry ignored Range
         self._hasher = hashlib.new(digest.split(":")[0])
-        self._hashed = 0
+        self._hashed = 0 if digest_along else size  # off: the caller checks what it reads another way
         self._bad_digest: str | None = None
         self.requests = 0
         self.bytes_fetched = 0

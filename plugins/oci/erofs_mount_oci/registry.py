@@ -22,6 +22,21 @@ INDEXES = (OCI_INDEX, DOCKER_LIST)
 MANIFESTS = (OCI_MANIFEST, DOCKER_MANIFEST)
 ACCEPT = ", ".join((*MANIFESTS, *INDEXES))
 MAX_MANIFEST = 4 << 20
+MAX_CONFIG = 8 << 20
+TAR_LAYERS = frozenset({
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
+    "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+})
+FOREIGN_LAYERS = frozenset({"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"})
+
+
+def is_erofs(media_type: str) -> bool:
+    return "erofs" in media_type.lower()
 
 
 @attrs.frozen
@@ -104,6 +119,8 @@ class Registry:
 
         def layer(i: int) -> Layer:
             d = layers[i]
+            if d.get("urls") or d.get("mediaType") in FOREIGN_LAYERS:
+                self.tar_layers(manifest, digest, platform, only=i)  # refuses it, naming it
             return Layer(digest, d["digest"], d["size"], str(d.get("mediaType", "")), i, platform)
 
         if index is not None:
@@ -116,10 +133,53 @@ class Registry:
                     return layer(i)
             raise UsageError(f"oci: {self.ref} has no layer {blob}")
         for i, d in enumerate(layers):
-            if "erofs" in str(d.get("mediaType", "")).lower():
+            if is_erofs(str(d.get("mediaType", ""))):
                 return layer(i)
         raise UsageError(f"oci: {self.ref} has no layer whose media type says EROFS; "
                          "choose one with -o layer=N or -o blob=sha256:...")
+
+    def tar_layers(self, manifest: dict[str, Any], digest: str, platform: str,
+                   only: int | None = None) -> list[Layer]:
+        """Every layer of the image (or layer ``only``), each a tar layer kept in the registry: the rest
+        is refused, by name."""
+        layers = _descriptors(manifest.get("layers"), f"oci: {self.ref}: its manifest")
+        if not layers:
+            raise SourceError(f"oci: {self.ref} has no layers: there is no filesystem to mount")
+        found = []
+        for i, d in enumerate(layers):
+            if only is not None and i != only:
+                continue
+            media_type = str(d.get("mediaType", ""))
+            name = f"oci: {self.ref}: layer {i} ({d['digest']})"
+            if d.get("urls") or media_type in FOREIGN_LAYERS:
+                urls = d.get("urls") if isinstance(d.get("urls"), list) else []
+                where = f" at {str(urls[0])[:200]}" if urls else ""
+                raise SourceError(f"{name} is a foreign layer, kept outside the registry{where}: "
+                                  "erofs-mount reads layers from the registry only")
+            if media_type not in TAR_LAYERS:
+                raise SourceError(f"{name} has media type {media_type or '(none)'!r}, which is neither a tar "
+                                  "layer nor EROFS")
+            found.append(Layer(digest, d["digest"], d["size"], media_type, i, platform))
+        return found
+
+    def diff_ids(self, manifest: dict[str, Any]) -> list[str]:
+        """The image config's ``rootfs.diff_ids``: the sha256 of each layer's uncompressed tar stream."""
+        (config,) = _descriptors([manifest.get("config")], f"oci: {self.ref}: its manifest's config")
+        what = f"oci: {self.ref}: config {config['digest']}"
+        if config["size"] > MAX_CONFIG:
+            raise SourceError(f"{what} is {config['size']} bytes, more than the {MAX_CONFIG} expected")
+        response, body = _http.fetch(self.client, "GET", self.blob_url(config["digest"]), what=what, cap=MAX_CONFIG)
+        if response.status_code != 200:
+            raise _http.status_error(response, what)
+        if "sha256:" + hashlib.sha256(body).hexdigest() != config["digest"]:
+            raise SourceChangedError(f"{what}: the registry served bytes of another digest")
+        try:
+            ids = json.loads(body)["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise SourceError(f"{what} has no rootfs.diff_ids") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) and DIGEST.fullmatch(i) for i in ids):
+            raise SourceError(f"{what}: its rootfs.diff_ids are not a list of digests")
+        return ids
 
     def blob_size(self, digest: str) -> int:
         what = f"blob {self.ref.repository}@{digest}"

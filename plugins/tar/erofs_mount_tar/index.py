@@ -9,13 +9,15 @@ knows an archive by another key (a local file by its identity) may note
 its sha256 under that key (``alias_path``) to find the index again without
 reading the archive. Archives are any ``Source``: a local file, a blob.
 
-The file format (version 1, little-endian)::
+The file format (version 2, little-endian)::
 
     magic "erofs-mount-tidx" | version u32 | payload length u64 | sha256(payload)
     payload: sections, each  name length u8 | name | length u64 | bytes
-      meta     JSON: compression, archive sha256 and size, stream size, span size, frames
+      meta     JSON: compression, archive sha256 and size, stream size and sha256 (an OCI
+               layer's diff_id), span size, frames
       hashes   the span hashes, 32 bytes each
       layout   zlib(ImageLayout.to_bytes())
+      tree     zlib(treefile.dump(tree)): what merging the layers of an image needs
       gzip     zlib(rapidgzip's checkpoint export), for gzip archives
 
 An index that is missing, of another version, truncated or whose checksum
@@ -31,6 +33,7 @@ import os
 import struct
 import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,12 +50,12 @@ from erofs_mount_core import (
     write_cache_file,
 )
 
-from . import streams
-from .progress import Progress
-from .tree import read_tree
+from . import streams, treefile
+from .progress import Meter, Progress
+from .tree import Tree, read_tree
 
 MAGIC = b"erofs-mount-tidx"
-VERSION = 1
+VERSION = 2
 _HEADER = struct.Struct("<16sIQ32s")
 SPAN_SIZE = 1 << 20
 MAX_INDEX = 1 << 30  # no archive's index is near this; a larger file is not one of ours
@@ -65,14 +68,21 @@ class ArchiveIndex:
     archive_sha256: str
     archive_size: int
     stream_size: int
+    stream_sha256: str
     spans: SpanHashes
     layout: ImageLayout
+    tree: bytes = attrs.field(repr=False)
+    """``treefile.dump`` of the archive's tree."""
     gzip_checkpoints: bytes = b""
     zstd_frames: tuple[streams.Frame, ...] = ()
 
     @property
     def unpacked(self) -> bool:
         return self.compression == "zstd" and not self.zstd_frames
+
+    def read_tree(self, base: int = 0) -> Tree:
+        """A fresh copy of the archive's tree, its files' bytes placed ``base`` bytes into a backing stream."""
+        return treefile.load(self.tree, base)
 
     def open_stream(self, archive: Source) -> Any:
         """The uncompressed stream at random (not yet checked: see ``SpanHashes.verified``)."""
@@ -90,9 +100,9 @@ class ArchiveIndex:
     def to_bytes(self) -> bytes:
         meta = {"compression": self.compression, "archive_sha256": self.archive_sha256,
                 "archive_size": self.archive_size, "stream_size": self.stream_size,
-                "span_size": self.spans.span_size, "zstd_frames": [attrs.astuple(f) for f in self.zstd_frames]}
+                "stream_sha256": self.stream_sha256, "span_size": self.spans.span_size, "zstd_frames": [attrs.astuple(f) for f in self.zstd_frames]}
         sections = {"meta": json.dumps(meta).encode(), "hashes": self.spans.hashes,
-                    "layout": zlib.compress(self.layout.to_bytes(), 6)}
+                    "layout": zlib.compress(self.layout.to_bytes(), 6), "tree": zlib.compress(self.tree, 6)}
         if self.gzip_checkpoints:
             sections["gzip"] = zlib.compress(self.gzip_checkpoints, 6)
         payload = b"".join(struct.pack("<B", len(name)) + name.encode() + struct.pack("<Q", len(body)) + body
@@ -122,8 +132,10 @@ class ArchiveIndex:
             return cls(
                 compression=str(meta["compression"]), archive_sha256=str(meta["archive_sha256"]),
                 archive_size=int(meta["archive_size"]), stream_size=int(meta["stream_size"]),
+                stream_sha256=str(meta["stream_sha256"]),
                 spans=SpanHashes(int(meta["span_size"]), sections["hashes"]),
                 layout=ImageLayout.from_bytes(zlib.decompress(sections["layout"])),
+                tree=zlib.decompress(sections["tree"]),
                 gzip_checkpoints=zlib.decompress(sections["gzip"]) if "gzip" in sections else b"",
                 zstd_frames=tuple(streams.frames_from(meta["zstd_frames"])),
             )
@@ -134,8 +146,15 @@ class ArchiveIndex:
 # -- the pass ---------------------------------------------------------------------------------------
 
 
-def build(archive: Source, where: str, *, progress: bool = False) -> ArchiveIndex:
-    """Read ``archive`` once: its tree, its stream's span hashes, random-access data and its own sha256."""
+def build(archive: Source, where: str, *, progress: bool | Meter = False,
+          digest: Callable[[], str] | None = None) -> ArchiveIndex:
+    """Read ``archive`` once: its tree, its stream's span hashes and sha256, random-access data and the
+    archive's own sha256.
+
+    ``progress``: a line on the terminal (True), or a meter to report to.
+    ``digest``: the archive's sha256, taken by whoever fetched it (then it is
+    not read a second time for it); called once the pass is done.
+    """
     compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
     if compression == "gzip":
         one_pass: streams.Pass = streams.GzipPass(archive, where)
@@ -144,24 +163,29 @@ def build(archive: Source, where: str, *, progress: bool = False) -> ArchiveInde
     else:
         one_pass = streams.PlainPass(archive, where)
     # a plain archive is its own stream: the pass hashes it on the way; else a second read beside it
-    digest = None if one_pass.sha256 is not None else _Digest(archive)
-    meter = Progress(f"indexing {where}", archive.size, enabled=progress)
+    beside = None if digest is not None or one_pass.sha256 is not None else _Digest(archive)
+    meter = progress if isinstance(progress, Meter) else Progress(f"indexing {where}", archive.size,
+                                                                   enabled=progress)
     hasher = SpanHasher(SPAN_SIZE)
     try:
         with streams.native_stderr_kept():
-            stream = _Tee(one_pass, hasher, meter)
-            root = read_tree(stream, where)  # type: ignore[arg-type]
+            stream = _Tee(one_pass, hasher, meter, whole=compression != "tar")
+            tree = read_tree(stream, where)  # type: ignore[arg-type]
             stream.drain()
-        sha256 = digest.result() if digest is not None else one_pass.sha256.hexdigest()
+        if digest is not None:
+            sha256 = digest()
+        else:
+            sha256 = beside.result() if beside is not None else one_pass.sha256.hexdigest()
         one_pass.finish(sha256)
     finally:
         one_pass.close()
-        if digest is not None:
-            digest.cancel()
+        if beside is not None:
+            beside.cancel()
         meter.close()
     return ArchiveIndex(
         compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=hasher.length,
-        spans=hasher.finish(), layout=ImageLayout.of(root),
+        stream_sha256=stream.sha256.hexdigest() if stream.sha256 else sha256, spans=hasher.finish(), layout=ImageLayout.of(tree.root),
+        tree=treefile.dump(tree),
         gzip_checkpoints=one_pass.kept.get("checkpoints", b""),
         zstd_frames=tuple(streams.frames_from(one_pass.kept.get("frames", []))),
     )
@@ -174,8 +198,9 @@ class _Tee:
     data with a seek, which drops the bytes without copying them.
     """
 
-    def __init__(self, one_pass: streams.Pass, hasher: SpanHasher, meter: Progress) -> None:
+    def __init__(self, one_pass: streams.Pass, hasher: SpanHasher, meter: Meter, *, whole: bool) -> None:
         self.one_pass, self.hasher, self.meter = one_pass, hasher, meter
+        self.sha256 = hashlib.sha256() if whole else None  # of the whole stream: an OCI layer's diff_id
         self._chunks = one_pass.chunks()
         self._pending = memoryview(b"")
         self._pos = 0
@@ -219,6 +244,8 @@ class _Tee:
         if chunk is None:
             return False
         self.hasher.update(chunk)
+        if self.sha256 is not None:
+            self.sha256.update(chunk)
         self.meter.update(self.one_pass.compressed_done, self.hasher.length)
         self._pending = memoryview(chunk)
         return True

@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import time
 from typing import TextIO
 
 MIB = 1 << 20
 
 
-class Progress:
+class Meter:
+    """What a pass reports its progress to."""
+
+    def update(self, done: int, produced: int) -> None:
+        """``done`` bytes of the archive read, ``produced`` bytes of stream out of them."""
+
+    def close(self) -> None:
+        """The pass is over."""
+
+
+class Progress(Meter):
     """Writes to its own copy of stderr, taken when it is made: the line still shows while fd 2 is
     redirected (see ``streams.native_stderr_kept``)."""
 
@@ -26,7 +37,6 @@ class Progress:
         self._shown = False
 
     def update(self, done: int, produced: int) -> None:
-        """``done`` bytes of the ``total`` read, ``produced`` bytes of stream out of them."""
         if not self.enabled:
             return
         now = time.monotonic()
@@ -45,3 +55,27 @@ class Progress:
             self.out.flush()
         if self._owned:
             self.out.close()
+
+
+class Parts:
+    """One progress line for several passes that run at once (the layers of an image): a meter per pass."""
+
+    def __init__(self, line: Progress) -> None:
+        self.line = line
+        self._lock = threading.Lock()
+        self._done: dict[int, tuple[int, int]] = {}
+
+    def meter(self) -> Meter:
+        parts, key = self, len(self._done)
+        self._done[key] = (0, 0)
+
+        class _Part(Meter):
+            def update(self, done: int, produced: int) -> None:
+                with parts._lock:
+                    parts._done[key] = (done, produced)
+                    parts.line.update(*map(sum, zip(*parts._done.values(), strict=True)))
+
+        return _Part()
+
+    def close(self) -> None:
+        self.line.close()

@@ -30,7 +30,7 @@ import os
 import sys
 import tempfile
 import threading
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -103,25 +103,40 @@ class PlainPass(Pass):
             yield data
 
 
+_stderr_lock = threading.Lock()
+_stderr_users = 0
+_stderr_saved: tuple[int, Any] | None = None  # the real fd 2 and the sink, while passes run
+
+
 @contextlib.contextmanager
 def native_stderr_kept() -> Iterator[None]:
     """What native code writes to fd 2 itself (rapidgzip's C++ complaints about a damaged stream)
-    goes to a temporary file while the pass runs, then to the debug log: erofs-mount's own error
-    stays the one line on stderr."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        try:
-            yield
-        finally:
+    goes to a temporary file while passes run, then to the debug log: erofs-mount's own error
+    stays the one line on stderr. Passes in several threads share one redirection."""
+    global _stderr_users, _stderr_saved
+    with _stderr_lock:
+        if _stderr_users == 0:
             sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            said = sink.read(64 << 10).decode(errors="replace").strip()
-            if said:
-                log.debug("said while reading the archive: %s", said)
+            sink = tempfile.TemporaryFile()
+            _stderr_saved = (os.dup(2), sink)
+            os.dup2(sink.fileno(), 2)
+        _stderr_users += 1
+    try:
+        yield
+    finally:
+        with _stderr_lock:
+            _stderr_users -= 1
+            if _stderr_users == 0 and _stderr_saved is not None:
+                saved, sink = _stderr_saved
+                _stderr_saved = None
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                os.close(saved)
+                sink.seek(0)
+                said = sink.read(64 << 10).decode(errors="replace").strip()
+                sink.close()
+                if said:
+                    log.debug("said while reading archives: %s", said)
 
 
 class GzipPass(Pass):
@@ -342,6 +357,38 @@ def _write_sparse(out: Any, data: bytes) -> None:
 # -- random access: the stream at any offset ----------------------------------------------------------
 
 
+class Window(Source):
+    """The archive through one range fetched ahead: a read of the stream asks its source for the
+    compressed bytes it needs at once (one HTTP request for a registry blob), not in the
+    decompressor's 128 KiB pieces. Reads outside the range go to the archive."""
+
+    def __init__(self, archive: Source) -> None:
+        self.archive = archive
+        self._start, self._data = 0, memoryview(b"")
+
+    @property
+    def size(self) -> int:
+        return self.archive.size
+
+    def fetch(self, start: int, end: int) -> None:
+        end = min(end, self.archive.size)
+        self._start, self._data = start, memoryview(bytes(self.archive.pread(end - start, start)) if end > start
+                                                    else b"")
+
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
+        into = offset - self._start
+        if 0 <= into and into + length <= len(self._data):
+            return self._data[into:into + length]
+        return self.archive.pread(length, offset)
+
+    def forget(self) -> None:
+        self._data = memoryview(b"")
+
+
+#: what the gzip reader reads past the checkpoint after a read's end (one buffer), and some slack
+GZIP_READ_PAST = 256 << 10
+
+
 class GzipStream(Source):
     """Inflates from the checkpoint before each read; a read that continues the last one just continues."""
 
@@ -349,23 +396,42 @@ class GzipStream(Source):
         import rapidgzip
 
         self._size = size
-        self._file = SourceFile(archive)
-        self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=1)
-        self._reader.import_index(io.BytesIO(checkpoints))
+        self._window = Window(archive)
+        self._file = SourceFile(self._window)
+        self._window.fetch(0, GZIP_READ_PAST)  # what opening reads (the header, a first buffer): one request
+        try:
+            self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=1)
+            self._reader.import_index(io.BytesIO(checkpoints))
+        finally:
+            self._window.forget()
+        points = sorted((out, bits // 8) for bits, out in self._reader.block_offsets().items())
+        self._outs, self._ins = [p[0] for p in points], [p[1] for p in points]
         self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
         return self._size
 
+    def _compressed_range(self, offset: int, end: int) -> tuple[int, int]:
+        if offset and self._reader.tell() == offset:  # continuing: from where the reader stopped reading
+            first = self._file.tell()
+        else:
+            first = self._ins[max(0, bisect_right(self._outs, offset) - 1)]
+        after = bisect_left(self._outs, end)
+        last = self._ins[after] + GZIP_READ_PAST if after < len(self._ins) else self._window.size
+        return first, last
+
     def pread(self, length: int, offset: int) -> bytes:
         with self._lock:
             try:
+                self._window.fetch(*self._compressed_range(offset, offset + length))
                 if self._reader.tell() != offset:
                     self._reader.seek(offset)
                 data = self._reader.read(length)
             except (ValueError, RuntimeError, OSError) as exc:
                 raise SourceError(f"gzip stream: read of {length} bytes at {offset} failed: {exc}") from None
+            finally:
+                self._window.forget()
         if len(data) != length:
             raise SourceError(f"gzip stream: only {len(data)} of {length} bytes at {offset}")
         return data
@@ -381,9 +447,11 @@ class ZstdFrameStream(Source):
 
     def __init__(self, archive: Source, frames: list[Frame], size: int) -> None:
         self.archive, self.frames, self._size = archive, frames, size
+        self._window = Window(archive)
         self._starts = [f.out_offset for f in frames]
         self._lock = threading.Lock()
-        self._current: tuple[int, Any, int] | None = None  # frame index, its reader, the stream offset it is at
+        #: frame index, its reader, the stream offset it is at, the compressed frame it reads
+        self._current: tuple[int, Any, int, SourceFile] | None = None
 
     @property
     def size(self) -> int:
@@ -395,35 +463,48 @@ class ZstdFrameStream(Source):
         out = bytearray()
         with self._lock:
             try:
+                self._fetch_frames(offset, offset + length)
                 while len(out) < length:
                     at = offset + len(out)
                     i = bisect_right(self._starts, at) - 1
                     frame = self.frames[i]
-                    reader = self._reader_at(i, frame, at)
+                    reader, file = self._reader_at(i, frame, at)
                     want = min(length - len(out), frame.out_offset + frame.out_length - at)
                     data = reader.read(want)
                     if len(data) != want:
                         raise SourceError(f"zstd stream: frame {i} ended early")
                     out += data
-                    self._current = (i, reader, at + want)
+                    self._current = (i, reader, at + want, file)
             except zstandard.ZstdError as exc:
                 self._current = None
                 raise SourceError(f"zstd stream: read at {offset} failed: {exc}") from None
+            finally:
+                self._window.forget()
         return bytes(out)
 
-    def _reader_at(self, i: int, frame: Frame, at: int) -> Any:
+    def _fetch_frames(self, offset: int, end: int) -> None:
+        """The compressed bytes of the frames the read falls in, in one request."""
+        first, last = self.frames[bisect_right(self._starts, offset) - 1], \
+            self.frames[bisect_right(self._starts, end - 1) - 1]
+        start = first.offset
+        if self._current is not None and self._current[2] == offset and self.frames[self._current[0]] == first:
+            start += self._current[3].tell()  # continuing: from where the reader stopped
+        self._window.fetch(start, last.offset + last.length)
+
+    def _reader_at(self, i: int, frame: Frame, at: int) -> tuple[Any, SourceFile]:
         import zstandard
 
         if self._current is not None and self._current[0] == i and self._current[2] == at:
-            return self._current[1]
-        reader = zstandard.ZstdDecompressor().stream_reader(_frame_file(self.archive, frame), read_size=CHUNK)
+            return self._current[1], self._current[3]
+        file = _frame_file(self._window, frame)
+        reader = zstandard.ZstdDecompressor().stream_reader(file, read_size=CHUNK)
         skip = at - frame.out_offset
         while skip:
             skipped = len(reader.read(min(skip, CHUNK)))
             if not skipped:
                 raise SourceError(f"zstd stream: frame {i} ended early")
             skip -= skipped
-        return reader
+        return reader, file
 
     def close(self) -> None:
         self._current = None

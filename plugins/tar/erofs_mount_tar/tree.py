@@ -5,7 +5,9 @@ numbers, PAX); this module decides what they mean for a filesystem:
 
 - names are relative to the root: ``./x``, ``/x`` and ``x/`` are ``x``;
   a ``..`` component refuses the archive, naming the entry;
-- directories that only appear as a prefix are made (0755, root, time 0);
+- directories that only appear as a prefix are made (0755, root, time 0)
+  and noted as implicit: a layer merged over another leaves such a
+  directory's attributes to the layer below;
 - a later entry wins over an earlier one of the same name (a directory
   entry over a directory keeps its contents);
 - a hardlink is the same inode as its target, which must come before it;
@@ -25,6 +27,8 @@ import urllib.parse
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 
+import attrs
+
 from erofs_mount_core import ImageNode
 
 from .streams import ArchiveError
@@ -34,15 +38,28 @@ OPAQUE = ".wh..wh..opq"
 IMPLICIT_DIR_MODE = stat.S_IFDIR | 0o755
 
 
-def read_tree(stream: BinaryIO, where: str) -> ImageNode:
+@attrs.define
+class Tree:
+    """A layer's tree, and which of its directories the archive never named (by ``id()``; the
+    nodes are held, so that an id is never reused while the tree lives)."""
+
+    root: ImageNode
+    implicit: dict[int, ImageNode] = attrs.Factory(dict)
+
+    def is_implicit(self, node: ImageNode) -> bool:
+        return id(node) in self.implicit
+
+
+def read_tree(stream: BinaryIO, where: str) -> Tree:
     """The tree of the uncompressed tar ``stream``, read in order (it need only seek forward);
     ``where`` names it in errors."""
     root = ImageNode(mode=IMPLICIT_DIR_MODE)
+    tree = Tree(root, {id(root): root})
     by_path: dict[tuple[str, ...], ImageNode] = {(): root}
     try:
         with tarfile.open(fileobj=stream, mode="r:", errors="surrogateescape") as tar:
             for member in tar:
-                _add(member, root, by_path, where)
+                _add(member, tree, by_path, where)
                 tar.members.clear()  # the tree holds what is needed; tarfile need not hold every header too
     except tarfile.ReadError as exc:
         if "unexpected end" in str(exc):
@@ -52,7 +69,7 @@ def read_tree(stream: BinaryIO, where: str) -> ImageNode:
         raise ArchiveError(f"{where} is not a tar archive that can be read: {exc}") from None
     except EOFError:
         raise ArchiveError(f"{where} ends in the middle of an entry: it is truncated") from None
-    return root
+    return tree
 
 
 def _parts(name: str, where: str, entry: str) -> tuple[str, ...]:
@@ -62,13 +79,14 @@ def _parts(name: str, where: str, entry: str) -> tuple[str, ...]:
     return parts
 
 
-def _directory(path: tuple[str, ...], root: ImageNode, by_path: dict[tuple[str, ...], ImageNode]) -> ImageNode:
+def _directory(path: tuple[str, ...], tree: Tree, by_path: dict[tuple[str, ...], ImageNode]) -> ImageNode:
     """The directory at ``path``, made (with its parents) if the archive has not named it yet."""
     node = by_path.get(path)
     if node is not None and node.kind == stat.S_IFDIR:
         return node
-    parent = _directory(path[:-1], root, by_path)
+    parent = _directory(path[:-1], tree, by_path)
     node = ImageNode(mode=IMPLICIT_DIR_MODE)
+    tree.implicit[id(node)] = node
     parent.children[_name(path[-1])] = node
     by_path[path] = node
     return node
@@ -78,12 +96,12 @@ def _name(part: str) -> bytes:
     return part.encode("utf-8", "surrogateescape")
 
 
-def _add(member: tarfile.TarInfo, root: ImageNode, by_path: dict[tuple[str, ...], ImageNode], where: str) -> None:
+def _add(member: tarfile.TarInfo, tree: Tree, by_path: dict[tuple[str, ...], ImageNode], where: str) -> None:
     path = _parts(member.name, where, member.name)
     if member.issparse():
         raise ArchiveError(f"{where}: entry {member.name!r} is a sparse file, which is not supported yet")
     if path and path[-1] == OPAQUE:
-        directory = _directory(path[:-1], root, by_path)
+        directory = _directory(path[:-1], tree, by_path)
         directory.xattrs[b"trusted.overlay.opaque"] = b"y"
         return
     if path and path[-1].startswith(WHITEOUT):
@@ -99,12 +117,12 @@ def _add(member: tarfile.TarInfo, root: ImageNode, by_path: dict[tuple[str, ...]
         node = _node(member, where)
     if not path:  # "." itself: the root's own attributes
         if node.kind == stat.S_IFDIR:
-            _update_directory(root, node)
+            _update_directory(tree, tree.root, node)
         return
-    parent = _directory(path[:-1], root, by_path)
+    parent = _directory(path[:-1], tree, by_path)
     old = by_path.get(path)
     if old is not None and old.kind == stat.S_IFDIR and node.kind == stat.S_IFDIR:
-        _update_directory(old, node)  # a directory named again: new attributes, same contents
+        _update_directory(tree, old, node)  # a directory named again: new attributes, same contents
         return
     if old is not None and old.kind == stat.S_IFDIR:
         for key in [k for k in by_path if k[:len(path)] == path]:
@@ -113,7 +131,8 @@ def _add(member: tarfile.TarInfo, root: ImageNode, by_path: dict[tuple[str, ...]
     by_path[path] = node
 
 
-def _update_directory(old: ImageNode, new: ImageNode) -> None:
+def _update_directory(tree: Tree, old: ImageNode, new: ImageNode) -> None:
+    tree.implicit.pop(id(old), None)
     old.mode, old.uid, old.gid, old.mtime, old.mtime_nsec = new.mode, new.uid, new.gid, new.mtime, new.mtime_nsec
     old.xattrs.update(new.xattrs)
 
@@ -128,7 +147,7 @@ def _node(member: tarfile.TarInfo, where: str) -> ImageNode:
     elif member.isdir():
         node.mode |= stat.S_IFDIR
     elif member.issym():
-        node.mode |= stat.S_IFLNK
+        node.mode = stat.S_IFLNK | 0o777  # as Linux makes every symlink, whatever the archive says
         node.target = member.linkname.encode("utf-8", "surrogateescape")
         if not node.target:
             raise ArchiveError(f"{where}: symlink {member.name!r} has no target")

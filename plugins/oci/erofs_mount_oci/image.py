@@ -1,0 +1,138 @@
+"""Images of tar layers: the whole image merged into one EROFS, or one layer as it is.
+
+Both are synthesized images (see ``erofs_mount_core.SynthesizedImage``)
+whose metadata comes from the layers' indexes and whose files' blocks come
+from the layers' uncompressed streams, each stream read from its blob with
+range requests and every span of it checked against the hash taken when
+the layer was indexed. The whole image lays the layers' streams end to end
+in one backing: a block goes to the layer that holds it.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Mapping
+from typing import Any
+
+from erofs_mount_tar import index as indexes
+from erofs_mount_tar.merge import merge
+
+from erofs_mount_core import (
+    CacheSettings,
+    ImageLayout,
+    Source,
+    SourceChangedError,
+    SourceError,
+    SynthesizedImage,
+)
+
+from .blob import BlobSource
+from .registry import Layer, Registry
+
+
+class Layered(Source):
+    """Streams end to end: offset ``base[i] + n`` is byte n of stream i (a file's bytes never straddle two)."""
+
+    def __init__(self, streams: list[Source]) -> None:
+        self.streams = streams
+        self.bases = []
+        base = 0
+        for stream in streams:
+            self.bases.append(base)
+            base += stream.size
+        self._size = base
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
+        i = bisect_right(self.bases, offset) - 1
+        into = offset - self.bases[i]
+        if into + length > self.streams[i].size:
+            raise SourceError(f"a read of {length} bytes at {offset} runs past layer {i}'s stream")
+        return self.streams[i].pread(length, into)
+
+    def close(self) -> None:
+        for stream in self.streams:
+            stream.close()
+
+
+class LayersImage(SynthesizedImage):
+    """The image of ``layers``: merged (``whole``) or, for one layer, as it is (whiteouts in overlayfs form)."""
+
+    def __init__(self, registry: Registry, layers: list[Layer], found: list[indexes.ArchiveIndex],
+                 cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str) -> None:
+        per_layer = CacheSettings(max(16, cache.cache_mib // len(layers)), cache.block_kib, cache.readahead_kib)
+        streams: list[Source] = []
+        try:
+            for layer, index in zip(layers, found, strict=True):
+                blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                                  description=f"{registry.ref} layer {layer.index}", state={},
+                                  digest_along=False)
+                streams.append(index.spans.verified(index.open_stream(blob), per_layer,
+                                                    f"oci: layer {layer.index} ({layer.digest[:19]}…)",
+                                                    transient=True))
+            backing = Layered(streams)
+            if whole:
+                layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(found, backing.bases,
+                                                                                           strict=True)]))
+            else:
+                layout = found[0].layout
+        except BaseException:
+            for stream in streams:
+                stream.close()
+            raise
+        super().__init__(layout, backing, description)
+        self.registry = registry
+        self.image_sha256 = layout.digest()
+        self._state = {**state, "image_sha256": self.image_sha256}
+
+    def state(self) -> dict[str, Any]:
+        return dict(self._state)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            self.registry.client.close()
+
+
+def layer_state(layers: list[Layer], diff_ids: list[str] | None) -> list[dict[str, Any]]:
+    ids = diff_ids or [""] * len(layers)
+    return [{"digest": layer.digest, "size": layer.size, "media_type": layer.media_type, "index": layer.index,
+             "diff_id": diff_id} for layer, diff_id in zip(layers, ids, strict=True)]
+
+
+def layers_of_state(state: Mapping[str, Any]) -> tuple[list[Layer], list[str] | None]:
+    try:
+        rows = list(state["layers"])
+        layers = [Layer(str(state["manifest_digest"]), str(r["digest"]), int(r["size"]), str(r["media_type"]),
+                        int(r["index"]), str(state["platform"])) for r in rows]
+        ids = [str(r["diff_id"]) for r in rows]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise SourceError(f"oci: record state is incomplete ({exc})") from None
+    if not layers:
+        raise SourceError("oci: record state names no layers")
+    return layers, ids if all(ids) else None
+
+
+def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSettings, *, whole: bool,
+                  description: str) -> LayersImage:
+    """The image the record pins: every layer still in the registry (by digest), indexed as before,
+    and the very same image made of them; refused otherwise."""
+    layers, diff_ids = layers_of_state(state)
+    for layer in layers:
+        found = registry.blob_size(layer.digest)  # a blob that is gone refuses the reattach here
+        if found != layer.size:
+            raise SourceChangedError(f"oci: layer {layer.index} ({layer.digest}) is {found} bytes now, "
+                                     f"{layer.size} when mounted")
+    from .layers import indexed
+
+    image = LayersImage(registry, layers, indexed(registry, layers, diff_ids), cache, state, whole=whole,
+                        description=description)
+    if image.image_sha256 != state.get("image_sha256"):
+        image.backing.close()
+        raise SourceChangedError(f"oci: {description} now gives another image than the one mounted "
+                                 "(its layers were indexed by another erofs-mount version)")
+    return image

@@ -1,0 +1,114 @@
+"""Tar layers indexed: from the cache by their digest, or downloaded once each, in parallel, and indexed on the way.
+
+The index of a layer is the tar library's (``erofs_mount_tar.index``),
+kept under the layer's sha256, so an image that shares a base layer with
+one mounted before indexes only its own layers, and ``tar:`` mounts of
+the same blob share it too. Each index is checked against the image
+config's ``diff_id`` (the sha256 of the layer's uncompressed stream), the
+one a cached index recorded included.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from erofs_mount_tar import index as indexes
+from erofs_mount_tar.progress import Meter, Parts, Progress
+
+from erofs_mount_core import SourceChangedError, SourceError
+
+from .download import Download
+from .registry import Layer, Registry
+
+PARALLEL = 4  # layers downloaded and indexed at once
+
+
+def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None, *,
+            progress: bool = False) -> list[indexes.ArchiveIndex]:
+    """Each layer's index, in order; ``diff_ids`` (one per layer) are checked when given."""
+    if diff_ids is not None and len(diff_ids) != len(layers):
+        raise SourceError(f"oci: {registry.ref}: its config names {len(diff_ids)} layer(s), its manifest "
+                          f"{len(layers)}")
+    found: dict[int, indexes.ArchiveIndex] = {}
+    missing = []
+    for layer in layers:
+        index = indexes.load(layer.digest.removeprefix("sha256:")) if layer.digest.startswith("sha256:") else None
+        if index is None:
+            missing.append(layer)
+        else:
+            found[layer.index] = index
+    expected = dict(zip((layer.index for layer in layers), diff_ids or [None] * len(layers), strict=True))
+
+    def check(layer: Layer, index: indexes.ArchiveIndex) -> None:
+        diff_id = expected[layer.index]
+        if diff_id is not None and f"sha256:{index.stream_sha256}" != diff_id:
+            raise SourceChangedError(f"oci: {registry.ref}: layer {layer.index} ({layer.digest}) unpacks to a "
+                                     f"stream whose sha256 is not the config's diff_id {diff_id}")
+
+    for layer in layers:
+        if layer.index in found:
+            check(layer, found[layer.index])
+    if missing:
+        total = sum(layer.size for layer in missing)
+        parts = Parts(Progress(f"indexing {len(missing)} layer(s) of {registry.ref}", total,
+                               enabled=progress and sys.stderr.isatty()))
+        try:
+            found.update(_index_all(registry, missing, parts, check))
+        finally:
+            parts.close()
+    return [found[layer.index] for layer in layers]
+
+
+def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
+               check: Callable[[Layer, indexes.ArchiveIndex], None]) -> dict[int, indexes.ArchiveIndex]:
+    """Downloads run in parallel; the first failure stops the others, and is the one reported."""
+    active: list[Download] = []
+    lock = threading.Lock()
+    stopped = threading.Event()
+
+    def one(layer: Layer, meter: Meter) -> indexes.ArchiveIndex:
+        what = f"oci: layer {layer.index} ({layer.digest[:19]}…)"
+        download = Download(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size, what)
+        with lock:
+            active.append(download)
+        if stopped.is_set():
+            download.stop()
+        try:
+            try:
+                index = indexes.build(download, what, progress=meter, digest=download.sha256)
+            except SourceError:
+                download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
+                raise
+            check(layer, index)  # before the index is kept: a layer that is not the config's is not cached
+            indexes.store(index)
+            return index
+        except BaseException:
+            stopped.set()
+            with lock:
+                for other in active:
+                    other.stop()
+            raise
+        finally:
+            download.close()
+
+    with ThreadPoolExecutor(max_workers=min(PARALLEL, len(layers)), thread_name_prefix="index") as pool:
+        futures = [(layer, pool.submit(one, layer, parts.meter())) for layer in layers]
+        results: dict[int, Any] = {}
+        first: BaseException | None = None
+        for layer, future in futures:
+            try:
+                results[layer.index] = future.result()
+            except BaseException as exc:  # noqa: BLE001 - the first in time is raised below
+                if first is None or (_stopped(first) and not _stopped(exc)):
+                    first = exc
+    if first is not None:
+        raise first
+    return results
+
+
+def _stopped(exc: BaseException) -> bool:
+    return isinstance(exc, SourceError) and str(exc).endswith("download stopped")
