@@ -6,7 +6,7 @@ The public API for source plugins is what this module exports::
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
     from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
     from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
-    from erofs_mount_core import cache_directory, open_cache_file, write_cache_file  # kept between mounts
+    from erofs_mount_core import cache_directory, cache_room, open_cache_file, write_cache_file  # kept between mounts
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
 contract kit in ``erofs_mount_core.testing``. Every other module is private
@@ -38,6 +38,7 @@ _EXPORTS = {
     "SynthesizedImage": "_erofs.image",
     "UsageError": "_errors",
     "cache_directory": "_cache",
+    "cache_room": "_cache",
     "hookimpl": "hookspecs",
     "open_cache_file": "_cache",
     "write_cache_file": "_cache",
@@ -59,13 +60,14 @@ __all__ = [
     "SynthesizedImage",
     "UsageError",
     "cache_directory",
+    "cache_room",
     "hookimpl",
     "open_cache_file",
     "write_cache_file",
 ]
 
 if TYPE_CHECKING:
-    from ._cache import cache_directory, open_cache_file, write_cache_file
+    from ._cache import cache_directory, cache_room, open_cache_file, write_cache_file
     from ._erofs.build import ImageLayout, ImageNode
     from ._erofs.image import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError

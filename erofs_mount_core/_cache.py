@@ -45,6 +45,17 @@ def cache_directory(name: str) -> Path:
     return root / name
 
 
+#: what large cache writes (an unpacked stream, a download) leave free on the cache's filesystem, at most
+RESERVE = 1 << 30
+
+
+def cache_room(directory: Path) -> int:
+    """How many bytes a large write may add under ``directory``: its filesystem's free space less a
+    reserve of 1 GiB, or of a twentieth of the filesystem when that is smaller (a small tmpfs)."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize - min(RESERVE, st.f_blocks * st.f_frsize // 20)
+
+
 def write_cache_file(path: Path, data: bytes | memoryview) -> None:
     """``path`` now holds ``data``, whole: written aside, then renamed over it."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")

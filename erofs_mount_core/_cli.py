@@ -149,7 +149,7 @@ def list_(as_json: bool) -> None:
 
     rows = lifecycle.list_devices()
     if as_json:
-        click.echo(json.dumps(rows, indent=2))
+        click.echo(json.dumps(rows, indent=2, default=str))  # a plugin's state may hold TOML datetimes
         return
     if not rows:
         click.echo("no nbd devices attached")

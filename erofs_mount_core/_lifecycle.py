@@ -354,6 +354,7 @@ def list_devices() -> list[dict[str, Any]]:
             "mount_options": mounts.security_options_of(info.path),
             "source": None,
             "serving": None,
+            "source_state": None,
             "daemon_pid": None,
             "daemon_alive": None,
             "record": info.backend,
@@ -370,11 +371,12 @@ def list_devices() -> list[dict[str, Any]]:
             else:
                 row["source"] = f"{record.source.scheme}:{record.source.location}"
                 row["serving"] = record.source.description  # what the plugin pinned: a digest, a version
+                row["source_state"] = record.source.state  # all it pinned (no secret is ever in it)
                 row["daemon_pid"] = record.daemon_pid or None
                 row["daemon_alive"] = daemon_alive(path)
         rows.append(row)
     for path in _orphans():
         rows.append({"device": None, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
-                     "daemon_pid": None, "daemon_alive": None, "record": str(path),
+                     "source_state": None, "daemon_pid": None, "daemon_alive": None, "record": str(path),
                      "error": "orphaned: no device is attached with this record (the next mount removes it)"})
     return rows

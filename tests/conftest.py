@@ -1,13 +1,15 @@
 """Runs the ``kernel``-marked tests inside a VM with a real nbd driver.
 
 On the host, each selected kernel test is replaced by a stand-in item; the
-first stand-in boots one guest (tests/vm/vm-run) that runs all of them in a
-single pytest session, and every stand-in then reports its own test's
-outcome from the guest. Inside the guest (VMTEST_GUEST=1) the real tests run.
+first stand-in boots the guests (tests/vm/vm-run), one per kernel series,
+side by side, each running all of its tests in a single pytest session, and
+every stand-in then reports its own test's outcome from its guest. Inside
+the guest (VMTEST_GUEST=1) the real tests run.
 
 Every kernel test runs on Debian's stock kernel (6.1). Tests marked
 ``kernel(newer=True)`` also run on a newer one (6.12, whose nbd driver
-changed), in a second guest, as stand-ins named ``test_x@6.12``.
+changed), in a second guest, as stand-ins named ``test_x@6.12``. The host's
+CPUs are shared between the guests that run at once.
 
 ``--skip-kernel`` (or EROFS_MOUNT_SKIP_KERNEL_TESTS=1) skips them, saying so;
 anything else that stops them (no qemu, no kernel package) fails them.
@@ -19,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -69,8 +72,18 @@ class GuestRun:
         self.error: str | None = None
         self.output = ""
         self.seconds = 0.0
+        self.thread: threading.Thread | None = None
 
-    def run(self, nodeids: list[str]) -> None:
+    def start(self, nodeids: list[str], cpus: int) -> None:
+        self.thread = threading.Thread(target=self.run, args=(nodeids, cpus), name=f"guest {self.kernel or 'stock'}",
+                                       daemon=True)
+        self.thread.start()
+
+    def wait(self) -> None:
+        if self.thread is not None:
+            self.thread.join()
+
+    def run(self, nodeids: list[str], cpus: int) -> None:
         report = self.log.with_name(self.log.name + ".report.json")
         report.unlink(missing_ok=True)
         env = dict(os.environ, **{REPORT_ENV: str(report)})
@@ -81,7 +94,7 @@ class GuestRun:
                 self.error = f"the test VM did not start: {pkg.stderr.strip()}"
                 return
             env["VMTEST_KERNEL_PKG"] = pkg.stdout.strip()
-        cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--",
+        cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--cpus", str(cpus), "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
                "--durations=5", *nodeids]
         start = time.monotonic()
@@ -127,11 +140,9 @@ class GuestItem(pytest.Item):
     def runtest(self) -> None:
         if self.config.getoption("--skip-kernel"):
             pytest.skip(f"kernel tests skipped on request (--skip-kernel / {SKIP_ENV}=1)")
+        _start_guests(self.session)
         guest = _guest(self.config, self.kernel)
-        if guest.results is None and guest.error is None:
-            wanted = [i.nodeid_in_guest for i in self.session.items
-                      if isinstance(i, GuestItem) and i.kernel == self.kernel]
-            guest.run(wanted)
+        guest.wait()
         if guest.error:
             raise GuestFailure(guest.error)
         result = guest.results.get(self.nodeid_in_guest) if guest.results else None
@@ -156,6 +167,18 @@ class GuestFailure(Exception):
 
 
 _GUESTS_KEY = pytest.StashKey[dict[str, GuestRun]]()
+
+
+def _start_guests(session: pytest.Session) -> None:
+    """Boot every kernel's guest at once (the first time a stand-in runs), each with its share of the CPUs."""
+    kernels = list(dict.fromkeys(i.kernel for i in session.items if isinstance(i, GuestItem)))
+    guests = [_guest(session.config, kernel) for kernel in kernels]
+    if any(g.thread is not None for g in guests):
+        return
+    cpus = max(1, (os.cpu_count() or 1) // len(guests))
+    for guest in guests:
+        guest.start([i.nodeid_in_guest for i in session.items
+                     if isinstance(i, GuestItem) and i.kernel == guest.kernel], cpus)
 
 
 def _guest(config: pytest.Config, kernel: str) -> GuestRun:

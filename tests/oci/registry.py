@@ -202,7 +202,7 @@ class Registry:
     def blob_file(self, digest: str) -> Path:
         """Where the registry keeps a blob on disk (to make it serve other bytes)."""
         hexdigest = digest.removeprefix("sha256:")
-        return self.root / "data" / "docker" / "registry" / "v2" / "blobs" / "sha256" / hexdigest[:2] / hexdigest / "data"
+        return self.root / "data/docker/registry/v2/blobs/sha256" / hexdigest[:2] / hexdigest / "data"
 
     def delete_blob(self, repo: str, digest: str) -> None:
         r = self._admin.delete(f"/v2/{repo}/blobs/{digest}")

@@ -469,3 +469,31 @@ def test_reattach_refuses_when_a_layer_blob_is_gone(registry: Registry, tmp_path
     registry.delete_blob("gone/app", "sha256:" + hashlib.sha256(second[0]).hexdigest())
     with pytest.raises(SourceChangedError, match="is gone from the registry"):
         reopen(state)
+
+
+def test_indexing_shows_one_progress_line_for_the_layers_on_a_terminal(registry: Registry,
+                                                                       layers: list[tuple[bytes, str]],
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    import pty
+
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    registry.push_image("images/progress", "v1", layers, diff_ids=[diff_id(b) for b, _ in layers])
+    main, secondary = pty.openpty()
+    proc = subprocess.Popen([EROFS_MOUNT, "serve", "-q", "--source", f"oci:{registry.host}/images/progress:v1",
+                             "-o", "insecure", "--run", "true"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(main, 4096)
+        except OSError:  # the terminal's other side is closed: the command is done
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(main)
+    assert proc.wait(120) == 0
+    assert re.search(rb"\rindexing 4 layer\(s\) of .*images/progress:v1: \d+%, \d+ MiB at \d+ MiB/s", shown), shown
+    assert shown.endswith(b"\r\x1b[K"), shown

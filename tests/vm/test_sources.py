@@ -1,4 +1,5 @@
-"""Every source through the real nbd driver: one set of scenarios, run for local, oci, s3 and tar.
+"""Every source through the real nbd driver: one set of scenarios, run for local, oci (an EROFS layer and a
+whole image of tar layers), s3 and tar.
 
 Each source is published by a ``Publisher`` (a file, a registry with its
 server running in the guest, an S3 server), mounted, killed and reattached.
@@ -180,14 +181,68 @@ class S3Publisher(Publisher):
         self.server.stop()
 
 
-PUBLISHERS = {p.name: p for p in (LocalPublisher, OciPublisher, S3Publisher, TarPublisher)}
+class OciImagePublisher(OciPublisher):
+    """An ordinary image, mounted whole: the tree as a GNU tar + gzip base layer, and a zstd layer over it
+    that holds one of its files again and a file of its own. A proxy in front of the registry keeps
+    the request log."""
+
+    name = "oci-image"
+    moved_is_refused_with = None  # the record pins the manifest and every layer
+
+    def __init__(self, tmp_path: Path) -> None:
+        from tests.oci.faultproxy import FaultProxy
+
+        super().__init__(tmp_path)
+        self.proxy = FaultProxy(self.registry.host)
+        self.spec = f"oci:{self.proxy.host}/team/image:stable"
+        self.manifest = ""
+
+    def _push(self, version: Version) -> None:
+        from tests.oci.test_tar_images import DOCKER_LAYER, ZSTD_LAYER, Layer, diff_id, zstd_tool
+
+        base = subprocess.run(f"tar --numeric-owner -C {version.tree} -cf - . | gzip -c", shell=True,
+                              check=True, capture_output=True).stdout
+        again = sorted(p for p in version.tree.rglob("*") if p.is_file())[0]
+        upper = zstd_tool(Layer(1_700_000_000).add(str(again.relative_to(version.tree)), data=again.read_bytes(),
+                                                   mode=stat.S_IMODE(again.stat().st_mode))
+                          .add("extra/marker", data=b"the upper layer\n").bytes())
+        layers = [(base, DOCKER_LAYER), (upper, ZSTD_LAYER)]
+        self.manifest = self.registry.push_image("team/image", "stable", layers,
+                                                 diff_ids=[diff_id(b) for b, _ in layers])
+        self.digest = "sha256:" + hashlib.sha256(base).hexdigest()
+
+    def publish(self, version: Version) -> None:
+        self._push(version)
+
+    def move(self, version: Version) -> None:
+        manifest, digest = self.manifest, self.digest
+        self._push(version)
+        self.manifest, self.digest = manifest, digest
+
+    def delete(self) -> None:
+        self.registry.delete_blob("team/image", self.digest)
+
+    def pinned(self, version: Version) -> str:
+        return self.manifest
+
+    def whole_gets(self) -> list[str]:
+        from tests.oci.test_tar_images import whole_gets
+
+        return whole_gets(self.proxy)
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        super().stop()
+
+
+PUBLISHERS = {p.name: p for p in (LocalPublisher, OciImagePublisher, OciPublisher, S3Publisher, TarPublisher)}
 
 
 # One publisher (and its server) per source type for the whole module: a registry or an S3
 # server takes long to start in the guest. tar: images the project synthesizes itself, so the
 # newer kernel reads them too.
 @pytest.fixture(scope="module", params=[pytest.param(name, marks=pytest.mark.kernel(newer=True))
-                                        if name == "tar" else name for name in sorted(PUBLISHERS)])
+                                        if name in ("tar", "oci-image") else name for name in sorted(PUBLISHERS)])
 def publisher(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Publisher]:
     p = PUBLISHERS[request.param](tmp_path_factory.mktemp(request.param))
     yield p
@@ -249,14 +304,22 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
         assert_files(mountpoint, sums)
         (row,) = devices()
         assert row["source"] == publisher.spec and publisher.pinned(image) in row["serving"]
+        if isinstance(publisher, OciImagePublisher):  # list --json: every layer the record pins
+            assert [layer["digest"] for layer in row["source_state"]["layers"]][0] == publisher.digest
         record = Path(row["record"])
         assert stat.S_IMODE(record.stat().st_mode) == 0o600
         assert not [s for s in publisher.secrets if s in record.read_text()], "a secret reached the record"
         assert_no_secret_in_the_daemon_s_environ(publisher)
         evict(mountpoint, device)
         kill_daemon(device)
+        if isinstance(publisher, OciImagePublisher):
+            publisher.proxy.log.clear()
+            publisher.proxy.ranges.clear()
         cli("reattach", device, env=publisher.env)
         reattached = daemon_read_bytes()
+        if isinstance(publisher, OciImagePublisher):  # the layers' indexes are cached: no layer is downloaded
+            assert publisher.whole_gets() == [], publisher.proxy.log
+            assert (mountpoint / "extra" / "marker").read_bytes() == b"the upper layer\n"
         if publisher.name == "tar":  # the index is in the cache: the new daemon reads none of the archive
             archive = publisher.path.stat().st_size  # indexing it again would read it twice (pass, sha256)
             print(f"bytes read by the daemon before any file read: at mount {started}, at reattach {reattached}; "
@@ -264,7 +327,7 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
             assert reattached < started + archive // 4, (started, reattached, archive)
         assert_files(mountpoint, sums)
         assert_no_secret_in_the_daemon_s_environ(publisher)
-        if publisher.name == "tar":  # and killed again under readers: every read they make is right
+        if publisher.name in ("tar", "oci-image"):  # killed again under readers: every read they make is right
             with Readers(mountpoint, sums) as readers:
                 readers.wait_for_reads(10)
                 evict(mountpoint, device)

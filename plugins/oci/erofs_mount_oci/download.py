@@ -3,8 +3,9 @@
 Indexing a tar layer reads all of it in order; this lets the index pass
 run while the blob downloads (its reads wait for the bytes they need) and
 takes the blob's sha256 on the way, so no byte is fetched twice. The file
-lives in the cache directory with no name (O_TMPFILE): nothing of the
-blob is left when it is closed, whatever happens. Its size is bounded by
+lives in the cache directory with no name (O_TMPFILE, or unlinked at once
+where the filesystem lacks it): nothing of the blob is left when it is
+closed, whatever happens. Its size is bounded by
 the manifest's descriptor and by the filesystem's free space.
 """
 
@@ -13,17 +14,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import threading
 from typing import Any
 
-from erofs_mount_core import Source, SourceChangedError, SourceError, cache_directory
+from erofs_mount_core import Source, SourceChangedError, SourceError, cache_directory, cache_room
 
 from . import _http
 
 log = logging.getLogger("erofs_mount.oci")
 DOWNLOAD_DIR = "oci-download"
-#: what a download leaves free on the cache's filesystem, at least
-RESERVE = 1 << 30
 ATTEMPTS = 4  # a broken transfer resumes from where it stopped (Range), this many times in all
 
 
@@ -32,13 +32,16 @@ class Download(Source):
         if not digest.startswith("sha256:"):
             raise SourceError(f"{what}: only sha256 blobs can be indexed, not {digest.split(':')[0]}")
         directory = cache_directory(DOWNLOAD_DIR)
-        st = os.statvfs(directory)
-        if size > st.f_bavail * st.f_frsize - RESERVE:
+        if size > cache_room(directory):
             raise SourceError(f"{what}: its {size >> 20} MiB would leave the cache's filesystem ({directory}) "
-                              f"with less than {RESERVE >> 30} GiB free")
+                              "with less than its reserve free (1 GiB, or a twentieth of a small filesystem)")
         self.client, self.url, self.digest, self.what = client, url, digest, what
         self._size = size
-        self._fd = os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        try:  # no name (O_TMPFILE where the filesystem has it, else unlinked at once)
+            self._file = tempfile.TemporaryFile(dir=directory, prefix=".download-")
+        except OSError as exc:
+            raise SourceError(f"{what}: cannot keep the download in {directory}: {exc.strerror}") from None
+        self._fd = self._file.fileno()
         self._have = 0
         self._done = False
         self._error: BaseException | None = None
@@ -93,7 +96,10 @@ class Download(Source):
                     raise SourceError(f"{self.what}: download stopped")
                 if self._have + len(chunk) > self._size:
                     raise SourceError(f"{self.what}: the registry sent more than the layer's {self._size} bytes")
-                os.pwrite(self._fd, chunk, self._have)
+                try:
+                    os.pwrite(self._fd, chunk, self._have)
+                except OSError as exc:
+                    raise SourceError(f"{self.what}: cannot keep the download: {exc.strerror}") from None
                 whole.update(chunk)
                 with self._cond:
                     self._have += len(chunk)
@@ -139,4 +145,4 @@ class Download(Source):
     def close(self) -> None:
         self._stop = True
         self._thread.join()
-        os.close(self._fd)
+        self._file.close()

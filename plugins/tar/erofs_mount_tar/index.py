@@ -100,7 +100,8 @@ class ArchiveIndex:
     def to_bytes(self) -> bytes:
         meta = {"compression": self.compression, "archive_sha256": self.archive_sha256,
                 "archive_size": self.archive_size, "stream_size": self.stream_size,
-                "stream_sha256": self.stream_sha256, "span_size": self.spans.span_size, "zstd_frames": [attrs.astuple(f) for f in self.zstd_frames]}
+                "stream_sha256": self.stream_sha256, "span_size": self.spans.span_size,
+                "zstd_frames": [attrs.astuple(f) for f in self.zstd_frames]}
         sections = {"meta": json.dumps(meta).encode(), "hashes": self.spans.hashes,
                     "layout": zlib.compress(self.layout.to_bytes(), 6), "tree": zlib.compress(self.tree, 6)}
         if self.gzip_checkpoints:
@@ -184,7 +185,8 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
         meter.close()
     return ArchiveIndex(
         compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=hasher.length,
-        stream_sha256=stream.sha256.hexdigest() if stream.sha256 else sha256, spans=hasher.finish(), layout=ImageLayout.of(tree.root),
+        stream_sha256=stream.sha256.hexdigest() if stream.sha256 else sha256, spans=hasher.finish(),
+        layout=ImageLayout.of(tree.root),
         tree=treefile.dump(tree),
         gzip_checkpoints=one_pass.kept.get("checkpoints", b""),
         zstd_frames=tuple(streams.frames_from(one_pass.kept.get("frames", []))),

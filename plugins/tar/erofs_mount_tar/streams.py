@@ -37,7 +37,7 @@ from typing import Any
 
 import attrs
 
-from erofs_mount_core import Source, SourceError, open_cache_file
+from erofs_mount_core import Source, SourceError, cache_room, open_cache_file
 
 log = logging.getLogger("erofs_mount.tar")
 CHUNK = 1 << 20
@@ -265,7 +265,7 @@ class ZstdPass(Pass):
                     if self._out is not None:
                         if out > room:
                             raise ArchiveError(f"{self.where}: unpacking its zstd stream into the cache would leave "
-                                               f"its filesystem with less than {UNPACK_RESERVE >> 30} GiB free: "
+                                               "its filesystem with less than its reserve free: "
                                                "refusing it (write it in smaller frames: zstd -B, or "
                                                "recompress it with gzip)")
                         _write_sparse(self._out, data)
@@ -329,14 +329,9 @@ def _frame_file(archive: Source, frame: Frame) -> SourceFile:
     return SourceFile(archive, frame.offset, frame.offset + frame.length)
 
 
-#: what unpacking leaves free on the cache's filesystem, at least
-UNPACK_RESERVE = 1 << 30
-
-
 def unpack_room(directory: Path) -> int:
-    """How many bytes an unpacked stream may take in ``directory``: the free space but the reserve."""
-    st = os.statvfs(directory)
-    return st.f_bavail * st.f_frsize - UNPACK_RESERVE
+    """How many bytes an unpacked stream may take in ``directory`` (see ``cache_room``)."""
+    return cache_room(directory)
 
 
 def unpacked_path(directory: Path, digest: str) -> Path:
