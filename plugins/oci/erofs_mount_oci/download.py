@@ -28,7 +28,8 @@ ATTEMPTS = 4  # a broken transfer resumes from where it stopped (Range), this ma
 
 
 class Download(Source):
-    def __init__(self, client: Any, url: str, digest: str, size: int, what: str) -> None:
+    def __init__(self, client: Any, url: str, digest: str, size: int, what: str, *,
+                 slots: threading.Semaphore | None = None) -> None:
         if not digest.startswith("sha256:"):
             raise SourceError(f"{what}: only sha256 blobs can be indexed, not {digest.split(':')[0]}")
         directory = cache_directory(DOWNLOAD_DIR)
@@ -48,6 +49,7 @@ class Download(Source):
         self._stop = False
         self._hex = ""
         self._cond = threading.Condition()
+        self._slots = slots  # transfers that may run at once: this one waits for a slot
         self._thread = threading.Thread(target=self._run, name=f"download {digest[7:19]}", daemon=True)
         self._thread.start()
 
@@ -62,6 +64,8 @@ class Download(Source):
 
     def _run(self) -> None:
         whole = hashlib.sha256()
+        if self._slots is not None:
+            self._slots.acquire()
         try:
             for attempt in range(ATTEMPTS):
                 try:
@@ -79,11 +83,15 @@ class Download(Source):
         except BaseException as exc:  # noqa: BLE001 - handed to the readers and to sha256()
             self._error = exc
         finally:
+            if self._slots is not None:
+                self._slots.release()
             with self._cond:
                 self._done = True
                 self._cond.notify_all()
 
     def _transfer(self, whole: Any) -> None:
+        if self._stop:
+            raise SourceError(f"{self.what}: download stopped")
         headers = {"Accept-Encoding": "identity"}
         if self._have:
             headers["Range"] = f"bytes={self._have}-"

@@ -78,7 +78,7 @@ class LayersImage(SynthesizedImage):
                 layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(found, backing.bases,
                                                                                            strict=True)]))
             else:
-                layout = found[0].layout
+                layout = found[0].image_layout()
         except BaseException:
             for stream in streams:
                 stream.close()

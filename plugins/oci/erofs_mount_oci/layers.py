@@ -10,6 +10,7 @@ one a cached index recorded included.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 from collections.abc import Callable
@@ -19,12 +20,18 @@ from typing import Any
 from erofs_mount_tar import index as indexes
 from erofs_mount_tar.progress import Meter, Parts, Progress
 
-from erofs_mount_core import SourceChangedError, SourceError
+from erofs_mount_core import SourceChangedError, SourceError, cache_directory, cache_room
 
-from .download import Download
+from .download import DOWNLOAD_DIR, Download
 from .registry import Layer, Registry
 
-PARALLEL = 4  # layers downloaded and indexed at once
+DOWNLOADS = 3  # layer transfers at once, as docker pulls
+
+
+def passes() -> int:
+    """Index passes at once: each decompresses on up to two threads beside its tar reader, so more than one
+    per two CPUs only makes them wait for each other."""
+    return max(1, min(4, (os.cpu_count() or 1) // 2))
 
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None, *,
@@ -65,46 +72,52 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None,
 
 def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
                check: Callable[[Layer, indexes.ArchiveIndex], None]) -> dict[int, indexes.ArchiveIndex]:
-    """Downloads run in parallel; the first failure stops the others, and is the one reported."""
-    active: list[Download] = []
-    lock = threading.Lock()
-    stopped = threading.Event()
+    """Every layer's download starts at once (``DOWNLOADS`` transfer at a time); the index passes read them
+    as they arrive, ``passes()`` at a time. The first failure stops the others, and is the one reported."""
+    what = {layer.index: f"oci: layer {layer.index} ({layer.digest[:19]}…)" for layer in layers}
+    total, directory = sum(layer.size for layer in layers), cache_directory(DOWNLOAD_DIR)
+    if total > cache_room(directory):
+        raise SourceError(f"oci: {registry.ref}: its layers' {total >> 20} MiB would leave the cache's filesystem "
+                          f"({directory}) with less than its reserve free")
+    slots = threading.Semaphore(DOWNLOADS)
+    downloads: dict[int, Download] = {}
+    try:
+        for layer in layers:
+            downloads[layer.index] = Download(registry.client, registry.blob_url(layer.digest), layer.digest,
+                                              layer.size, what[layer.index], slots=slots)
 
-    def one(layer: Layer, meter: Meter) -> indexes.ArchiveIndex:
-        what = f"oci: layer {layer.index} ({layer.digest[:19]}…)"
-        download = Download(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size, what)
-        with lock:
-            active.append(download)
-        if stopped.is_set():
-            download.stop()
-        try:
+        def one(layer: Layer, meter: Meter) -> indexes.ArchiveIndex:
+            download = downloads[layer.index]
             try:
-                index = indexes.build(download, what, progress=meter, digest=download.sha256)
-            except SourceError:
-                download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
-                raise
-            check(layer, index)  # before the index is kept: a layer that is not the config's is not cached
-            indexes.store(index)
-            return index
-        except BaseException:
-            stopped.set()
-            with lock:
-                for other in active:
+                try:
+                    index = indexes.build(download, what[layer.index], progress=meter, digest=download.sha256,
+                                          layout=False)  # merged with the others: its own image is made if asked
+                except SourceError:
+                    download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
+                    raise
+                check(layer, index)  # before the index is kept: a layer that is not the config's is not cached
+                indexes.store(index)
+                return index
+            except BaseException:
+                for other in downloads.values():
                     other.stop()
-            raise
-        finally:
-            download.close()
+                raise
+            finally:
+                download.close()
 
-    with ThreadPoolExecutor(max_workers=min(PARALLEL, len(layers)), thread_name_prefix="index") as pool:
-        futures = [(layer, pool.submit(one, layer, parts.meter())) for layer in layers]
-        results: dict[int, Any] = {}
-        first: BaseException | None = None
-        for layer, future in futures:
-            try:
-                results[layer.index] = future.result()
-            except BaseException as exc:  # noqa: BLE001 - the first in time is raised below
-                if first is None or (_stopped(first) and not _stopped(exc)):
-                    first = exc
+        with ThreadPoolExecutor(max_workers=min(passes(), len(layers)), thread_name_prefix="index") as pool:
+            futures = [(layer, pool.submit(one, layer, parts.meter())) for layer in layers]
+            results: dict[int, Any] = {}
+            first: BaseException | None = None
+            for layer, future in futures:
+                try:
+                    results[layer.index] = future.result()
+                except BaseException as exc:  # noqa: BLE001 - the first in time is raised below
+                    if first is None or (_stopped(first) and not _stopped(exc)):
+                        first = exc
+    finally:
+        for download in downloads.values():
+            download.close()
     if first is not None:
         raise first
     return results

@@ -28,9 +28,9 @@ class TarImage(SynthesizedImage):
         what = f"tar: {archive.path}"
         backing = index.spans.verified(stream, cache, what)
         unpacked = ", unpacked in the cache" if index.unpacked else ""
-        super().__init__(index.layout, backing, f"{archive.path} ({index.compression}{unpacked})")
+        super().__init__(index.image_layout(), backing, f"{archive.path} ({index.compression}{unpacked})")
         self.archive, self.index, self.cache = archive, index, cache
-        self.image_sha256 = index.layout.digest()
+        self.image_sha256 = self.layout.digest()
 
     def state(self) -> dict[str, Any]:
         return {**self.archive.state(), "archive_sha256": self.index.archive_sha256,
@@ -85,7 +85,7 @@ def reattach_archive(archive: LocalFile, state: Mapping[str, Any]) -> TarImage:
                 raise SourceChangedError(f"tar: {archive.path} is no longer the archive that was mounted "
                                          f"(sha256 {index.archive_sha256[:16]}…, not {sha256[:16]}…)")
             indexes.store(index)
-        if index.layout.digest() != image:
+        if index.image_layout().digest() != image:
             raise SourceChangedError(f"tar: {archive.path} now gives another image than the one mounted "
                                      "(the index was made by another erofs-mount version)")
         return TarImage(archive, index, cache)

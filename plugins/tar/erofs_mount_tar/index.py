@@ -16,7 +16,7 @@ The file format (version 2, little-endian)::
       meta     JSON: compression, archive sha256 and size, stream size and sha256 (an OCI
                layer's diff_id), span size, frames
       hashes   the span hashes, 32 bytes each
-      layout   zlib(ImageLayout.to_bytes())
+      layout   zlib(ImageLayout.to_bytes()), when asked for (a layer of an image is merged, not served alone)
       tree     zlib(treefile.dump(tree)): what merging the layers of an image needs
       gzip     zlib(rapidgzip's checkpoint export), for gzip archives
 
@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import struct
 import threading
 import zlib
@@ -70,7 +71,8 @@ class ArchiveIndex:
     stream_size: int
     stream_sha256: str
     spans: SpanHashes
-    layout: ImageLayout
+    layout: ImageLayout | None
+    """The archive's own image, if the index keeps it (``image_layout()`` makes it otherwise)."""
     tree: bytes = attrs.field(repr=False)
     """``treefile.dump`` of the archive's tree."""
     gzip_checkpoints: bytes = b""
@@ -79,6 +81,10 @@ class ArchiveIndex:
     @property
     def unpacked(self) -> bool:
         return self.compression == "zstd" and not self.zstd_frames
+
+    def image_layout(self) -> ImageLayout:
+        """The archive's own image (whiteouts in overlayfs form), kept or made from the tree."""
+        return self.layout if self.layout is not None else ImageLayout.of(self.read_tree().root)
 
     def read_tree(self, base: int = 0) -> Tree:
         """A fresh copy of the archive's tree, its files' bytes placed ``base`` bytes into a backing stream."""
@@ -102,8 +108,9 @@ class ArchiveIndex:
                 "archive_size": self.archive_size, "stream_size": self.stream_size,
                 "stream_sha256": self.stream_sha256, "span_size": self.spans.span_size,
                 "zstd_frames": [attrs.astuple(f) for f in self.zstd_frames]}
-        sections = {"meta": json.dumps(meta).encode(), "hashes": self.spans.hashes,
-                    "layout": zlib.compress(self.layout.to_bytes(), 6), "tree": zlib.compress(self.tree, 6)}
+        sections = {"meta": json.dumps(meta).encode(), "hashes": self.spans.hashes, "tree": zlib.compress(self.tree, 6)}
+        if self.layout is not None:
+            sections["layout"] = zlib.compress(self.layout.to_bytes(), 6)
         if self.gzip_checkpoints:
             sections["gzip"] = zlib.compress(self.gzip_checkpoints, 6)
         payload = b"".join(struct.pack("<B", len(name)) + name.encode() + struct.pack("<Q", len(body)) + body
@@ -135,7 +142,7 @@ class ArchiveIndex:
                 archive_size=int(meta["archive_size"]), stream_size=int(meta["stream_size"]),
                 stream_sha256=str(meta["stream_sha256"]),
                 spans=SpanHashes(int(meta["span_size"]), sections["hashes"]),
-                layout=ImageLayout.from_bytes(zlib.decompress(sections["layout"])),
+                layout=ImageLayout.from_bytes(zlib.decompress(sections["layout"])) if "layout" in sections else None,
                 tree=zlib.decompress(sections["tree"]),
                 gzip_checkpoints=zlib.decompress(sections["gzip"]) if "gzip" in sections else b"",
                 zstd_frames=tuple(streams.frames_from(meta["zstd_frames"])),
@@ -148,13 +155,14 @@ class ArchiveIndex:
 
 
 def build(archive: Source, where: str, *, progress: bool | Meter = False,
-          digest: Callable[[], str] | None = None) -> ArchiveIndex:
+          digest: Callable[[], str] | None = None, layout: bool = True) -> ArchiveIndex:
     """Read ``archive`` once: its tree, its stream's span hashes and sha256, random-access data and the
     archive's own sha256.
 
     ``progress``: a line on the terminal (True), or a meter to report to.
     ``digest``: the archive's sha256, taken by whoever fetched it (then it is
     not read a second time for it); called once the pass is done.
+    ``layout``: keep the archive's own image in the index (an image's layers are merged instead).
     """
     compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
     if compression == "gzip":
@@ -167,26 +175,28 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
     beside = None if digest is not None or one_pass.sha256 is not None else _Digest(archive)
     meter = progress if isinstance(progress, Meter) else Progress(f"indexing {where}", archive.size,
                                                                    enabled=progress)
-    hasher = SpanHasher(SPAN_SIZE)
+    hashes = _Hashes(whole=compression != "tar")
     try:
         with streams.native_stderr_kept():
-            stream = _Tee(one_pass, hasher, meter, whole=compression != "tar")
+            stream = _Tee(one_pass, hashes, meter)
             tree = read_tree(stream, where)  # type: ignore[arg-type]
             stream.drain()
+        spans, stream_sha256 = hashes.result()
         if digest is not None:
             sha256 = digest()
         else:
             sha256 = beside.result() if beside is not None else one_pass.sha256.hexdigest()
         one_pass.finish(sha256)
     finally:
+        hashes.close()
         one_pass.close()
         if beside is not None:
             beside.cancel()
         meter.close()
     return ArchiveIndex(
-        compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=hasher.length,
-        stream_sha256=stream.sha256.hexdigest() if stream.sha256 else sha256, spans=hasher.finish(),
-        layout=ImageLayout.of(tree.root),
+        compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=stream.length,
+        stream_sha256=stream_sha256 or sha256, spans=spans,
+        layout=ImageLayout.of(tree.root) if layout else None,
         tree=treefile.dump(tree),
         gzip_checkpoints=one_pass.kept.get("checkpoints", b""),
         zstd_frames=tuple(streams.frames_from(one_pass.kept.get("frames", []))),
@@ -200,9 +210,9 @@ class _Tee:
     data with a seek, which drops the bytes without copying them.
     """
 
-    def __init__(self, one_pass: streams.Pass, hasher: SpanHasher, meter: Meter, *, whole: bool) -> None:
-        self.one_pass, self.hasher, self.meter = one_pass, hasher, meter
-        self.sha256 = hashlib.sha256() if whole else None  # of the whole stream: an OCI layer's diff_id
+    def __init__(self, one_pass: streams.Pass, hashes: _Hashes, meter: Meter) -> None:
+        self.one_pass, self.hashes, self.meter = one_pass, hashes, meter
+        self.length = 0
         self._chunks = one_pass.chunks()
         self._pending = memoryview(b"")
         self._pos = 0
@@ -245,12 +255,42 @@ class _Tee:
         chunk = next(self._chunks, None)
         if chunk is None:
             return False
-        self.hasher.update(chunk)
-        if self.sha256 is not None:
-            self.sha256.update(chunk)
-        self.meter.update(self.one_pass.compressed_done, self.hasher.length)
+        self.hashes.update(chunk)
+        self.length += len(chunk)
+        self.meter.update(self.one_pass.compressed_done, self.length)
         self._pending = memoryview(chunk)
         return True
+
+
+class _Hashes:
+    """The stream's span hashes and (``whole``) its sha256, taken in a thread of their own: hashing
+    releases the GIL, so it runs beside the tar reader and the decompressor instead of after them."""
+
+    def __init__(self, *, whole: bool) -> None:
+        self.spans = SpanHasher(SPAN_SIZE)
+        self.sha256 = hashlib.sha256() if whole else None  # of the whole stream: an OCI layer's diff_id
+        self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # a few MiB ahead at most
+        self._thread = threading.Thread(target=self._run, name="stream-hashes", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (chunk := self._queue.get()) is not None:
+            self.spans.update(chunk)
+            if self.sha256 is not None:
+                self.sha256.update(chunk)
+
+    def update(self, chunk: bytes) -> None:
+        self._queue.put(chunk)
+
+    def result(self) -> tuple[SpanHashes, str | None]:
+        """The span hashes and the stream's sha256 (None if not taken), once every chunk is hashed."""
+        self.close()
+        return self.spans.finish(), self.sha256.hexdigest() if self.sha256 is not None else None
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
 
 
 class _Digest:
