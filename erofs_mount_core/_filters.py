@@ -237,3 +237,9 @@ class BlockCache(Filter):
             while len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
         return fetched
+
+    def clear(self) -> None:
+        """Forget every cached block (what was fetched may have been wrong: fetch it again)."""
+        with self._lock:
+            self._blocks.clear()
+            self._last_end = -1

@@ -18,7 +18,9 @@ from erofs_mount_tar import index as indexes
 from erofs_mount_tar.merge import merge
 
 from erofs_mount_core import (
+    BlockCache,
     CacheSettings,
+    Filter,
     ImageLayout,
     Source,
     SourceChangedError,
@@ -28,6 +30,24 @@ from erofs_mount_core import (
 
 from .blob import BlobSource
 from .registry import Layer, Registry
+
+COMPRESSED_BLOCK = 64 << 10
+
+
+class _Forgetting(Filter):
+    """A failed read (a span that did not match its hash, a stream that would not inflate) drops the
+    compressed bytes cached below it: the retry fetches them again instead of failing on the same ones."""
+
+    def __init__(self, inner: Source, compressed: BlockCache) -> None:
+        super().__init__(inner)
+        self.compressed = compressed
+
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
+        try:
+            return self.inner.pread(length, offset)
+        except SourceError:
+            self.compressed.clear()
+            raise
 
 
 class Layered(Source):
@@ -63,16 +83,20 @@ class LayersImage(SynthesizedImage):
 
     def __init__(self, registry: Registry, layers: list[Layer], found: list[indexes.ArchiveIndex],
                  cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str) -> None:
-        per_layer = CacheSettings(max(16, cache.cache_mib // len(layers)), cache.block_kib, cache.readahead_kib)
+        share = max(16, cache.cache_mib // len(layers))  # of the memory cache-mib allows, per layer:
+        per_layer = CacheSettings(share - share // 4, cache.block_kib, cache.readahead_kib)  # decompressed spans
         streams: list[Source] = []
         try:
             for layer, index in zip(layers, found, strict=True):
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                                   description=f"{registry.ref} layer {layer.index}", state={},
                                   digest_along=False)
-                streams.append(index.spans.verified(index.open_stream(blob), per_layer,
-                                                    f"oci: layer {layer.index} ({layer.digest[:19]}…)",
-                                                    transient=True))
+                # and compressed bytes: reads of neighbouring spans start from the same checkpoint
+                compressed = BlockCache(blob, block_size=COMPRESSED_BLOCK, cache_bytes=(share // 4) << 20,
+                                        readahead=0)
+                verified = index.spans.verified(index.open_stream(compressed), per_layer,
+                                                f"oci: layer {layer.index} ({layer.digest[:19]}…)", transient=True)
+                streams.append(_Forgetting(verified, compressed))
             backing = Layered(streams)
             if whole:
                 layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(found, backing.bases,
