@@ -28,10 +28,13 @@ from .registry import Layer, Registry
 DOWNLOADS = 3  # layer transfers at once, as docker pulls
 
 
-def passes() -> int:
-    """Index passes at once: each decompresses on up to two threads beside its tar reader, so more than one
-    per two CPUs only makes them wait for each other."""
-    return max(1, min(4, (os.cpu_count() or 1) // 2))
+def passes(layers: int) -> tuple[int, int]:
+    """Index passes at once, and the threads each decompresses with: one pass per CPU (up to four), each
+    on one thread, outruns fewer passes on more threads each (measured: benches/oci_images.py); a lone
+    pass takes every CPU."""
+    cpus = os.cpu_count() or 1
+    at_once = max(1, min(4, cpus, layers))
+    return at_once, max(1, min(4, cpus // at_once))
 
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None, *,
@@ -73,7 +76,7 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None,
 def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
                check: Callable[[Layer, indexes.ArchiveIndex], None]) -> dict[int, indexes.ArchiveIndex]:
     """Every layer's download starts at once (``DOWNLOADS`` transfer at a time); the index passes read them
-    as they arrive, ``passes()`` at a time. The first failure stops the others, and is the one reported."""
+    as they arrive, ``passes()`` at once. The first failure stops the others, and is the one reported."""
     what = {layer.index: f"oci: layer {layer.index} ({layer.digest[:19]}…)" for layer in layers}
     total, directory = sum(layer.size for layer in layers), cache_directory(DOWNLOAD_DIR)
     if total > cache_room(directory):
@@ -91,7 +94,8 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
             try:
                 try:
                     index = indexes.build(download, what[layer.index], progress=meter, digest=download.sha256,
-                                          layout=False)  # merged with the others: its own image is made if asked
+                                          layout=False,  # merged with the others: its own image is made if asked
+                                          threads=threads)
                 except SourceError:
                     download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
                     raise
@@ -105,7 +109,8 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
             finally:
                 download.close()
 
-        with ThreadPoolExecutor(max_workers=min(passes(), len(layers)), thread_name_prefix="index") as pool:
+        at_once, threads = passes(len(layers))
+        with ThreadPoolExecutor(max_workers=at_once, thread_name_prefix="index") as pool:
             futures = [(layer, pool.submit(one, layer, parts.meter())) for layer in layers]
             results: dict[int, Any] = {}
             first: BaseException | None = None

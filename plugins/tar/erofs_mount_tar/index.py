@@ -75,6 +75,8 @@ class ArchiveIndex:
     """The archive's own image, if the index keeps it (``image_layout()`` makes it otherwise)."""
     tree: bytes = attrs.field(repr=False)
     """``treefile.dump`` of the archive's tree."""
+    fresh: list[Tree] = attrs.field(factory=list, eq=False, repr=False)
+    """The tree itself, when this index was just built: handed to the first ``read_tree`` (not loaded again)."""
     gzip_checkpoints: bytes = b""
     zstd_frames: tuple[streams.Frame, ...] = ()
 
@@ -87,7 +89,9 @@ class ArchiveIndex:
         return self.layout if self.layout is not None else ImageLayout.of(self.read_tree().root)
 
     def read_tree(self, base: int = 0) -> Tree:
-        """A fresh copy of the archive's tree, its files' bytes placed ``base`` bytes into a backing stream."""
+        """A copy of the archive's tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
+        if self.fresh:
+            return treefile.moved(self.fresh.pop(), base)
         return treefile.load(self.tree, base)
 
     def open_stream(self, archive: Source) -> Any:
@@ -155,7 +159,7 @@ class ArchiveIndex:
 
 
 def build(archive: Source, where: str, *, progress: bool | Meter = False,
-          digest: Callable[[], str] | None = None, layout: bool = True) -> ArchiveIndex:
+          digest: Callable[[], str] | None = None, layout: bool = True, threads: int | None = None) -> ArchiveIndex:
     """Read ``archive`` once: its tree, its stream's span hashes and sha256, random-access data and the
     archive's own sha256.
 
@@ -163,10 +167,11 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
     ``digest``: the archive's sha256, taken by whoever fetched it (then it is
     not read a second time for it); called once the pass is done.
     ``layout``: keep the archive's own image in the index (an image's layers are merged instead).
+    ``threads``: how many threads decompress a gzip archive (fewer when several passes run at once).
     """
     compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
     if compression == "gzip":
-        one_pass: streams.Pass = streams.GzipPass(archive, where)
+        one_pass: streams.Pass = streams.GzipPass(archive, where, threads)
     elif compression == "zstd":
         one_pass = streams.ZstdPass(archive, where, cache_directory(UNPACKED_DIR))
     else:
@@ -197,7 +202,7 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
         compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=stream.length,
         stream_sha256=stream_sha256 or sha256, spans=spans,
         layout=ImageLayout.of(tree.root) if layout else None,
-        tree=treefile.dump(tree),
+        tree=treefile.dump(tree), fresh=[] if layout else [tree],  # to be merged: handed over, not loaded
         gzip_checkpoints=one_pass.kept.get("checkpoints", b""),
         zstd_frames=tuple(streams.frames_from(one_pass.kept.get("frames", []))),
     )

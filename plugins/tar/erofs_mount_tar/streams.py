@@ -140,12 +140,13 @@ def native_stderr_kept() -> Iterator[None]:
 
 
 class GzipPass(Pass):
-    def __init__(self, archive: Source, where: str) -> None:
+    def __init__(self, archive: Source, where: str, threads: int | None = None) -> None:
+        """``threads``: how many decompress at once (default: one per CPU, up to four)."""
         import rapidgzip
 
         super().__init__(archive, where)
         self._file = SourceFile(archive)
-        self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=min(4, os.cpu_count() or 1),
+        self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=threads or min(4, os.cpu_count() or 1),
                                                chunk_size=GZIP_CHECKPOINT_SPACING)
 
     def chunks(self) -> Iterator[bytes]:

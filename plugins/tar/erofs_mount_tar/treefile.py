@@ -66,3 +66,20 @@ def load(data: bytes, base: int = 0) -> Tree:
     if not stat.S_ISDIR(tree.root.mode):
         raise ValueError("the tree's root is not a directory")
     return tree
+
+
+def moved(tree: Tree, base: int) -> Tree:
+    """``tree`` itself, every file's ``data_offset`` moved by ``base`` (each inode once: hardlinks share one)."""
+    if base:
+        seen: set[int] = set()
+        stack = [tree.root]
+        while stack:
+            for child in stack.pop().children.values():
+                if id(child) in seen:
+                    continue
+                seen.add(id(child))
+                if stat.S_ISREG(child.mode):
+                    child.data_offset += base
+                elif stat.S_ISDIR(child.mode):
+                    stack.append(child)
+    return tree
