@@ -146,6 +146,7 @@ class Readers:
 
 
 @pytest.mark.kernel(newer=True)
+@pytest.mark.timeout(900)  # four readers and five cycles under emulation, beside the other guest: minutes
 def test_parallel_readers_survive_five_kill_reattach_cycles(sample: tuple[Path, dict[str, str]],
                                                             mountpoint: Path) -> None:
     image, sums = sample

@@ -383,6 +383,8 @@ class Window(Source):
 
 #: what the gzip reader reads past the checkpoint after a read's end (one buffer), and some slack
 GZIP_READ_PAST = 256 << 10
+#: what it reads when it is opened: one buffer from the start
+GZIP_OPEN_READ = 128 << 10
 
 
 class GzipStream(Source):
@@ -394,7 +396,7 @@ class GzipStream(Source):
         self._size = size
         self._window = Window(archive)
         self._file = SourceFile(self._window)
-        self._window.fetch(0, GZIP_READ_PAST)  # what opening reads (the header, a first buffer): one request
+        self._window.fetch(0, GZIP_OPEN_READ)  # what opening reads (the header, a first buffer): one request
         try:
             self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=1)
             self._reader.import_index(io.BytesIO(checkpoints))
