@@ -30,8 +30,10 @@ import zstandard
 from erofs_mount_oci import open_reference, reopen
 
 from erofs_mount_core import SourceChangedError, SourceError
+from tests.imagetree import assert_same_tree
 from tests.oci.faultproxy import FaultProxy
 from tests.oci.registry import Registry
+from tests.terminal import stderr_on_a_terminal
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -240,42 +242,6 @@ def mounts() -> Iterator[Mounts]:
     m.close()
 
 
-def _xattrs(path: Path) -> dict[str, bytes]:
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)}
-
-
-def assert_same_tree(want_root: Path, got_root: Path, *, links: bool = True) -> int:
-    """Entry by entry: type, mode, owner, mtime, content, link target, device, xattrs; with ``links``,
-    link counts and which names are one inode."""
-    checked, inodes = 0, {}
-    for dirpath, dirnames, filenames in os.walk(want_root):
-        for name in sorted(dirnames + filenames):
-            want = Path(dirpath) / name
-            got = got_root / want.relative_to(want_root)
-            a, b = want.lstat(), got.lstat()
-            where = str(want.relative_to(want_root))
-            assert (stat.S_IFMT(b.st_mode), stat.S_IMODE(b.st_mode), b.st_uid, b.st_gid, b.st_rdev) == \
-                   (stat.S_IFMT(a.st_mode), stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid, a.st_rdev), where
-            if not stat.S_ISLNK(a.st_mode):
-                assert b.st_mtime_ns == a.st_mtime_ns, where
-            if stat.S_ISREG(a.st_mode):
-                assert b.st_size == a.st_size, where
-                assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(want.read_bytes()).digest(), where
-                if links:
-                    assert b.st_nlink == a.st_nlink, where
-                    inodes.setdefault(a.st_ino, set()).add(b.st_ino)
-            elif stat.S_ISLNK(a.st_mode):
-                assert os.readlink(got) == os.readlink(want), where
-            elif stat.S_ISDIR(a.st_mode):
-                assert sorted(os.listdir(got)) == sorted(os.listdir(want)), where
-            assert _xattrs(got) == _xattrs(want), where
-            checked += 1
-    if links:  # names of one inode in the flattening are one inode in the image, and no others share it
-        assert all(len(v) == 1 for v in inodes.values()), inodes
-        assert len({next(iter(v)) for v in inodes.values()}) == len(inodes)
-    return checked
-
-
 def whole_gets(proxy: FaultProxy) -> list[str]:
     """The digests of the blobs fetched whole (no Range) through the proxy: layers downloaded, configs."""
     paths = [path for method, path, _ in proxy.log if method == "GET" and "/blobs/" in path]
@@ -479,25 +445,11 @@ def test_indexing_shows_one_progress_line_for_the_layers_on_a_terminal(registry:
                                                                        layers: list[tuple[bytes, str]],
                                                                        tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    import pty
-
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
     registry.push_image("images/progress", "v1", layers, diff_ids=[diff_id(b) for b, _ in layers])
-    main, secondary = pty.openpty()
-    proc = subprocess.Popen([EROFS_MOUNT, "serve", "-q", "--source", f"oci:{registry.host}/images/progress:v1",
-                             "-o", "insecure", "--run", "true"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
-    os.close(secondary)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:  # the terminal's other side is closed: the command is done
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(main)
-    assert proc.wait(120) == 0
+    code, shown = stderr_on_a_terminal([EROFS_MOUNT, "serve", "-q", "--source",
+                                        f"oci:{registry.host}/images/progress:v1", "-o", "insecure", "--run", "true"],
+                                       timeout=120)
+    assert code == 0
     assert re.search(rb"\rindexing 4 layer\(s\) of .*images/progress:v1: \d+%, \d+ MiB at \d+ MiB/s", shown), shown
     assert shown.endswith(b"\r\x1b[K"), shown

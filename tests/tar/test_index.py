@@ -18,6 +18,7 @@ from erofs_mount_tar import streams
 from erofs_mount_tar.image import mount_archive, reattach_archive
 
 from erofs_mount_core import CacheSettings, SourceChangedError, SourceError
+from tests.terminal import stderr_on_a_terminal
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 
@@ -189,23 +190,9 @@ def test_cache_prune_keeps_what_fits_and_removes_the_least_recently_used(tmp_pat
 
 def test_indexing_shows_a_progress_line_on_a_terminal(tmp_path: Path) -> None:
     """On a terminal, how far and how fast; then the line is cleared and only the result remains."""
-    import pty
-
     archive = make_archive(tmp_path / "a.tar.gz", files(n=4), ["gzip", "-c"])
-    main, secondary = pty.openpty()
-    proc = subprocess.Popen([EROFS_MOUNT, "serve", "-q", "--source", f"tar:{archive}", "--run", "true"],
-                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
-    os.close(secondary)
-    shown = b""
-    while True:
-        try:
-            chunk = os.read(main, 4096)
-        except OSError:  # the terminal's other side is closed: the command is done
-            break
-        if not chunk:
-            break
-        shown += chunk
-    os.close(main)
-    assert proc.wait(60) == 0
+    code, shown = stderr_on_a_terminal([EROFS_MOUNT, "serve", "-q", "--source", f"tar:{archive}", "--run", "true"],
+                                       timeout=60)
+    assert code == 0
     assert re.search(rb"\rindexing .*a\.tar\.gz: \d+%, \d+ MiB at \d+ MiB/s", shown), shown
     assert shown.endswith(b"\r\x1b[K"), shown

@@ -7,7 +7,6 @@ what ``tar -x --xattrs --numeric-owner`` extracts from the same archive.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import random
@@ -25,6 +24,7 @@ from erofs_mount_tar.image import mount_archive
 
 from erofs_mount_core import CacheSettings
 from erofs_mount_core.testing import SourceCase, check_source
+from tests.imagetree import assert_same_tree
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 
@@ -161,34 +161,11 @@ def mounted(request: pytest.FixtureRequest, tree: Path, tmp_path: Path) -> Itera
         subprocess.run(["umount", str(mnt)], check=True)
 
 
-def _xattrs(path: Path) -> dict[str, bytes]:
-    return {n: os.getxattr(path, n, follow_symlinks=False) for n in os.listxattr(path, follow_symlinks=False)}
-
-
 @pytest.mark.parametrize("mounted", [(kind, how) for kind in sorted(ARCHIVES) for how in COMPRESSIONS],
                          indirect=True, ids=lambda p: "+".join(p))
 def test_the_image_equals_the_extraction(mounted: tuple[Path, Path, str]) -> None:
     extracted, mnt, kind = mounted
-    checked = 0
-    for dirpath, dirnames, filenames in os.walk(extracted):
-        for name in dirnames + filenames:
-            want = Path(dirpath) / name
-            got = mnt / want.relative_to(extracted)
-            a, b = want.lstat(), got.lstat()
-            where = f"{kind}: {want.relative_to(extracted)}"
-            assert (stat.S_IFMT(b.st_mode), stat.S_IMODE(b.st_mode), b.st_uid, b.st_gid, b.st_rdev) == \
-                   (stat.S_IFMT(a.st_mode), stat.S_IMODE(a.st_mode), a.st_uid, a.st_gid, a.st_rdev), where
-            if not stat.S_ISLNK(a.st_mode):
-                assert b.st_mtime_ns == a.st_mtime_ns, where
-            if stat.S_ISREG(a.st_mode):
-                assert (b.st_size, b.st_nlink) == (a.st_size, a.st_nlink), where
-                assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(want.read_bytes()).digest(), where
-            elif stat.S_ISLNK(a.st_mode):
-                assert os.readlink(got) == os.readlink(want), where
-            elif stat.S_ISDIR(a.st_mode):
-                assert sorted(os.listdir(got)) == sorted(os.listdir(want)), where
-            assert _xattrs(got) == _xattrs(want), where
-            checked += 1
+    checked = assert_same_tree(extracted, mnt)
     assert checked >= 14
     assert (mnt / "hardlink").stat().st_ino == (mnt / "file-513").stat().st_ino
     if "ustar" not in kind:

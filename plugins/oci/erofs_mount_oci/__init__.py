@@ -152,8 +152,11 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
     if opts.verify != "lazy":
         raise UsageError("oci: verify= is for EROFS layers: every span of a tar layer is always checked")
     diff_ids = registry.diff_ids(manifest)
+    if len(diff_ids) != len(manifest["layers"]):
+        raise SourceError(f"oci: {registry.ref}: its config names {len(diff_ids)} layer(s), its manifest "
+                          f"{len(manifest['layers'])}")
     if not whole:
-        diff_ids = [diff_ids[layers[0].index]] if layers[0].index < len(diff_ids) else None
+        diff_ids = [diff_ids[layers[0].index]]
     found = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty())
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids)}
     return LayersImage(registry, layers, found, opts.cache, state, whole=whole,

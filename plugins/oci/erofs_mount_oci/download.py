@@ -27,6 +27,10 @@ DOWNLOAD_DIR = "oci-download"
 ATTEMPTS = 4  # a broken transfer resumes from where it stopped (Range), this many times in all
 
 
+class DownloadStopped(SourceError):
+    """The download was given up because another layer failed: that failure is the one to report."""
+
+
 class Download(Source):
     def __init__(self, client: Any, url: str, digest: str, size: int, what: str, *,
                  slots: threading.Semaphore | None = None) -> None:
@@ -91,7 +95,7 @@ class Download(Source):
 
     def _transfer(self, whole: Any) -> None:
         if self._stop:
-            raise SourceError(f"{self.what}: download stopped")
+            raise DownloadStopped(f"{self.what}: download stopped")
         headers = {"Accept-Encoding": "identity"}
         if self._have:
             headers["Range"] = f"bytes={self._have}-"
@@ -101,7 +105,7 @@ class Download(Source):
                 raise _http.status_error(response, self.what)
             for chunk in response.iter_bytes(1 << 20):
                 if self._stop:
-                    raise SourceError(f"{self.what}: download stopped")
+                    raise DownloadStopped(f"{self.what}: download stopped")
                 if self._have + len(chunk) > self._size:
                     raise SourceError(f"{self.what}: the registry sent more than the layer's {self._size} bytes")
                 try:

@@ -22,7 +22,7 @@ from erofs_mount_tar.progress import Meter, Parts, Progress
 
 from erofs_mount_core import SourceChangedError, SourceError, cache_directory, cache_room
 
-from .download import DOWNLOAD_DIR, Download
+from .download import DOWNLOAD_DIR, Download, DownloadStopped
 from .registry import Layer, Registry
 
 DOWNLOADS = 3  # layer transfers at once, as docker pulls
@@ -40,9 +40,6 @@ def passes(layers: int) -> tuple[int, int]:
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None, *,
             progress: bool = False) -> list[indexes.ArchiveIndex]:
     """Each layer's index, in order; ``diff_ids`` (one per layer) are checked when given."""
-    if diff_ids is not None and len(diff_ids) != len(layers):
-        raise SourceError(f"oci: {registry.ref}: its config names {len(diff_ids)} layer(s), its manifest "
-                          f"{len(layers)}")
     found: dict[int, indexes.ArchiveIndex] = {}
     missing = []
     for layer in layers:
@@ -118,7 +115,8 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
                 try:
                     results[layer.index] = future.result()
                 except BaseException as exc:  # noqa: BLE001 - the first in time is raised below
-                    if first is None or (_stopped(first) and not _stopped(exc)):
+                    if first is None or (isinstance(first, DownloadStopped)
+                                         and not isinstance(exc, DownloadStopped)):
                         first = exc
     finally:
         for download in downloads.values():
@@ -127,6 +125,3 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
         raise first
     return results
 
-
-def _stopped(exc: BaseException) -> bool:
-    return isinstance(exc, SourceError) and str(exc).endswith("download stopped")
