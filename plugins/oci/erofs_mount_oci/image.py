@@ -122,13 +122,12 @@ class LayersImage(SynthesizedImage):
             self.registry.client.close()
 
 
-def layer_state(layers: list[Layer], diff_ids: list[str] | None) -> list[dict[str, Any]]:
-    ids = diff_ids or [""] * len(layers)
+def layer_state(layers: list[Layer], diff_ids: list[str]) -> list[dict[str, Any]]:
     return [{"digest": layer.digest, "size": layer.size, "media_type": layer.media_type, "index": layer.index,
-             "diff_id": diff_id} for layer, diff_id in zip(layers, ids, strict=True)]
+             "diff_id": diff_id} for layer, diff_id in zip(layers, diff_ids, strict=True)]
 
 
-def layers_of_state(state: Mapping[str, Any]) -> tuple[list[Layer], list[str] | None]:
+def layers_of_state(state: Mapping[str, Any]) -> tuple[list[Layer], list[str]]:
     try:
         rows = list(state["layers"])
         layers = [Layer(str(state["manifest_digest"]), str(r["digest"]), int(r["size"]), str(r["media_type"]),
@@ -138,7 +137,7 @@ def layers_of_state(state: Mapping[str, Any]) -> tuple[list[Layer], list[str] | 
         raise SourceError(f"oci: record state is incomplete ({exc})") from None
     if not layers:
         raise SourceError("oci: record state names no layers")
-    return layers, ids if all(ids) else None
+    return layers, ids
 
 
 def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSettings, *, whole: bool,

@@ -37,9 +37,9 @@ def passes(layers: int) -> tuple[int, int]:
     return at_once, max(1, min(4, cpus // at_once))
 
 
-def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None, *,
+def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
             progress: bool = False) -> list[indexes.ArchiveIndex]:
-    """Each layer's index, in order; ``diff_ids`` (one per layer) are checked when given."""
+    """Each layer's index, in order, checked against ``diff_ids`` (one per layer)."""
     found: dict[int, indexes.ArchiveIndex] = {}
     missing = []
     for layer in layers:
@@ -48,11 +48,11 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str] | None,
             missing.append(layer)
         else:
             found[layer.index] = index
-    expected = dict(zip((layer.index for layer in layers), diff_ids or [None] * len(layers), strict=True))
+    expected = dict(zip((layer.index for layer in layers), diff_ids, strict=True))
 
     def check(layer: Layer, index: indexes.ArchiveIndex) -> None:
         diff_id = expected[layer.index]
-        if diff_id is not None and f"sha256:{index.stream_sha256}" != diff_id:
+        if f"sha256:{index.stream_sha256}" != diff_id:
             raise SourceChangedError(f"oci: {registry.ref}: layer {layer.index} ({layer.digest}) unpacks to a "
                                      f"stream whose sha256 is not the config's diff_id {diff_id}")
 
