@@ -48,13 +48,15 @@ def make_image(work: Path, size_mib: int) -> Path:
 def counted_pass(source: object, reads: list[tuple[int, int]]) -> tuple[float, float, float]:
     """(HTTP requests per NBD read, bytes fetched per byte read, seconds)."""
     blob = source.inner  # type: ignore[attr-defined]  # the blob under the core's block cache
-    requests0, fetched0 = blob.requests, blob.bytes_fetched
+    start = blob.counters()
+    requests0, fetched0 = start.get("http_requests", 0), start.get("http_bytes", 0)
     start = time.perf_counter()
     for offset, length in reads:
         source.pread(length, offset)  # type: ignore[attr-defined]
     seconds = time.perf_counter() - start
     wanted = sum(length for _o, length in reads)
-    return (blob.requests - requests0) / len(reads), (blob.bytes_fetched - fetched0) / wanted, seconds
+    end = blob.counters()
+    return (end["http_requests"] - requests0) / len(reads), (end["http_bytes"] - fetched0) / wanted, seconds
 
 
 def serve(spec: str, sock: Path, *options: str) -> subprocess.Popen[bytes]:

@@ -4,6 +4,7 @@ The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
+    from erofs_mount_core import Counters  # what a source counts, for stats and metrics
     from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
     from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
     from erofs_mount_core import cache_directory, cache_room, open_cache_file, write_cache_file  # kept between mounts
@@ -25,6 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BlockCache": "_filters",
     "CacheSettings": "_filters",
+    "Counters": "_metrics",
     "ErofsMountError": "_errors",
     "Filter": "_filters",
     "ImageLayout": "_erofs.build",
@@ -47,6 +49,7 @@ _EXPORTS = {
 __all__ = [
     "BlockCache",
     "CacheSettings",
+    "Counters",
     "ErofsMountError",
     "Filter",
     "ImageLayout",
@@ -72,6 +75,7 @@ if TYPE_CHECKING:
     from ._erofs.image import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError
     from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
+    from ._metrics import Counters
     from ._source import Source
     from ._spans import SpanHasher, SpanHashes
     from .hookspecs import hookimpl

@@ -128,16 +128,124 @@ def reattach(device: str | None, all_: bool) -> None:
         return
     failed = 0
     for outcome in lifecycle.reattach_all():
-        if outcome.due_in is not None:
-            click.echo(f"/dev/nbd{outcome.index}: its reattach keeps failing; next attempt in "
-                       f"{outcome.due_in:.0f} s (or: erofs-mount reattach /dev/nbd{outcome.index})", err=True)
-        elif outcome.error is None:
-            click.echo(f"/dev/nbd{outcome.index}")
-        else:
+        if outcome.error is not None:
             click.echo(f"Error: /dev/nbd{outcome.index}: {outcome.error}", err=True)
             failed += 1
+        elif outcome.due_in is not None:
+            click.echo(f"/dev/nbd{outcome.index}: its reattach keeps failing; next attempt in "
+                       f"{outcome.due_in:.0f} s (or: erofs-mount reattach /dev/nbd{outcome.index})", err=True)
+        else:
+            click.echo(f"/dev/nbd{outcome.index}")
     if failed:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("device", required=False)
+@click.option("--all", "all_", is_flag=True, help="Every erofs-mount device whose daemon is alive.")
+@_errors_as_lines
+def restart(device: str | None, all_: bool) -> None:
+    """Hand DEVICE to a new daemon running the installed erofs-mount: a hot upgrade.
+
+    The running daemon finishes the requests it has, then gives the new one
+    its connections; the kernel never sees them end, so no read fails. Prints
+    each device with its daemon's pid before and after.
+    """
+    from . import _lifecycle as lifecycle
+
+    if bool(device) == all_:
+        raise click.UsageError("give a DEVICE or --all")
+    outcomes = [lifecycle.restart(device)] if device else lifecycle.restart_all()
+    for outcome in outcomes:
+        if outcome.error is None:
+            click.echo(f"/dev/nbd{outcome.index}: daemon {outcome.old_pid} -> {outcome.new_pid}")
+        else:
+            click.echo(f"Error: /dev/nbd{outcome.index}: {outcome.error}", err=True)
+    if any(o.error is not None for o in outcomes):
+        sys.exit(1)
+
+
+@cli.command()
+@_errors_as_lines
+def watch() -> None:
+    """Reattach a device the moment its daemon dies, until stopped.
+
+    Listens to the kernel's nbd events (a connection died) and reattaches
+    that device at once; a device whose reattach fails is tried again after
+    10 s, 20 s... up to 10 minutes, as 'reattach --all' does. Logs a line per
+    event and attempt on stderr (the journal, under systemd).
+    """
+    import logging
+
+    from . import _logging
+    from ._watch import watch as run
+
+    _logging.configure(sys.stderr, "erofs-mount watch: %(message)s", level=logging.INFO)
+    run()
+
+
+@cli.command()
+@click.argument("device", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_errors_as_lines
+def stats(device: str | None, as_json: bool) -> None:
+    """Show what each device's daemon has served: requests, bytes, errors, latency, source counts."""
+    from . import _lifecycle as lifecycle
+
+    found = lifecycle.device_stats(device)
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("no erofs-mount devices attached")
+        return
+    for name, counts in found.items():
+        click.echo(f"/dev/{name}: " + ("no daemon answers" if not counts else _stats_text(counts)))
+
+
+def _stats_text(counts: dict[str, Any]) -> str:
+    requests = counts["requests"]
+    latency = counts["latency"]
+    served = sum(latency["counts"])
+    lines = [f"daemon {counts['pid']}, {counts['connections']} connection(s)",
+             "  requests: " + ", ".join(f"{n} {c}" for c, n in requests.items() if n) + f"; {counts['errors']} errors",
+             f"  read: {_size_text(counts['read_bytes'])}",
+             f"  latency: {_latency_text(latency)}" if served else "  latency: -"]
+    if counts["source"]:
+        lines.append("  source: " + ", ".join(f"{k} {v}" for k, v in sorted(counts["source"].items())))
+    if counts["last_error"]:
+        lines.append(f"  last error: {counts['last_error']}")
+    return "\n".join(lines)
+
+
+def _latency_text(latency: dict[str, Any]) -> str:
+    """Mean, and the bucket bounds under which half and 99 % of the requests were answered."""
+    total = sum(latency["counts"])
+    bounds = [*latency["bounds"], float("inf")]
+
+    def under(share: float) -> str:
+        running = 0
+        for bound, count in zip(bounds, latency["counts"], strict=True):
+            running += count
+            if running >= share * total:
+                return f"<= {bound * 1000:g} ms" if bound != float("inf") else f"> {bounds[-2] * 1000:g} ms"
+        return "-"
+
+    return f"mean {latency['sum_seconds'] / total * 1000:.2f} ms, p50 {under(0.5)}, p99 {under(0.99)}"
+
+
+@cli.command()
+@_errors_as_lines
+def metrics() -> None:
+    """Print every device's counts in the Prometheus text format.
+
+    For node_exporter's textfile collector (write it to a .prom file every
+    few seconds) or any HTTP endpoint that serves this output.
+    """
+    from . import _lifecycle as lifecycle
+    from ._metrics import prometheus
+
+    click.echo(prometheus(lifecycle.device_stats()), nl=False)
 
 
 @cli.command(name="list")
@@ -154,15 +262,19 @@ def list_(as_json: bool) -> None:
     if not rows:
         click.echo("no nbd devices attached")
         return
-    table = [("DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SOURCE", "RECORD")]
+    table = [("DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SERVED", "SOURCE", "RECORD")]
     for row in rows:
         state = {True: "alive", False: "DEAD", None: "?"}[row["daemon_alive"]]
         source = row["source"] or row["error"]
         if row["serving"] and row["serving"] not in source:
             source += f" = {row['serving']}"
+        served = "-" if row["read_bytes"] is None else _size_text(row["read_bytes"])
         table.append((row["device"] or "-", ",".join(row["mountpoints"]) or "-", row["mount_options"] or "-",
-                      f"{row['daemon_pid'] or '-'} {state}", source, row["record"] or "-"))
+                      f"{row['daemon_pid'] or '-'} {state}", served, source, row["record"] or "-"))
     _echo_table(table)
+    for row in rows:
+        if row["last_error"]:
+            click.echo(f"{row['device']}: last error: {row['last_error']}")
 
 
 def _echo_table(table: list[tuple[str, ...]]) -> None:

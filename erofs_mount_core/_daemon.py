@@ -11,6 +11,11 @@ reattach. Every source is served through ``Retrying``, the one retry on
 the read path.
 
     python -m erofs_mount_core._daemon {connect|reattach} RECORD --ready-fd N --lock-fd N
+    python -m erofs_mount_core._daemon take-over RECORD --ready-fd N
+
+``take-over`` is ``restart``'s: the new daemon takes the device's
+connections and lock from the running one through its control socket
+(``_control``), so the kernel never sees a connection end.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import select
 import signal
 import socket
+import struct
 import sys
 import threading
 import time
@@ -32,10 +38,12 @@ import attrs
 from . import _daemon_protocol as protocol
 from . import _logging
 from . import _record as rec
+from ._control import ControlServer, take_over
 from ._errors import DeviceStateError, ErofsMountError, KernelError
 from ._filters import Retrying
+from ._metrics import DeviceStats
 from ._nbd.link import KernelLink, link_named
-from ._nbd.transmission import Disk, transmit
+from ._nbd.transmission import HANDED_OVER, Disk, transmit
 from ._plugins import PluginHost
 from ._source import Source
 
@@ -44,53 +52,84 @@ log = logging.getLogger("erofs_mount.daemon")
 #: how long a reattach keeps trying while the kernel has not yet noticed the
 #: old connections died (it drops a new socket while no connection is dead)
 RECONNECT_PATIENCE = 10.0
+#: how often an idle connection looks whether it is being handed over, in seconds
+IDLE_CHECK = 0.2
+#: how long a hand-over waits for the requests in flight to finish
+DRAIN_TIMEOUT = 60.0
 PR_SET_IO_FLUSHER = 57
+PR_SET_NAME = 15
+#: every daemon's name in ps, top and pgrep (its comm)
+PROCESS_NAME = b"erofs-mountd"
 
 SocketPair = tuple[socket.socket, socket.socket]
 
 
 class Daemon:
-    def __init__(self, record_path: Path, ready: protocol.ReadyPipe) -> None:
+    def __init__(self, record_path: Path, ready: protocol.ReadyPipe, host: PluginHost | None = None) -> None:
         self.record_path = record_path
+        self.host = host
         self.backend = str(record_path)
         self.ready = ready
         self.store = rec.RecordStore(record_path.parent)
         self.reasons: list[str] = []
         self.threads: list[threading.Thread] = []
+        self.sockets: list[socket.socket] = []
+        self.stats = DeviceStats()
+        self.source: Source | None = None
+        self.disk: Disk | None = None
+        self.lock_fd = -1
+        self.index = -1
+        self.stop = threading.Event()  # set while the connections are being handed over
+        self.finished = threading.Event()  # every connection ended, or was handed over
+        self.handed_over = False
+        self._live = 0
+        self._live_lock = threading.Lock()
 
     def fail(self, exc: ErofsMountError) -> int:
         log.error("%s", exc)
         self.ready.failed(exc)
         return exc.exit_code
 
-    def run(self, mode: str) -> int:
+    def run(self, mode: str, lock_fd: int | None) -> int:
         try:
             record = self.store.read(self.record_path)
             link = link_named(record.device.interface)
-            source = Retrying(PluginHost().deserialize_source(record.source.scheme, record.source.state))
-            disk = self._disk(source, record)
-            pairs = [_pair() for _ in range(record.device.connections)]
-            if mode == "connect":
-                # serve first: the kernel may read while CONNECT is still running
-                for server_end, _k in pairs:
-                    self._serve(server_end, disk)
-                index = link.connect([k for _s, k in pairs], size=record.device.size,
-                                     block_size=record.device.block_size,
-                                     dead_timeout=record.device.dead_timeout, backend=self.backend)
-                for _s, kernel_end in pairs:
-                    kernel_end.close()  # the kernel holds its own reference
-            else:
+            source = self.source = Retrying((self.host or PluginHost()).deserialize_source(record.source.scheme,
+                                                                            record.source.state))
+            disk = self.disk = self._disk(source, record)
+            if mode == "take-over":
                 index = record.device.index
-                self._reconnect(link, index, pairs, disk)
+                self._take_over(disk)
+            else:
+                assert lock_fd is not None
+                self.lock_fd = lock_fd
+                pairs = [_pair() for _ in range(record.device.connections)]
+                if mode == "connect":
+                    # serve first: the kernel may read while CONNECT is still running
+                    for server_end, _k in pairs:
+                        self._serve(server_end, disk)
+                    index = link.connect([k for _s, k in pairs], size=record.device.size,
+                                         block_size=record.device.block_size,
+                                         dead_timeout=record.device.dead_timeout, backend=self.backend)
+                    for _s, kernel_end in pairs:
+                        kernel_end.close()  # the kernel holds its own reference
+                else:
+                    index = record.device.index
+                    self._reconnect(link, index, pairs, disk)
         except ErofsMountError as exc:
             return self.fail(exc)
+        self.index = index
         record = attrs.evolve(record, daemon_pid=os.getpid(), device=attrs.evolve(record.device, index=index))
         self.store.write(self.record_path, record)
+        ControlServer(self.record_path, stats=self.snapshot, hand_over=self.hand_over,
+                      resume=self.resume, handed=self._handed)
         log.info("serving nbd%d from %s:%s (%s)", index, record.source.scheme,
                  record.source.location, source.describe())
         self.ready.ready(index)
-        for t in self.threads:
-            t.join()
+        self.finished.wait()
+        if self.handed_over:
+            log.info("nbd%d handed over to a new daemon; this one exits", index)
+            return 0
         link.wait()
         source.close()
         if self.reasons and all(r == "disconnect" for r in self.reasons):
@@ -109,17 +148,73 @@ class Daemon:
         return disk
 
     def _serve(self, sock: socket.socket, disk: Disk) -> None:
+        """Serve ``sock`` on a thread of its own until it ends or ``stop`` hands it over."""
         n = len(self.threads)
+        stats = self.stats.connection()
+        # an idle connection looks at ``stop`` this often (a receive timeout costs nothing while busy)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, int(IDLE_CHECK * 1e6)))
+        with self._live_lock:
+            self._live += 1
 
         def work() -> None:
-            try:
-                self.reasons.append(transmit(sock, disk, peer=f"connection {n}"))
-            finally:
-                sock.close()
+            reason = transmit(sock, disk, peer=f"connection {n}", stats=stats, stop=self.stop)
+            if reason == HANDED_OVER:
+                return  # the socket stays open: it is about to be given away
+            sock.close()
+            self.reasons.append(reason)
+            with self._live_lock:
+                self._live -= 1
+                if self._live == 0:
+                    self.finished.set()
 
         t = threading.Thread(target=work, name=f"nbd-conn-{n}", daemon=True)
         t.start()
         self.threads.append(t)
+        self.sockets.append(sock)
+
+    def snapshot(self) -> dict[str, object]:
+        assert self.source is not None
+        return {"pid": os.getpid(), "device": f"nbd{self.index}", "connections": self._live,
+                **self.stats.snapshot(self.source.counters())}
+
+    # -- hot upgrade: the connections go to a new daemon (``_control``) --
+
+    def hand_over(self) -> tuple[int, list[socket.socket], dict[str, object]]:
+        """Stop every connection between two requests; give away the lock, the sockets and the counts."""
+        self.stop.set()
+        deadline = time.monotonic() + DRAIN_TIMEOUT
+        for t in self.threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self.threads):
+            self.resume()
+            raise DeviceStateError(f"a request took longer than {DRAIN_TIMEOUT:.0f} s to finish; try again")
+        handed = [s for s in self.sockets if s.fileno() != -1]
+        return self.lock_fd, handed, self.snapshot()
+
+    def _handed(self) -> None:
+        self.handed_over = True
+        self.finished.set()
+
+    def resume(self) -> None:
+        """The hand-over failed: serve the connections it stopped again."""
+        assert self.disk is not None
+        stopped = [s for s in self.sockets if s.fileno() != -1]
+        self.stop.clear()
+        self.threads, self.sockets = [], []
+        with self._live_lock:
+            self._live -= len(stopped)
+        for sock in stopped:
+            self._serve(sock, self.disk)
+
+    def _take_over(self, disk: Disk) -> None:
+        """``restart``: take the device's connections and lock from its running daemon."""
+        handover = take_over(self.record_path)
+        protocol.check_lock(handover.lock_fd, self.record_path)
+        self.lock_fd = handover.lock_fd
+        self.stats = DeviceStats(carried=handover.carried)
+        handover.taken()  # from here the old daemon exits, and the sockets are ours alone
+        for sock in handover.sockets:
+            self._serve(sock, disk)
 
     def _reconnect(self, link: KernelLink, index: int, pairs: list[SocketPair], disk: Disk) -> None:
         """Hand the kernel new sockets until it has taken all of them.
@@ -168,13 +263,15 @@ def _dropped(server_ends: list[socket.socket], wait: float = 0.3) -> list[socket
 
 
 def _harden() -> None:
-    """Survive memory pressure: the kernel's page reclaim may wait on our device."""
+    """Survive memory pressure (the kernel's page reclaim may wait on our device), and be findable:
+    ``pgrep erofs-mountd`` finds every daemon, a fork of ``watch`` too (its command line is watch's)."""
     try:
         Path("/proc/self/oom_score_adj").write_text("-900\n")
     except OSError:
         pass
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0)
+    libc.prctl(PR_SET_NAME, PROCESS_NAME, 0, 0, 0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,17 +279,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("mode", choices=protocol.MODES)
     parser.add_argument("record", type=Path)
     parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--lock-fd", type=int, required=True)
+    parser.add_argument("--lock-fd", type=int, help="the record's lock, held (not for take-over: it comes "
+                        "from the daemon handing the device over)")
     args = parser.parse_args(argv)
     protocol.receive_environment(sys.stdin.buffer)  # before any plugin loads: they may read it
+    return serve(args.mode, args.record, args.ready_fd, args.lock_fd)
+
+
+def serve(mode: str, record_path: Path, ready_fd: int, lock_fd: int | None, host: PluginHost | None = None) -> int:
+    """The daemon's life, in a new process or in a fork of ``watch`` (with its plugins loaded: ``host``)."""
     _logging.configure(sys.stderr, "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
                        limit=_logging.LOG_LIMIT)  # stderr is the record's .log file
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _harden()
-    daemon = Daemon(args.record, protocol.ReadyPipe(args.ready_fd))
+    daemon = Daemon(record_path, protocol.ReadyPipe(ready_fd), host)
     try:
-        protocol.check_lock(args.lock_fd, args.record)  # held until this process ends
-        return daemon.run(args.mode)
+        if lock_fd is not None:
+            protocol.check_lock(lock_fd, record_path)  # held until this process ends
+        elif mode != "take-over":
+            raise KernelError("daemon started without --lock-fd")
+        return daemon.run(mode, lock_fd)
     except ErofsMountError as exc:
         return daemon.fail(exc)
     except Exception as exc:  # a bug: keep the traceback in the log, a line for the user

@@ -27,19 +27,22 @@ import fcntl
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+import attrs
 
 from . import _errors as errors
 from . import _record as rec
 
 READY = "READY"
 ERROR = "ERROR"
-MODES = ("connect", "reattach")
+MODES = ("connect", "reattach", "take-over")
 DAEMON_MODULE = "erofs_mount_core._daemon"
 #: how long a command waits for its daemon's line (imports are slow on small VMs)
 READY_TIMEOUT = 120.0
@@ -115,18 +118,92 @@ def check_lock(lock_fd: int, record_path: Path) -> None:
 # -- the command's side ----------------------------------------------------------
 
 
-def spawn(mode: str, record_path: Path) -> int:
+def spawn(mode: str, record_path: Path, forked: Forked | None = None) -> int:
     """Start a daemon for ``record_path`` under its lock; return the device index it reports.
 
     Raises DeviceStateError if a daemon already holds the lock, or whatever
-    the daemon reported (the same class).
+    the daemon reported (the same class). With ``forked``, the daemon is a
+    fork of this process instead of a new interpreter (``watch``).
     """
     with locked(record_path) as lock_fd:
+        if forked is not None:
+            return _fork(mode, record_path, lock_fd, forked)
         return _start(mode, record_path, lock_fd)
 
 
-def _start(mode: str, record_path: Path, lock_fd: int) -> int:
+@attrs.frozen
+class Forked:
+    """How ``watch`` starts daemons: as forks of itself, which has the code and plugins loaded,
+    so a reattach does not wait seconds for an interpreter to start and import (on a slow machine)."""
+
+    host: Any
+    """The loaded ``PluginHost``."""
+    hidden_fds: tuple[int, ...] = ()
+    """This process's descriptors the daemon must not keep (the event socket): /dev/null takes their place."""
+
+
+def _fork(mode: str, record_path: Path, lock_fd: int, forked: Forked) -> int:
+    """The daemon in a grandchild of this process (the child exits at once: no zombie is left behind)."""
     ready_r, ready_w = os.pipe()
+    logf = os.open(rec.log_path(record_path),
+                   os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the fork; the kernel tests cover it
+        code = 1
+        try:
+            os.close(ready_r)
+            if os.fork() == 0:
+                _become_daemon(logf, forked.hidden_fds)
+                from . import _daemon
+
+                code = _daemon.serve(mode, record_path, ready_w, lock_fd, forked.host)
+            else:
+                code = 0
+        finally:
+            os._exit(code)
+    os.close(ready_w)
+    os.close(logf)
+    os.waitpid(child, 0)
+    try:
+        line = _read_line(ready_r, READY_TIMEOUT)
+    finally:
+        os.close(ready_r)
+    word, _, rest = line.partition(" ")
+    if word == READY:
+        return int(rest)
+    if word == ERROR:
+        raise decode_error(rest)
+    raise errors.KernelError(f"the serving daemon exited without a word; see {rec.log_path(record_path)}")
+
+
+def _become_daemon(logf: int, hidden_fds: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
+    """What ``_start`` gives a new daemon, given to a fork: own session, ``/``, the log, a clean environment."""
+    os.setsid()
+    os.chdir("/")
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in hidden_fds:
+        os.dup2(null, fd)
+    os.dup2(null, 0)
+    os.dup2(logf, 1)
+    os.dup2(logf, 2)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_DFL)
+    kept = passed_environment()
+    os.environ.clear()
+    os.environ.update({**kept, **exec_environment()})
+
+
+def spawn_taker(record_path: Path) -> int:
+    """Start a daemon that takes the device over from its running one (``restart``); return its index.
+
+    No lock is taken here: the running daemon holds it and hands it over with the connections.
+    """
+    return _start("take-over", record_path, None)
+
+
+def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
+    ready_r, ready_w = os.pipe()
+    lock_args, fds = (["--lock-fd", str(lock_fd)], (ready_w, lock_fd)) if lock_fd is not None else ([], (ready_w,))
     logf = os.open(rec.log_path(record_path),
                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
@@ -134,9 +211,9 @@ def _start(mode: str, record_path: Path, lock_fd: int) -> int:
         # nothing where root happens to run mount or reattach is imported by the daemon
         proc = subprocess.Popen(
             [sys.executable, "-I", "-m", DAEMON_MODULE, mode, str(record_path),
-             "--ready-fd", str(ready_w), "--lock-fd", str(lock_fd)],
+             "--ready-fd", str(ready_w), *lock_args],
             stdin=subprocess.PIPE, stdout=logf, stderr=logf, cwd="/", env=exec_environment(),
-            pass_fds=(ready_w, lock_fd), start_new_session=True, close_fds=True,
+            pass_fds=fds, start_new_session=True, close_fds=True,
         )
     finally:
         os.close(ready_w)

@@ -28,6 +28,7 @@ from typing import Any, TypeVar
 import attrs
 
 from ._errors import SourceError, UsageError
+from ._metrics import Counters
 from ._source import Source
 
 log = logging.getLogger("erofs_mount.retry")
@@ -55,6 +56,9 @@ class Filter(Source):
 
     def state(self) -> Mapping[str, Any] | None:
         return self.inner.state()
+
+    def counters(self) -> Mapping[str, int]:
+        return self.inner.counters()
 
     def close(self) -> None:
         self.inner.close()
@@ -120,6 +124,7 @@ class Retrying(Filter):
     def __init__(self, inner: Source, policy: RetryPolicy = DEFAULT_RETRY) -> None:
         super().__init__(inner)
         self.policy = policy
+        self._counters = Counters()
 
     def pread(self, length: int, offset: int) -> bytes | memoryview:
         try:
@@ -128,8 +133,12 @@ class Retrying(Filter):
             if not exc.transient:
                 raise
             failed = exc
+        self._counters.add("retried_reads")
         return self.policy.call(lambda: self.inner.pread(length, offset),
                                 f"read of {length} bytes at {offset}", failed=failed)
+
+    def counters(self) -> Mapping[str, int]:
+        return self._counters.snapshot(self.inner.counters())
 
 
 # -- the block cache ---------------------------------------------------------------
@@ -191,6 +200,7 @@ class BlockCache(Filter):
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._last_end = -1
+        self._counters = Counters()
 
     @property
     def size(self) -> int:
@@ -210,7 +220,10 @@ class BlockCache(Filter):
                     have[b] = block
             sequential = offset == self._last_end
             self._last_end = offset + length
-        if len(have) <= last - first:
+        if len(have) > last - first:
+            self._counters.add("cache_hits")
+        else:
+            self._counters.add("cache_misses")
             missing = [b for b in range(first, last + 1) if b not in have]
             lo, hi = missing[0], missing[-1]
             if sequential and self.readahead_blocks:
@@ -229,6 +242,7 @@ class BlockCache(Filter):
         bs = self.block_size
         start, end = lo * bs, min((hi + 1) * bs, self._size)
         data = bytes(self.inner.pread(end - start, start))
+        self._counters.add("cache_fetched_bytes", len(data))
         fetched = {b: data[(b - lo) * bs:(b - lo + 1) * bs] for b in range(lo, hi + 1)}
         with self._lock:
             for b, block in fetched.items():
@@ -237,6 +251,9 @@ class BlockCache(Filter):
             while len(self._blocks) > self.max_blocks:
                 self._blocks.popitem(last=False)
         return fetched
+
+    def counters(self) -> Mapping[str, int]:
+        return self._counters.snapshot(self.inner.counters())
 
     def clear(self) -> None:
         """Forget every cached block (what was fetched may have been wrong: fetch it again)."""

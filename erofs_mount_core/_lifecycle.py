@@ -1,4 +1,4 @@
-"""mount, umount, reattach (one device or all) and list: the orchestration behind the CLI.
+"""mount, umount, reattach, restart, stats and list: the orchestration behind the CLI.
 
 The parts it orchestrates each live in one place: plugins (``_plugins``),
 records (``_record``), the daemon and its lock (``_daemon_protocol``), the
@@ -15,7 +15,7 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,8 @@ import attrs
 
 from . import _mounts as mounts
 from . import _record as rec
-from ._daemon_protocol import daemon_alive, locked, spawn
+from ._control import ask_stats
+from ._daemon_protocol import daemon_alive, locked, spawn, spawn_taker
 from ._errors import (
     DeviceStateError,
     ErofsMountError,
@@ -172,7 +173,7 @@ def umount(target: str) -> str:
     index = _index_or_usage(device)
     info = sysfs.device(index)
     connected = info is not None and info.configured
-    record_path = _record_path_of(info) if info is not None and connected else None
+    record_path = record_path_of(info) if info is not None and connected else None
     if connected and record_path is None:  # before anything is unmounted
         raise DeviceStateError(f"{device} was not attached by erofs-mount (backend {info.backend!r}): "
                                "leave it to the tool that attached it")
@@ -201,7 +202,7 @@ def _index_or_usage(target: str) -> int:
         raise UsageError(f"{target} is neither an nbd device nor an erofs-mount mountpoint") from None
 
 
-def _record_path_of(info: sysfs.DeviceInfo) -> Path | None:
+def record_path_of(info: sysfs.DeviceInfo) -> Path | None:
     """The device's record: named by its backend identifier, or (attached through
     the ioctls, which have none) the record in our directory that names its index.
 
@@ -221,29 +222,29 @@ def _record_path_of(info: sysfs.DeviceInfo) -> Path | None:
 
 # -- reattach ----------------------------------------------------------------
 
-def reattach(target: str) -> int:
+def reattach(target: str, start: Callable[[Path], int] | None = None) -> int:
     """Give a device whose daemon died a new daemon; return its index."""
     require_root("reattach")
     index = _index_or_usage(target)
     info = sysfs.device(index)
     if info is None or not info.configured:
         raise DeviceStateError(f"nbd{index} is not connected: nothing to reattach")
-    record_path = _record_path_of(info)
+    record_path = record_path_of(info)
     if record_path is None:
         raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
     record = rec.RecordStore.read(record_path)
     link_named(record.device.interface).check_reattach(index)
     _check_plugin(record)
     try:
-        return spawn("reattach", record_path)
+        return start(record_path) if start else spawn("reattach", record_path)
     except DeviceStateError as exc:
         raise DeviceStateError(f"nbd{index}: {exc}") from None
 
 
 @attrs.frozen
 class Reattached:
-    """One device's outcome in ``reattach_all``: its index, and the error if it failed,
-    or when it is due again if it was skipped (its reattach keeps failing)."""
+    """One device's outcome in ``reattach_all``: its index, the error if it failed, and in how
+    many seconds it is due again if it failed or was skipped (its reattach keeps failing)."""
 
     index: int
     error: ErofsMountError | None = None
@@ -262,22 +263,27 @@ def reattach_all(now: float | None = None) -> list[Reattached]:
     ``reattach DEVICE`` always tries at once.
     """
     require_root("reattach")
+    return [reattach_when_due(index, path, now) for index, path in dead_devices()]
+
+
+def reattach_when_due(index: int, record_path: Path, now: float | None = None,
+                      start: Callable[[Path], int] | None = None) -> Reattached:
+    """Reattach one device unless its back-off says not yet; keep the back-off up to date.
+
+    ``start`` starts the daemon (``watch`` forks its own, already loaded); by default a new process.
+    """
     now = time.time() if now is None else now
-    outcomes = []
-    for index, path in _dead_devices():
-        failures, due = _retry_state(path)
-        if now < due:
-            outcomes.append(Reattached(index, due_in=due - now))
-            continue
-        try:
-            reattach(f"/dev/nbd{index}")
-        except ErofsMountError as exc:
-            outcomes.append(Reattached(index, exc))
-            _write_retry_state(path, failures + 1, now + min(RETRY_MAX, RETRY_FIRST * 2 ** failures))
-        else:
-            outcomes.append(Reattached(index))
-            rec.retry_path(path).unlink(missing_ok=True)
-    return outcomes
+    failures, due = _retry_state(record_path)
+    if now < due:
+        return Reattached(index, due_in=due - now)
+    try:
+        reattach(f"/dev/nbd{index}", start=start)
+    except ErofsMountError as exc:
+        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** failures)
+        _write_retry_state(record_path, failures + 1, now + delay)
+        return Reattached(index, exc, due_in=delay)
+    rec.retry_path(record_path).unlink(missing_ok=True)
+    return Reattached(index)
 
 
 def _retry_state(record_path: Path) -> tuple[int, float]:
@@ -306,11 +312,11 @@ def _check_plugin(record: rec.Record) -> None:
         ) from None
 
 
-def _dead_devices() -> list[tuple[int, Path]]:
+def dead_devices() -> list[tuple[int, Path]]:
     """Devices attached by erofs-mount whose daemon is gone and which can be reattached, with their records."""
     found = []
     for info in sysfs.devices():
-        path = _record_path_of(info) if info.configured else None
+        path = record_path_of(info) if info.configured else None
         if path is None or not path.exists() or daemon_alive(path):
             continue
         with contextlib.suppress(RecordError, DeviceStateError):
@@ -319,13 +325,108 @@ def _dead_devices() -> list[tuple[int, Path]]:
     return found
 
 
+# -- restart -----------------------------------------------------------------
+
+
+#: daemons ``restart --all`` starts at once (each is a new interpreter opening its source)
+RESTARTS_AT_ONCE = 8
+
+
+@attrs.frozen
+class Restarted:
+    """One device's outcome in ``restart``: the daemon's pid before and after, or the error."""
+
+    index: int
+    old_pid: int = 0
+    new_pid: int = 0
+    error: ErofsMountError | None = None
+
+
+def restart(target: str) -> Restarted:
+    """Hand a served device to a new daemon running the installed code, without a failed read.
+
+    The running daemon stops between two requests and gives the new one its
+    connections and lock (``_control``); the kernel never sees them end.
+    """
+    require_root("restart")
+    index = _index_or_usage(target)
+    record_path = _live_record(index)
+    record = rec.RecordStore.read(record_path)
+    try:
+        link_named(record.device.interface).check_reattach(index)
+    except DeviceStateError as exc:
+        raise DeviceStateError(f"{exc} (so it cannot be restarted either)") from None
+    _check_plugin(record)
+    try:
+        spawn_taker(record_path)
+    except DeviceStateError as exc:
+        raise DeviceStateError(f"nbd{index}: {exc}") from None
+    return Restarted(index, record.daemon_pid, rec.RecordStore.read(record_path).daemon_pid)
+
+
+def restart_all() -> list[Restarted]:
+    """Restart every erofs-mount device whose daemon is alive, all at once; a failure does not stop the others."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    require_root("restart")
+    served = [info for info in sysfs.devices()
+              if info.configured and (path := record_path_of(info)) is not None and daemon_alive(path)]
+
+    def one(info: sysfs.DeviceInfo) -> Restarted:
+        try:
+            return restart(info.path)
+        except ErofsMountError as exc:
+            return Restarted(info.index, error=exc)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(RESTARTS_AT_ONCE, len(served)))) as pool:
+        return list(pool.map(one, served))
+
+
+def _live_record(index: int) -> Path:
+    """The record of a connected erofs-mount device whose daemon is alive."""
+    info = sysfs.device(index)
+    if info is None or not info.configured:
+        raise DeviceStateError(f"nbd{index} is not connected")
+    record_path = record_path_of(info)
+    if record_path is None:
+        raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
+    if not daemon_alive(record_path):
+        raise DeviceStateError(f"nbd{index}: its daemon is not running (erofs-mount reattach {info.path})")
+    return record_path
+
+
+# -- stats -------------------------------------------------------------------
+
+
+def device_stats(target: str | None = None) -> dict[str, dict[str, Any]]:
+    """``{"nbdN": counts}`` for one device or every erofs-mount device; ``{}`` where no daemon answers."""
+    if target is not None:
+        index = _index_or_usage(target)
+        return {f"nbd{index}": ask_stats(_live_record(index))}
+    found: dict[str, dict[str, Any]] = {}
+    for info in sysfs.devices():
+        path = record_path_of(info) if info.configured else None
+        if path is not None:
+            found[f"nbd{info.index}"] = _stats_or_nothing(path)
+    return found
+
+
+def _stats_or_nothing(record_path: Path) -> dict[str, Any]:
+    if not daemon_alive(record_path):
+        return {}
+    try:
+        return ask_stats(record_path)
+    except DeviceStateError:
+        return {}
+
+
 # -- list --------------------------------------------------------------------
 
 def _orphans() -> list[Path]:
     """Records (with their lock, log and retry files) in the run directory that no attached device
     names and no process holds: left by a daemon killed as its device was disconnected, say."""
     store = rec.RecordStore()
-    named = {p for info in sysfs.devices() if info.configured and (p := _record_path_of(info))}
+    named = {p for info in sysfs.devices() if info.configured and (p := record_path_of(info))}
     stems = {p.with_suffix("") for p in store.directory.glob("nbd-*.*") if store.holds(p.with_suffix(rec.SUFFIX))}
     return sorted(stem.with_suffix(rec.SUFFIX) for stem in stems
                   if stem.with_suffix(rec.SUFFIX) not in named and not daemon_alive(stem.with_suffix(rec.SUFFIX)))
@@ -358,9 +459,11 @@ def list_devices() -> list[dict[str, Any]]:
             "daemon_pid": None,
             "daemon_alive": None,
             "record": info.backend,
+            "read_bytes": None,
+            "last_error": None,
             "error": None,
         }
-        path = _record_path_of(info)
+        path = record_path_of(info)
         if path is None:
             row["error"] = "not attached by erofs-mount"
         else:
@@ -374,9 +477,13 @@ def list_devices() -> list[dict[str, Any]]:
                 row["source_state"] = record.source.state  # all it pinned (no secret is ever in it)
                 row["daemon_pid"] = record.daemon_pid or None
                 row["daemon_alive"] = daemon_alive(path)
+                stats = _stats_or_nothing(path) if row["daemon_alive"] else {}
+                row["read_bytes"] = stats.get("read_bytes")
+                row["last_error"] = stats.get("last_error")
         rows.append(row)
     for path in _orphans():
         rows.append({"device": None, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
                      "source_state": None, "daemon_pid": None, "daemon_alive": None, "record": str(path),
+                     "read_bytes": None, "last_error": None,
                      "error": "orphaned: no device is attached with this record (the next mount removes it)"})
     return rows

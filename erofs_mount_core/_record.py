@@ -201,7 +201,7 @@ class RecordStore:
     @staticmethod
     def remove(path: Path) -> None:
         """The record first, its lock last: whoever holds the lock removes them."""
-        for p in (path, log_path(path), retry_path(path), lock_path(path)):
+        for p in (path, log_path(path), retry_path(path), control_path(path), lock_path(path)):
             try:
                 p.unlink()
             except FileNotFoundError:
@@ -215,6 +215,11 @@ def lock_path(record_path: Path) -> Path:
 
 def log_path(record_path: Path) -> Path:
     return record_path.with_suffix(".log")
+
+
+def control_path(record_path: Path) -> Path:
+    """The live daemon's control socket (``_control``): stats and hand-over."""
+    return record_path.with_suffix(".sock")
 
 
 def retry_path(record_path: Path) -> Path:

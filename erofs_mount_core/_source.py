@@ -57,6 +57,16 @@ class Source(abc.ABC):
         """
         return None
 
+    def counters(self) -> Mapping[str, int]:
+        """What this source has done so far, for ``erofs-mount stats`` and ``metrics``.
+
+        Counters that only grow, named in snake case: ``http_requests``,
+        ``http_bytes``, ``cache_hits``, ``decompressed_bytes``... Keep them in
+        a ``Counters`` (safe from every serving thread) and return its
+        ``snapshot()``. A filter adds its own to its inner source's.
+        """
+        return {}
+
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release files and connections. Called once, after the last ``pread``."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from .._errors import SourceError
 from .._source import Source
 from .build import BS, ImageLayout, ImageNode
@@ -57,6 +59,9 @@ class SynthesizedImage(Source):
                 out += bytes(n - have)
             offset += n
         return bytes(out)
+
+    def counters(self) -> Mapping[str, int]:
+        return self.backing.counters()
 
     def close(self) -> None:
         self.backing.close()

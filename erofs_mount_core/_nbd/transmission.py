@@ -21,8 +21,11 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import threading
+import time
 
 from .._errors import SourceError
+from .._metrics import COMMANDS, ConnectionStats
 from .._source import Source
 from . import protocol as p
 
@@ -67,13 +70,22 @@ def _recv_exact(sock: socket.socket, buf: bytearray | memoryview, n: int) -> boo
     view = memoryview(buf)[:n]
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        k = _recv_patiently(sock, view[got:], n - got)
         if k == 0:
             if got == 0:
                 return False
             raise ConnectionClosed(f"peer closed the connection after {got} of {n} bytes")
         got += k
     return True
+
+
+def _recv_patiently(sock: socket.socket, view: memoryview, n: int) -> int:
+    """``recv_into`` inside a request: a receive timeout there is no reason to stop waiting."""
+    while True:
+        try:
+            return sock.recv_into(view, n)
+        except BlockingIOError:
+            continue
 
 
 def _send(sock: socket.socket, header: bytes, data: bytes | memoryview = b"") -> None:
@@ -93,25 +105,43 @@ def _finish_send(sock: socket.socket, header: bytes | bytearray, data: bytes | m
     sock.sendall(memoryview(data)[sent - len(header):])
 
 
-def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel") -> str:
-    """Serve requests on ``sock`` until the client disconnects.
+#: why ``transmit`` returned when it was asked to stop (``restart``: the sockets go to a new daemon)
+HANDED_OVER = "handed over"
+
+
+def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel", stats: ConnectionStats | None = None,
+             stop: threading.Event | None = None) -> str:
+    """Serve requests on ``sock`` until the client disconnects, or ``stop`` is set.
 
     Returns why the loop ended: ``"disconnect"`` (NBD_CMD_DISC), ``"closed"``
-    (EOF between requests) or a protocol error text (the connection is then
-    closed by the caller).
+    (EOF between requests), ``HANDED_OVER`` (``stop`` was set: the loop ended
+    between two requests, leaving any unread one in the socket for its next
+    reader) or a protocol error text (the connection is then closed by the caller).
+
+    With ``stop``, the socket needs a receive timeout (SO_RCVTIMEO): an idle
+    connection notices ``stop`` when its wait for a request times out.
     """
+    stats = stats or ConnectionStats()
+    counts, took = stats.counts, stats.took
+    stopping = stop.is_set if stop is not None else lambda: False
     header = bytearray(p.REQUEST.size)
     header_out = bytearray(p.REPLY.size)  # reused: a reply header is sent before the next is packed
     source_size = disk.source_size
     # the hot path (a read inside the source) uses only these locals
     recv_into, sendmsg, unpack, pack_reply = sock.recv_into, sock.sendmsg, p.REQUEST.unpack, p.REPLY.pack_into
-    pread = disk.source.pread
+    pread, clock = disk.source.pread, time.monotonic_ns
     sendfile_fd, sendall, sock_fd = disk.sendfile_fd, sock.sendall, sock.fileno()
     request_size, request_magic, reply_magic = p.REQUEST.size, p.REQUEST_MAGIC, p.SIMPLE_REPLY_MAGIC
-    reply_size = p.REPLY.size
+    reply_size, read_slot, bytes_slot = p.REPLY.size, COMMANDS.index("read"), ConnectionStats.READ_BYTES
     try:
         while True:
-            got = recv_into(header)
+            if stopping():
+                return HANDED_OVER
+            try:
+                got = recv_into(header)
+            except BlockingIOError:  # no request within the receive timeout: look at ``stop`` again
+                continue
+            started = clock()
             if got != request_size:
                 if got == 0:
                     return "closed"
@@ -121,37 +151,48 @@ def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel") -> str:
                 log.warning("%s: bad request magic 0x%08x; closing the connection", peer, magic)
                 return f"bad magic 0x{magic:08x}"
             if cmd == p.CMD_READ:
+                counts[read_slot] += 1
                 if 0 < length <= p.MAX_READ and offset + length <= source_size:
                     if sendfile_fd is not None:
                         pack_reply(header_out, 0, reply_magic, 0, cookie)
                         sendall(header_out, socket.MSG_MORE)
                         _sendfile(sock_fd, sendfile_fd, offset, length)
+                        counts[bytes_slot] += length
+                        took(clock() - started)
                         continue
                     try:
                         data = pread(length, offset)
                     except Exception as exc:
-                        _read_slow(sock, disk, cookie, offset, length, peer, exc)
+                        _read_slow(sock, disk, cookie, offset, length, peer, stats, exc)
+                        took(clock() - started)
                         continue
                     if len(data) == length:
                         pack_reply(header_out, 0, reply_magic, 0, cookie)
                         sent = sendmsg([header_out, data])
                         if sent != reply_size + length:
                             _finish_send(sock, header_out, data, sent)
+                        counts[bytes_slot] += length
+                        took(clock() - started)
                         continue
-                _read_slow(sock, disk, cookie, offset, length, peer)
+                _read_slow(sock, disk, cookie, offset, length, peer, stats)
+                took(clock() - started)
             elif cmd == p.CMD_DISC:
                 return "disconnect"
             elif cmd == p.CMD_WRITE:
+                counts[COMMANDS.index("write")] += 1
                 if length > p.MAX_READ:
                     log.warning("%s: write of %d bytes cannot be skipped; closing the connection", peer, length)
                     return f"oversized write ({length} bytes)"
                 _skip(sock, length)
                 _send(sock, p.reply_header(cookie, p.EPERM))
             elif cmd == p.CMD_FLUSH:
+                counts[COMMANDS.index("flush")] += 1
                 _send(sock, p.reply_header(cookie))
             elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+                counts[COMMANDS.index("trim")] += 1
                 _send(sock, p.reply_header(cookie, p.EPERM))
             else:
+                counts[COMMANDS.index("other")] += 1
                 _send(sock, p.reply_header(cookie, p.EINVAL))
     except ConnectionClosed as exc:
         log.warning("%s: %s", peer, exc)
@@ -164,7 +205,7 @@ def _recv_rest(sock: socket.socket, header: bytearray, got: int) -> None:
     """Complete a header whose first recv returned ``got`` bytes."""
     view = memoryview(header)
     while got < len(header):
-        k = sock.recv_into(view[got:])
+        k = _recv_patiently(sock, view[got:], len(header) - got)
         if k == 0:
             raise ConnectionClosed(f"peer closed the connection after {got} of {len(header)} bytes")
         got += k
@@ -187,13 +228,14 @@ def _sendfile(out: int, fd: int, offset: int, length: int) -> None:
 
 
 def _read_slow(sock: socket.socket, disk: Disk, cookie: int, offset: int, length: int,
-               peer: str, failure: Exception | None = None) -> None:
+               peer: str, stats: ConnectionStats, failure: Exception | None = None) -> None:
     """Range checks, zero padding past the source and error replies.
 
     ``failure`` is what a first, direct read raised (already retried by the source's filter).
     """
     error = _check_range(offset, length, disk.size)
     if error:
+        stats.failed(f"{peer}: a read of {length} bytes at {offset} is outside the device")
         _send(sock, p.reply_header(cookie, error))
         return
     try:
@@ -205,9 +247,11 @@ def _read_slow(sock: socket.socket, disk: Disk, cookie: int, offset: int, length
             log.error("%s: read of %d bytes at %d failed: %s", peer, length, offset, exc)
         else:
             log.exception("%s: read of %d bytes at %d failed", peer, length, offset)
+        stats.failed(f"read of {length} bytes at {offset} failed: {exc}")
         _send(sock, p.reply_header(cookie, p.EIO))
         return
     _send(sock, p.reply_header(cookie), data)
+    stats.counts[ConnectionStats.READ_BYTES] += length
 
 
 def _check_range(offset: int, length: int, size: int) -> int:

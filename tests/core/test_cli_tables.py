@@ -18,7 +18,8 @@ from tests.core.test_plugins import M, eps
 
 def row(device: str, **fields: object) -> dict[str, object]:
     base = {"device": device, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
-            "daemon_pid": None, "daemon_alive": None, "record": None, "error": None}
+            "daemon_pid": None, "daemon_alive": None, "record": None, "read_bytes": None, "last_error": None,
+            "error": None}
     return {**base, **fields}
 
 
@@ -26,20 +27,22 @@ def test_columns_line_up_and_a_pinned_digest_follows_its_source(monkeypatch: pyt
     monkeypatch.setattr(lifecycle, "list_devices", lambda: [
         row("/dev/nbd0", mountpoints=["/mnt/app"], mount_options="ro,nosuid,nodev", source="oci:reg:5000/app:1.4",
             serving="reg:5000/app:1.4#sha256:ab12", daemon_pid=1234, daemon_alive=True,
-            record="/run/erofs-mount/nbd-a.toml"),
+            record="/run/erofs-mount/nbd-a.toml", read_bytes=3 << 20,
+            last_error="read of 4096 bytes at 0 failed: registry answered 503"),
         row("/dev/nbd1", source="local:/srv/a b.erofs", serving="/srv/a b.erofs", daemon_pid=99,
             daemon_alive=False, record="/run/erofs-mount/nbd-b.toml"),
         row("/dev/nbd12", record="/elsewhere", error="not attached by erofs-mount"),
     ])
     lines = CliRunner().invoke(cli.cli, ["list"]).output.splitlines()
-    assert lines[0].split() == ["DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SOURCE", "RECORD"]
-    assert " ro,nosuid,nodev " in lines[1]
+    assert lines[0].split() == ["DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SERVED", "SOURCE", "RECORD"]
+    assert " ro,nosuid,nodev " in lines[1] and " 3.0 MiB " in lines[1]
     assert "oci:reg:5000/app:1.4 = reg:5000/app:1.4#sha256:ab12" in lines[1]
     assert "local:/srv/a b.erofs " in lines[2] and "= /srv/a b.erofs" not in lines[2]
     assert "99 DEAD" in lines[2] and "- ?" in lines[3] and "not attached by erofs-mount" in lines[3]
-    for column in ("MOUNTPOINT", "OPTIONS", "DAEMON", "SOURCE", "RECORD"):
+    for column in ("MOUNTPOINT", "OPTIONS", "DAEMON", "SERVED", "SOURCE", "RECORD"):
         at = lines[0].index(column)
-        assert all(line[at - 2:at] == "  " and line[at] != " " for line in lines[1:]), column
+        assert all(line[at - 2:at] == "  " and line[at] != " " for line in lines[1:4]), column
+    assert lines[4:] == ["/dev/nbd0: last error: read of 4096 bytes at 0 failed: registry answered 503"]
 
 
 def test_nothing_attached(monkeypatch: pytest.MonkeyPatch) -> None:

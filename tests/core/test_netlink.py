@@ -67,3 +67,19 @@ def test_reconfigure_carries_index_backend_and_sockets() -> None:
 def test_disconnect() -> None:
     cmd, _v, body = genl_payload(nl.disconnect_msg(12))
     assert cmd == 2 and tlvs(body) == [(1, 0, struct.pack("=I", 12))]
+
+
+def test_link_dead_events_are_read_from_raw_datagrams() -> None:
+    """Two messages in one datagram, as the kernel may batch them: LINK_DEAD of nbd3, then another command."""
+    import struct
+
+    from erofs_mount_core._nbd.events import NBD_CMD_LINK_DEAD, dead_links
+
+    def message(family: int, cmd: int, index: int) -> bytes:
+        attr = struct.pack("=HHI", 8, 1, index)
+        body = bytes([cmd, 1, 0, 0]) + attr
+        return struct.pack("=IHHII", 16 + len(body), family, 0, 0, 0) + body
+
+    data = message(33, NBD_CMD_LINK_DEAD, 3) + message(33, 5, 4) + message(34, NBD_CMD_LINK_DEAD, 5)
+    assert dead_links(data, 33) == [3]
+    assert dead_links(data[:20], 33) == [], "a truncated message is ignored"

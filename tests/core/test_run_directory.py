@@ -78,9 +78,9 @@ def test_only_records_in_the_run_directory_name_a_device(store: rec.RecordStore,
     outside = tmp_path / "nbd-0123456789ab.toml"  # a record's name, another tool's directory
     odd = store.directory / "notes.toml"
     info = DeviceInfo(index=3, size=4096, pid=1, backend=str(ours))
-    assert lifecycle._record_path_of(info) == ours
+    assert lifecycle.record_path_of(info) == ours
     for backend in (str(outside), str(odd), "/etc/passwd.toml", "nbd-0123456789ab.toml"):
-        assert lifecycle._record_path_of(DeviceInfo(index=3, size=4096, pid=1, backend=backend)) is None
+        assert lifecycle.record_path_of(DeviceInfo(index=3, size=4096, pid=1, backend=backend)) is None
 
 
 def test_a_lock_removed_while_it_was_taken_is_no_lock(store: rec.RecordStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,14 +149,14 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
     bad, good = store.new_path(), store.new_path()
     attempts: list[int] = []
 
-    def reattach(target: str) -> int:
+    def reattach(target: str, start: object = None) -> int:
         index = int(target.removeprefix("/dev/nbd"))
         attempts.append(index)
         if index == 1:
             raise KernelError("nbd1: no credentials in this environment")
         return index
 
-    monkeypatch.setattr(lifecycle, "_dead_devices", lambda: [(1, bad), (2, good)])
+    monkeypatch.setattr(lifecycle, "dead_devices", lambda: [(1, bad), (2, good)])
     monkeypatch.setattr(lifecycle, "reattach", reattach)
     for now in range(0, 70, 10):  # seven runs of the timer
         lifecycle.reattach_all(now=float(now))

@@ -140,14 +140,14 @@ def test_one_http_request_per_nbd_read_at_most(registry: Registry, layer: tuple[
     try:
         reads = 0
         for off in range(0, len(data), 128 << 10):      # the kernel's usual max_sectors
-            before = source.inner.requests  # type: ignore[attr-defined]
+            before = source.counters().get("http_requests", 0)
             assert source.pread(min(128 << 10, len(data) - off), off) == data[off:off + (128 << 10)]
-            assert source.inner.requests - before <= 1  # type: ignore[attr-defined]
+            assert source.counters().get("http_requests", 0) - before <= 1
             reads += 1
-        assert source.inner.requests <= reads  # type: ignore[attr-defined]
-        before = source.inner.requests  # type: ignore[attr-defined]
+        assert source.counters().get("http_requests", 0) <= reads
+        before = source.counters().get("http_requests", 0)
         assert read_all(source, 4096)[:4096] == data[:4096]  # warm: from the cache
-        assert source.inner.requests == before  # type: ignore[attr-defined]
+        assert source.counters().get("http_requests", 0) == before
     finally:
         source.close()
 

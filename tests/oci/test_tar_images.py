@@ -330,6 +330,11 @@ def test_reads_are_one_range_request_each_and_a_lying_registry_gives_io_errors(
                 reads += 1
             assert 0 < len(proxy.ranges) <= reads
             assert whole_gets(proxy) == config, "every layer read is a range request"
+            counts = source.counters()  # what stats and metrics show: the plugin's counts, through every layer
+            spans = [tuple(map(int, r.removeprefix("bytes=").split("-"))) for r in proxy.ranges if r]
+            assert counts["http_requests"] == len(spans)
+            assert counts["http_bytes"] == sum(end - start + 1 for start, end in spans)
+            assert counts["decompressed_bytes"] > 0 and counts["cache_misses"] > 0
         finally:
             source.close()
         source = open_reference(reference, {"insecure": "", "readahead-kib": "0"})

@@ -58,11 +58,17 @@ def devices() -> list[dict[str, object]]:
 
 
 def daemon_pids() -> list[int]:
+    """Live daemons: started as ``python -m erofs_mount_core._daemon``, or forked by ``watch``
+    (named erofs-mountd, with watch's command line)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
             with contextlib.suppress(OSError):
-                if b"erofs_mount_core._daemon" in (proc / "cmdline").read_bytes():
+                stat = (proc / "stat").read_text()
+                if stat[stat.rindex(")") + 2] == "Z":
+                    continue
+                if (b"erofs_mount_core._daemon" in (proc / "cmdline").read_bytes()
+                        or (proc / "comm").read_text().strip() == "erofs-mountd"):
                     pids.append(int(proc.name))
     return pids
 

@@ -102,8 +102,8 @@ def test_every_file_of_a_large_tree_reads_back(big_tree: tuple[Path, dict[str, s
 class Readers:
     """Threads that read and checksum files in a loop, evicting each from the page cache."""
 
-    def __init__(self, root: Path, sums: dict[str, str], count: int = 4) -> None:
-        self.root, self.sums = root, sums
+    def __init__(self, root: Path, sums: dict[str, str], count: int = 4, pause: float = 0.0) -> None:
+        self.root, self.sums, self.pause = root, sums, pause
         self.stop = threading.Event()
         self.reads = 0
         self.errors: list[str] = []
@@ -125,6 +125,7 @@ class Readers:
             if digest != self.sums[rel]:
                 self.mismatches.append(rel)
             self.reads += 1
+            self.stop.wait(self.pause)
 
     def __enter__(self) -> Readers:
         for t in self.threads:

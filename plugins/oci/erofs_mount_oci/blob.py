@@ -19,7 +19,7 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from erofs_mount_core import Source, SourceError
+from erofs_mount_core import Counters, Source, SourceError
 
 from . import _http
 from .spans import Spans
@@ -39,8 +39,7 @@ class BlobSource(Source):
         self._hasher = hashlib.new(digest.split(":")[0])
         self._hashed = 0 if digest_along else size  # off: the caller checks what it reads another way
         self._bad_digest: str | None = None
-        self.requests = 0
-        self.bytes_fetched = 0
+        self._counters = Counters()
 
     @property
     def size(self) -> int:
@@ -51,6 +50,10 @@ class BlobSource(Source):
 
     def state(self) -> dict[str, Any]:
         return dict(self._state)
+
+    def counters(self) -> dict[str, int]:
+        """``http_requests`` (range requests made) and ``http_bytes`` (the bytes they brought)."""
+        return self._counters.snapshot()
 
     def pread(self, length: int, offset: int) -> bytes:
         if self._bad_digest:
@@ -64,13 +67,13 @@ class BlobSource(Source):
                 span = self.spans.span_size
                 start, end = start - start % span, min(-(-end // span) * span, self._size)
             what = f"blob {self.digest[:19]}… bytes {start}-{end - 1}"
-            self.requests += 1
+            self._counters.add("http_requests")
             try:
                 data = _http.read_range(self.client, self.url, start, end - start, what=what)
             except _http.FullBody as full:
                 self._take_full_body(full.response)
             else:
-                self.bytes_fetched += len(data)
+                self._counters.add("http_bytes", len(data))
                 if self.spans:
                     self.spans.check(start, data, what, transient=True)  # a retry may get the right bytes
                 with self._lock:
@@ -119,7 +122,7 @@ class BlobSource(Source):
                 raise SourceError(f"blob {self.digest}: download failed: {exc}", transient=True) from exc
             finally:
                 response.close()
-            self.bytes_fetched += spool.tell()
+            self._counters.add("http_bytes", spool.tell())
             if spool.tell() != self._size:
                 spool.close()
                 raise SourceError(f"blob {self.digest}: got {spool.tell()} of {self._size} bytes", transient=True)

@@ -20,6 +20,7 @@ from erofs_mount_tar.merge import merge
 from erofs_mount_core import (
     BlockCache,
     CacheSettings,
+    Counters,
     Filter,
     ImageLayout,
     Source,
@@ -72,6 +73,9 @@ class Layered(Source):
         if into + length > self.streams[i].size:
             raise SourceError(f"a read of {length} bytes at {offset} runs past layer {i}'s stream")
         return self.streams[i].pread(length, into)
+
+    def counters(self) -> Mapping[str, int]:
+        return Counters().snapshot(*(stream.counters() for stream in self.streams))
 
     def close(self) -> None:
         for stream in self.streams:

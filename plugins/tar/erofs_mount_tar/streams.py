@@ -31,13 +31,13 @@ import sys
 import tempfile
 import threading
 from bisect import bisect_left, bisect_right
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from erofs_mount_core import Source, SourceError, cache_room, open_cache_file
+from erofs_mount_core import Counters, Source, SourceError, cache_room, open_cache_file
 
 log = logging.getLogger("erofs_mount.tar")
 CHUNK = 1 << 20
@@ -380,6 +380,9 @@ class Window(Source):
     def forget(self) -> None:
         self._data = memoryview(b"")
 
+    def counters(self) -> Mapping[str, int]:
+        return self.archive.counters()
+
 
 #: what the gzip reader reads past the checkpoint after a read's end (one buffer), and some slack
 GZIP_READ_PAST = 256 << 10
@@ -405,6 +408,7 @@ class GzipStream(Source):
         points = sorted((out, bits // 8) for bits, out in self._reader.block_offsets().items())
         self._outs, self._ins = [p[0] for p in points], [p[1] for p in points]
         self._lock = threading.Lock()
+        self._counters = Counters()
 
     @property
     def size(self) -> int:
@@ -432,7 +436,11 @@ class GzipStream(Source):
                 self._window.forget()
         if len(data) != length:
             raise SourceError(f"gzip stream: only {len(data)} of {length} bytes at {offset}")
+        self._counters.add("decompressed_bytes", length)
         return data
+
+    def counters(self) -> Mapping[str, int]:
+        return self._counters.snapshot(self._window.counters())
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -450,6 +458,7 @@ class ZstdFrameStream(Source):
         self._lock = threading.Lock()
         #: frame index, its reader, the stream offset it is at, the compressed frame it reads
         self._current: tuple[int, Any, int, SourceFile] | None = None
+        self._counters = Counters()
 
     @property
     def size(self) -> int:
@@ -478,7 +487,11 @@ class ZstdFrameStream(Source):
                 raise SourceError(f"zstd stream: read at {offset} failed: {exc}") from None
             finally:
                 self._window.forget()
+        self._counters.add("decompressed_bytes", length)
         return bytes(out)
+
+    def counters(self) -> Mapping[str, int]:
+        return self._counters.snapshot(self._window.counters())
 
     def _fetch_frames(self, offset: int, end: int) -> None:
         """The compressed bytes of the frames the read falls in, in one request."""

@@ -1,0 +1,119 @@
+"""``erofs-mount watch``: reattach a device the moment its daemon dies.
+
+The kernel multicasts NBD_CMD_LINK_DEAD as it sees a device's connection
+end (``_nbd.events``); ``watch`` then reattaches that device at once, with a
+daemon forked from itself (its code and plugins are loaded already, so no
+interpreter has to start). A device whose reattach fails is tried again on
+the same back-off as ``reattach --all`` (10 s, 20 s... 10 minutes; the state
+is shared, so the timer unit and ``watch`` agree), with one log line per
+attempt. Every ``SWEEP_EVERY`` seconds, and whenever events were lost, it
+looks at every device, as the timer would.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import time
+from collections.abc import Callable
+
+from . import _lifecycle as lifecycle
+from ._daemon_protocol import Forked, daemon_alive, spawn
+from ._nbd import sysfs
+from ._nbd.events import LinkDeadEvents, Overrun
+from ._plugins import PluginHost
+
+log = logging.getLogger("erofs_mount.watch")
+
+#: how often every device is looked at, events or not
+SWEEP_EVERY = 30.0
+#: a killed daemon's connections end a moment before its lock is free: how long a held lock may still be its
+EXIT_GRACE = 2.0
+EXIT_POLL = 0.05
+
+
+class Watcher:
+    """The devices due a look, and what a look does."""
+
+    def __init__(self, events: LinkDeadEvents, clock: Callable[[], float] = time.monotonic) -> None:
+        self.events = events
+        self.clock = clock
+        self.forked = Forked(PluginHost(), hidden_fds=(events.fileno(),))
+        self.due: dict[int, float] = {}  # device index -> when to look at it next
+        self.dying: dict[int, float] = {}  # device index -> until when its daemon may still be exiting
+        self.died: dict[int, float] = {}  # device index -> when its connection died
+        self.next_sweep = 0.0
+
+    def run(self, until: Callable[[], bool] = lambda: False) -> None:
+        while not until():
+            now = self.clock()
+            if now >= self.next_sweep:
+                self.sweep(now)
+            wake = min([self.next_sweep, *self.due.values()])
+            if select.select([self.events], [], [], max(0.0, wake - now))[0]:
+                self.heard(self.clock())
+            now = self.clock()
+            for index in [i for i, t in self.due.items() if t <= now]:
+                del self.due[index]
+                self.look(index, now)
+
+    def heard(self, now: float) -> None:
+        try:
+            indexes = self.events.read()
+        except Overrun:
+            log.warning("nbd events were lost; looking at every device")
+            self.next_sweep = now
+            return
+        for index in indexes:
+            if index not in self.dying:
+                log.info("nbd%d: a connection died", index)
+                self.died[index] = now
+            self.due[index] = now
+            self.dying[index] = now + EXIT_GRACE
+
+    def sweep(self, now: float) -> None:
+        self.next_sweep = now + SWEEP_EVERY
+        for index, _path in lifecycle.dead_devices():
+            self.due.setdefault(index, now)
+
+    def look(self, index: int, now: float) -> None:
+        info = sysfs.device(index)
+        path = lifecycle.record_path_of(info) if info is not None and info.configured else None
+        if path is None:  # disconnected meanwhile, or not ours
+            self._forget(index)
+            return
+        if daemon_alive(path):
+            if now < self.dying.get(index, 0.0):
+                self.due[index] = now + EXIT_POLL  # its dying daemon may still hold the lock
+            else:
+                self._forget(index)  # healthy, or reattached by someone else
+            return
+        outcome = lifecycle.reattach_when_due(
+            index, path, now=time.time(), start=lambda p: spawn("reattach", p, forked=self.forked))
+        if outcome.error is not None:
+            log.error("nbd%d: reattach failed: %s; next attempt in %.0f s", index, outcome.error, outcome.due_in)
+        elif outcome.due_in is not None:
+            log.warning("nbd%d: its reattach keeps failing; next attempt in %.0f s", index, outcome.due_in)
+        else:
+            since = self.died.get(index)
+            took = f" {self.clock() - since:.2f} s after its connection died" if since is not None else ""
+            log.info("nbd%d: reattached%s", index, took)
+            self._forget(index)
+            return
+        self.due[index] = now + (outcome.due_in or lifecycle.RETRY_FIRST)
+        self.dying.pop(index, None)
+
+    def _forget(self, index: int) -> None:
+        self.dying.pop(index, None)
+        self.died.pop(index, None)
+
+
+def watch() -> None:
+    """Run until killed (SIGTERM ends it cleanly; the daemons it started live on)."""
+    lifecycle.require_root("watch")
+    events = LinkDeadEvents()
+    log.info("watching nbd devices for dead connections")
+    try:
+        Watcher(events).run()
+    finally:
+        events.close()
