@@ -248,8 +248,12 @@ def _pair() -> SocketPair:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def _dropped(server_ends: list[socket.socket], wait: float = 0.3) -> list[socket.socket]:
-    """The sockets whose peer the kernel closed at once (EOF without a request)."""
+def _dropped(server_ends: list[socket.socket], wait: float = 0.05) -> list[socket.socket]:
+    """The sockets whose peer the kernel closed at once (EOF without a request).
+
+    The kernel drops a socket inside the RECONFIGURE call, so its EOF shows as
+    soon as our copy of its end is closed; ``wait`` is a margin.
+    """
     time.sleep(wait)
     readable, _, _ = select.select(server_ends, [], [], 0)
     dropped = []

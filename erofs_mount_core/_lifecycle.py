@@ -222,8 +222,11 @@ def record_path_of(info: sysfs.DeviceInfo) -> Path | None:
 
 # -- reattach ----------------------------------------------------------------
 
-def reattach(target: str, start: Callable[[Path], int] | None = None) -> int:
-    """Give a device whose daemon died a new daemon; return its index."""
+def reattach(target: str, start: Callable[[Path], int] | None = None, host: PluginHost | None = None) -> int:
+    """Give a device whose daemon died a new daemon; return its index.
+
+    ``start`` starts the daemon (by default a new process); ``host`` is the plugins, if loaded already.
+    """
     require_root("reattach")
     index = _index_or_usage(target)
     info = sysfs.device(index)
@@ -234,7 +237,7 @@ def reattach(target: str, start: Callable[[Path], int] | None = None) -> int:
         raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
     record = rec.RecordStore.read(record_path)
     link_named(record.device.interface).check_reattach(index)
-    _check_plugin(record)
+    _check_plugin(record, host)
     try:
         return start(record_path) if start else spawn("reattach", record_path)
     except DeviceStateError as exc:
@@ -267,17 +270,17 @@ def reattach_all(now: float | None = None) -> list[Reattached]:
 
 
 def reattach_when_due(index: int, record_path: Path, now: float | None = None,
-                      start: Callable[[Path], int] | None = None) -> Reattached:
+                      start: Callable[[Path], int] | None = None, host: PluginHost | None = None) -> Reattached:
     """Reattach one device unless its back-off says not yet; keep the back-off up to date.
 
-    ``start`` starts the daemon (``watch`` forks its own, already loaded); by default a new process.
+    ``start`` and ``host`` as for ``reattach`` (``watch`` forks its daemons, with its plugins loaded).
     """
     now = time.time() if now is None else now
     failures, due = _retry_state(record_path)
     if now < due:
         return Reattached(index, due_in=due - now)
     try:
-        reattach(f"/dev/nbd{index}", start=start)
+        reattach(f"/dev/nbd{index}", start=start, host=host)
     except ErofsMountError as exc:
         delay = min(RETRY_MAX, RETRY_FIRST * 2 ** failures)
         _write_retry_state(record_path, failures + 1, now + delay)
@@ -302,9 +305,9 @@ def _write_retry_state(record_path: Path, failures: int, due: float) -> None:
         f.write(f"{failures} {due}\n")
 
 
-def _check_plugin(record: rec.Record) -> None:
+def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
     try:
-        PluginHost().owner(record.source.scheme)
+        (host or PluginHost()).owner(record.source.scheme)
     except UnknownSchemeError:
         dist = record.source.distribution or f"the plugin providing {record.source.scheme!r}"
         raise PluginError(

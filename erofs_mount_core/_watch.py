@@ -89,7 +89,8 @@ class Watcher:
                 self._forget(index)  # healthy, or reattached by someone else
             return
         outcome = lifecycle.reattach_when_due(
-            index, path, now=time.time(), start=lambda p: spawn("reattach", p, forked=self.forked))
+            index, path, now=time.time(), start=lambda p: spawn("reattach", p, forked=self.forked),
+            host=self.forked.host)
         if outcome.error is not None:
             log.error("nbd%d: reattach failed: %s; next attempt in %.0f s", index, outcome.error, outcome.due_in)
         elif outcome.due_in is not None:

@@ -98,8 +98,8 @@ class GuestRun:
                 return
             env["VMTEST_KERNEL_PKG"] = pkg.stdout.strip()
         cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--cpus", str(cpus), "--",
-               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs",
-               "--durations=5", *nodeids]
+               sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEsP",
+               "--durations=5", *nodeids]  # -rP: what passed tests measured and printed
         start = time.monotonic()
         self.error = "the test VM was interrupted"  # until it reports
         # the guest's output goes to a file as it comes: `tail -f` it to watch

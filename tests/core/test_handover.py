@@ -212,3 +212,31 @@ def test_a_taker_that_leaves_without_taking_lets_the_daemon_serve_on(tmp_path: P
 def test_no_daemon_is_one_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DeviceStateError, match="does not answer"):
         control.ask_stats(tmp_path / "nbd-0123456789ab.toml")
+
+
+def test_a_peer_that_is_not_root_gets_neither_counts_nor_the_device() -> None:
+    """Even were the run directory and the socket open to all, the daemon answers its own uid only."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as open_dir:
+        os.chmod(open_dir, 0o755)
+        record = Path(open_dir) / "nbd-0123456789ab.toml"
+        kernel_end, server_end = socket.socketpair()
+        daemon = FakeDaemon(record, [server_end])
+        os.chmod(rec.control_path(record), 0o666)
+        ask = ("import socket, sys\n"
+               "s = socket.socket(socket.AF_UNIX)\n"
+               "s.connect(sys.argv[1])\n"
+               "try:\n"
+               "    s.sendall(sys.argv[2].encode() + b'\\n')\n"
+               "    print(repr(s.recv(4096)))\n"
+               "except OSError:\n"
+               "    print(repr(b''))\n")
+        for op in ('{"op": "hand-over"}', '{"op": "stats"}'):
+            out = subprocess.run(["/usr/bin/python3", "-c", ask, str(rec.control_path(record)), op],
+                                 user=65534, capture_output=True, text=True, timeout=30)
+            assert out.stdout.strip() == "b''", (op, out)  # closed without a word
+        assert daemon.resumed == 0 and not daemon.handed.is_set()
+        kernel_end.close()
+        daemon.close()

@@ -149,7 +149,7 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
     bad, good = store.new_path(), store.new_path()
     attempts: list[int] = []
 
-    def reattach(target: str, start: object = None) -> int:
+    def reattach(target: str, start: object = None, host: object = None) -> int:
         index = int(target.removeprefix("/dev/nbd"))
         attempts.append(index)
         if index == 1:

@@ -153,7 +153,7 @@ def test_parallel_readers_survive_five_kill_reattach_cycles(sample: tuple[Path, 
     image, sums = sample
     device = mount(image, mountpoint)
     try:
-        with Readers(mountpoint, sums) as readers:
+        with Readers(mountpoint, sums, pause=0.05) as readers:  # a pause leaves the commands some CPU
             readers.wait_for_reads(8)
             for cycle in range(5):
                 evict(mountpoint, device)

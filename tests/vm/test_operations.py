@@ -18,7 +18,7 @@ import pytest
 
 from tests.imagetree import file_sha256
 from tests.vm.conftest import EROFS_MOUNT, RUN_DIR, cli, daemon_pids, devices
-from tests.vm.test_local_mount import Readers, daemon_pid, evict, kill_daemon, largest, mount
+from tests.vm.test_local_mount import Readers, daemon_pid, evict, largest, mount
 
 pytestmark = [pytest.mark.kernel(newer="only"), pytest.mark.usefixtures("clean_system")]
 
@@ -148,17 +148,20 @@ def test_watch_reattaches_at_once_and_backs_off_a_device_it_cannot(sample: tuple
             evict(good, device)
             old = daemon_pid(device)
             killed = time.monotonic()
-            kill_daemon(device)
-            assert file_sha256(good / rel) == sums[rel]
+            os.kill(old, signal.SIGKILL)
+            with open(good / rel, "rb") as f:  # waits in the kernel until a daemon serves the device again
+                assert f.read(4096)
             took = time.monotonic() - killed
+            assert file_sha256(good / rel) == sums[rel]
             new = daemon_pid(device)
             assert new != old and daemon_pids() == [new]
             print(f"kill -9 to a held read completing, attempt {attempt + 1}: {took:.2f} s "
                   f"({watch.wait_for('reattached').split(': ', 1)[1]})")
 
         other = mount(image, lost)
-        (RUN_DIR / Path(str(next(d for d in devices() if d["device"] == other)["record"])).name).unlink()
-        kill_daemon(other)
+        (row,) = [d for d in devices() if d["device"] == other]
+        (RUN_DIR / Path(str(row["record"])).name).unlink()
+        os.kill(int(row["daemon_pid"]), signal.SIGKILL)
         watch.wait_for(f"{other[5:]}: reattach failed")
         time.sleep(12)  # attempts at 0 and 10 s; the next is due at 30 s
         failures = watch.lines(f"{other[5:]}: reattach failed")

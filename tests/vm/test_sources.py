@@ -328,7 +328,7 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
         assert_files(mountpoint, sums)
         assert_no_secret_in_the_daemon_s_environ(publisher)
         if publisher.name in ("tar", "oci-image"):  # killed again under readers: every read they make is right
-            with Readers(mountpoint, sums) as readers:
+            with Readers(mountpoint, sums, pause=0.05) as readers:
                 readers.wait_for_reads(10)
                 evict(mountpoint, device)
                 kill_daemon(device)
