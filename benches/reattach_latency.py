@@ -1,8 +1,8 @@
 #!/usr/bin/python3
 """Time from kill -9 of a daemon to a held read completing: ``watch`` against a reattach by hand.
 
-A read of a file whose blocks are not cached is started right after the
-daemon is killed, so it waits in the kernel for a new daemon. ``watch``
+A read of a file whose blocks are not cached is started as soon as the
+killed daemon is gone, so it waits in the kernel for a new daemon. ``watch``
 reattaches on the kernel's LINK_DEAD event with a daemon forked from itself;
 the peer is what an operator's script or the timer unit runs, ``erofs-mount
 reattach DEVICE`` started at the moment of the kill (a new interpreter). Runs
@@ -66,6 +66,10 @@ def held_read(path: Path, device: str, by_hand: bool) -> float:
     start = time.perf_counter()
     os.kill(pid, signal.SIGKILL)
     helper = subprocess.Popen([EROFS_MOUNT, "reattach", device], stdout=subprocess.DEVNULL) if by_hand else None
+    # read once the daemon is gone: a request sent while it was dying is lost with it, and the kernel
+    # sends it again only at its next check of stuck requests (every 30 s), whoever reattaches
+    while Path(f"/proc/{pid}").exists():
+        time.sleep(0.001)
     with open(path, "rb") as f:
         while f.read(1 << 20):
             pass
