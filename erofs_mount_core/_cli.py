@@ -245,7 +245,7 @@ def metrics() -> None:
     from . import _lifecycle as lifecycle
     from ._metrics import prometheus
 
-    click.echo(prometheus(lifecycle.device_stats()), nl=False)
+    click.echo(prometheus(lifecycle.device_stats(command="metrics")), nl=False)
 
 
 @cli.command(name="list")

@@ -164,16 +164,7 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: Forked) -> int:
     os.close(ready_w)
     os.close(logf)
     os.waitpid(child, 0)
-    try:
-        line = _read_line(ready_r, READY_TIMEOUT)
-    finally:
-        os.close(ready_r)
-    word, _, rest = line.partition(" ")
-    if word == READY:
-        return int(rest)
-    if word == ERROR:
-        raise decode_error(rest)
-    raise errors.KernelError(f"the serving daemon exited without a word; see {rec.log_path(record_path)}")
+    return _answer(ready_r, record_path)
 
 
 def _become_daemon(logf: int, hidden_fds: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
@@ -188,9 +179,9 @@ def _become_daemon(logf: int, hidden_fds: tuple[int, ...]) -> None:  # pragma: n
     os.dup2(logf, 2)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
-    kept = passed_environment()
+    environment = {**passed_environment(), **exec_environment()}  # what a spawned daemon's memory holds
     os.environ.clear()
-    os.environ.update({**kept, **exec_environment()})
+    os.environ.update(environment)
 
 
 def spawn_taker(record_path: Path) -> int:
@@ -224,6 +215,11 @@ def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
         proc.stdin.close()
     except BrokenPipeError:  # it died at once: its line (or its silence) says why
         pass
+    return _answer(ready_r, record_path, proc)
+
+
+def _answer(ready_r: int, record_path: Path, proc: subprocess.Popen[bytes] | None = None) -> int:
+    """The index the daemon's line reports, or its error raised; a silent daemon ``proc`` is ended."""
     try:
         line = _read_line(ready_r, READY_TIMEOUT)
     finally:
@@ -231,13 +227,14 @@ def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
     word, _, rest = line.partition(" ")
     if word == READY:
         return int(rest)
-    if proc.poll() is None and not line:
-        proc.kill()
-    proc.wait()
+    status = ""
+    if proc is not None:
+        if proc.poll() is None and not line:
+            proc.kill()
+        status = f" (status {proc.wait()})"
     if word == ERROR:
         raise decode_error(rest)
-    raise errors.KernelError(f"the serving daemon exited without a word (status {proc.returncode}); "
-                             f"see {rec.log_path(record_path)}")
+    raise errors.KernelError(f"the serving daemon exited without a word{status}; see {rec.log_path(record_path)}")
 
 
 def exec_environment() -> dict[str, str]:

@@ -202,6 +202,18 @@ def _index_or_usage(target: str) -> int:
         raise UsageError(f"{target} is neither an nbd device nor an erofs-mount mountpoint") from None
 
 
+def _record_of(index: int, otherwise: str) -> Path:
+    """The record of connected device ``index``; DeviceStateError if it is not connected (saying
+    ``otherwise``) or not ours."""
+    info = sysfs.device(index)
+    if info is None or not info.configured:
+        raise DeviceStateError(f"nbd{index} is not connected: {otherwise}")
+    record_path = record_path_of(info)
+    if record_path is None:
+        raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
+    return record_path
+
+
 def record_path_of(info: sysfs.DeviceInfo) -> Path | None:
     """The device's record: named by its backend identifier, or (attached through
     the ioctls, which have none) the record in our directory that names its index.
@@ -229,12 +241,7 @@ def reattach(target: str, start: Callable[[Path], int] | None = None, host: Plug
     """
     require_root("reattach")
     index = _index_or_usage(target)
-    info = sysfs.device(index)
-    if info is None or not info.configured:
-        raise DeviceStateError(f"nbd{index} is not connected: nothing to reattach")
-    record_path = record_path_of(info)
-    if record_path is None:
-        raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
+    record_path = _record_of(index, "nothing to reattach")
     record = rec.RecordStore.read(record_path)
     link_named(record.device.interface).check_reattach(index)
     _check_plugin(record, host)
@@ -353,7 +360,7 @@ def restart(target: str) -> Restarted:
     """
     require_root("restart")
     index = _index_or_usage(target)
-    record_path = _live_record(index)
+    record_path = _live_record(index, "nothing to restart")
     record = rec.RecordStore.read(record_path)
     try:
         link_named(record.device.interface).check_reattach(index)
@@ -385,27 +392,23 @@ def restart_all() -> list[Restarted]:
         return list(pool.map(one, served))
 
 
-def _live_record(index: int) -> Path:
+def _live_record(index: int, otherwise: str) -> Path:
     """The record of a connected erofs-mount device whose daemon is alive."""
-    info = sysfs.device(index)
-    if info is None or not info.configured:
-        raise DeviceStateError(f"nbd{index} is not connected")
-    record_path = record_path_of(info)
-    if record_path is None:
-        raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
+    record_path = _record_of(index, otherwise)
     if not daemon_alive(record_path):
-        raise DeviceStateError(f"nbd{index}: its daemon is not running (erofs-mount reattach {info.path})")
+        raise DeviceStateError(f"nbd{index}: its daemon is not running (erofs-mount reattach /dev/nbd{index})")
     return record_path
 
 
 # -- stats -------------------------------------------------------------------
 
 
-def device_stats(target: str | None = None) -> dict[str, dict[str, Any]]:
+def device_stats(target: str | None = None, command: str = "stats") -> dict[str, dict[str, Any]]:
     """``{"nbdN": counts}`` for one device or every erofs-mount device; ``{}`` where no daemon answers."""
+    require_root(command)  # the daemons answer on sockets in the root-only run directory
     if target is not None:
         index = _index_or_usage(target)
-        return {f"nbd{index}": ask_stats(_live_record(index))}
+        return {f"nbd{index}": ask_stats(_live_record(index, "no daemon to ask"))}
     found: dict[str, dict[str, Any]] = {}
     for info in sysfs.devices():
         path = record_path_of(info) if info.configured else None

@@ -15,7 +15,6 @@ from __future__ import annotations
 import logging
 import select
 import time
-from collections.abc import Callable
 
 from . import _lifecycle as lifecycle
 from ._daemon_protocol import Forked, daemon_alive, spawn
@@ -35,17 +34,17 @@ EXIT_POLL = 0.05
 class Watcher:
     """The devices due a look, and what a look does."""
 
-    def __init__(self, events: LinkDeadEvents, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, events: LinkDeadEvents) -> None:
         self.events = events
-        self.clock = clock
+        self.clock = time.monotonic
         self.forked = Forked(PluginHost(), hidden_fds=(events.fileno(),))
         self.due: dict[int, float] = {}  # device index -> when to look at it next
         self.dying: dict[int, float] = {}  # device index -> until when its daemon may still be exiting
         self.died: dict[int, float] = {}  # device index -> when its connection died
         self.next_sweep = 0.0
 
-    def run(self, until: Callable[[], bool] = lambda: False) -> None:
-        while not until():
+    def run(self) -> None:
+        while True:
             now = self.clock()
             if now >= self.next_sweep:
                 self.sweep(now)
@@ -110,7 +109,7 @@ class Watcher:
 
 
 def watch() -> None:
-    """Run until killed (SIGTERM ends it cleanly; the daemons it started live on)."""
+    """Run until killed (the daemons it started live on: each is in a session of its own)."""
     lifecycle.require_root("watch")
     events = LinkDeadEvents()
     log.info("watching nbd devices for dead connections")

@@ -1,0 +1,56 @@
+"""restart, watch, stats and metrics as a user meets them on a machine: one line per refusal.
+
+Their work on real devices: tests/vm/test_operations.py. Here, the machine
+has no nbd device (this host's kernel has no nbd driver).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
+
+
+def run(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [EROFS_MOUNT, *args]
+    if user is not None:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("args", [("restart", "--all"), ("restart", "/dev/nbd0"), ("watch",), ("stats",),
+                                  ("metrics",)])
+def test_each_needs_root_and_says_so_in_one_line(args: tuple[str, ...]) -> None:
+    result = run(*args, user=65534)
+    assert result.returncode != 0 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and f"{args[0]} needs root" in result.stderr, result.stderr
+
+
+def test_with_no_device_attached() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    assert run("stats").stdout == "no erofs-mount devices attached\n"
+    assert run("stats", "--json").stdout == "{}\n"
+    families = list(text_string_to_metric_families(run("metrics").stdout))
+    assert families and all(f.samples == [] for f in families)
+    result = run("restart", "--all")
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_usage_and_a_device_that_is_not_there_are_one_line() -> None:
+    for args in (("restart",), ("restart", "/dev/nbd0", "--all"), ("restart", "/dev/sda"), ("stats", "/tmp")):
+        result = run(*args)
+        assert result.returncode != 0 and "Traceback" not in result.stderr, (args, result.stderr)
+        assert result.stderr.strip().splitlines()[-1].startswith("Error:"), (args, result.stderr)
+
+
+def test_watch_without_the_nbd_driver_is_one_line() -> None:
+    result = run("watch")
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines() == [
+        "Error: the kernel has no nbd driver: load it with 'modprobe nbd' "
+        "(a kernel built with CONFIG_BLK_DEV_NBD is needed)"], result.stderr
