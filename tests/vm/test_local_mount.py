@@ -211,7 +211,7 @@ def test_reattach_refuses_a_replaced_image(sample: tuple[Path, dict[str, str]], 
     time.sleep(1)
     assert reader.poll() is None, "the read must stay blocked, not be served other bytes"
     assert daemon_pids() == []
-    assert len(records()) == 3  # record, lock, log: kept for a later reattach
+    assert len(records()) == 4  # record, lock, log, control socket: kept for a later reattach
     # give up on the device: the blocked read fails instead of returning wrong bytes
     from erofs_mount_core._nbd.netlink import NBDNetlink
 
@@ -228,7 +228,7 @@ def test_umount_leaves_nothing_behind(sample: tuple[Path, dict[str, str]], mount
     image, _ = sample
     device = mount(image, mountpoint)
     assert connected_devices() == [int(device.removeprefix("/dev/nbd"))]
-    assert len(daemon_pids()) == 1 and len(records()) == 3
+    assert len(daemon_pids()) == 1 and len(records()) == 4  # record, lock, log, control socket
     cli("umount", str(mountpoint))
     assert_clean()
     assert not os.path.ismount(mountpoint)
