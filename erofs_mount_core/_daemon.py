@@ -121,8 +121,11 @@ class Daemon:
         self.index = index
         record = attrs.evolve(record, daemon_pid=os.getpid(), device=attrs.evolve(record.device, index=index))
         self.store.write(self.record_path, record)
-        ControlServer(self.record_path, stats=self.snapshot, hand_over=self.hand_over,
-                      resume=self.resume, handed=self._handed)
+        try:
+            ControlServer(self.record_path, stats=self.snapshot, hand_over=self.hand_over,
+                          resume=self.resume, handed=self._handed)
+        except OSError as exc:  # serving matters more: only stats and restart will not reach this daemon
+            log.warning("no control socket (%s): stats and restart cannot reach this daemon", exc)
         log.info("serving nbd%d from %s:%s (%s)", index, record.source.scheme,
                  record.source.location, source.describe())
         self.ready.ready(index)
