@@ -421,3 +421,7 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
 
 def main() -> None:
     cli(prog_name="erofs-mount")
+
+
+if __name__ == "__main__":  # ``watch`` runs ``restart`` this way, with the interpreter it runs on
+    main()

@@ -82,7 +82,7 @@ class ControlServer:
             with conn:
                 try:
                     conn.settimeout(ASK_TIMEOUT)
-                    if _peer_uid(conn) != os.geteuid():
+                    if peer_uid(conn) != os.geteuid():
                         continue
                     request = _read_line(conn)
                     if request.get("op") == "stats":
@@ -116,7 +116,8 @@ class ControlServer:
         return True
 
 
-def _peer_uid(conn: socket.socket) -> int:
+def peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end (SO_PEERCRED): the kernel's word, not the peer's."""
     _pid, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
     return uid
 

@@ -12,6 +12,10 @@ the read path.
 
     python -m erofs_mount_core._daemon {connect|reattach} RECORD --ready-fd N --lock-fd N
     python -m erofs_mount_core._daemon take-over RECORD --ready-fd N
+    python -m erofs_mount_core._daemon MODE RECORD --channel PATH     (a systemd service)
+
+As a systemd service (``_systemd``) it says READY=1 once it serves, and
+pings the watchdog while no request has been stuck for ``STUCK_REQUEST``.
 
 ``take-over`` is ``restart``'s: the new daemon takes the device's
 connections and lock from the running one through its control socket
@@ -38,6 +42,7 @@ import attrs
 from . import _daemon_protocol as protocol
 from . import _logging
 from . import _record as rec
+from . import _systemd as systemd
 from ._control import ControlServer, take_over
 from ._errors import DeviceStateError, ErofsMountError, KernelError
 from ._filters import Retrying
@@ -65,8 +70,10 @@ SocketPair = tuple[socket.socket, socket.socket]
 
 
 class Daemon:
-    def __init__(self, record_path: Path, ready: protocol.ReadyPipe, host: PluginHost | None = None) -> None:
+    def __init__(self, record_path: Path, ready: protocol.ReadyPipe, host: PluginHost | None = None,
+                 service: systemd.Service | None = None) -> None:
         self.record_path = record_path
+        self.service = service or systemd.Service()
         self.host = host
         self.backend = str(record_path)
         self.ready = ready
@@ -128,10 +135,15 @@ class Daemon:
             log.warning("no control socket (%s): stats and restart cannot reach this daemon", exc)
         log.info("serving nbd%d from %s:%s (%s)", index, record.source.scheme,
                  record.source.location, source.describe())
+        self.service.notify("READY=1", f"STATUS=serving nbd{index}", f"MAINPID={os.getpid()}")
+        if self.service.watchdog:
+            threading.Thread(target=self._watchdog, args=(self.service.watchdog / 2,), name="watchdog",
+                             daemon=True).start()
         self.ready.ready(index)
         self.finished.wait()
         if self.handed_over:
             log.info("nbd%d handed over to a new daemon; this one exits", index)
+            self.service.notify("STOPPING=1")
             return 0
         link.wait()
         source.close()
@@ -175,10 +187,27 @@ class Daemon:
         self.threads.append(t)
         self.sockets.append(sock)
 
+    def _watchdog(self, every: float) -> None:
+        """Ping systemd's watchdog while serving is healthy; a stuck request stops the pings, once logged."""
+        stuck_said = False
+        while not self.finished.wait(every):
+            stuck = self.stuck()
+            if not stuck:
+                self.service.notify("WATCHDOG=1")
+            elif not stuck_said:
+                log.error("%d request(s) stuck for more than %.0f s: no watchdog ping, systemd will end this daemon",
+                          stuck, systemd.STUCK_REQUEST)
+            stuck_said = bool(stuck)
+
+    def stuck(self) -> int:
+        """How many connections have been inside one request for more than ``STUCK_REQUEST``."""
+        since = time.monotonic_ns() - int(systemd.STUCK_REQUEST * 1e9)
+        return sum(1 for c in self.stats.connections if 0 < c.started < since)
+
     def snapshot(self) -> dict[str, object]:
         assert self.source is not None
         return {"pid": os.getpid(), "device": f"nbd{self.index}", "connections": self._live,
-                **self.stats.snapshot(self.source.counters())}
+                "unit": systemd.unit_of_this_process(), **self.stats.snapshot(self.source.counters())}
 
     # -- hot upgrade: the connections go to a new daemon (``_control``) --
 
@@ -285,26 +314,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="erofs-mount-daemon")
     parser.add_argument("mode", choices=protocol.MODES)
     parser.add_argument("record", type=Path)
-    parser.add_argument("--ready-fd", type=int, required=True)
+    parser.add_argument("--ready-fd", type=int)
     parser.add_argument("--lock-fd", type=int, help="the record's lock, held (not for take-over: it comes "
                         "from the daemon handing the device over)")
+    parser.add_argument("--channel", type=Path, help="a systemd service's start: the socket that gives the "
+                        "environment and the lock and takes the ready line")
     args = parser.parse_args(argv)
-    protocol.receive_environment(sys.stdin.buffer)  # before any plugin loads: they may read it
-    return serve(args.mode, args.record, args.ready_fd, args.lock_fd)
+    service = systemd.Service()  # systemd's variables, before the caller's are taken in
+    # the caller's environment comes before any plugin loads: they may read it
+    if args.channel is not None:
+        try:
+            ready_fd, lock_fd = protocol.receive_start(args.channel)
+        except ErofsMountError as exc:
+            print(f"erofs-mountd: {exc}", file=sys.stderr)
+            return exc.exit_code
+    elif args.ready_fd is not None:
+        protocol.receive_environment(sys.stdin.buffer.read())
+        ready_fd, lock_fd = args.ready_fd, args.lock_fd
+    else:
+        parser.error("--ready-fd or --channel is needed")
+    return serve(args.mode, args.record, ready_fd, lock_fd, service=service)
 
 
-def serve(mode: str, record_path: Path, ready_fd: int, lock_fd: int | None, host: PluginHost | None = None) -> int:
+def serve(mode: str, record_path: Path, ready_fd: int, lock_fd: int | None, host: PluginHost | None = None,
+          service: systemd.Service | None = None) -> int:
     """The daemon's life, in a new process or in a fork of ``watch`` (with its plugins loaded: ``host``)."""
-    _logging.configure(sys.stderr, "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
-                       limit=_logging.LOG_LIMIT)  # stderr is the record's .log file
+    service = service or systemd.Service()
+    if service.journal:  # systemd keeps time, pid and bounds
+        _logging.configure(sys.stderr, "%(levelname)s %(name)s: %(message)s", journal=True)
+    else:  # stderr is the record's .log file
+        _logging.configure(sys.stderr, "%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s",
+                           limit=_logging.LOG_LIMIT)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _harden()
-    daemon = Daemon(record_path, protocol.ReadyPipe(ready_fd), host)
+    daemon = Daemon(record_path, protocol.ReadyPipe(ready_fd), host, service)
     try:
         if lock_fd is not None:
             protocol.check_lock(lock_fd, record_path)  # held until this process ends
         elif mode != "take-over":
-            raise KernelError("daemon started without --lock-fd")
+            raise KernelError("daemon started without its lock")
         return daemon.run(mode, lock_fd)
     except ErofsMountError as exc:
         return daemon.fail(exc)

@@ -7,7 +7,11 @@ Both sides live here, so they cannot drift apart:
   whatever its pid; ``daemon_alive`` is the probe.
 - ``spawn``: the command's side. Starts ``python -I -m erofs_mount_core._daemon``
   in its own session, in ``/``, with the lock and the write end of the ready
-  pipe, and waits for its one line.
+  pipe, and waits for its one line. When systemd runs the machine, the
+  daemon is started by systemd instead, as a transient service of its own
+  (``_systemd``), so it inherits nothing: it connects to a channel socket
+  the command made beside the record, and receives the environment and the
+  lock there (SCM_RIGHTS); its one line comes back on the same socket.
 - the environment: the daemon is executed with a fixed, minimal one (a
   system ``PATH``, the locale) and receives the caller's variables, which a
   source may need (credentials named in its record, proxies, CA files),
@@ -28,17 +32,20 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import attrs
 
 from . import _errors as errors
 from . import _record as rec
+from . import _systemd as systemd
+from ._control import peer_uid
 
 READY = "READY"
 ERROR = "ERROR"
@@ -48,6 +55,8 @@ DAEMON_MODULE = "erofs_mount_core._daemon"
 READY_TIMEOUT = 120.0
 #: the daemon's PATH, whoever started it: root runs no program from a directory the caller chose
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: the most a daemon reads from its channel: the caller's environment
+MAX_START = 1 << 20
 
 
 # -- the lock ----------------------------------------------------------------------
@@ -164,7 +173,7 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: Forked) -> int:
     os.close(ready_w)
     os.close(logf)
     os.waitpid(child, 0)
-    return _answer(ready_r, record_path)
+    return _answer(ready_r, _Forked(record_path))
 
 
 def _become_daemon(logf: int, hidden_fds: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
@@ -193,6 +202,9 @@ def spawn_taker(record_path: Path) -> int:
 
 
 def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
+    run = systemd.systemd_run(SYSTEM_PATH)
+    if run is not None:
+        return _start_service(run, mode, record_path, lock_fd)
     ready_r, ready_w = os.pipe()
     lock_args, fds = (["--lock-fd", str(lock_fd)], (ready_w, lock_fd)) if lock_fd is not None else ([], (ready_w,))
     logf = os.open(rec.log_path(record_path),
@@ -201,8 +213,7 @@ def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
         # -I: no PYTHON* variables, no user site, and not the caller's directory on sys.path; cwd /:
         # nothing where root happens to run mount or reattach is imported by the daemon
         proc = subprocess.Popen(
-            [sys.executable, "-I", "-m", DAEMON_MODULE, mode, str(record_path),
-             "--ready-fd", str(ready_w), *lock_args],
+            [*_daemon_command(mode, record_path), "--ready-fd", str(ready_w), *lock_args],
             stdin=subprocess.PIPE, stdout=logf, stderr=logf, cwd="/", env=exec_environment(),
             pass_fds=fds, start_new_session=True, close_fds=True,
         )
@@ -215,26 +226,127 @@ def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
         proc.stdin.close()
     except BrokenPipeError:  # it died at once: its line (or its silence) says why
         pass
-    return _answer(ready_r, record_path, proc)
+    return _answer(ready_r, _Child(record_path, proc))
 
 
-def _answer(ready_r: int, record_path: Path, proc: subprocess.Popen[bytes] | None = None) -> int:
-    """The index the daemon's line reports, or its error raised; a silent daemon ``proc`` is ended."""
+def _daemon_command(mode: str, record_path: Path) -> list[str]:
+    return [sys.executable, "-I", "-m", DAEMON_MODULE, mode, str(record_path)]
+
+
+def _start_service(run: str, mode: str, record_path: Path, lock_fd: int | None) -> int:
+    """The daemon as a transient service: what a child inherits, it receives on the channel."""
+    unit = systemd.unit_name(record_path)
+    channel = record_path.with_name(unit.removeprefix(systemd.UNIT_PREFIX).removesuffix(".service") + ".start")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        listener.bind(str(channel))  # in the run directory: root's alone
+        listener.listen(1)
+        command = systemd.run_command(run, unit, f"erofs-mount daemon for {record_path}", exec_environment(),
+                                      [*_daemon_command(mode, record_path), "--channel", str(channel)],
+                                      start_timeout=READY_TIMEOUT + 10)
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, cwd="/", env=exec_environment(), start_new_session=True)
+        conn = _daemon_calls(listener, proc, unit)
+    finally:
+        listener.close()
+        channel.unlink(missing_ok=True)
+    payload = json.dumps(passed_environment()).encode()
+    try:
+        sent = socket.send_fds(conn, [payload], [lock_fd] if lock_fd is not None else [])
+        conn.sendall(payload[sent:])
+        conn.shutdown(socket.SHUT_WR)
+    except OSError:  # it left at once: its line (or its silence) says why
+        pass
+    return _answer(conn.detach(), _Service(unit, proc))
+
+
+def _daemon_calls(listener: socket.socket, run: subprocess.Popen[bytes], unit: str) -> socket.socket:
+    """The daemon's connection to the channel; KernelError if its service ends or never calls."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while time.monotonic() < deadline:
+        if select.select([listener], [], [], 0.1)[0]:
+            conn, _ = listener.accept()
+            if peer_uid(conn) == os.geteuid():
+                return conn
+            conn.close()
+        elif run.poll() is not None:  # systemd-run ended before the daemon called: no service started
+            assert run.stderr is not None
+            said = run.stderr.read().decode(errors="replace").strip().splitlines()
+            reason = said[-1] if said else f"systemd-run exit status {run.returncode}"
+            raise errors.KernelError(f"systemd did not start the daemon's service {unit}: {reason}")
+    _Service(unit, run).stop()
+    raise errors.KernelError(f"the daemon's service {unit} did not start within {READY_TIMEOUT:.0f} s")
+
+
+@attrs.frozen
+class _Forked:
+    record_path: Path
+
+    def where(self) -> str:
+        return str(rec.log_path(self.record_path))
+
+    def settled(self) -> None:
+        pass
+
+    def failed(self, silent: bool) -> str:
+        """After its error line (or none): the daemon is gone when this returns; its exit status."""
+        return ""
+
+
+@attrs.frozen
+class _Child(_Forked):
+    proc: subprocess.Popen[bytes]
+
+    def failed(self, silent: bool) -> str:
+        if silent and self.proc.poll() is None:
+            self.proc.kill()
+        return f" (status {self.proc.wait()})"
+
+
+@attrs.frozen
+class _Service:
+    unit: str
+    run: subprocess.Popen[bytes]
+
+    def where(self) -> str:
+        return f"journalctl -u {self.unit}"
+
+    def settled(self) -> None:
+        """systemd-run returns once systemd has the daemon's READY=1, or the service has failed."""
+        try:
+            self.run.wait(READY_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.run.kill()
+
+    def failed(self, silent: bool) -> str:
+        if silent:
+            self.stop()
+        else:
+            self.settled()
+        return ""
+
+    def stop(self) -> None:
+        self.run.kill()
+        self.run.wait()
+        systemctl = Path(self.run.args[0]).with_name("systemctl")  # beside systemd-run, in the system PATH
+        subprocess.run([str(systemctl), "kill", "--signal=SIGKILL", self.unit],
+                       capture_output=True, timeout=30, check=False)
+
+
+def _answer(ready_r: int, daemon: _Forked | _Service) -> int:
+    """The index the daemon's line reports, or its error raised; a silent daemon is ended."""
     try:
         line = _read_line(ready_r, READY_TIMEOUT)
     finally:
         os.close(ready_r)
     word, _, rest = line.partition(" ")
     if word == READY:
+        daemon.settled()
         return int(rest)
-    status = ""
-    if proc is not None:
-        if proc.poll() is None and not line:
-            proc.kill()
-        status = f" (status {proc.wait()})"
+    status = daemon.failed(silent=not line)
     if word == ERROR:
         raise decode_error(rest)
-    raise errors.KernelError(f"the serving daemon exited without a word{status}; see {rec.log_path(record_path)}")
+    raise errors.KernelError(f"the serving daemon exited without a word{status}; see {daemon.where()}")
 
 
 def exec_environment() -> dict[str, str]:
@@ -246,21 +358,50 @@ def exec_environment() -> dict[str, str]:
     return env
 
 
+def _passes(name: str) -> bool:
+    """Not PATH, LD_* or PYTHON* (they change what runs), nor what systemd told the caller's own service."""
+    return name != "PATH" and not name.startswith(("LD_", "PYTHON")) and name not in systemd.SERVICE_VARIABLES
+
+
 def passed_environment() -> dict[str, str]:
-    """The caller's variables that reach the daemon's memory (``os.environ``) through its stdin."""
-    return {k: v for k, v in os.environ.items()
-            if k != "PATH" and not k.startswith(("LD_", "PYTHON"))}
+    """The caller's variables that reach the daemon's memory (``os.environ``) through its stdin or channel."""
+    return {k: v for k, v in os.environ.items() if _passes(k)}
 
 
-def receive_environment(stream: BinaryIO) -> None:
+def receive_environment(data: bytes) -> None:
     """The daemon's side: take the caller's variables into ``os.environ``, not into /proc/PID/environ."""
     try:
-        passed = json.loads(stream.read() or b"{}")
+        passed = json.loads(data or b"{}")
     except ValueError:
         return
     if isinstance(passed, dict):
-        os.environ.update({k: v for k, v in passed.items() if isinstance(k, str) and isinstance(v, str)
-                           and k != "PATH" and not k.startswith(("LD_", "PYTHON"))})
+        os.environ.update({k: v for k, v in passed.items()
+                           if isinstance(k, str) and isinstance(v, str) and _passes(k)})
+
+
+def receive_start(channel: Path) -> tuple[int, int | None]:
+    """A service daemon's start: the caller's environment and the lock from ``channel``.
+
+    Returns the descriptor for the daemon's line (the same connection) and the lock's, if one came.
+    """
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        conn.settimeout(READY_TIMEOUT)
+        conn.connect(str(channel))
+        if peer_uid(conn) != os.geteuid():
+            raise OSError(f"{channel} is not held by our uid")
+        data, fds, _flags, _addr = socket.recv_fds(conn, MAX_START, 1, socket.MSG_CMSG_CLOEXEC)
+        while data and len(data) <= MAX_START:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as exc:
+        conn.close()
+        raise errors.KernelError(f"daemon started without its channel {channel}: {exc}") from None
+    receive_environment(data[:MAX_START])
+    conn.settimeout(None)
+    return conn.detach(), (fds[0] if fds else None)
 
 
 def _read_line(fd: int, timeout: float) -> str:

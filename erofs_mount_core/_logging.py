@@ -4,7 +4,9 @@ A daemon runs for days on a device's life, with its log on tmpfs. So:
 libraries (an HTTP client logs every request at INFO) speak only from
 WARNING; query strings, where signed URLs carry signatures and session
 tokens, are cut from every line; and the daemon's log file is truncated
-when it passes ``LOG_LIMIT``, with a line saying so.
+when it passes ``LOG_LIMIT``, with a line saying so. Under systemd the
+daemon's stderr is the journal, which keeps time and bounds itself: lines
+carry their priority instead.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import logging
 import os
 import re
 from typing import TextIO
+
+from ._systemd import journal_prefix
 
 #: the loggers of erofs-mount and its plugins ("erofs_mount.daemon", "erofs_mount.PLUGIN", ...)
 OUR_LOGGERS = "erofs_mount"
@@ -28,6 +32,13 @@ def redact(text: str) -> str:
 class _Redacting(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         return redact(super().format(record))
+
+
+class _Journal(_Redacting):
+    """For a daemon whose stderr is the journal: each line starts with its priority (``<3>``, ...)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return journal_prefix(record.levelno) + super().format(record)
 
 
 class _BoundedFile(logging.StreamHandler):  # type: ignore[type-arg]
@@ -49,9 +60,10 @@ class _BoundedFile(logging.StreamHandler):  # type: ignore[type-arg]
         super().emit(record)
 
 
-def configure(stream: TextIO, fmt: str, *, level: int = logging.INFO, limit: int | None = None) -> None:
+def configure(stream: TextIO, fmt: str, *, level: int = logging.INFO, limit: int | None = None,
+              journal: bool = False) -> None:
     handler = _BoundedFile(stream, limit) if limit else logging.StreamHandler(stream)
-    handler.setFormatter(_Redacting(fmt))
+    handler.setFormatter(_Journal(fmt) if journal else _Redacting(fmt))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -76,6 +76,8 @@ class ConnectionStats:
         self.counts = [0] * (len(COMMANDS) + 2)
         self.latency = [0] * (len(LATENCY_BOUNDS) + 1)
         self.latency_ns = 0
+        #: when the request being served started (monotonic ns); 0 between requests (the watchdog looks)
+        self.started = 0
         self._device = device
 
     def took(self, ns: int) -> None:

@@ -3,7 +3,10 @@
 The kernel multicasts NBD_CMD_LINK_DEAD as it sees a device's connection
 end (``_nbd.events``); ``watch`` then reattaches that device at once, with a
 daemon forked from itself (its code and plugins are loaded already, so no
-interpreter has to start). A device whose reattach fails is tried again on
+interpreter has to start). When systemd runs the machine, where every
+daemon has a service of its own (``_systemd``), the held reads are served
+first by that fork, and then ``restart`` hands the device, in the
+background, to a daemon in a service of its own. A device whose reattach fails is tried again on
 the same back-off as ``reattach --all`` (10 s, 20 s... 10 minutes; the state
 is shared, so the timer unit and ``watch`` agree), with one log line per
 attempt. Every ``SWEEP_EVERY`` seconds, and whenever events were lost, it
@@ -14,10 +17,13 @@ from __future__ import annotations
 
 import logging
 import select
+import subprocess
+import sys
 import time
 
 from . import _lifecycle as lifecycle
-from ._daemon_protocol import Forked, daemon_alive, spawn
+from . import _systemd as systemd
+from ._daemon_protocol import SYSTEM_PATH, Forked, daemon_alive, exec_environment, passed_environment, spawn
 from ._nbd import sysfs
 from ._nbd.events import LinkDeadEvents, Overrun
 from ._plugins import PluginHost
@@ -29,6 +35,8 @@ SWEEP_EVERY = 30.0
 #: a killed daemon's connections end a moment before its lock is free: how long a held lock may still be its
 EXIT_GRACE = 2.0
 EXIT_POLL = 0.05
+#: how often a device's move into a service of its own is looked at
+MOVE_POLL = 0.5
 
 
 class Watcher:
@@ -37,7 +45,10 @@ class Watcher:
     def __init__(self, events: LinkDeadEvents) -> None:
         self.events = events
         self.clock = time.monotonic
-        self.forked = Forked(PluginHost(), hidden_fds=(events.fileno(),))
+        self.host = PluginHost()
+        self.forked = Forked(self.host, hidden_fds=(events.fileno(),))
+        self.in_services = systemd.systemd_run(SYSTEM_PATH) is not None
+        self.moving: dict[int, subprocess.Popen[bytes]] = {}  # device index -> its ``restart`` into a service
         self.due: dict[int, float] = {}  # device index -> when to look at it next
         self.dying: dict[int, float] = {}  # device index -> until when its daemon may still be exiting
         self.died: dict[int, float] = {}  # device index -> when its connection died
@@ -48,9 +59,10 @@ class Watcher:
             now = self.clock()
             if now >= self.next_sweep:
                 self.sweep(now)
-            wake = min([self.next_sweep, *self.due.values()])
+            wake = min([self.next_sweep, *self.due.values(), *([now + MOVE_POLL] if self.moving else [])])
             if select.select([self.events], [], [], max(0.0, wake - now))[0]:
                 self.heard(self.clock())
+            self.moved()
             now = self.clock()
             for index in [i for i, t in self.due.items() if t <= now]:
                 del self.due[index]
@@ -89,7 +101,7 @@ class Watcher:
             return
         outcome = lifecycle.reattach_when_due(
             index, path, now=time.time(), start=lambda p: spawn("reattach", p, forked=self.forked),
-            host=self.forked.host)
+            host=self.host)
         if outcome.error is not None:
             log.error("nbd%d: reattach failed: %s; next attempt in %.0f s", index, outcome.error, outcome.due_in)
         elif outcome.due_in is not None:
@@ -99,9 +111,32 @@ class Watcher:
             took = f" {self.clock() - since:.2f} s after its connection died" if since is not None else ""
             log.info("nbd%d: reattached%s", index, took)
             self._forget(index)
+            if self.in_services:
+                self.move(index)
             return
         self.due[index] = now + (outcome.due_in or lifecycle.RETRY_FIRST)
         self.dying.pop(index, None)
+
+    def move(self, index: int) -> None:
+        """Hand the device from the daemon forked here to one in a service of its own (``restart``)."""
+        self.moving[index] = subprocess.Popen(
+            [sys.executable, "-I", "-m", "erofs_mount_core._cli", "restart", f"/dev/nbd{index}"],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/",
+            env={**passed_environment(), **exec_environment()}, start_new_session=True)
+
+    def moved(self) -> None:
+        for index, proc in list(self.moving.items()):
+            if proc.poll() is None:
+                continue
+            del self.moving[index]
+            assert proc.stderr is not None
+            said = proc.stderr.read().decode(errors="replace").strip().splitlines()
+            proc.stderr.close()
+            if proc.returncode == 0:
+                log.info("nbd%d: moved to a daemon in a service of its own", index)
+            else:
+                log.warning("nbd%d: stays with the daemon forked here: %s", index,
+                            said[-1] if said else f"restart exit status {proc.returncode}")
 
     def _forget(self, index: int) -> None:
         self.dying.pop(index, None)

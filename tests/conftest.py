@@ -10,7 +10,10 @@ Every kernel test runs on Debian's stock kernel (6.1). Tests marked
 ``kernel(newer=True)`` also run on a newer one (6.12, whose nbd driver
 changed), in a second guest, as stand-ins named ``test_x@6.12``; those
 marked ``kernel(newer="only")`` run there alone (what they test does not
-differ between kernels, and the stock guest is the longer run). The guests
+differ between kernels, and the stock guest is the longer run). Tests
+marked ``kernel(systemd=True)`` run in a guest of the stock kernel that
+boots systemd as PID 1 (``vm-run --systemd``), named ``test_x@systemd``,
+after the stock guest, on its CPUs (two lanes of guests, side by side). The guests
 run side by side, each on its share of the host's CPUs.
 
 ``--skip-kernel`` (or EROFS_MOUNT_SKIP_KERNEL_TESTS=1) skips them, saying so;
@@ -39,6 +42,10 @@ GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "2700"))
 #: the newer kernel series; tests/vm/kernel-pkg names its current Debian package
 NEWER_KERNEL = "6.12"
 STOCK_KERNEL = ""  # vm-run's default: Debian's linux-image-amd64
+#: the guest of the stock kernel with systemd as PID 1
+SYSTEMD_GUEST = "systemd"
+#: guests that run one after the other, on the same share of the CPUs
+LANES = ((STOCK_KERNEL, SYSTEMD_GUEST), (NEWER_KERNEL,))
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -56,6 +63,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if marker is None:
             stand_ins.append(item)
             continue
+        if marker.kwargs.get("systemd"):
+            newer.append(GuestItem.from_parent(item.parent, name=f"{item.name}@{SYSTEMD_GUEST}",
+                                               nodeid_in_guest=item.nodeid, kernel=SYSTEMD_GUEST))
+            continue
         if marker.kwargs.get("newer") != "only":
             stand_ins.append(GuestItem.from_parent(item.parent, name=item.name, nodeid_in_guest=item.nodeid,
                                                    kernel=STOCK_KERNEL))
@@ -68,23 +79,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 class GuestRun:
     """One guest boot running every selected kernel test for one kernel series."""
 
-    def __init__(self, kernel: str) -> None:
-        self.kernel = kernel
-        self.log = ROOT / f".guest-pytest-{kernel}.log" if kernel else GUEST_LOG
+    def __init__(self, key: str) -> None:
+        self.key = key
+        self.systemd = key == SYSTEMD_GUEST
+        self.kernel = STOCK_KERNEL if self.systemd else key
+        self.log = ROOT / f".guest-pytest-{key}.log" if key else GUEST_LOG
         self.results: dict[str, dict[str, object]] | None = None
         self.error: str | None = None
         self.output = ""
         self.seconds = 0.0
-        self.thread: threading.Thread | None = None
-
-    def start(self, nodeids: list[str], cpus: int) -> None:
-        self.thread = threading.Thread(target=self.run, args=(nodeids, cpus), name=f"guest {self.kernel or 'stock'}",
-                                       daemon=True)
-        self.thread.start()
+        self.started = False
+        self.done = threading.Event()
 
     def wait(self) -> None:
-        if self.thread is not None:
-            self.thread.join()
+        self.done.wait()
 
     def run(self, nodeids: list[str], cpus: int) -> None:
         report = self.log.with_name(self.log.name + ".report.json")
@@ -97,7 +105,8 @@ class GuestRun:
                 self.error = f"the test VM did not start: {pkg.stderr.strip()}"
                 return
             env["VMTEST_KERNEL_PKG"] = pkg.stdout.strip()
-        cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--cpus", str(cpus), "--",
+        cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--cpus", str(cpus),
+               *(["--systemd"] if self.systemd else []), "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEsP",
                "--durations=5", *nodeids]  # -rP: what passed tests measured and printed
         start = time.monotonic()
@@ -173,17 +182,31 @@ _GUESTS_KEY = pytest.StashKey[dict[str, GuestRun]]()
 
 
 def _start_guests(session: pytest.Session) -> None:
-    """Boot every kernel's guest at once (the first time a stand-in runs), each with its share of the CPUs."""
-    kernels = list(dict.fromkeys(i.kernel for i in session.items if isinstance(i, GuestItem)))
-    guests = [_guest(session.config, kernel) for kernel in kernels]
-    if any(g.thread is not None for g in guests):
+    """Boot the guests (the first time a stand-in runs): a lane's one after another, the lanes at once,
+    each lane with its share of the CPUs."""
+    keys = list(dict.fromkeys(i.kernel for i in session.items if isinstance(i, GuestItem)))
+    guests = [_guest(session.config, key) for key in keys]
+    if any(g.started for g in guests):
         return
+    lanes = [[_guest(session.config, k) for k in lane if k in keys] for lane in LANES]
+    lanes = [lane for lane in lanes if lane]
     # the host's CPUs divided between them: emulated CPUs beyond the host's slow every guest down
     # (measured: two guests of two CPUs each on two cores took half as long again as one CPU each)
-    cpus = max(1, (os.cpu_count() or 1) // len(guests))
-    for guest in guests:
-        guest.start([i.nodeid_in_guest for i in session.items
-                     if isinstance(i, GuestItem) and i.kernel == guest.kernel], cpus)
+    cpus = max(1, (os.cpu_count() or 1) // len(lanes))
+
+    def run(lane: list[GuestRun]) -> None:
+        for guest in lane:
+            try:
+                guest.run([i.nodeid_in_guest for i in session.items
+                           if isinstance(i, GuestItem) and i.kernel == guest.key], cpus)
+            finally:
+                guest.done.set()
+
+    for lane in lanes:
+        for guest in lane:
+            guest.started = True
+        threading.Thread(target=run, args=(lane,), name=f"guests {'+'.join(g.key or 'stock' for g in lane)}",
+                         daemon=True).start()
 
 
 def _guest(config: pytest.Config, kernel: str) -> GuestRun:

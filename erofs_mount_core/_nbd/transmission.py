@@ -137,11 +137,12 @@ def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel", stats: Co
         while True:
             if stopping():
                 return HANDED_OVER
+            stats.started = 0
             try:
                 got = recv_into(header)
             except BlockingIOError:  # no request within the receive timeout: look at ``stop`` again
                 continue
-            started = clock()
+            started = stats.started = clock()
             if got != request_size:
                 if got == 0:
                     return "closed"

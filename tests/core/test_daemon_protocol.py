@@ -145,7 +145,6 @@ def test_the_plugin_host_ignores_the_working_directory(tmp_path: Path) -> None:
 
 
 def test_the_daemon_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    import io
 
     monkeypatch.setenv("PATH", "/home/user/bin:/usr/bin")
     monkeypatch.setenv("LD_PRELOAD", "/tmp/evil.so")
@@ -158,6 +157,6 @@ def test_the_daemon_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert passed["EROFS_MOUNT_OCI_PASSWORD"] == "s3cret"
     assert not {"PATH", "LD_PRELOAD", "PYTHONPATH"} & set(passed)
     monkeypatch.delenv("EROFS_MOUNT_OCI_PASSWORD")
-    protocol.receive_environment(io.BytesIO(json.dumps({**passed, "LD_AUDIT": "x", "PATH": "/tmp"}).encode()))
+    protocol.receive_environment(json.dumps({**passed, "LD_AUDIT": "x", "PATH": "/tmp"}).encode())
     assert os.environ["EROFS_MOUNT_OCI_PASSWORD"] == "s3cret"
     assert "LD_AUDIT" not in os.environ and os.environ["PATH"] == "/home/user/bin:/usr/bin"
