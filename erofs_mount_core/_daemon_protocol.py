@@ -270,8 +270,7 @@ def _daemon_calls(listener: socket.socket, run: subprocess.Popen[bytes], unit: s
                 return conn
             conn.close()
         elif run.poll() is not None:  # systemd-run ended before the daemon called: no service started
-            assert run.stderr is not None
-            said = run.stderr.read().decode(errors="replace").strip().splitlines()
+            said = run.communicate()[1].decode(errors="replace").strip().splitlines()
             reason = said[-1] if said else f"systemd-run exit status {run.returncode}"
             raise errors.KernelError(f"systemd did not start the daemon's service {unit}: {reason}")
     _Service(unit, run).stop()
@@ -314,9 +313,10 @@ class _Service:
     def settled(self) -> None:
         """systemd-run returns once systemd has the daemon's READY=1, or the service has failed."""
         try:
-            self.run.wait(READY_TIMEOUT)
+            self.run.communicate(timeout=READY_TIMEOUT)
         except subprocess.TimeoutExpired:
             self.run.kill()
+            self.run.communicate()
 
     def failed(self, silent: bool) -> str:
         if silent:
@@ -327,7 +327,7 @@ class _Service:
 
     def stop(self) -> None:
         self.run.kill()
-        self.run.wait()
+        self.run.communicate()
         systemctl = Path(self.run.args[0]).with_name("systemctl")  # beside systemd-run, in the system PATH
         subprocess.run([str(systemctl), "kill", "--signal=SIGKILL", self.unit],
                        capture_output=True, timeout=30, check=False)
