@@ -29,7 +29,8 @@ def test_service_runs_reattach_all() -> None:
 
 
 def test_watch_service_outlives_nothing_it_started() -> None:
-    """The daemons watch forks live in its cgroup until they hand over: stopping or restarting it must leave them serving."""
+    """The daemons watch forks live in its cgroup until they hand over: stopping or restarting it must leave
+    them serving."""
     service = (UNITS / "erofs-mount-watch.service").read_text()
     assert "ExecStart=/usr/local/bin/erofs-mount watch" in service
     assert "KillMode=process" in service and "Restart=always" in service

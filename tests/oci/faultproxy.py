@@ -28,6 +28,7 @@ class FaultProxy:
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self.ranges: list[str | None] = []  # the Range header of each blob GET
+        self.authorization: list[str | None] = []  # the Authorization header of each request
         self.storage_auth: list[str | None] = []
         self.flooded: list[int] = []  # bytes each "flood" answer got out before the client hung up
         self._lock = threading.Lock()
@@ -87,6 +88,7 @@ class FaultProxy:
                 kind = "blob" if "/blobs/" in self.path else "manifest" if "/manifests/" in self.path else "other"
                 fault = proxy._take(kind) if method == "GET" else None
                 proxy.log.append((method, self.path, fault or "pass"))
+                proxy.authorization.append(self.headers.get("Authorization"))
                 if kind == "blob" and method == "GET":
                     proxy.ranges.append(self.headers.get("Range"))
                 headers = dict(self.headers.items())

@@ -98,7 +98,10 @@ class Registry:
     """docker-registry on 127.0.0.1 with no auth, htpasswd Basic auth, or token auth."""
 
     def __init__(self, root: Path, *, auth: str = "none", users: dict[str, str] | None = None,
-                 token_server: TokenServer | None = None, tls: tuple[Path, Path] | None = None) -> None:
+                 token_server: TokenServer | None = None, tls: tuple[Path, Path] | None = None,
+                 mirror_of: Registry | None = None) -> None:
+        """``mirror_of``: a pull-through cache of that registry (its ``proxy.remoteurl`` mode), which
+        reaches it with its first user's credentials."""
         self.root = root
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -112,6 +115,12 @@ class Registry:
             f"http: {{addr: '{self.host}'}}" if tls is None else
             f"http: {{addr: '{self.host}', tls: {{certificate: {tls[0]}, key: {tls[1]}}}}}",
         ]
+        if mirror_of is not None:
+            remote = f"remoteurl: '{mirror_of.scheme}://{mirror_of.host}'"
+            if mirror_of.users:
+                user, password = next(iter(mirror_of.users.items()))
+                remote += f", username: '{user}', password: '{password.replace(chr(39), chr(39) * 2)}'"
+            config.append(f"proxy: {{{remote}}}")
         self.scheme = "http" if tls is None else "https"
         self.tls_cert = tls[0] if tls else None
         if auth == "htpasswd":

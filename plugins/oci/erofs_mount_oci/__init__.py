@@ -23,6 +23,9 @@ Options (``-o key=value``, comma-separated or repeated):
                          (default: the whole image, or the first layer whose media type says erofs)
     platform=OS/ARCH[/VARIANT]   which image of a multi-platform index (default: this host's)
     insecure             plain HTTP (registries on loopback or a trusted network)
+    hosts-dir=PATH       containerd's hosts directory: mirrors and peer caches to read through, in the
+                         order of <PATH>/<registry>/hosts.toml (default /etc/containerd/certs.d when it
+                         exists; none: the registry alone)
     ca=PATH              CA bundle for the registry's TLS certificate
     credentials=SOURCE   anonymous | env[:USER_VAR:PASS_VAR] | docker-config[:PATH] | auto (default)
     verify=MODE          (EROFS layers) lazy (default): reads are served as the registry sends them, and the
@@ -65,6 +68,7 @@ class Options:
     insecure: bool = False
     ca: str | None = None
     credentials: str | None = None
+    hosts_dir: str | None = None
     verify: str = "lazy"
     cache: CacheSettings = CacheSettings()
 
@@ -99,13 +103,33 @@ class Options:
         return cls(**values)
 
 
-def _client(registry: str, *, insecure: bool, ca: str | None, credentials: Any) -> Any:
+def _client(ref: Any, *, insecure: bool, ca: str | None, credentials: Any, hosts_dir: str) -> Any:
+    """The registry's client; its requests go through the hosts of ``hosts_dir`` ("": the registry alone)."""
     from . import _http
+    from .routing import route
 
+    registry = ref.api_host
     creds = credentials.lookup(registry)
     auth = _http.RegistryAuth(registry, insecure=insecure, username=creds.username, password=creds.password,
                               identity_token=creds.identity_token)
-    return _http.make_client(insecure=insecure, ca_bundle=ca, auth=auth)
+    api_root = f"{'http' if insecure else 'https'}://{registry}/v2"
+    hosts = route(ref.registry, api_root, hosts_dir, insecure=insecure, ca_bundle=ca)
+    return _http.make_client(insecure=insecure, ca_bundle=ca, auth=auth, route=hosts)
+
+
+def _hosts_dir(option: str | None) -> str:
+    """The hosts directory a mount uses ("" for none), as the record keeps it."""
+    import os
+
+    from .hosts import DEFAULT_DIR
+
+    if option is None:
+        return DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else ""
+    if option.lower() == "none":
+        return ""
+    if not os.path.isdir(option):
+        raise UsageError(f"oci: hosts-dir={option!r} is not a directory")
+    return os.path.abspath(option)
 
 
 def open_reference(location: str, options: Mapping[str, str]) -> Source:
@@ -119,13 +143,14 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
         raise UsageError("oci: insecure (plain HTTP) is refused for Docker Hub")
     credentials = CredentialSource.parse(opts.credentials, ref.registry)
     platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
-    client = _client(ref.api_host, insecure=opts.insecure, ca=opts.ca, credentials=credentials)
+    hosts_dir = _hosts_dir(opts.hosts_dir)
+    client = _client(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials, hosts_dir=hosts_dir)
     try:
         registry = Registry(client, ref, insecure=opts.insecure)
         manifest, digest, chosen = registry.image_manifest(platform)
         common = {"reference": location, "registry": ref.registry, "repository": ref.repository,
                   "manifest_digest": digest, "platform": chosen, "insecure": opts.insecure, "ca": opts.ca or "",
-                  "credentials": credentials.to_record(), **opts.cache.to_state()}
+                  "credentials": credentials.to_record(), "hosts_dir": hosts_dir, **opts.cache.to_state()}
         if opts.layer is None and opts.blob is None:
             descriptors = manifest.get("layers") if isinstance(manifest.get("layers"), list) else []
             if not any(isinstance(d, dict) and is_erofs(str(d.get("mediaType", ""))) for d in descriptors):
@@ -202,9 +227,10 @@ def reopen(state: Mapping[str, Any]) -> Source:
         credentials = CredentialSource.from_record(dict(state["credentials"]))
         cache = CacheSettings.from_state(state)
         kind = str(state.get("kind", "blob"))
+        hosts_dir = str(state.get("hosts_dir", ""))  # records made before hosts.toml: the registry alone
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"oci: record state is incomplete ({exc})") from exc
-    client = _client(ref.api_host, insecure=insecure, ca=ca, credentials=credentials)
+    client = _client(ref, insecure=insecure, ca=ca, credentials=credentials, hosts_dir=hosts_dir)
     try:
         registry = Registry(client, ref, insecure=insecure)
         if kind in ("image", "tar-layer"):

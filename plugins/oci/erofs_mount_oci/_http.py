@@ -23,6 +23,8 @@ import httpx
 
 from erofs_mount_core import RetryPolicy, SourceError
 
+from .routing import NoHost
+
 log = logging.getLogger("erofs_mount.oci")
 
 USER_AGENT = "erofs-mount-oci/0.1"
@@ -88,12 +90,18 @@ class _CappedTransport(httpx.BaseTransport):
         self._inner.close()
 
 
+def _http_transport(verify: Any) -> httpx.HTTPTransport:
+    return httpx.HTTPTransport(verify=verify, limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
+
+
 def _transport(verify: Any) -> _CappedTransport:
-    return _CappedTransport(httpx.HTTPTransport(
-        verify=verify, limits=httpx.Limits(max_connections=32, max_keepalive_connections=16)))
+    return _CappedTransport(_http_transport(verify))
 
 
-def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | None) -> httpx.Client:
+def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | None,
+                route: Any = None) -> httpx.Client:
+    """The client for one registry. ``route``: the ``routing.Route`` of its hosts.toml, when mirrors
+    or settings of its own apply."""
     verify: Any = True
     if ca_bundle:
         try:
@@ -102,7 +110,8 @@ def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | Non
             raise SourceError(f"oci: cannot use CA bundle {ca_bundle}: {exc}") from None
     if isinstance(auth, RegistryAuth):
         auth.verify = verify  # the token server is trusted as the registry is
-    return httpx.Client(auth=auth, transport=_transport(verify), timeout=TIMEOUT, follow_redirects=True,
+    transport = _transport(verify) if route is None else _CappedTransport(route.transport(_http_transport, verify))
+    return httpx.Client(auth=auth, transport=transport, timeout=TIMEOUT, follow_redirects=True,
                         headers={"User-Agent": USER_AGENT})
 
 
@@ -126,7 +135,7 @@ def attempt(client: httpx.Client, method: str, url: str, *, what: str,
     try:
         request = client.build_request(method, url, headers=headers)
         response = client.send(request, stream=stream)
-    except InsecureRedirect as exc:
+    except (InsecureRedirect, NoHost) as exc:
         raise SourceError(f"{what}: {exc}") from None
     except (httpx.TransportError, httpx.DecodingError) as exc:
         if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # retrying cannot help

@@ -1,0 +1,180 @@
+"""The registry's requests, sent to its hosts in order: mirrors and peers first, the registry last.
+
+``HostsTransport`` sits under the HTTP client, so every request the plugin
+makes (manifests, configs, HEADs, range reads, whole-layer downloads) is
+routed the same way, and nothing above it knows mirrors exist. A request
+for the registry's API goes to each host that may serve it (``pull`` for
+blobs and manifests by digest, ``resolve`` for tags), in the order of
+``hosts.toml``; the first answer that is not a failure is the answer.
+
+- A mirror that cannot be reached, times out or answers 5xx or 429 is
+  skipped for ``SKIP_FIRST`` seconds (doubling while it keeps failing, up to
+  ``SKIP_MAX``), with one log line; one that refuses otherwise (404: a
+  peer without that blob; 401) is passed over for that request only.
+- The last host's answer, whatever it is, is returned: errors, retries and
+  authentication go on as they would without mirrors.
+- Credentials: the registry's ``Authorization`` goes to the registry only.
+  A mirror gets the headers its ``hosts.toml`` entry names (Spegel puts an
+  ``Authorization`` there) and nothing of the registry's: a token scoped
+  for the registry is never replayed elsewhere.
+- Bytes from any host are checked above, as the registry's are (digests,
+  span hashes): a mirror cannot change what a reader sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import attrs
+import httpx
+
+from erofs_mount_core import SourceError
+
+from .hosts import Host, hosts_for
+
+log = logging.getLogger("erofs_mount.oci")
+
+SKIP_FIRST = 10.0
+SKIP_MAX = 600.0
+_TAG_MANIFEST = re.compile(r"/manifests/(?!sha256:)[^/]+$")
+
+
+class NoHost(httpx.HTTPError):
+    """No host in hosts.toml may serve this request (a tag, and no host may resolve)."""
+
+
+class HostsTransport(httpx.BaseTransport):
+    def __init__(self, registry: str, api_root: str, hosts: list[Host],
+                 transport_for: Callable[[Host], httpx.BaseTransport], default: httpx.BaseTransport) -> None:
+        """``api_root``: the registry's own ``scheme://host/v2``, the URL the plugin builds requests on."""
+        self.registry, self.api_root = registry, api_root
+        self.registry_host = httpx.URL(api_root).netloc.decode()
+        self.routes = [(host, transport_for(host)) for host in hosts]
+        self.default = default  # anything else: a token server, where a registry redirects to
+        self._skipped: dict[str, tuple[float, float]] = {}  # host root -> (until, how long it was)
+        self._lock = threading.Lock()
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        url = str(request.url)
+        if not url.startswith(self.api_root + "/"):
+            return self.default.handle_request(request)
+        rest = url[len(self.api_root):]
+        resolving = _TAG_MANIFEST.search(rest.split("?", 1)[0]) is not None
+        routes = [(h, t) for h, t in self.routes if (h.resolve if resolving else h.pull)]
+        if not routes:
+            raise NoHost(f"no host for {self.registry} in hosts.toml may "
+                         f"{'resolve a tag' if resolving else 'serve blobs'}")
+        for n, (host, transport) in enumerate(routes):
+            last = n == len(routes) - 1
+            if not last and self._skipping(host):
+                continue
+            routed = self._for(host, request, rest)
+            try:
+                response = transport.handle_request(routed)
+            except httpx.TransportError as exc:
+                if last:
+                    raise
+                self._failed(host, f"{type(exc).__name__}: {exc}")
+                continue
+            status = response.status_code
+            if last or status < 400:
+                if not last and host.root in self._skipped:
+                    self._recovered(host)
+                return response
+            response.close()
+            if status == 429 or status >= 500:
+                self._failed(host, f"HTTP {status}")
+            # any other refusal (404: a peer without that blob) passes this request on, nothing more
+        raise AssertionError("unreachable: the last host's answer is returned")
+
+    def _for(self, host: Host, request: httpx.Request, rest: str) -> httpx.Request:
+        own = {name.lower() for name, _values in host.header}
+        dropped = {"host", *own, *(() if host.host == self.registry_host else ("authorization",))}
+        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in dropped]
+        headers += [(name, value) for name, values in host.header for value in values]
+        url = httpx.URL(host.root + rest)
+        if host.query(self.registry):
+            url = url.copy_merge_params(host.query(self.registry))
+        extensions = dict(request.extensions)
+        if host.dial_timeout is not None:
+            timeout = dict(extensions.get("timeout", {}))
+            timeout["connect"] = host.dial_timeout
+            extensions["timeout"] = timeout
+        return httpx.Request(request.method, url, headers=headers, extensions=extensions)
+
+    def _skipping(self, host: Host) -> bool:
+        with self._lock:
+            until, _ = self._skipped.get(host.root, (0.0, 0.0))
+        return time.monotonic() < until
+
+    def _failed(self, host: Host, why: str) -> None:
+        with self._lock:
+            _, last = self._skipped.get(host.root, (0.0, 0.0))
+            skip = min(SKIP_MAX, last * 2) if last else SKIP_FIRST
+            self._skipped[host.root] = (time.monotonic() + skip, skip)
+        log.warning("mirror %s failed (%s): skipped for %.0f s", host.root, why, skip)
+
+    def _recovered(self, host: Host) -> None:
+        with self._lock:
+            self._skipped.pop(host.root, None)
+        log.info("mirror %s answers again", host.root)
+
+    def close(self) -> None:
+        for _host, transport in self.routes:
+            transport.close()
+        self.default.close()
+
+
+@attrs.frozen
+class Route:
+    """A registry's hosts, as its client's transport needs them."""
+
+    registry: str
+    api_root: str
+    hosts: tuple[Host, ...]
+    ca_bundle: str | None
+
+    def transport(self, make: Callable[[Any], httpx.BaseTransport], verify: Any) -> HostsTransport:
+        """``make(verify)`` gives a plain transport; the registry's own keeps ``verify`` (the ca= option)."""
+        registry_host = httpx.URL(self.api_root).netloc.decode()
+
+        def for_host(host: Host) -> httpx.BaseTransport:
+            if host.host == registry_host and not (host.ca or host.client or host.skip_verify is not None):
+                return make(verify)
+            return make(tls_for(host, self.ca_bundle if host.host == registry_host else None))
+
+        return HostsTransport(self.registry, self.api_root, list(self.hosts), for_host, default=make(verify))
+
+
+def route(registry: str, api_root: str, hosts_dir: str | None, *, insecure: bool,
+          ca_bundle: str | None) -> Route | None:
+    """The route for ``registry`` from ``hosts_dir``; None when it changes nothing (the registry alone)."""
+    hosts = hosts_for(registry, hosts_dir or None, insecure=insecure)
+    root = httpx.URL(api_root)
+    if hosts == [Host(root.scheme, root.netloc.decode(), root.path.rstrip("/"))]:
+        return None
+    return Route(registry, api_root, tuple(hosts), ca_bundle)
+
+
+def tls_for(host: Host, ca_bundle: str | None) -> ssl.SSLContext | bool:
+    """The TLS settings of one host: its own CAs and client certificates (the ``ca=`` option's bundle too,
+    for the registry itself), or no verification where ``skip_verify`` says so."""
+    if host.skip_verify:
+        return False
+    if not (host.ca or host.client or ca_bundle):
+        return True
+    try:
+        context = ssl.create_default_context()
+        for path in (*host.ca, *([ca_bundle] if ca_bundle else [])):
+            context.load_verify_locations(cafile=path)
+        for cert, key in host.client:
+            context.load_cert_chain(cert, key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise SourceError(f"oci: host {host.root}: cannot use its TLS files: {exc}") from None
+    return context

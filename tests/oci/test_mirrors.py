@@ -1,0 +1,155 @@
+"""Reads through the mirrors and peers of containerd's hosts.toml, against real registries: an upstream
+and a pull-through cache of it (docker-registry's proxy mode), each behind a logging proxy; and a
+registry with auth beside a copy of its image that needs none, as a peer cache is."""
+
+from __future__ import annotations
+
+import logging
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from erofs_mount_oci import open_reference, reopen
+
+from erofs_mount_core import SourceError
+from tests.oci.conftest import USERS, read_all
+from tests.oci.faultproxy import FaultProxy
+from tests.oci.registry import EROFS_LAYER, Registry, free_port
+
+
+@pytest.fixture(scope="module")
+def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    r = Registry(tmp_path_factory.mktemp("upstream"))
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    r = Registry(tmp_path_factory.mktemp("secured"), auth="htpasswd", users=USERS)
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    r = Registry(tmp_path_factory.mktemp("peer"))
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory, upstream: Registry) -> Iterator[Registry]:
+    r = Registry(tmp_path_factory.mktemp("mirror"), mirror_of=upstream)
+    yield r
+    r.stop()
+
+
+@pytest.fixture
+def logged(upstream: Registry, mirror: Registry) -> Iterator[tuple[FaultProxy, FaultProxy]]:
+    """Request logs in front of the upstream (our requests only: the mirror reaches it directly) and the mirror."""
+    up, mi = FaultProxy(upstream.host), FaultProxy(mirror.host)
+    yield up, mi
+    up.stop()
+    mi.stop()
+
+
+@pytest.fixture
+def env_creds(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EROFS_MOUNT_OCI_USERNAME", "alice")
+    monkeypatch.setenv("EROFS_MOUNT_OCI_PASSWORD", USERS["alice"])
+
+
+def hosts_toml(root: Path, registry: str, text: str) -> Path:
+    (root / registry).mkdir(parents=True)
+    (root / registry / "hosts.toml").write_text(text)
+    return root
+
+
+def blobs(proxy: FaultProxy) -> list[str]:
+    return [path for _m, path, _f in proxy.log if "/blobs/" in path]
+
+
+def test_blobs_come_from_the_mirror_and_tags_from_the_registry_and_reattach_routes_the_same(
+        layer: tuple[bytes, dict[str, str]], upstream: Registry, logged: tuple[FaultProxy, FaultProxy],
+        tmp_path: Path) -> None:
+    data, _sums = layer
+    upstream.push_image("team/app", "1", [(data, EROFS_LAYER)])
+    up, mi = logged
+    hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                       f'[host."http://{mi.host}"]\n  capabilities = ["pull"]\n')
+    source = open_reference(f"{up.host}/team/app:1", {"insecure": "", "hosts-dir": str(hosts)})
+    try:
+        assert read_all(source) == data
+        state = source.state()
+    finally:
+        source.close()
+    assert state["hosts_dir"] == str(hosts)
+    assert blobs(up) == [], "every blob came from the mirror"
+    assert [p for _m, p, _f in up.log] == ["/v2/team/app/manifests/1"], "the registry only resolved the tag"
+    assert blobs(mi) and all(f"ns={urllib.parse.quote(up.host, safe='')}" in p for p in blobs(mi))
+
+    # reattach routes the same way, by the record, and resolves no tag
+    up.log.clear()
+    again = reopen(state)
+    try:
+        assert again.pread(4096, 0) == data[:4096]
+    finally:
+        again.close()
+    assert up.log == []
+
+
+@pytest.mark.usefixtures("env_creds")
+def test_the_registry_s_credentials_never_reach_a_mirror(layer: tuple[bytes, dict[str, str]], secured: Registry,
+                                                         peer: Registry, tmp_path: Path) -> None:
+    data, _sums = layer
+    secured.push_image("team/app", "1", [(data, EROFS_LAYER)])
+    peer.push_image("team/app", "1", [(data, EROFS_LAYER)])
+    up, pe = FaultProxy(secured.host), FaultProxy(peer.host)
+    try:
+        hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                           f'[host."http://{pe.host}"]\n  capabilities = ["pull"]\n'
+                           f'[host."http://{pe.host}".header]\n  x-peer = "yes"\n')
+        source = open_reference(f"{up.host}/team/app:1", {"insecure": "", "credentials": "env",
+                                                          "hosts-dir": str(hosts)})
+        try:
+            assert read_all(source) == data
+        finally:
+            source.close()
+        assert blobs(pe) and blobs(up) == []
+        assert not any(pe.authorization), "the registry's credentials reached the peer"
+        assert any(a and a.startswith(("Basic", "Bearer")) for a in up.authorization)
+    finally:
+        up.stop()
+        pe.stop()
+
+
+def test_a_dead_mirror_is_skipped_with_one_line_and_reads_go_on(
+        layer: tuple[bytes, dict[str, str]], upstream: Registry, logged: tuple[FaultProxy, FaultProxy],
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data, _sums = layer
+    upstream.push_image("team/dead", "1", [(data, EROFS_LAYER)])
+    up, mi = logged
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                       f'[host."http://{dead}"]\n  capabilities = ["pull"]\n  dial_timeout = "200ms"\n\n'
+                       f'[host."http://{mi.host}"]\n  capabilities = ["pull"]\n')
+    with caplog.at_level(logging.WARNING, logger="erofs_mount.oci"):
+        source = open_reference(f"{up.host}/team/dead:1", {"insecure": "", "hosts-dir": str(hosts)})
+        try:
+            assert read_all(source) == data
+        finally:
+            source.close()
+    failed = [r.message for r in caplog.records if dead in r.message]
+    assert len(failed) == 1 and "skipped for 10 s" in failed[0], failed
+    assert blobs(up) == [] and blobs(mi)
+
+
+def test_a_tag_with_no_host_that_may_resolve_it_is_one_clear_line(upstream: Registry, tmp_path: Path) -> None:
+    hosts = hosts_toml(tmp_path / "certs.d", upstream.host, f'[host."http://{upstream.host}"]\n'
+                       '  capabilities = ["pull"]\n')
+    (tmp_path / "certs.d" / upstream.host / "hosts.toml").write_text(
+        f'server = "http://{upstream.host}"\ncapabilities = ["pull"]\n')
+    with pytest.raises(SourceError, match="no host for .* in hosts.toml may resolve a tag"):
+        open_reference(f"{upstream.host}/team/app:1", {"insecure": "", "hosts-dir": str(hosts)})
