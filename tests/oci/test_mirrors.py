@@ -4,7 +4,12 @@ registry with auth beside a copy of its image that needs none, as a peer cache i
 
 from __future__ import annotations
 
+import gzip
+import hashlib
+import io
 import logging
+import random
+import tarfile
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,9 +18,12 @@ import pytest
 from erofs_mount_oci import open_reference, reopen
 
 from erofs_mount_core import SourceError
+from erofs_mount_core._filters import Retrying
 from tests.oci.conftest import USERS, read_all
 from tests.oci.faultproxy import FaultProxy
 from tests.oci.registry import EROFS_LAYER, Registry, free_port
+
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +161,61 @@ def test_a_tag_with_no_host_that_may_resolve_it_is_one_clear_line(upstream: Regi
         f'server = "http://{upstream.host}"\ncapabilities = ["pull"]\n')
     with pytest.raises(SourceError, match="no host for .* in hosts.toml may resolve a tag"):
         open_reference(f"{upstream.host}/team/app:1", {"insecure": "", "hosts-dir": str(hosts)})
+
+
+def _tar_gz_layer(size: int) -> tuple[bytes, str]:
+    """A gzip tar layer of a few files of random bytes, and its diff_id."""
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        rng = random.Random(7)
+        for n in range(4):
+            data = rng.randbytes(size // 4)
+            info = tarfile.TarInfo(f"data/file{n}")
+            info.size, info.mtime = len(data), 1_700_000_000
+            tar.addfile(info, io.BytesIO(data))
+    stream = raw.getvalue()
+    return gzip.compress(stream, mtime=0), "sha256:" + hashlib.sha256(stream).hexdigest()
+
+
+def test_a_lying_peer_serves_no_wrong_byte_and_is_skipped_with_the_reason(
+        upstream: Registry, peer: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    blob, diff_id = _tar_gz_layer(6 << 20)
+    for registry in (upstream, peer):
+        registry.push_image("team/tar", "1", [(blob, TAR_GZIP)], diff_ids=[diff_id])
+    up, pe = FaultProxy(upstream.host), FaultProxy(peer.host)
+    try:
+        hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                           f'[host."http://{pe.host}"]\n  capabilities = ["pull"]\n')
+        options = {"insecure": "", "hosts-dir": str(hosts), "readahead-kib": "0"}
+        source = open_reference(f"{up.host}/team/tar:1", options)
+        expected = source.pread(source.size, 0)  # indexed from the peer's honest bytes, checked
+        state = source.state()
+        source.close()
+        assert blobs(up) == []
+        for lies_from in ("none", "reading", "opening"):  # each reattach is a new client: the peer is trusted anew
+            if lies_from == "opening":
+                pe.inject("blob", *["corrupt"] * 1000)  # every blob answer of the peer lies, from the start
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="erofs_mount.oci"):
+                source = Retrying(reopen(state))
+                try:
+                    if lies_from == "reading":
+                        pe.inject("blob", *["corrupt"] * 1000)  # honest while the layer's stream opened
+                    for offset in range(0, source.size, 1 << 20):  # every read right: the retry went upstream
+                        n = min(1 << 20, source.size - offset)
+                        assert source.pread(n, offset) == expected[offset:offset + n]
+                finally:
+                    source.close()
+            pe.faults.clear()
+            said = [r.message for r in caplog.records if pe.host in r.message]
+            if lies_from == "none":
+                continue
+            assert len(said) == 1, f"skipped after its first lie, not asked again: {said}"
+            why = "does not open at its checkpoints" if lies_from == "opening" else "is not the bytes measured"
+            assert why in said[0] and "skipped for 10 s" in said[0], said
+        assert blobs(up), "the reads went to the registry"
+    finally:
+        up.stop()
+        pe.stop()

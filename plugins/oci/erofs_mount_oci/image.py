@@ -10,8 +10,9 @@ in one backing: a block goes to the layer that holds it.
 
 from __future__ import annotations
 
+import threading
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from erofs_mount_tar import index as indexes
@@ -31,24 +32,66 @@ from erofs_mount_core import (
 
 from .blob import BlobSource
 from .registry import Layer, Registry
+from .routing import distrust_served
 
 COMPRESSED_BLOCK = 64 << 10
 
 
 class _Forgetting(Filter):
-    """A failed read (a span that did not match its hash, a stream that would not inflate) drops the
-    compressed bytes cached below it: the retry fetches them again instead of failing on the same ones."""
+    """A failed read (a span that did not match its hash, a stream that would not inflate) drops what was
+    made of the bytes below it: the compressed bytes cached, and the stream's decoder (rapidgzip keeps
+    chunks it decoded, and a flipped byte in a stored block decodes without an error). The retry fetches
+    the bytes again, and not from the mirror that served them (``routing.distrust_served``)."""
 
-    def __init__(self, inner: Source, compressed: BlockCache) -> None:
-        super().__init__(inner)
-        self.compressed = compressed
+    #: decoders replaced after failures, kept until close (another thread may be reading with one)
+    RETIRED = 8
+
+    def __init__(self, open_verified: Callable[[], Source], compressed: BlockCache) -> None:
+        super().__init__(open_verified())
+        self._open, self.compressed = open_verified, compressed
+        self._retired: list[Source] = []
+        self._stale = False
+        self._lock = threading.Lock()
 
     def pread(self, length: int, offset: int) -> bytes | memoryview:
+        if self._stale:
+            self._reopen()
         try:
             return self.inner.pread(length, offset)
-        except SourceError:
+        except SourceError as exc:
             self.compressed.clear()
+            distrust_served(str(exc))
+            self._stale = True  # the next read (the retry) starts with a new decoder
             raise
+
+    def _reopen(self) -> None:
+        with self._lock:
+            if not self._stale:
+                return
+            try:
+                fresh = self._open()  # reads the stream's first bytes: they may fail too
+            except SourceError as exc:
+                raise SourceError(str(exc), transient=True) from None
+            self._retired.append(self.inner)
+            self.inner, self._stale = fresh, False
+            if len(self._retired) > self.RETIRED:
+                self._retired.pop(0).close()
+
+    def close(self) -> None:
+        for old in self._retired:
+            old.close()
+        super().close()
+
+
+def _open_stream(index: indexes.ArchiveIndex, compressed: BlockCache, what: str) -> Source:
+    """A stream reads its first bytes as it opens: bytes that will not open (from a mirror that lies) are
+    dropped, their mirror distrusted, and fetched once more, from the next host."""
+    try:
+        return index.open_stream(compressed)
+    except SourceError as exc:
+        compressed.clear()
+        distrust_served(f"{what}: {exc}")
+    return index.open_stream(compressed)
 
 
 class Layered(Source):
@@ -98,9 +141,14 @@ class LayersImage(SynthesizedImage):
                 # and compressed bytes: reads of neighbouring spans start from the same checkpoint
                 compressed = BlockCache(blob, block_size=COMPRESSED_BLOCK, cache_bytes=(share // 4) << 20,
                                         readahead=0)
-                verified = index.spans.verified(index.open_stream(compressed), per_layer,
-                                                f"oci: layer {layer.index} ({layer.digest[:19]}…)", transient=True)
-                streams.append(_Forgetting(verified, compressed))
+                what = f"oci: layer {layer.index} ({layer.digest[:19]}…)"
+
+                def open_verified(index: indexes.ArchiveIndex = index, compressed: BlockCache = compressed,
+                                  what: str = what) -> Source:
+                    return index.spans.verified(_open_stream(index, compressed, what), per_layer, what,
+                                                transient=True)
+
+                streams.append(_Forgetting(open_verified, compressed))
             backing = Layered(streams)
             if whole:
                 layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(found, backing.bases,

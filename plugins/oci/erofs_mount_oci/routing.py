@@ -18,7 +18,9 @@ blobs and manifests by digest, ``resolve`` for tags), in the order of
   ``Authorization`` there) and nothing of the registry's: a token scoped
   for the registry is never replayed elsewhere.
 - Bytes from any host are checked above, as the registry's are (digests,
-  span hashes): a mirror cannot change what a reader sees.
+  span hashes): a mirror cannot change what a reader sees. A read whose
+  bytes do not check out calls ``distrust_served``: the mirror that served
+  them is skipped like one that failed, so the read's retry goes elsewhere.
 """
 
 from __future__ import annotations
@@ -43,6 +45,20 @@ log = logging.getLogger("erofs_mount.oci")
 SKIP_FIRST = 10.0
 SKIP_MAX = 600.0
 _TAG_MANIFEST = re.compile(r"/manifests/(?!sha256:)[^/]+$")
+
+
+#: per thread, the mirror whose answer this thread used last (None: the last host's), for ``distrust_served``
+_served = threading.local()
+
+
+def distrust_served(why: str) -> None:
+    """The bytes this thread read did not check out (a span hash, a stream that would not inflate): the
+    mirror that served them, if a mirror did, is skipped from now on, as one that failed to answer is."""
+    last = getattr(_served, "mirror", None)
+    _served.mirror = None
+    if last is not None:
+        transport, host = last
+        transport.failed(host, why)
 
 
 class NoHost(httpx.HTTPError):
@@ -80,16 +96,17 @@ class HostsTransport(httpx.BaseTransport):
             except httpx.TransportError as exc:
                 if last:
                     raise
-                self._failed(host, f"{type(exc).__name__}: {exc}")
+                self.failed(host, f"{type(exc).__name__}: {exc}")
                 continue
             status = response.status_code
             if last or status < 400:
                 if not last and host.root in self._skipped:
                     self._recovered(host)
+                _served.mirror = None if last else (self, host)
                 return response
             response.close()
             if status == 429 or status >= 500:
-                self._failed(host, f"HTTP {status}")
+                self.failed(host, f"HTTP {status}")
             # any other refusal (404: a peer without that blob) passes this request on, nothing more
         raise AssertionError("unreachable: the last host's answer is returned")
 
@@ -113,7 +130,7 @@ class HostsTransport(httpx.BaseTransport):
             until, _ = self._skipped.get(host.root, (0.0, 0.0))
         return time.monotonic() < until
 
-    def _failed(self, host: Host, why: str) -> None:
+    def failed(self, host: Host, why: str) -> None:
         with self._lock:
             _, last = self._skipped.get(host.root, (0.0, 0.0))
             skip = min(SKIP_MAX, last * 2) if last else SKIP_FIRST

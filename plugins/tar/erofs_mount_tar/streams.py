@@ -402,7 +402,13 @@ class GzipStream(Source):
         self._window.fetch(0, GZIP_OPEN_READ)  # what opening reads (the header, a first buffer): one request
         try:
             self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=1)
-            self._reader.import_index(io.BytesIO(checkpoints))
+            try:
+                self._reader.import_index(io.BytesIO(checkpoints))
+            except BaseException:
+                self._reader.close()
+                raise
+        except (ValueError, RuntimeError) as exc:  # other bytes than were indexed
+            raise SourceError(f"the gzip stream does not open at its checkpoints ({exc})") from None
         finally:
             self._window.forget()
         points = sorted((out, bits // 8) for bits, out in self._reader.block_offsets().items())
