@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from erofs_mount_oci import open_reference
+from erofs_mount_oci import _http, open_reference
 
 from erofs_mount_core import _filters
 from erofs_mount_core._filters import DEFAULT_RETRY, Retrying, RetryPolicy
@@ -57,6 +58,27 @@ def test_reads_survive_every_fault(proxy: FaultProxy, token_registry: Registry,
     outcomes = [what for _m, _p, what in proxy.log]
     for fault in ("503", "429", "reset", "short", "slow", "401", "redirect", "full200"):
         assert fault in outcomes
+
+
+def test_a_registry_that_ignores_range_for_a_blob_larger_than_the_body_bound_is_kept_whole(
+        registry: Registry) -> None:
+    """A pull-through mirror streams a blob it does not have yet whole, whatever Range asked: a blob larger
+    than the general bound of an answer (64 MiB) is still kept whole (bounded by its own size) and served."""
+    data = os.urandom(_http.MAX_BODY + (3 << 20))
+    registry.push_image("faulty/large", "v1", [(data, EROFS_LAYER)])
+    proxy = FaultProxy(registry.host)
+    try:
+        source = open_reference(f"{proxy.host}/faulty/large:v1", {"insecure": "", "readahead-kib": "0"})
+        try:
+            proxy.inject("blob", "full200")
+            at = len(data) - (1 << 20)
+            assert source.pread(1 << 20, at) == data[at:]
+            assert source.pread(4096, 0) == data[:4096]
+        finally:
+            source.close()
+        assert [f for _m, _p, f in proxy.log if f != "pass"] == ["full200"]
+    finally:
+        proxy.stop()
 
 
 def test_a_read_that_keeps_failing_is_bounded(proxy: FaultProxy, token_registry: Registry,

@@ -42,9 +42,12 @@ HTTPError = httpx.HTTPError
 Response = httpx.Response
 
 
-#: the most any answer body may hold: a 2xx (read_capped sets tighter bounds), and anything else
+#: the most any answer body may hold: a 2xx (read_capped sets tighter bounds, and a whole blob's
+#: request its size: ``attempt(body_limit=)``), and anything else
 MAX_BODY = 64 << 20
 MAX_OTHER_BODY = 1 << 20
+#: the request extension that carries a whole blob's size to the transport's bound
+BODY_LIMIT = "erofs_mount_body_limit"
 
 
 class _CappedBody(httpx.SyncByteStream):
@@ -81,7 +84,8 @@ class _CappedTransport(httpx.BaseTransport):
                 and location[:7].lower() == "http://":
             response.close()
             raise InsecureRedirect(f"redirected from https to plain http ({location.split('?')[0]}): refused")
-        cap = MAX_BODY if 200 <= response.status_code < 300 else MAX_OTHER_BODY
+        cap = max(MAX_BODY, request.extensions.get(BODY_LIMIT, 0)) if 200 <= response.status_code < 300 \
+            else MAX_OTHER_BODY
         assert isinstance(response.stream, httpx.SyncByteStream)
         response.stream = _CappedBody(response.stream, cap)
         return response
@@ -126,14 +130,16 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def attempt(client: httpx.Client, method: str, url: str, *, what: str,
-            headers: dict[str, str] | None = None, stream: bool = False) -> httpx.Response:
+            headers: dict[str, str] | None = None, stream: bool = False, body_limit: int = 0) -> httpx.Response:
     """One request; the caller closes a streamed response.
 
     429, 5xx, resets and timeouts raise SourceError(transient=True), with the
     server's Retry-After as ``retry_after``; any other answer is returned.
+    ``body_limit``: a whole blob's size, when its body may be larger than ``MAX_BODY``.
     """
     try:
-        request = client.build_request(method, url, headers=headers)
+        request = client.build_request(method, url, headers=headers,
+                                       extensions={BODY_LIMIT: body_limit} if body_limit else None)
         response = client.send(request, stream=stream)
     except (InsecureRedirect, NoHost) as exc:
         raise SourceError(f"{what}: {exc}") from None
@@ -194,13 +200,14 @@ class FullBody(Exception):
         self.response = response
 
 
-def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what: str) -> bytes:
-    """Exactly ``length`` bytes at ``offset``, from one GET: one attempt, the caller's filter retries.
+def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what: str, whole: int) -> bytes:
+    """Exactly ``length`` bytes at ``offset`` of a blob of ``whole`` bytes, from one GET: one attempt,
+    the caller's filter retries.
 
     Raises FullBody (with the open response) if the server answers 200.
     """
     headers = {"Range": f"bytes={offset}-{offset + length - 1}", "Accept-Encoding": "identity"}
-    response = attempt(client, "GET", url, what=what, headers=headers, stream=True)
+    response = attempt(client, "GET", url, what=what, headers=headers, stream=True, body_limit=whole)
     if response.status_code == 200:
         raise FullBody(response)
     try:

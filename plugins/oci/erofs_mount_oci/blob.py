@@ -69,7 +69,7 @@ class BlobSource(Source):
             what = f"blob {self.digest[:19]}… bytes {start}-{end - 1}"
             self._counters.add("http_requests")
             try:
-                data = _http.read_range(self.client, self.url, start, end - start, what=what)
+                data = _http.read_range(self.client, self.url, start, end - start, what=what, whole=self._size)
             except _http.FullBody as full:
                 self._take_full_body(full.response)
             else:

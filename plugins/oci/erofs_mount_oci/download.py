@@ -99,7 +99,8 @@ class Download(Source):
         headers = {"Accept-Encoding": "identity"}
         if self._have:
             headers["Range"] = f"bytes={self._have}-"
-        response = _http.attempt(self.client, "GET", self.url, what=self.what, headers=headers, stream=True)
+        response = _http.attempt(self.client, "GET", self.url, what=self.what, headers=headers, stream=True,
+                                 body_limit=self._size)
         try:
             if response.status_code not in ((206,) if self._have else (200,)):
                 raise _http.status_error(response, self.what)

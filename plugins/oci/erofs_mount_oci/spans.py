@@ -37,7 +37,7 @@ def measure(client: Any, url: str, digest: str, size: int, span_size: int) -> Sp
 
     def one_pass() -> Spans:
         response = _http.attempt(client, "GET", url, what=what, headers={"Accept-Encoding": "identity"},
-                                 stream=True)
+                                 stream=True, body_limit=size)
         whole, spans = hashlib.sha256(), SpanHasher(span_size)
         try:
             if response.status_code != 200:
