@@ -143,7 +143,8 @@ def fleet(reference: str, hosts: str, n: int, size: int) -> float:
 
 
 def read_latency(reference: str, hosts: str, size: int, reads: int) -> tuple[float, float]:
-    """(first read, median of the later reads), in ms: random 4 KiB reads, each from a new block."""
+    """(first read, median of the later reads), in ms: random 4 KiB reads, each from a new block (a new
+    source each call: nothing is cached from the last)."""
     rng = random.Random(5)
     source = open_reference(reference, {"insecure": "", "hosts-dir": hosts, "cache-mib": "1", "block-kib": "4",
                                         "readahead-kib": "0"})
@@ -159,13 +160,14 @@ def read_latency(reference: str, hosts: str, size: int, reads: int) -> tuple[flo
     return times[0], statistics.median(times[1:])
 
 
-def nbd_latency(sock: str, size: int, reads: int) -> float:
-    """Median microseconds of random 4 KiB reads at queue depth 1 over NBD."""
+def nbd_latency(sock: str, size: int, reads: int, seed: int) -> float:
+    """Median microseconds of random 4 KiB reads at queue depth 1 over NBD (new offsets each ``seed``:
+    erofs-mount's block cache must not answer a later run)."""
     import nbd
 
     handle = nbd.NBD()
     handle.connect_unix(sock)
-    rng = random.Random(9)
+    rng = random.Random(seed)
     times = []
     for _ in range(reads):
         off = rng.randrange(0, size - 4096) & ~4095
@@ -246,9 +248,9 @@ def main() -> None:
             theirs = serve(["nbdkit", "--foreground", "--unix", str(theirs_sock), "curl", url], theirs_sock)
             try:
                 mine, peer = [], []
-                for _ in range(args.runs):
-                    mine.append(nbd_latency(str(ours_sock), len(data), args.reads))
-                    peer.append(nbd_latency(str(theirs_sock), len(data), args.reads))
+                for run in range(args.runs):
+                    mine.append(nbd_latency(str(ours_sock), len(data), args.reads, seed=run))
+                    peer.append(nbd_latency(str(theirs_sock), len(data), args.reads, seed=run))
                 a, b = statistics.median(mine), statistics.median(peer)
                 print(f"over NBD through the mirror, random 4 KiB QD1: erofs-mount {a:.0f} us, nbdkit curl "
                       f"{b:.0f} us; ratio {a / b:.2f} (lower is better)")
