@@ -1,7 +1,8 @@
 """A reverse proxy in front of the real registry that injects faults on request.
 
 ``proxy.inject("blob", "429", "reset")`` makes the next two blob GETs fail
-that way; other requests pass through untouched. A second listener on
+that way (``proxy.inject("sha256:…", ...)``: GETs of that blob); other
+requests pass through untouched. A second listener on
 another host name plays the blob storage a registry redirects to, and
 records the Authorization headers it sees.
 """
@@ -86,7 +87,8 @@ class FaultProxy:
 
             def _handle(self, method: str) -> None:
                 kind = "blob" if "/blobs/" in self.path else "manifest" if "/manifests/" in self.path else "other"
-                fault = proxy._take(kind) if method == "GET" else None
+                name = self.path.split("?")[0].rsplit("/", 1)[-1]  # a blob's digest: faults for it alone
+                fault = (proxy._take(name) or proxy._take(kind)) if method == "GET" else None
                 proxy.log.append((method, self.path, fault or "pass"))
                 proxy.authorization.append(self.headers.get("Authorization"))
                 if kind == "blob" and method == "GET":

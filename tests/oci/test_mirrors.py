@@ -219,3 +219,40 @@ def test_a_lying_peer_serves_no_wrong_byte_and_is_skipped_with_the_reason(
     finally:
         up.stop()
         pe.stop()
+
+
+def test_a_peer_that_lies_at_mount_is_skipped_and_the_mount_is_made_from_the_registry(
+        upstream: Registry, peer: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Its layer, whole, or its config are other bytes: caught by their digests, the peer is skipped, and
+    the same mount is made from the registry, with no error."""
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    up, pe = FaultProxy(upstream.host), FaultProxy(peer.host)
+    try:
+        hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                           f'[host."http://{pe.host}"]\n  capabilities = ["pull"]\n')
+        for n, lies_about in enumerate(("the layer", "the config")):
+            blob, diff_id = _tar_gz_layer((2 + n) << 20)  # a layer of its own: no index of it is cached
+            for registry in (upstream, peer):
+                digest = registry.push_image(f"team/lies{n}", "1", [(blob, TAR_GZIP)], diff_ids=[diff_id])
+            layer = "sha256:" + hashlib.sha256(blob).hexdigest()
+            pe.inject(layer if lies_about == "the layer" else "blob", *["corrupt"] * 1000)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="erofs_mount.oci"):
+                source = open_reference(f"{up.host}/team/lies{n}:1", {"insecure": "", "hosts-dir": str(hosts)})
+            try:
+                assert source.state()["manifest_digest"] == digest and source.size > blob.__len__()
+            finally:
+                source.close()
+            pe.faults.clear()
+            said = [r.message for r in caplog.records if pe.host in r.message]
+            assert len(said) == 1 and "skipped for 10 s" in said[0], (lies_about, said)
+            if lies_about == "the layer":
+                assert "served bytes whose digest is" in said[0]
+                assert any("indexing again from the next host" in r.message for r in caplog.records)
+            else:
+                assert "bytes of another digest" in said[0]
+            assert any(layer in p for p in blobs(up)), f"{lies_about}: the layer came from the registry"
+    finally:
+        up.stop()
+        pe.stop()

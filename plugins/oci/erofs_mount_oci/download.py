@@ -21,6 +21,7 @@ from typing import Any
 from erofs_mount_core import Source, SourceChangedError, SourceError, cache_directory, cache_room
 
 from . import _http
+from .routing import distrust_served
 
 log = logging.getLogger("erofs_mount.oci")
 DOWNLOAD_DIR = "oci-download"
@@ -81,8 +82,10 @@ class Download(Source):
                     log.warning("%s: %s; resuming at byte %d", self.what, exc, self._have)
             got = "sha256:" + whole.hexdigest()
             if got != self.digest:
-                raise SourceChangedError(f"{self.what}: the registry served bytes whose digest is {got[:19]}…, "
-                                         f"not the layer's {self.digest[:19]}…")
+                message = (f"{self.what}: the registry served bytes whose digest is {got[:19]}…, "
+                           f"not the layer's {self.digest[:19]}…")
+                distrust_served(message)  # a mirror's, if a mirror served them: the next pass goes elsewhere
+                raise SourceChangedError(message)
             self._hex = whole.hexdigest()
         except BaseException as exc:  # noqa: BLE001 - handed to the readers and to sha256()
             self._error = exc

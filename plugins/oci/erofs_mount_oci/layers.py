@@ -10,6 +10,7 @@ one a cached index recorded included.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -24,6 +25,9 @@ from erofs_mount_core import SourceChangedError, SourceError, cache_directory, c
 
 from .download import DOWNLOAD_DIR, Download, DownloadStopped
 from .registry import Layer, Registry
+from .routing import distrusted
+
+log = logging.getLogger("erofs_mount.oci")
 
 DOWNLOADS = 3  # layer transfers at once, as docker pulls
 
@@ -61,12 +65,19 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
             check(layer, found[layer.index])
     if missing:
         total = sum(layer.size for layer in missing)
-        parts = Parts(Progress(f"indexing {len(missing)} layer(s) of {registry.ref}", total,
-                               enabled=progress and sys.stderr.isatty()))
-        try:
-            found.update(_index_all(registry, missing, parts, check))
-        finally:
-            parts.close()
+        before = distrusted()
+        for attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
+            parts = Parts(Progress(f"indexing {len(missing)} layer(s) of {registry.ref}", total,
+                                   enabled=progress and sys.stderr.isatty()))
+            try:
+                found.update(_index_all(registry, missing, parts, check))
+                break
+            except SourceChangedError as exc:
+                if attempt == 2 or distrusted() == before:
+                    raise
+                log.warning("%s; indexing again from the next host", exc)
+            finally:
+                parts.close()
     return [found[layer.index] for layer in layers]
 
 

@@ -13,6 +13,7 @@ from erofs_mount_core import SourceChangedError, SourceError, UsageError
 from . import _http
 from .platform import Platform
 from .reference import DIGEST, Reference
+from .routing import distrust_served
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -168,10 +169,16 @@ class Registry:
         what = f"oci: {self.ref}: config {config['digest']}"
         if config["size"] > MAX_CONFIG:
             raise SourceError(f"{what} is {config['size']} bytes, more than the {MAX_CONFIG} expected")
-        response, body = _http.fetch(self.client, "GET", self.blob_url(config["digest"]), what=what, cap=MAX_CONFIG)
-        if response.status_code != 200:
-            raise _http.status_error(response, what)
-        if "sha256:" + hashlib.sha256(body).hexdigest() != config["digest"]:
+        for _attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
+            response, body = _http.fetch(self.client, "GET", self.blob_url(config["digest"]), what=what,
+                                         cap=MAX_CONFIG)
+            if response.status_code != 200:
+                raise _http.status_error(response, what)
+            if "sha256:" + hashlib.sha256(body).hexdigest() == config["digest"]:
+                break
+            if not distrust_served(f"{what}: bytes of another digest"):
+                raise SourceChangedError(f"{what}: the registry served bytes of another digest")
+        else:
             raise SourceChangedError(f"{what}: the registry served bytes of another digest")
         try:
             ids = json.loads(body)["rootfs"]["diff_ids"]

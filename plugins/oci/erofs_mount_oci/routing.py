@@ -51,14 +51,26 @@ _TAG_MANIFEST = re.compile(r"/manifests/(?!sha256:)[^/]+$")
 _served = threading.local()
 
 
-def distrust_served(why: str) -> None:
-    """The bytes this thread read did not check out (a span hash, a stream that would not inflate): the
-    mirror that served them, if a mirror did, is skipped from now on, as one that failed to answer is."""
+_distrusted = [0]  # how many times a mirror's bytes did not check out, in this process
+
+
+def distrust_served(why: str) -> bool:
+    """The bytes this thread read did not check out (a digest, a span hash, a stream that would not
+    inflate): the mirror that served them, if a mirror did, is skipped from now on, as one that failed to
+    answer is. True if one was: the same request may then be made again, and go elsewhere."""
     last = getattr(_served, "mirror", None)
     _served.mirror = None
-    if last is not None:
-        transport, host = last
-        transport.failed(host, why)
+    if last is None:
+        return False
+    transport, host = last
+    transport.failed(host, why)
+    _distrusted[0] += 1
+    return True
+
+
+def distrusted() -> int:
+    """A count that grows each time a mirror is distrusted: whether one was, during some work."""
+    return _distrusted[0]
 
 
 class NoHost(httpx.HTTPError):
