@@ -224,22 +224,24 @@ def test_a_lying_peer_serves_no_wrong_byte_and_is_skipped_with_the_reason(
 def test_a_peer_that_lies_at_mount_is_skipped_and_the_mount_is_made_from_the_registry(
         upstream: Registry, peer: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         caplog: pytest.LogCaptureFixture) -> None:
-    """Its layer, whole, or its config are other bytes: caught by their digests, the peer is skipped, and
-    the same mount is made from the registry, with no error."""
+    """Its layer, whole, its config or a manifest named by digest are other bytes: caught by their digests,
+    the peer is skipped, and the same mount is made from the registry, with no error."""
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
     up, pe = FaultProxy(upstream.host), FaultProxy(peer.host)
     try:
         hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
                            f'[host."http://{pe.host}"]\n  capabilities = ["pull"]\n')
-        for n, lies_about in enumerate(("the layer", "the config")):
+        for n, lies_about in enumerate(("the layer", "the config", "the manifest")):
             blob, diff_id = _tar_gz_layer((2 + n) << 20)  # a layer of its own: no index of it is cached
             for registry in (upstream, peer):
                 digest = registry.push_image(f"team/lies{n}", "1", [(blob, TAR_GZIP)], diff_ids=[diff_id])
             layer = "sha256:" + hashlib.sha256(blob).hexdigest()
-            pe.inject(layer if lies_about == "the layer" else "blob", *["corrupt"] * 1000)
+            kind = {"the layer": layer, "the config": "blob", "the manifest": "manifest"}[lies_about]
+            pe.inject(kind, *["corrupt"] * 1000)
             caplog.clear()
+            name = f"team/lies{n}@{digest}" if lies_about == "the manifest" else f"team/lies{n}:1"
             with caplog.at_level(logging.WARNING, logger="erofs_mount.oci"):
-                source = open_reference(f"{up.host}/team/lies{n}:1", {"insecure": "", "hosts-dir": str(hosts)})
+                source = open_reference(f"{up.host}/{name}", {"insecure": "", "hosts-dir": str(hosts)})
             try:
                 assert source.state()["manifest_digest"] == digest and source.size > blob.__len__()
             finally:
@@ -250,9 +252,35 @@ def test_a_peer_that_lies_at_mount_is_skipped_and_the_mount_is_made_from_the_reg
             if lies_about == "the layer":
                 assert "served bytes whose digest is" in said[0]
                 assert any("indexing again from the next host" in r.message for r in caplog.records)
-            else:
+            elif lies_about == "the config":
                 assert "bytes of another digest" in said[0]
+            else:
+                assert "sent a manifest with digest" in said[0]
             assert any(layer in p for p in blobs(up)), f"{lies_about}: the layer came from the registry"
+    finally:
+        up.stop()
+        pe.stop()
+
+
+def test_a_download_a_peer_breaks_off_goes_on_from_the_registry(
+        upstream: Registry, peer: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    blob, diff_id = _tar_gz_layer(5 << 20)
+    for registry in (upstream, peer):
+        registry.push_image("team/cut", "1", [(blob, TAR_GZIP)], diff_ids=[diff_id])
+    layer = "sha256:" + hashlib.sha256(blob).hexdigest()
+    up, pe = FaultProxy(upstream.host), FaultProxy(peer.host)
+    try:
+        hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                           f'[host."http://{pe.host}"]\n  capabilities = ["pull"]\n')
+        pe.inject(layer, "reset")  # half the layer, then a reset
+        with caplog.at_level(logging.WARNING, logger="erofs_mount.oci"):
+            open_reference(f"{up.host}/team/cut:1", {"insecure": "", "hosts-dir": str(hosts)}).close()
+        said = [r.message for r in caplog.records if pe.host in r.message]
+        assert len(said) == 1 and "skipped for 10 s" in said[0], said
+        assert [f for _m, p, f in pe.log if layer in p] == ["reset"], "the peer was asked for the layer once"
+        assert [m for m, p, _f in up.log if layer in p and m == "GET"], "the download went on from the registry"
     finally:
         up.stop()
         pe.stop()

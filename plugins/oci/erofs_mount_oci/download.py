@@ -79,7 +79,7 @@ class Download(Source):
                 except SourceError as exc:
                     if not exc.transient or attempt == ATTEMPTS - 1 or self._stop:
                         raise
-                    log.warning("%s: %s; resuming at byte %d", self.what, exc, self._have)
+                    log.warning("%s; resuming at byte %d", exc, self._have)  # its message names the layer
             got = "sha256:" + whole.hexdigest()
             if got != self.digest:
                 message = (f"{self.what}: the registry served bytes whose digest is {got[:19]}…, "
@@ -121,7 +121,9 @@ class Download(Source):
                     self._have += len(chunk)
                     self._cond.notify_all()
         except _http.HTTPError as exc:
-            raise SourceError(f"{self.what}: {type(exc).__name__}: {exc}", transient=True) from None
+            message = f"{self.what}: {type(exc).__name__}: {exc}"
+            distrust_served(message)  # a mirror that breaks off: the rest is asked of the next host
+            raise SourceError(message, transient=True) from None
         finally:
             response.close()
         if self._have != self._size:

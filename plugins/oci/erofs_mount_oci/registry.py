@@ -63,16 +63,22 @@ class Registry:
         """(media type, parsed manifest, digest) of a tag or digest, digest verified."""
         what = f"manifest {self.ref.repository}:{reference}" if not reference.startswith("sha") \
             else f"manifest {self.ref.repository}@{reference}"
-        response, body = _http.fetch(self.client, "GET", f"{self.base}/manifests/{reference}", what=what,
-                                     headers={"Accept": ACCEPT}, cap=MAX_MANIFEST)
-        if response.status_code != 200:
-            raise _http.status_error(response, what)
-        digest = "sha256:" + hashlib.sha256(body).hexdigest()
-        if reference.startswith("sha256:") and digest != reference:
-            raise SourceChangedError(f"{what}: the registry sent a manifest with digest {digest}")
-        claimed = response.headers.get("Docker-Content-Digest")
-        if claimed and claimed.startswith("sha256:") and claimed != digest:
-            raise SourceError(f"{what}: body digest {digest} differs from Docker-Content-Digest {claimed}")
+        for attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
+            response, body = _http.fetch(self.client, "GET", f"{self.base}/manifests/{reference}", what=what,
+                                         headers={"Accept": ACCEPT}, cap=MAX_MANIFEST)
+            if response.status_code != 200:
+                raise _http.status_error(response, what)
+            digest = "sha256:" + hashlib.sha256(body).hexdigest()
+            claimed = response.headers.get("Docker-Content-Digest")
+            lie: SourceError | None = None
+            if reference.startswith("sha256:") and digest != reference:
+                lie = SourceChangedError(f"{what}: the registry sent a manifest with digest {digest}")
+            elif claimed and claimed.startswith("sha256:") and claimed != digest:
+                lie = SourceError(f"{what}: body digest {digest} differs from Docker-Content-Digest {claimed}")
+            if lie is None:
+                break
+            if attempt == 2 or not distrust_served(str(lie)):
+                raise lie
         try:
             doc = json.loads(body)
         except (ValueError, RecursionError) as exc:
