@@ -284,3 +284,35 @@ def test_a_download_a_peer_breaks_off_goes_on_from_the_registry(
     finally:
         up.stop()
         pe.stop()
+
+
+def test_an_erofs_layer_under_verify_full_through_a_lying_peer_is_measured_and_read_from_the_registry(
+        layer: tuple[bytes, dict[str, str]], upstream: Registry, peer: Registry, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    data, _sums = layer
+    for registry in (upstream, peer):
+        registry.push_image("team/full", "1", [(data, EROFS_LAYER)])
+    up, pe = FaultProxy(upstream.host), FaultProxy(peer.host)
+    try:
+        hosts = hosts_toml(tmp_path / "certs.d", up.host, f'server = "http://{up.host}"\n\n'
+                           f'[host."http://{pe.host}"]\n  capabilities = ["pull"]\n')
+        options = {"insecure": "", "hosts-dir": str(hosts), "verify": "full"}
+        for lies_at in ("mount", "read"):  # the whole pass at mount, or a range read later
+            if lies_at == "mount":
+                pe.inject("sha256:" + hashlib.sha256(data).hexdigest(), *["corrupt"] * 1000)
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="erofs_mount.oci"):
+                source = Retrying(open_reference(f"{up.host}/team/full:1", options))
+                try:
+                    if lies_at == "read":
+                        pe.inject("blob", *["corrupt"] * 1000)
+                    assert read_all(source) == data
+                finally:
+                    source.close()
+            pe.faults.clear()
+            said = [r.message for r in caplog.records if pe.host in r.message]
+            assert len(said) == 1 and "skipped for 10 s" in said[0], (lies_at, said)
+    finally:
+        up.stop()
+        pe.stop()

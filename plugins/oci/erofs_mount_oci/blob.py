@@ -22,6 +22,7 @@ from typing import Any
 from erofs_mount_core import Counters, Source, SourceError
 
 from . import _http
+from .routing import distrust_served
 from .spans import Spans
 
 log = logging.getLogger("erofs_mount.oci")
@@ -75,7 +76,11 @@ class BlobSource(Source):
             else:
                 self._counters.add("http_bytes", len(data))
                 if self.spans:
-                    self.spans.check(start, data, what, transient=True)  # a retry may get the right bytes
+                    try:
+                        self.spans.check(start, data, what, transient=True)  # a retry may get the right bytes
+                    except SourceError as exc:
+                        distrust_served(str(exc))  # from another host, if a mirror sent them
+                        raise
                 with self._lock:
                     self._hash_along(start, data)
                 if (start, end) != (offset, offset + length):

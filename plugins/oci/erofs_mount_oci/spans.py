@@ -27,6 +27,7 @@ from erofs_mount_core import (
 )
 
 from . import _http
+from .routing import distrust_served
 
 Spans = SpanHashes  # what this plugin calls the hashes it keeps
 
@@ -48,13 +49,16 @@ def measure(client: Any, url: str, digest: str, size: int, span_size: int) -> Sp
                 whole.update(chunk)
                 spans.update(chunk)
         except _http.HTTPError as exc:
+            distrust_served(f"{what}: {exc}")  # a mirror that breaks off: the next pass asks the next host
             raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
         finally:
             response.close()
         if spans.length != size:
             raise SourceError(f"{what}: got {spans.length} of {size} bytes", transient=True)
         if f"sha256:{whole.hexdigest()}" != digest:
-            raise SourceChangedError(f"{what}: the registry served bytes with digest sha256:{whole.hexdigest()}")
+            message = f"{what}: the registry served bytes with digest sha256:{whole.hexdigest()}"
+            # a mirror's bytes: the pass is made again, of the next host; the registry's: they are refused
+            raise SourceError(message, transient=True) if distrust_served(message) else SourceChangedError(message)
         return spans.finish()
 
     if not digest.startswith("sha256:"):
