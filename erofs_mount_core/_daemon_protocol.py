@@ -272,7 +272,8 @@ def _daemon_calls(listener: socket.socket, run: subprocess.Popen[bytes], unit: s
         elif run.poll() is not None:  # systemd-run ended before the daemon called: no service started
             said = run.communicate()[1].decode(errors="replace").strip().splitlines()
             reason = said[-1] if said else f"systemd-run exit status {run.returncode}"
-            raise errors.KernelError(f"systemd did not start the daemon's service {unit}: {reason}")
+            raise errors.KernelError(f"systemd did not start the daemon's service {unit}: {reason} "
+                                     f"({systemd.SETTING}=no starts daemons without systemd)")
     _Service(unit, run).stop()
     raise errors.KernelError(f"the daemon's service {unit} did not start within {READY_TIMEOUT:.0f} s")
 

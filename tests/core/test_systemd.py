@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import os
+import re
 import select
 import shutil
 import socket
@@ -86,6 +87,24 @@ def test_a_service_daemon_refuses_through_its_channel_and_leaves_nothing(tmp_pat
     assert "--property=Type=notify" in args and f"--setenv=PATH={protocol.SYSTEM_PATH}" in args
     assert any(a.startswith("--unit=erofs-mountd-" + path.stem) for a in args)
     assert not any("s3cret" in a for a in args), "a secret would be in the unit's settings"
+
+
+def test_a_systemd_that_cannot_be_reached_is_one_line_that_says_how_to_do_without(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a container that sees /run/systemd/system but not systemd's socket."""
+    fake = tmp_path / "systemd-run"
+    fake.write_text("#!/bin/sh\necho 'Failed to connect to bus: No such file or directory' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setattr(systemd, "systemd_run", lambda path: str(fake))
+    image = tmp_path / "app.erofs"
+    image.write_bytes(os.urandom(4096))
+    path = _record_for(tmp_path, image)
+    with pytest.raises(errors.KernelError) as caught:
+        protocol.spawn("reattach", path)
+    assert re.fullmatch(rf"systemd did not start the daemon's service erofs-mountd-{path.stem}-[0-9a-f]{{4}}\.service: "
+                        rf"Failed to connect to bus: No such file or directory \({systemd.SETTING}=no starts daemons "
+                        r"without systemd\)", str(caught.value)), str(caught.value)
+    assert not protocol.daemon_alive(path) and sorted(p.suffix for p in path.parent.iterdir()) == [".lock", ".toml"]
 
 
 def test_the_channel_gives_the_lock_and_environment_and_takes_the_line(tmp_path: Path,
