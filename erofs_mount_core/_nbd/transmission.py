@@ -200,6 +200,8 @@ def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel", stats: Co
         return str(exc)
     except (BrokenPipeError, ConnectionResetError) as exc:
         return f"closed ({exc.strerror})"
+    finally:
+        stats.started = 0  # a connection that ended is in no request: the watchdog must not count it stuck
 
 
 def _recv_rest(sock: socket.socket, header: bytearray, got: int) -> None:

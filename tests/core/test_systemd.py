@@ -218,3 +218,18 @@ def test_a_daemon_names_its_own_service_from_its_cgroup() -> None:
     assert systemd.unit_of_this_process() is None  # a test is in no erofs-mountd service
     name = systemd.unit_name(Path("/run/erofs-mount/nbd-0a1b2c3d4e5f.toml"))
     assert name.startswith("erofs-mountd-nbd-0a1b2c3d4e5f-") and name.endswith(".service")
+
+
+def test_a_connection_that_ended_is_never_counted_stuck() -> None:
+    """A connection the kernel closed (EOF where a request would start) leaves no request open behind it:
+    a daemon serving on with its other connections must not miss its watchdog pings for it."""
+    from erofs_mount_core._metrics import ConnectionStats
+    from erofs_mount_core._nbd.transmission import Disk, transmit
+    from tests.core.test_server import DATA, BytesSource
+
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    stats = ConnectionStats()
+    with ours:
+        assert transmit(ours, Disk(BytesSource(DATA)), stats=stats) == "closed"
+    assert stats.started == 0
