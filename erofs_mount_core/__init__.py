@@ -7,6 +7,7 @@ The public API for source plugins is what this module exports::
     from erofs_mount_core import Counters  # what a source counts, for stats and metrics
     from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
     from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
+    from erofs_mount_core import SpanStore, FillJob  # checked spans kept on disk, shared, kept across reattach
     from erofs_mount_core import cache_directory, cache_room, open_cache_file, write_cache_file  # kept between mounts
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
@@ -28,6 +29,7 @@ _EXPORTS = {
     "CacheSettings": "_filters",
     "Counters": "_metrics",
     "ErofsMountError": "_errors",
+    "FillJob": "_span_store",
     "Filter": "_filters",
     "ImageLayout": "_erofs.build",
     "ImageNode": "_erofs.build",
@@ -37,6 +39,7 @@ _EXPORTS = {
     "SourceError": "_errors",
     "SpanHashes": "_spans",
     "SpanHasher": "_spans",
+    "SpanStore": "_span_store",
     "SynthesizedImage": "_erofs.image",
     "UsageError": "_errors",
     "cache_directory": "_cache",
@@ -51,6 +54,7 @@ __all__ = [
     "CacheSettings",
     "Counters",
     "ErofsMountError",
+    "FillJob",
     "Filter",
     "ImageLayout",
     "ImageNode",
@@ -60,6 +64,7 @@ __all__ = [
     "SourceError",
     "SpanHasher",
     "SpanHashes",
+    "SpanStore",
     "SynthesizedImage",
     "UsageError",
     "cache_directory",
@@ -77,6 +82,7 @@ if TYPE_CHECKING:
     from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
     from ._metrics import Counters
     from ._source import Source
+    from ._span_store import FillJob, SpanStore
     from ._spans import SpanHasher, SpanHashes
     from .hookspecs import hookimpl
 

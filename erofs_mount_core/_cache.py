@@ -108,6 +108,8 @@ def entries() -> list[CacheEntry]:
         return found
     for directory, _dirs, files in os.walk(root):
         for name in files:
+            if name.startswith("."):  # a lock, or a file being written
+                continue
             path = Path(directory, name)
             try:
                 st = path.lstat()

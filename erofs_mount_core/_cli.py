@@ -323,7 +323,7 @@ def plugins(scheme: str | None, as_json: bool) -> None:
 
 @cli.group()
 def cache() -> None:
-    """The cache directory: indexes, span hashes and unpacked streams kept between mounts.
+    """The cache directory: indexes, span hashes, unpacked streams and the span store, kept between mounts.
 
     It is /var/cache/erofs-mount unless EROFS_MOUNT_CACHE_DIR names another.
     Anything in it may be deleted; what a mount needs again is rebuilt.
@@ -334,25 +334,39 @@ def cache() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors_as_lines
 def cache_list(as_json: bool) -> None:
-    """Show the cache's files, least recently used first, and which are in use by a daemon."""
-    from . import _cache
+    """Show the cache's files, least recently used first, and which are in use by a daemon.
 
-    found = _cache.entries()
+    The span store's files show as one row per stream (its sha256 and span size).
+    """
+    from . import _cache, _span_store
+
+    root = _cache.cache_root()
+    store = root / _span_store.STORE_DIR
+    found = [e for e in _cache.entries() if store not in e.path.parents]
+    streams = _span_store.stored(store)
     if as_json:
-        click.echo(json.dumps({"directory": str(_cache.cache_root()), "entries": [
-            {"path": str(e.path), "bytes": e.size, "used": e.used, "in_use": e.in_use} for e in found]}, indent=2))
+        click.echo(json.dumps({"directory": str(root), "entries": [
+            {"path": str(e.path), "bytes": e.size, "used": e.used, "in_use": e.in_use} for e in found],
+            "span_store": [{"stream": f"sha256:{s.stream}", "span_size": s.span_size, "spans": s.spans,
+                            "bytes": s.bytes, "used": s.used} for s in streams]}, indent=2))
         return
-    if not found:
-        click.echo(f"{_cache.cache_root()}: empty")
+    if not found and not streams:
+        click.echo(f"{root}: empty")
         return
     import time
 
+    def when(t: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
+
     table = [("SIZE", "LAST USED", "IN USE", "FILE")]
-    for e in found:
-        table.append((_size_text(e.size), time.strftime("%Y-%m-%d %H:%M", time.localtime(e.used)),
-                      "yes" if e.in_use else "-", str(e.path.relative_to(_cache.cache_root()))))
+    rows = [(e.used, (_size_text(e.size), when(e.used), "yes" if e.in_use else "-",
+                      str(e.path.relative_to(root)))) for e in found]
+    rows += [(s.used, (_size_text(s.bytes), when(s.used), "-", f"{_span_store.STORE_DIR}/sha256:{s.stream[:12]}… "
+                       f"({s.spans} spans of {_size_text(s.span_size)})")) for s in streams]
+    table += [row for _used, row in sorted(rows, key=lambda r: r[0])]
     _echo_table(table)
-    click.echo(f"{_size_text(sum(e.size for e in found))} in {len(found)} files under {_cache.cache_root()}")
+    total = sum(e.size for e in found) + sum(s.bytes for s in streams)
+    click.echo(f"{_size_text(total)} in {len(found) + sum(s.spans for s in streams)} files under {root}")
 
 
 @cache.command(name="prune")

@@ -140,6 +140,7 @@ class Daemon:
             threading.Thread(target=self._watchdog, args=(self.service.watchdog / 2,), name="watchdog",
                              daemon=True).start()
         self.ready.ready(index)
+        source.start_background()
         self.finished.wait()
         if self.handed_over:
             log.info("nbd%d handed over to a new daemon; this one exits", index)

@@ -1,7 +1,7 @@
 """Filters: sources over sources that add one behaviour, as nbdkit's filters do.
 
 A filter delegates what it does not change (``size``, ``fileno``,
-``describe``, ``state``, ``close``), so it can wrap any source and be
+``describe``, ``state``, ``counters``, ``start_background``, ``close``), so it can wrap any source and be
 stacked. Two ship with the core:
 
 - ``BlockCache``: a bounded LRU of fixed-size blocks with readahead on
@@ -59,6 +59,9 @@ class Filter(Source):
 
     def counters(self) -> Mapping[str, int]:
         return self.inner.counters()
+
+    def start_background(self) -> None:
+        self.inner.start_background()
 
     def close(self) -> None:
         self.inner.close()

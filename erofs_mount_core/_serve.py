@@ -107,6 +107,7 @@ def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None
                 socket_path = os.path.join(private_dir, "nbd.sock")
             source = Retrying(host.open_source(scheme, location, options))
             try:
+                source.start_background()
                 return _serve(spec, source, socket_path, listen, command, signals, limits)
             finally:
                 source.close()

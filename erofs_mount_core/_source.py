@@ -67,6 +67,14 @@ class Source(abc.ABC):
         """
         return {}
 
+    def start_background(self) -> None:  # noqa: B027 - optional hook, default does nothing
+        """Start work that runs beside serving (filling a cache), on threads of the source's own.
+
+        Called once by the process that serves the kernel or an NBD client,
+        when it starts serving; never for a source opened only to be checked
+        (as ``mount`` does before its daemon starts). ``close`` stops it.
+        """
+
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release files and connections. Called once, after the last ``pread``."""
 

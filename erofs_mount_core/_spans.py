@@ -4,17 +4,25 @@ A source whose bytes come from somewhere that could change or lie (a
 registry, a proxy, an archive on disk) records them when it first reads the
 stream; ``SpanHashes.verified(source, cache)`` then serves only spans whose
 hash matches, so other bytes become I/O errors, never other file contents.
+With a ``SpanStore``, the spans checked are also kept on disk, under the
+stream's own sha256, and served from there by every later mount of the
+same stream (a reattached daemon starts warm).
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import attrs
 
 from ._errors import SourceError
 from ._filters import BlockCache, CacheSettings, Filter
 from ._source import Source
+
+if TYPE_CHECKING:
+    from ._span_store import SpanStore
 
 HASH_SIZE = 32  # one sha256
 
@@ -48,10 +56,27 @@ class SpanHashes:
                 raise SourceError(f"{what}: span {n} is not the bytes measured when it was first read",
                                   transient=transient)
 
-    def verified(self, source: Source, cache: CacheSettings, what: str, *, transient: bool = False) -> BlockCache:
-        """``source`` behind a cache of spans, each checked once when it is fetched."""
-        return BlockCache(_Checked(source, self, what, transient), block_size=self.span_size,
-                          cache_bytes=cache.cache_mib << 20, readahead=cache.readahead_kib << 10)
+    def verified(self, source: Source, cache: CacheSettings, what: str, *, transient: bool = False,
+                 store: SpanStore | None = None, stream: str = "",
+                 rejected: Callable[[str], object] | None = None) -> BlockCache:
+        """``source`` behind a cache of spans, each checked once when it is fetched.
+
+        ``store`` and ``stream`` (the sha256 of the whole stream, hex): the
+        spans checked are kept in the store and served from it. ``rejected``
+        hears of each span that did not match, before the read fails.
+        """
+        checked: Source = _Checked(source, self, what, transient, rejected)
+        if store is not None:
+            if not stream:
+                raise ValueError("a span store keeps spans under the stream's sha256")
+            checked = store.persisted(checked, self.span_size, self.hashes, stream)
+        return BlockCache(checked, block_size=self.span_size, cache_bytes=cache.cache_mib << 20,
+                          readahead=cache.readahead_kib << 10)
+
+
+def checked(source: Source, spans: SpanHashes, what: str) -> Source:
+    """``source`` read in whole spans, each checked (a mismatch is transient: a retry may fetch the right bytes)."""
+    return _Checked(source, spans, what, True, None)
 
 
 class SpanHasher:
@@ -84,15 +109,21 @@ class SpanHasher:
 class _Checked(Filter):
     """Reads of whole spans (as the BlockCache in front asks for them), checked before they go anywhere."""
 
-    def __init__(self, inner: Source, spans: SpanHashes, what: str, transient: bool) -> None:
+    def __init__(self, inner: Source, spans: SpanHashes, what: str, transient: bool,
+                 rejected: Callable[[str], object] | None) -> None:
         super().__init__(inner)
-        self.spans, self.what, self.transient = spans, what, transient
+        self.spans, self.what, self.transient, self.rejected = spans, what, transient, rejected
         if -(-inner.size // spans.span_size) != spans.spans:
             raise SourceError(f"{what}: {inner.size} bytes do not make the {spans.spans} spans measured")
 
     def pread(self, length: int, offset: int) -> bytes | memoryview:
         data = self.inner.pread(length, offset)
-        self.spans.check(offset, data, self.what, transient=self.transient)
+        try:
+            self.spans.check(offset, data, self.what, transient=self.transient)
+        except SourceError as exc:
+            if self.rejected is not None:
+                self.rejected(str(exc))
+            raise
         return data
 
     def fileno(self) -> int | None:

@@ -317,7 +317,7 @@ def test_reads_are_one_range_request_each_and_a_lying_registry_gives_io_errors(
     proxy = FaultProxy(registry.host)
     try:
         reference = image.replace(registry.host, proxy.host)
-        source = open_reference(reference, {"insecure": "", "readahead-kib": "0"})
+        source = open_reference(reference, {"insecure": "", "readahead-kib": "0", "disk-cache-mib": "0"})
         try:
             config = whole_gets(proxy)
             assert len(config) == 1, "the layers were indexed already: nothing but the config is fetched whole"
@@ -337,7 +337,7 @@ def test_reads_are_one_range_request_each_and_a_lying_registry_gives_io_errors(
             assert counts["decompressed_bytes"] > 0 and counts["cache_misses"] > 0
         finally:
             source.close()
-        source = open_reference(reference, {"insecure": "", "readahead-kib": "0"})
+        source = open_reference(reference, {"insecure": "", "readahead-kib": "0", "disk-cache-mib": "0"})
         try:
             proxy.inject("blob", *["corrupt"] * 10_000)  # every answer lies, retries included
             errors = []

@@ -34,6 +34,12 @@ Options (``-o key=value``, comma-separated or repeated):
                          any byte is served, and every later read is checked against the
                          sha256 of its spans (kept in $EROFS_MOUNT_CACHE_DIR, default
                          /var/cache/erofs-mount)
+    disk-cache-mib=N     the span store's bound (default 2048; 0: off): every span checked against its hash
+                         (tar layers; EROFS layers under verify=full) is also kept on disk, under
+                         the sha256 of its stream, shared by every mount and kept across reattach, so a
+                         reattached daemon starts warm; the least recently used spans go first
+    fill                 after mount, read every layer into the span store in the background, so that a
+                         registry outage later cannot stall reads (the layers must fit disk-cache-mib)
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
     readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
@@ -70,6 +76,8 @@ class Options:
     credentials: str | None = None
     hosts_dir: str | None = None
     verify: str = "lazy"
+    disk_cache_mib: int = 2048
+    fill: bool = False
     cache: CacheSettings = CacheSettings()
 
     @classmethod
@@ -83,9 +91,9 @@ class Options:
             name = key.replace("-", "_")
             if key in CacheSettings.OPTIONS:
                 continue
-            if name == "insecure":
+            if name in ("insecure", "fill"):
                 values[name] = value.lower() not in ("0", "no", "false")
-            elif name == "layer":
+            elif name in ("layer", "disk_cache_mib"):
                 if not value.isdigit():
                     raise UsageError(f"oci: {key}={value!r} is not a whole number")
                 values[name] = int(value)
@@ -93,6 +101,8 @@ class Options:
                 values[name] = value
         if values.get("verify", "lazy") not in ("lazy", "full"):
             raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
+        if values.get("fill") and values.get("disk_cache_mib") == 0:
+            raise UsageError("oci: fill keeps the layers in the span store: it needs disk-cache-mib above 0")
         if "layer" in values and "blob" in values:
             raise UsageError("oci: give layer= or blob=, not both")
         if "blob" in values:
@@ -150,7 +160,8 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
         manifest, digest, chosen = registry.image_manifest(platform)
         common = {"reference": location, "registry": ref.registry, "repository": ref.repository,
                   "manifest_digest": digest, "platform": chosen, "insecure": opts.insecure, "ca": opts.ca or "",
-                  "credentials": credentials.to_record(), "hosts_dir": hosts_dir, **opts.cache.to_state()}
+                  "credentials": credentials.to_record(), "hosts_dir": hosts_dir, **opts.cache.to_state(),
+                  "disk_cache_mib": opts.disk_cache_mib, "fill": opts.fill}
         if opts.layer is None and opts.blob is None:
             descriptors = manifest.get("layers") if isinstance(manifest.get("layers"), list) else []
             if not any(isinstance(d, dict) and is_erofs(str(d.get("mediaType", ""))) for d in descriptors):
@@ -184,8 +195,10 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
         diff_ids = [diff_ids[layers[0].index]]
     found = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty())
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids)}
-    return LayersImage(registry, layers, found, opts.cache, state, whole=whole,
-                       description=_image_description(state))
+    store = _span_store(state)
+    image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
+                        description=_image_description(state), store=store)
+    return image.filling() if opts.fill else image
 
 
 def _image_description(state: Mapping[str, Any]) -> str:
@@ -196,11 +209,21 @@ def _image_description(state: Mapping[str, Any]) -> str:
     return f"{where} layer {layers[0]['index']} ({layers[0]['digest']}, as a layer)"
 
 
+def _span_store(state: Mapping[str, Any]) -> Any:
+    """The span store the record's ``disk_cache_mib`` asks for, or None (records made before it: none)."""
+    from erofs_mount_core import SpanStore
+
+    mib = int(state.get("disk_cache_mib", 0))
+    return SpanStore(mib << 20) if mib else None
+
+
 def _open_blob(registry: Any, layer: Any, common: dict[str, Any], opts: Options) -> Source:
     """An EROFS layer: its blob served as it is, by range requests."""
     from . import spans
     from .blob import BlobSource
 
+    if opts.fill and opts.verify != "full":
+        raise UsageError("oci: fill keeps checked spans: for an EROFS layer it needs verify=full")
     ref, client = registry.ref, registry.client
     state = {**common, "blob_digest": layer.digest, "blob_size": layer.size, "media_type": layer.media_type,
              "layer_index": layer.index}
@@ -211,8 +234,8 @@ def _open_blob(registry: Any, layer: Any, common: dict[str, Any], opts: Options)
         spans.store(layer.digest, found)
         state.update(verify="full", span_size=found.span_size, spans_sha256=found.root())
     blob = BlobSource(client, url, layer.digest, layer.size, description=f"{ref}#{layer.digest}", state=state,
-                      spans=found)
-    return opts.cache.wrap(blob)
+                      digest_along=found is None)
+    return opts.cache.wrap(blob) if found is None else spans.served(blob, found, opts.cache, state)
 
 
 def reopen(state: Mapping[str, Any]) -> Source:
@@ -236,8 +259,9 @@ def reopen(state: Mapping[str, Any]) -> Source:
         if kind in ("image", "tar-layer"):
             from .image import reopen_layers
 
-            return reopen_layers(registry, state, cache, whole=kind == "image",
-                                 description=_image_description({**state, "kind": kind}))
+            image = reopen_layers(registry, state, cache, whole=kind == "image",
+                                  description=_image_description({**state, "kind": kind}), store=_span_store(state))
+            return image.filling() if state.get("fill") else image
         return _reopen_blob(registry, state, cache)
     except BaseException:
         client.close()
@@ -255,10 +279,14 @@ def _reopen_blob(registry: Any, state: Mapping[str, Any], cache: CacheSettings) 
     found = registry.blob_size(digest)
     if found != size:
         raise SourceChangedError(f"oci: blob {digest} is {found} bytes now, {size} when mounted")
+    from . import spans
+
     verified = _verified_spans(client, registry.blob_url(digest), digest, size, state)
     blob = BlobSource(client, registry.blob_url(digest), digest, size,
-                      description=f"{state['reference']}#{digest}", state=state, spans=verified)
-    return cache.wrap(blob)
+                      description=f"{state['reference']}#{digest}", state=state, digest_along=verified is None)
+    if verified is None:
+        return cache.wrap(blob)
+    return spans.served(blob, verified, cache, state)
 
 
 def _verified_spans(client: Any, url: str, digest: str, size: int, state: Mapping[str, Any]) -> Any:

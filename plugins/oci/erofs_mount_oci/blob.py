@@ -6,7 +6,7 @@ kernel's reads into block-aligned ranges with readahead, and the core's
 one attempt. A registry that ignores Range and sends the whole blob is read
 once into a temporary file, which then serves every read. The blob's digest
 is checked when sequential reads have passed over all of it (unless the
-caller checks every read itself, as tar layers do against their span hashes).
+caller checks every read itself against span hashes: tar layers, verify=full).
 """
 
 from __future__ import annotations
@@ -22,18 +22,16 @@ from typing import Any
 from erofs_mount_core import Counters, Source, SourceError
 
 from . import _http
-from .routing import distrust_served
-from .spans import Spans
 
 log = logging.getLogger("erofs_mount.oci")
 
 
 class BlobSource(Source):
     def __init__(self, client: Any, url: str, digest: str, size: int, *, description: str,
-                 state: Mapping[str, Any], spans: Spans | None = None, digest_along: bool = True) -> None:
+                 state: Mapping[str, Any], digest_along: bool = True, owns_client: bool = True) -> None:
         self.client, self.url, self.digest, self._size = client, url, digest, size
         self.description = description
-        self.spans = spans
+        self.owns_client = owns_client
         self._state = dict(state)
         self._lock = threading.Lock()
         self._full: Any = None  # a temp file holding the whole blob, if the registry ignored Range
@@ -64,9 +62,6 @@ class BlobSource(Source):
                               f"its {self._size} bytes")
         if self._full is None:
             start, end = offset, offset + length
-            if self.spans:  # whole spans only: each is checked before a byte of it is served
-                span = self.spans.span_size
-                start, end = start - start % span, min(-(-end // span) * span, self._size)
             what = f"blob {self.digest[:19]}… bytes {start}-{end - 1}"
             self._counters.add("http_requests")
             try:
@@ -75,16 +70,8 @@ class BlobSource(Source):
                 self._take_full_body(full.response)
             else:
                 self._counters.add("http_bytes", len(data))
-                if self.spans:
-                    try:
-                        self.spans.check(start, data, what, transient=True)  # a retry may get the right bytes
-                    except SourceError as exc:
-                        distrust_served(str(exc))  # from another host, if a mirror sent them
-                        raise
                 with self._lock:
                     self._hash_along(start, data)
-                if (start, end) != (offset, offset + length):
-                    data = data[offset - start:offset - start + length]
                 return data
         return os.pread(self._full.fileno(), length, offset)
 
@@ -137,4 +124,5 @@ class BlobSource(Source):
     def close(self) -> None:
         if self._full is not None:
             self._full.close()
-        self.client.close()
+        if self.owns_client:
+            self.client.close()

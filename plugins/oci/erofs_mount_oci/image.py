@@ -5,7 +5,9 @@ whose metadata comes from the layers' indexes and whose files' blocks come
 from the layers' uncompressed streams, each stream read from its blob with
 range requests and every span of it checked against the hash taken when
 the layer was indexed. The whole image lays the layers' streams end to end
-in one backing: a block goes to the layer that holds it.
+in one backing: a block goes to the layer that holds it. With a span store,
+the spans checked are kept on disk under the layer's diff_id (the sha256 of
+its stream), for every later mount of an image that holds the same layer.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from erofs_mount_core import (
     BlockCache,
     CacheSettings,
     Counters,
+    FillJob,
     Filter,
     ImageLayout,
     Source,
     SourceChangedError,
     SourceError,
+    SpanStore,
     SynthesizedImage,
 )
 
@@ -35,6 +39,7 @@ from .registry import Layer, Registry
 from .routing import distrust_served
 
 COMPRESSED_BLOCK = 64 << 10
+FILL_BLOCK, FILL_READAHEAD = 1 << 20, 4 << 20  # a fill reads the compressed layer this many bytes at a time
 
 
 class _Forgetting(Filter):
@@ -94,6 +99,39 @@ def _open_stream(index: indexes.ArchiveIndex, compressed: BlockCache, what: str)
     return index.open_stream(compressed)
 
 
+class _Deferred(Source):
+    """A layer's stream, opened at its first read: a daemon whose reads all come from the span store never
+    fetches a byte to open a decoder."""
+
+    def __init__(self, open_stream: Callable[[], Source], size: int) -> None:
+        self._open, self._size = open_stream, size
+        self._stream: Source | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
+        stream = self._stream
+        if stream is None:
+            with self._lock:
+                if self._stream is None:
+                    try:
+                        self._stream = self._open()
+                    except SourceError as exc:
+                        raise SourceError(str(exc), transient=True) from None  # a new decoder may open
+                stream = self._stream
+        return stream.pread(length, offset)
+
+    def counters(self) -> Mapping[str, int]:
+        return self._stream.counters() if self._stream is not None else {}
+
+    def close(self) -> None:
+        if self._stream is not None:
+            self._stream.close()
+
+
 class Layered(Source):
     """Streams end to end: offset ``base[i] + n`` is byte n of stream i (a file's bytes never straddle two)."""
 
@@ -129,10 +167,13 @@ class LayersImage(SynthesizedImage):
     """The image of ``layers``: merged (``whole``) or, for one layer, as it is (whiteouts in overlayfs form)."""
 
     def __init__(self, registry: Registry, layers: list[Layer], found: list[indexes.ArchiveIndex],
-                 cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str) -> None:
+                 cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str,
+                 store: SpanStore | None = None) -> None:
         share = max(16, cache.cache_mib // len(layers))  # of the memory cache-mib allows, per layer:
         per_layer = CacheSettings(share - share // 4, cache.block_kib, cache.readahead_kib)  # decompressed spans
         streams: list[Source] = []
+        self.fill_jobs: list[FillJob] = []
+        self.store = store
         try:
             for layer, index in zip(layers, found, strict=True):
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
@@ -142,13 +183,19 @@ class LayersImage(SynthesizedImage):
                 compressed = BlockCache(blob, block_size=COMPRESSED_BLOCK, cache_bytes=(share // 4) << 20,
                                         readahead=0)
                 what = f"oci: layer {layer.index} ({layer.digest[:19]}…)"
+                # a zstd layer without frames is unpacked on this disk already: not kept twice
+                kept = None if index.unpacked else store
 
                 def open_verified(index: indexes.ArchiveIndex = index, compressed: BlockCache = compressed,
-                                  what: str = what) -> Source:
-                    return index.spans.verified(_open_stream(index, compressed, what), per_layer, what,
-                                                transient=True)
+                                  what: str = what, kept: SpanStore | None = kept) -> Source:
+                    stream = _Deferred(lambda: _open_stream(index, compressed, what), index.stream_size)
+                    return index.spans.verified(stream, per_layer, what, transient=True, store=kept,
+                                                stream=index.stream_sha256)
 
                 streams.append(_Forgetting(open_verified, compressed))
+                if kept is not None:
+                    job = FillJob(_fill_from(index, registry, layer, what), index.spans, index.stream_sha256, what)
+                    self.fill_jobs.append(job)
             backing = Layered(streams)
             if whole:
                 layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(found, backing.bases,
@@ -167,11 +214,34 @@ class LayersImage(SynthesizedImage):
     def state(self) -> dict[str, Any]:
         return dict(self._state)
 
+    def filling(self) -> Source:
+        """This image, which fills the span store with every layer's stream once it serves."""
+        if self.store is None:
+            return self
+        total = sum(job.spans.spans * job.spans.span_size for job in self.fill_jobs)
+        if total > self.store.max_bytes:
+            self.close()
+            raise SourceError(f"oci: fill: the layers' {total >> 20} MiB do not fit the span store's "
+                              f"{self.store.max_bytes >> 20} MiB (disk-cache-mib)")
+        return self.store.filling(self, self.fill_jobs)
+
     def close(self) -> None:
         try:
             super().close()
         finally:
             self.registry.client.close()
+
+
+def _fill_from(index: indexes.ArchiveIndex, registry: Registry, layer: Layer, what: str) -> Callable[[], Source]:
+    """A layer's stream decoded by a decoder of its own, over large range requests of the blob (the
+    client is serving's: closing the fill's sources leaves it open)."""
+    def opened() -> Source:
+        blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                          description=what, state={}, digest_along=False, owns_client=False)
+        compressed = BlockCache(blob, block_size=FILL_BLOCK, cache_bytes=FILL_READAHEAD + FILL_BLOCK,
+                                readahead=FILL_READAHEAD)
+        return _open_stream(index, compressed, what)
+    return opened
 
 
 def layer_state(layers: list[Layer], diff_ids: list[str]) -> list[dict[str, Any]]:
@@ -193,7 +263,7 @@ def layers_of_state(state: Mapping[str, Any]) -> tuple[list[Layer], list[str]]:
 
 
 def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSettings, *, whole: bool,
-                  description: str) -> LayersImage:
+                  description: str, store: SpanStore | None = None) -> LayersImage:
     """The image the record pins: every layer still in the registry (by digest), indexed as before,
     and the very same image made of them; refused otherwise."""
     layers, diff_ids = layers_of_state(state)
@@ -205,7 +275,7 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
     from .layers import indexed
 
     image = LayersImage(registry, layers, indexed(registry, layers, diff_ids), cache, state, whole=whole,
-                        description=description)
+                        description=description, store=store)
     if image.image_sha256 != state.get("image_sha256"):
         image.backing.close()
         raise SourceChangedError(f"oci: {description} now gives another image than the one mounted "

@@ -6,21 +6,28 @@ checked against those hashes before it is served, so a registry or proxy
 that sends other bytes causes an I/O error, never other bytes. The hashes
 are kept in a root-only cache directory, under the blob's digest; the record
 pins their own sha256, so reattach reuses them only if they are the ones
-measured at mount, and streams the blob again otherwise.
+measured at mount, and streams the blob again otherwise. The spans read are
+kept in the span store (``disk-cache-mib``) under the blob's digest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from erofs_mount_core import (
+    BlockCache,
+    CacheSettings,
+    FillJob,
+    Source,
     SourceChangedError,
     SourceError,
     SpanHasher,
     SpanHashes,
+    SpanStore,
     cache_directory,
     open_cache_file,
     write_cache_file,
@@ -30,6 +37,27 @@ from . import _http
 from .routing import distrust_served
 
 Spans = SpanHashes  # what this plugin calls the hashes it keeps
+FILL_READAHEAD = 4 << 20  # a fill's range requests: this much at a time
+
+
+def served(blob: Any, spans: Spans, cache: CacheSettings, state: Mapping[str, Any]) -> Source:
+    """The blob read in spans, each checked (a mirror that sent other bytes is skipped for the retry), kept
+    in the span store the record asks for and, with ``fill``, every span stored in the background."""
+    what = f"blob {blob.digest[:19]}…"
+    mib = int(state.get("disk_cache_mib", 0))
+    store = SpanStore(mib << 20) if mib else None
+    stream = blob.digest.removeprefix("sha256:")
+    source: Source = spans.verified(blob, cache, what, transient=True, store=store, stream=stream,
+                                    rejected=distrust_served)
+    if store is None or not state.get("fill"):
+        return source
+
+    def fill_from() -> Source:  # a blob source of its own, sharing the client (which it must not close)
+        own = type(blob)(blob.client, blob.url, blob.digest, blob.size, description=what, state={},
+                         digest_along=False, owns_client=False)
+        return BlockCache(own, block_size=spans.span_size, cache_bytes=spans.span_size, readahead=FILL_READAHEAD)
+
+    return store.filling(source, [FillJob(fill_from, spans, stream, what)])
 
 
 def measure(client: Any, url: str, digest: str, size: int, span_size: int) -> Spans:

@@ -1,0 +1,147 @@
+"""The span store under OCI sources: a reopened image reads what was read before without a request, a fill
+makes a registry outage harmless, and what a registry sends wrong is never kept."""
+
+from __future__ import annotations
+
+import gzip
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from erofs_mount_oci import open_reference, reopen
+
+from erofs_mount_core import Source, SourceError, UsageError
+from erofs_mount_core._filters import Retrying, RetryPolicy
+from tests.oci.faultproxy import FaultProxy
+from tests.oci.registry import EROFS_LAYER, Registry
+from tests.oci.test_tar_images import diff_id, upper_layers, zstd_tool
+
+TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+@pytest.fixture
+def proxy(registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FaultProxy]:
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))  # a cold cache for each test
+    p = FaultProxy(registry.host)
+    yield p
+    p.stop()
+
+
+def read_all(source: Source, step: int = 256 << 10) -> bytes:
+    return b"".join(bytes(source.pread(min(step, source.size - o), o)) for o in range(0, source.size, step))
+
+
+def span_files(tmp_path: Path) -> list[Path]:
+    return sorted(p for p in (tmp_path / "cache" / "spans").glob("*/*") if not p.name.startswith("."))
+
+
+@pytest.fixture
+def image(registry: Registry) -> str:
+    one, two, three = upper_layers()  # plain tar, zstd (in frames), gzip
+    blobs = [(one, "application/vnd.oci.image.layer.v1.tar"),
+             (zstd_tool(two), "application/vnd.oci.image.layer.v1.tar+zstd"),
+             (gzip.compress(three, mtime=0), TAR_GZIP)]
+    registry.push_image("store/image", "v1", blobs, diff_ids=[diff_id(b) for b, _ in blobs])
+    return "store/image:v1"
+
+
+def test_a_reopened_image_reads_what_was_read_before_with_no_request(proxy: FaultProxy, image: str,
+                                                                     tmp_path: Path) -> None:
+    source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
+    expected = read_all(source)
+    state = source.state()
+    source.close()
+    assert state["disk_cache_mib"] == 2048 and span_files(tmp_path), "on by default, and kept in the record"
+    proxy.log.clear()
+    proxy.ranges.clear()
+    again = Retrying(reopen(state))  # what a reattached daemon opens
+    try:
+        assert read_all(again) == expected
+        counts = again.counters()
+    finally:
+        again.close()
+    assert proxy.ranges == [], "every span came from the store"
+    assert counts["span_store_hits"] > 0 and counts.get("http_requests", 0) == 0, counts
+
+
+def test_a_corrupted_span_file_is_fetched_again_and_never_served(proxy: FaultProxy, image: str,
+                                                                 tmp_path: Path) -> None:
+    source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
+    expected = read_all(source)
+    state = source.state()
+    source.close()
+    victim = span_files(tmp_path)[0]
+    damaged = bytearray(victim.read_bytes())
+    damaged[len(damaged) // 2] ^= 0x40
+    victim.write_bytes(damaged)
+    proxy.ranges.clear()
+    again = Retrying(reopen(state))
+    try:
+        assert read_all(again) == expected
+        counts = again.counters()
+    finally:
+        again.close()
+    assert counts["span_store_corrupt"] == 1 and proxy.ranges, "the damaged span was fetched from the registry"
+    assert victim.read_bytes() != bytes(damaged)
+
+
+def test_a_filled_image_reads_on_through_a_registry_outage(proxy: FaultProxy, image: str, tmp_path: Path) -> None:
+    source = Retrying(open_reference(f"{proxy.host}/{image}", {"insecure": "", "fill": ""}),
+                      RetryPolicy(attempts=2, base_delay=0.01))
+    try:
+        assert not span_files(tmp_path), "nothing is filled before the source serves"
+        source.start_background()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if source.counters().get("span_store_filled_bytes", 0) and not _filling(source):
+                break
+            time.sleep(0.05)
+        proxy.inject("blob", *["503"] * 10_000)  # the registry is down for blobs from now on
+        proxy.ranges.clear()
+        assert len(read_all(source)) == source.size
+        assert proxy.ranges == [], "no read needed the registry"
+    finally:
+        source.close()
+
+
+def _filling(source: Source) -> bool:
+    return any(t.name == "fill" and t.is_alive() for t in threading.enumerate())
+
+
+def test_fill_needs_spans_to_check_and_room_for_them(proxy: FaultProxy, image: str, registry: Registry,
+                                                     layer: tuple[bytes, dict[str, str]]) -> None:
+    with pytest.raises(UsageError, match="needs disk-cache-mib above 0"):
+        open_reference(f"{proxy.host}/{image}", {"insecure": "", "fill": "", "disk-cache-mib": "0"})
+    with pytest.raises(SourceError, match="do not fit the span store"):
+        open_reference(f"{proxy.host}/{image}", {"insecure": "", "fill": "", "disk-cache-mib": "1"})
+    registry.push_image("store/erofs", "v1", [(layer[0], EROFS_LAYER)])
+    with pytest.raises(UsageError, match="needs verify=full"):
+        open_reference(f"{proxy.host}/store/erofs:v1", {"insecure": "", "fill": ""})
+
+
+def test_an_erofs_layer_under_verify_full_is_kept_and_one_under_lazy_is_not(
+        proxy: FaultProxy, registry: Registry, layer: tuple[bytes, dict[str, str]], tmp_path: Path) -> None:
+    registry.push_image("store/erofs", "v1", [(layer[0], EROFS_LAYER)])
+    reference = f"{proxy.host}/store/erofs:v1"
+    lazy = open_reference(reference, {"insecure": ""})
+    try:
+        assert read_all(lazy) == layer[0]
+    finally:
+        lazy.close()
+    assert span_files(tmp_path) == [], "bytes checked against nothing are not kept"
+    full = open_reference(reference, {"insecure": "", "verify": "full", "block-kib": "64"})
+    state = full.state()
+    try:
+        assert read_all(full) == layer[0]
+    finally:
+        full.close()
+    assert len(span_files(tmp_path)) == -(-len(layer[0]) // (64 << 10))
+    proxy.ranges.clear()
+    again = reopen(state)
+    try:
+        assert read_all(again) == layer[0]
+    finally:
+        again.close()
+    assert proxy.ranges == []
