@@ -11,7 +11,9 @@ writes a hosts.toml naming the mirror, then prints:
    on a thread) read the whole layer at once in random orders through the
    mirror: the upstream's blob bytes over the layer's size (goal <= 1.1);
    all at once, and with one host first (the mirror has the blob before the
-   others ask);
+   others ask); then all at once through nginx as a range-caching mirror
+   (1 MiB slices, ``proxy_cache_lock``: concurrent misses of a slice wait
+   for one fetch), as an operator's caching proxy is configured;
 2. latency of random 4 KiB reads (median; blocks of 4 KiB, so no cache
    helps) through the mirror, warm, against the registry directly,
    and with a dead mirror listed first: the time it adds per read after
@@ -92,6 +94,64 @@ class CountingProxy:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+NGINX_CONF = """
+user root;
+daemon off;
+worker_processes 2;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    proxy_cache_path {work}/nginx-cache levels=1:2 keys_zone=blobs:10m max_size=4g inactive=1h
+                     use_temp_path=off;
+    server {{
+        listen 127.0.0.1:{port};
+        location ~ /blobs/ {{
+            slice 1m;
+            proxy_cache blobs;
+            proxy_cache_key $uri$slice_range;
+            proxy_set_header Range $slice_range;
+            proxy_cache_valid 200 206 1h;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 120s;
+            proxy_http_version 1.1;
+            proxy_pass http://{upstream};
+        }}
+        location / {{
+            proxy_http_version 1.1;
+            proxy_pass http://{upstream};
+        }}
+    }}
+}}
+"""
+
+
+class Nginx:
+    """nginx as a range-caching mirror of ``upstream``: blobs cached in 1 MiB slices, one fetch per slice."""
+
+    def __init__(self, work: Path, upstream: str) -> None:
+        port = free_port()
+        work.mkdir()
+        conf = work / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(work=work, port=port, upstream=upstream))
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(work)], stderr=subprocess.DEVNULL)
+        self.host = f"127.0.0.1:{port}"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                httpx.get(f"http://{self.host}/v2/", timeout=1)
+                return
+            except httpx.HTTPError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("nginx did not start") from None
+                time.sleep(0.1)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
 
 
 def make_layer(work: Path, size_mib: int, seed: int) -> bytes:
@@ -217,6 +277,19 @@ def main() -> None:
                 print(f"fleet, {how}: {args.hosts} hosts read a {len(data) >> 20} MiB layer through the mirror "
                       f"({took:.1f} s); the upstream served {counting.blob_bytes / len(data):.2f}x the layer "
                       "(goal <= 1.1)")
+
+            nginx = Nginx(work / "nginx", counting.host)
+            try:
+                data = make_layer(work, args.size_mib, 4)
+                upstream.push_image("bench/fleet4", "1", [(data, EROFS_LAYER)])
+                counting.blob_bytes = 0
+                took = fleet(f"{counting.host}/bench/fleet4:1", hosts_dir(work, "nginx-hosts", counting.host,
+                                                                          [nginx.host]), args.hosts, len(data))
+                print(f"fleet, all at once through nginx caching 1 MiB slices: {args.hosts} hosts read a "
+                      f"{len(data) >> 20} MiB layer ({took:.1f} s); the upstream served "
+                      f"{counting.blob_bytes / len(data):.2f}x the layer (goal <= 1.1)")
+            finally:
+                nginx.stop()
 
             data = make_layer(work, args.size_mib, 2)
             upstream.push_image("bench/lat", "1", [(data, EROFS_LAYER)])

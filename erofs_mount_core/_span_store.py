@@ -116,7 +116,7 @@ class SpanStore:
 
     # -- one span --------------------------------------------------------------------
 
-    def get(self, where: Path, n: int, digest: bytes, counters: Counters) -> bytes | None:
+    def get(self, where: Path, n: int, digest: bytes, counters: Counters, span_size: int) -> bytes | None:
         """Span ``n`` if it is stored and still hashes to ``digest``; a changed file is deleted."""
         path = where / str(n)
         try:
@@ -127,7 +127,7 @@ class SpanStore:
             log.warning("span store: cannot open %s (%s); fetching the span", path, exc)
             return None
         try:
-            data = os.read(fd, 1 << 26)
+            data = os.read(fd, span_size + 1)  # one byte more than a span can be: a longer file does not match
             if hashlib.sha256(data).digest() != digest:
                 counters.add("span_store_corrupt")
                 log.warning("span store: %s is not the span it was stored as; deleted, fetching it again", path)
@@ -264,7 +264,7 @@ class _Persisted(Filter):
         span = self.span_size
         first, last = offset // span, (offset + length - 1) // span
         got: dict[int, bytes | memoryview | None] = {
-            n: self.store.get(self.where, n, self.hashes[n * 32:(n + 1) * 32], self._counters)
+            n: self.store.get(self.where, n, self.hashes[n * 32:(n + 1) * 32], self._counters, span)
             for n in range(first, last + 1)}
         missing = [n for n, data in got.items() if data is None]
         self._counters.add("span_store_hits", len(got) - len(missing))

@@ -373,3 +373,63 @@ def test_reattach_refuses_when_the_bytes_are_gone(publisher: Publisher, images: 
     assert_refused(publisher, device, publisher.gone_is_refused_with)
     assert not os.path.ismount(mountpoint)
     assert_clean()
+
+
+def test_a_reattached_daemon_serves_from_the_span_store_checks_it_and_holds_its_bound(
+        publisher: Publisher, images: tuple[Version, dict[str, str], Version], mountpoint: Path) -> None:
+    if not isinstance(publisher, OciImagePublisher):
+        pytest.skip("the span store keeps what is checked against span hashes: here, the image of tar layers")
+    import json
+    import shutil
+
+    from tests.vm.test_operations import stats
+
+    store = Path(json.loads(cli("cache", "list", "--json").out)["directory"]) / "spans"
+    shutil.rmtree(store, ignore_errors=True)
+    image, sums, _other = images
+    publisher.publish(image)
+    proxy = publisher.proxy
+
+    def kill_and_reattach(device: str) -> None:
+        evict(mountpoint, device)
+        kill_daemon(device)
+        proxy.log.clear()
+        proxy.ranges.clear()
+        cli("reattach", device, env=publisher.env)
+
+    device = mount(publisher, mountpoint)
+    try:
+        assert_files(mountpoint, sums)
+        kill_and_reattach(device)
+        assert_files(mountpoint, sums)
+        counts = stats(device)["source"]
+        print(f"after kill -9 and reattach, every file read: {counts}")
+        assert proxy.ranges == [], "the new daemon fetched nothing: every span came from the store"
+        assert counts["span_store_hits"] > 0 and counts.get("http_requests", 0) == 0, counts
+
+        victim = sorted(p for p in store.glob("*/*") if not p.name.startswith("."))[0]
+        damaged = bytearray(victim.read_bytes())
+        damaged[len(damaged) // 3] ^= 0x01
+        victim.write_bytes(damaged)
+        kill_and_reattach(device)
+        assert_files(mountpoint, sums)
+        counts = stats(device)["source"]
+        assert counts["span_store_corrupt"] == 1 and proxy.ranges, (counts, proxy.ranges)
+        assert victim.read_bytes() != damaged, "fetched again, checked, and stored again"
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
+
+    shutil.rmtree(store)
+    bound = 2 << 20  # the image's layers hold more than twice this: every read past it evicts
+    device = cli("mount", "--source", publisher.spec, *publisher.options, "-o", f"disk-cache-mib={bound >> 20}",
+                 str(mountpoint), env=publisher.env).out.strip()
+    try:
+        assert_files(mountpoint, sums)
+        held = sum(p.stat().st_blocks * 512 for p in store.glob("*/*") if not p.name.startswith("."))
+        written = stats(device)["source"]["span_store_written_bytes"]
+        print(f"span store bound {bound}: {held} bytes held after {written} bytes were stored")
+        assert 0 < held <= bound < written
+    finally:
+        cli("umount", str(mountpoint))
+    assert_clean()
