@@ -170,6 +170,15 @@ class SpanStore:
             return False
         return True
 
+    def holds(self, stream: str, spans: SpanHashes) -> bool:
+        """Whether every span of the stream is stored (each is still checked when it is read)."""
+        where = self.place(stream, spans.span_size)
+        try:
+            names = set(os.listdir(where))
+        except OSError:
+            return False
+        return all(str(n) in names for n in range(spans.spans))
+
     def place(self, stream: str, span_size: int) -> Path:
         """The directory of a stream's spans (made on first write)."""
         return self.directory / f"{stream}.{span_size}"

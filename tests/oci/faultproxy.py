@@ -27,6 +27,7 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
+        self.outage = False  # True: every request is answered 503, as by a registry that is down
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self.ranges: list[str | None] = []  # the Range header of each blob GET
         self.authorization: list[str | None] = []  # the Authorization header of each request
@@ -89,6 +90,8 @@ class FaultProxy:
                 kind = "blob" if "/blobs/" in self.path else "manifest" if "/manifests/" in self.path else "other"
                 name = self.path.split("?")[0].rsplit("/", 1)[-1]  # a blob's digest: faults for it alone
                 fault = (proxy._take(name) or proxy._take(kind)) if method == "GET" else None
+                if proxy.outage:  # the registry is down: every request, HEAD included
+                    fault = "503"
                 proxy.log.append((method, self.path, fault or "pass"))
                 proxy.authorization.append(self.headers.get("Authorization"))
                 if kind == "blob" and method == "GET":

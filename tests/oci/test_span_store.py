@@ -145,3 +145,72 @@ def test_an_erofs_layer_under_verify_full_is_kept_and_one_under_lazy_is_not(
     finally:
         again.close()
     assert proxy.ranges == []
+
+
+def wait_for_fill(source: Source) -> None:
+    deadline = time.monotonic() + 60
+    while (not source.counters().get("span_store_filled_bytes") or _filling(source)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _filling(source), "the fill ended"
+
+
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    from erofs_mount_oci import _http
+
+    monkeypatch.setattr(_http, "RETRY", RetryPolicy(attempts=2, base_delay=0.01))
+
+
+def test_a_reattach_while_the_registry_is_down_serves_a_filled_image_from_the_store(
+        proxy: FaultProxy, image: str, quick_retries: None, caplog: pytest.LogCaptureFixture) -> None:
+    source = open_reference(f"{proxy.host}/{image}", {"insecure": "", "fill": ""})
+    state = source.state()
+    try:
+        source.start_background()
+        wait_for_fill(source)
+        expected = read_all(source)
+    finally:
+        source.close()
+    proxy.outage = True
+    proxy.log.clear()
+    again = Retrying(reopen(state), RetryPolicy(attempts=1))  # the reattached daemon: no registry at all
+    try:
+        assert read_all(again) == expected
+    finally:
+        again.close()
+    assert proxy.log and all(what == "503" for _m, _p, what in proxy.log), "every request met the outage"
+    assert caplog.text.count("every span of it is in the span store: served from there") == 3
+    registry_down_without_a_store = {**state, "disk_cache_mib": 0}
+    with pytest.raises(SourceError, match="503"):
+        reopen(registry_down_without_a_store)
+
+
+def test_a_reattach_while_the_registry_is_down_refuses_a_layer_the_store_holds_only_part_of(
+        proxy: FaultProxy, image: str, quick_retries: None) -> None:
+    source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
+    state = source.state()
+    try:
+        source.pread(4096, 0)  # one span of the first layer: the others are not stored
+    finally:
+        source.close()
+    proxy.outage = True
+    with pytest.raises(SourceError, match="503"):
+        reopen(state)
+
+
+def test_a_reattach_while_the_registry_is_down_serves_a_filled_erofs_layer(
+        proxy: FaultProxy, registry: Registry, layer: tuple[bytes, dict[str, str]], quick_retries: None) -> None:
+    registry.push_image("store/erofs", "v1", [(layer[0], EROFS_LAYER)])
+    source = open_reference(f"{proxy.host}/store/erofs:v1", {"insecure": "", "verify": "full", "fill": ""})
+    state = source.state()
+    try:
+        source.start_background()
+        wait_for_fill(source)
+    finally:
+        source.close()
+    proxy.outage = True
+    again = Retrying(reopen(state), RetryPolicy(attempts=1))
+    try:
+        assert read_all(again) == layer[0]
+    finally:
+        again.close()

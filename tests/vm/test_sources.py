@@ -433,3 +433,35 @@ def test_a_reattached_daemon_serves_from_the_span_store_checks_it_and_holds_its_
     finally:
         cli("umount", str(mountpoint))
     assert_clean()
+
+
+def test_a_filled_image_survives_a_registry_outage_and_a_daemon_death_together(
+        publisher: Publisher, images: tuple[Version, dict[str, str], Version], mountpoint: Path) -> None:
+    if not isinstance(publisher, OciImagePublisher):
+        pytest.skip("fill keeps what is checked against span hashes: here, the image of tar layers")
+    import time
+
+    image, sums, _other = images
+    publisher.publish(image)
+    proxy = publisher.proxy
+    device = cli("mount", "--source", publisher.spec, *publisher.options, "-o", "fill", str(mountpoint),
+                 env=publisher.env).out.strip()
+    try:
+        (row,) = devices()
+        log = Path(row["record"]).with_suffix(".log")
+        deadline = time.monotonic() + 300
+        while log.read_text().count("every span is in the span store") < 2:  # both layers, read by no one
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        proxy.log.clear()
+        proxy.outage = True  # the registry goes down, and then the daemon dies
+        kill_daemon(device)
+        cli("reattach", device, env=publisher.env)
+        assert_files(mountpoint, sums)
+        assert (mountpoint / "extra" / "marker").read_bytes() == b"the upper layer\n"
+        asked = [(method, what) for method, path, what in proxy.log if "/blobs/" in path]
+        assert ("HEAD", "503") in asked and all(what == "503" for _m, what in asked), asked
+    finally:
+        proxy.outage = False
+        cli("umount", str(mountpoint))
+    assert_clean()

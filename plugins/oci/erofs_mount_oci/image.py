@@ -12,6 +12,7 @@ its stream), for every later mount of an image that holds the same layer.
 
 from __future__ import annotations
 
+import logging
 import threading
 from bisect import bisect_right
 from collections.abc import Callable, Mapping
@@ -37,6 +38,8 @@ from erofs_mount_core import (
 from .blob import BlobSource
 from .registry import Layer, Registry
 from .routing import distrust_served
+
+log = logging.getLogger("erofs_mount.oci")
 
 COMPRESSED_BLOCK = 64 << 10
 FILL_BLOCK, FILL_READAHEAD = 1 << 20, 4 << 20  # a fill reads the compressed layer this many bytes at a time
@@ -267,14 +270,28 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
     """The image the record pins: every layer still in the registry (by digest), indexed as before,
     and the very same image made of them; refused otherwise."""
     layers, diff_ids = layers_of_state(state)
-    for layer in layers:
-        found = registry.blob_size(layer.digest)  # a blob that is gone refuses the reattach here
+    unreachable: dict[int, SourceError] = {}
+    for n, layer in enumerate(layers):
+        try:
+            found = registry.blob_size(layer.digest)  # a blob that is gone refuses the reattach here
+        except SourceError as exc:
+            if not exc.transient or store is None:
+                raise
+            unreachable[n] = exc  # the registry is down: enough if the span store holds all of the layer
+            continue
         if found != layer.size:
             raise SourceChangedError(f"oci: layer {layer.index} ({layer.digest}) is {found} bytes now, "
                                      f"{layer.size} when mounted")
     from .layers import indexed
 
-    image = LayersImage(registry, layers, indexed(registry, layers, diff_ids), cache, state, whole=whole,
+    found_indexes = indexed(registry, layers, diff_ids)
+    for n, exc in unreachable.items():
+        index = found_indexes[n]
+        if store is None or index.unpacked or not store.holds(index.stream_sha256, index.spans):
+            raise exc
+        log.warning("oci: layer %d: %s; every span of it is in the span store: served from there",
+                    layers[n].index, exc)
+    image = LayersImage(registry, layers, found_indexes, cache, state, whole=whole,
                         description=description, store=store)
     if image.image_sha256 != state.get("image_sha256"):
         image.backing.close()
