@@ -111,19 +111,28 @@ def umount(target: str) -> None:
 @cli.command()
 @click.argument("device", required=False)
 @click.option("--all", "all_", is_flag=True, help="Every erofs-mount device whose daemon is gone.")
+@click.option("--force", is_flag=True,
+              help="End a daemon that holds DEVICE but fails its liveness probe (no answer within 5 s, "
+                   "or a request in its hands longer than --stuck-after), then reattach.")
+@click.option("--stuck-after", type=click.FloatRange(min=1), default=120, show_default=True, metavar="SECONDS",
+              help="With --force: how long a request may stay in a daemon's hands.")
 @_errors_as_lines
-def reattach(device: str | None, all_: bool) -> None:
+def reattach(device: str | None, all_: bool, force: bool, stuck_after: float) -> None:
     """Serve DEVICE again after its daemon died; blocked reads then complete.
 
     Rebuilds the source from the device's recovery record and refuses if the
-    bytes would differ. A device whose daemon is alive is left alone.
+    bytes would differ. A device whose daemon is alive is left alone, unless
+    --force and the daemon fails its liveness probe (stopped, hung, stuck on
+    a source that stopped answering): it is killed and replaced.
     """
     from . import _lifecycle as lifecycle
 
     if bool(device) == all_:
         raise click.UsageError("give a DEVICE or --all")
+    if force and all_:
+        raise click.UsageError("--force is for one DEVICE")
     if device:
-        index = lifecycle.reattach(device)
+        index = lifecycle.reattach(device, force=force, stuck_after=stuck_after)
         click.echo(f"/dev/nbd{index}")
         return
     failed = 0
@@ -166,13 +175,17 @@ def restart(device: str | None, all_: bool) -> None:
 
 
 @cli.command()
+@click.option("--stuck-after", type=click.FloatRange(min=0), default=120, show_default=True, metavar="SECONDS",
+              help="Every 30 s, end and replace a live daemon that does not answer within 5 s or has had a "
+                   "request in its hands longer than this (0: never).")
 @_errors_as_lines
-def watch() -> None:
+def watch(stuck_after: float) -> None:
     """Reattach a device the moment its daemon dies, until stopped.
 
     Listens to the kernel's nbd events (a connection died) and reattaches
     that device at once; a device whose reattach fails is tried again after
-    10 s, 20 s... up to 10 minutes, as 'reattach --all' does. Logs a line per
+    10 s, 20 s... up to 10 minutes, as 'reattach --all' does. Every 30 s it
+    also probes each live daemon and replaces one that hangs. Logs a line per
     event and attempt on stderr (the journal, under systemd).
     """
     import logging
@@ -181,7 +194,7 @@ def watch() -> None:
     from ._watch import watch as run
 
     _logging.configure(sys.stderr, "erofs-mount watch: %(message)s", level=logging.INFO)
-    run()
+    run(stuck_after)
 
 
 @cli.command()

@@ -45,6 +45,7 @@ from . import _record as rec
 from . import _systemd as systemd
 from ._control import ControlServer, take_over
 from ._errors import DeviceStateError, ErofsMountError, KernelError
+from ._faults import kill_point
 from ._filters import Retrying
 from ._metrics import DeviceStats
 from ._nbd.link import KernelLink, link_named
@@ -115,19 +116,24 @@ class Daemon:
                     # serve first: the kernel may read while CONNECT is still running
                     for server_end, _k in pairs:
                         self._serve(server_end, disk)
+                    kill_point("daemon:before-connect")
                     index = link.connect([k for _s, k in pairs], size=record.device.size,
                                          block_size=record.device.block_size,
                                          dead_timeout=record.device.dead_timeout, backend=self.backend)
                     for _s, kernel_end in pairs:
                         kernel_end.close()  # the kernel holds its own reference
+                    kill_point("daemon:after-connect")
                 else:
                     index = record.device.index
+                    kill_point("daemon:before-reconfigure")
                     self._reconnect(link, index, pairs, disk)
+                    kill_point("daemon:after-reconfigure")
         except ErofsMountError as exc:
             return self.fail(exc)
         self.index = index
         record = attrs.evolve(record, daemon_pid=os.getpid(), device=attrs.evolve(record.device, index=index))
         self.store.write(self.record_path, record)
+        kill_point("daemon:before-ready")
         try:
             ControlServer(self.record_path, stats=self.snapshot, hand_over=self.hand_over,
                           resume=self.resume, handed=self._handed)
@@ -207,8 +213,11 @@ class Daemon:
 
     def snapshot(self) -> dict[str, object]:
         assert self.source is not None
+        now = time.monotonic_ns()
+        oldest = max((now - c.started for c in self.stats.connections if c.started > 0), default=0)
         return {"pid": os.getpid(), "device": f"nbd{self.index}", "connections": self._live,
-                "unit": systemd.unit_of_this_process(), **self.stats.snapshot(self.source.counters())}
+                "unit": systemd.unit_of_this_process(), "oldest_request_seconds": round(oldest / 1e9, 3),
+                **self.stats.snapshot(self.source.counters())}
 
     # -- hot upgrade: the connections go to a new daemon (``_control``) --
 

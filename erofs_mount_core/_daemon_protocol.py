@@ -46,6 +46,7 @@ from . import _errors as errors
 from . import _record as rec
 from . import _systemd as systemd
 from ._control import peer_uid
+from ._faults import kill_point
 
 READY = "READY"
 ERROR = "ERROR"
@@ -127,13 +128,16 @@ def check_lock(lock_fd: int, record_path: Path) -> None:
 # -- the command's side ----------------------------------------------------------
 
 
-def spawn(mode: str, record_path: Path, forked: Forked | None = None) -> int:
+def spawn(mode: str, record_path: Path, forked: Forked | None = None, lock_fd: int | None = None) -> int:
     """Start a daemon for ``record_path`` under its lock; return the device index it reports.
 
     Raises DeviceStateError if a daemon already holds the lock, or whatever
     the daemon reported (the same class). With ``forked``, the daemon is a
-    fork of this process instead of a new interpreter (``watch``).
+    fork of this process instead of a new interpreter (``watch``). ``lock_fd``:
+    the caller holds the lock already (``mount``, from before its record exists).
     """
+    if lock_fd is not None:
+        return _fork(mode, record_path, lock_fd, forked) if forked is not None else _start(mode, record_path, lock_fd)
     with locked(record_path) as lock_fd:
         if forked is not None:
             return _fork(mode, record_path, lock_fd, forked)
@@ -226,6 +230,7 @@ def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
         proc.stdin.close()
     except BrokenPipeError:  # it died at once: its line (or its silence) says why
         pass
+    kill_point(f"spawn-{mode}:started")
     return _answer(ready_r, _Child(record_path, proc))
 
 

@@ -12,15 +12,18 @@ reattach leaves the device blocked (its reads wait) and the record intact.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from . import _liveness as liveness
 from . import _mounts as mounts
 from . import _record as rec
 from ._control import ask_stats
@@ -36,11 +39,14 @@ from ._errors import (
     UnknownSchemeError,
     UsageError,
 )
+from ._faults import kill_point
 from ._filters import Retrying
 from ._nbd import sysfs
 from ._nbd.link import choose_link, disconnect_any, link_named
 from ._plugins import PluginHost
 from ._source import Source, split_spec
+
+log = logging.getLogger("erofs_mount.lifecycle")
 
 EROFS_MAGIC = 0xE0F5E1E2
 EROFS_SUPER_OFFSET = 1024
@@ -86,6 +92,25 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
         raise UsageError(f"mountpoint {mountpoint} does not exist or is not a directory")
     if settings.connections < 1 or settings.block_size not in (512, 1024, 2048, 4096):
         raise UsageError("--connections must be >= 1 and --block-size one of 512, 1024, 2048, 4096")
+    with _claimed(mountpoint):
+        return _mount(spec, mountpoint, flags, options, settings)
+
+
+@contextlib.contextmanager
+def _claimed(mountpoint: str) -> Iterator[None]:
+    """One mount at a time onto ``mountpoint``, and none onto a mountpoint: the directory is locked (flock)
+    from this check to its mount, so of two mounts at once the second sees the first's."""
+    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        if os.path.ismount(mountpoint):
+            raise UsageError(f"{mountpoint} is already a mountpoint: unmount it first, or mount elsewhere")
+        yield
+    finally:
+        os.close(fd)
+
+
+def _mount(spec: str, mountpoint: str, flags: int, options: Mapping[str, str], settings: DeviceSettings) -> str:
     host = PluginHost()
     scheme, location = split_spec(spec)
     plugin = host.owner(scheme)
@@ -104,6 +129,7 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
     store.ensure()
     prune_orphans()
     path = store.new_path()
+    kill_point("mount:before-record")
     record = rec.Record(
         format=rec.FORMAT, created=rec.now(), daemon_pid=0,
         device=rec.DeviceRecord(index=-1, size=size, block_size=settings.block_size,
@@ -113,24 +139,37 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
                                 plugin=plugin.name, distribution=plugin.distribution or "",
                                 state=state),
     )
-    store.write(path, record)
-    try:
-        index = spawn("connect", path)
-    except BaseException:
-        store.remove(path)
-        raise
+    with locked(path) as lock_fd:  # from before the record exists: no one takes it for an orphan
+        store.write(path, record)
+        kill_point("mount:record-written")
+        try:
+            index = spawn("connect", path, lock_fd=lock_fd)
+        except BaseException:
+            _disconnect_named(path)  # a daemon that died after CONNECT leaves a device naming the record
+            store.remove(path)
+            raise
+    kill_point("mount:daemon-ready")
     device = f"/dev/nbd{index}"
     try:
         mounts.mount_erofs(device, os.path.realpath(mountpoint), flags)
     except BaseException:
         _disconnect_and_wait(index, path)
         raise
+    kill_point("mount:mounted")
     try:
         link.disconnect_on_close(index, backend=str(path))  # a plain umount(8) now ends the daemon too
     except ErofsMountError as exc:  # the mount works: keep it, say what is missing
         print(f"warning: {device}: {exc}; a plain umount(8) will not end its daemon, "
               "use 'erofs-mount umount'", file=sys.stderr)
     return device
+
+
+def _disconnect_named(record_path: Path) -> None:
+    """Disconnect every device whose backend names ``record_path`` (none is mounted yet)."""
+    for info in sysfs.devices():
+        if info.configured and info.backend == str(record_path):
+            with contextlib.suppress(ErofsMountError):
+                disconnect_any(info.index)
 
 
 #: how long umount waits for a disconnected device's daemon to exit
@@ -234,10 +273,12 @@ def record_path_of(info: sysfs.DeviceInfo) -> Path | None:
 
 # -- reattach ----------------------------------------------------------------
 
-def reattach(target: str, start: Callable[[Path], int] | None = None, host: PluginHost | None = None) -> int:
+def reattach(target: str, start: Callable[[Path], int] | None = None, host: PluginHost | None = None, *,
+             force: bool = False, stuck_after: float = liveness.STUCK_AFTER) -> int:
     """Give a device whose daemon died a new daemon; return its index.
 
     ``start`` starts the daemon (by default a new process); ``host`` is the plugins, if loaded already.
+    ``force``: a daemon that holds the device but fails its liveness probe (``_liveness``) is ended first.
     """
     require_root("reattach")
     index = _index_or_usage(target)
@@ -245,6 +286,10 @@ def reattach(target: str, start: Callable[[Path], int] | None = None, host: Plug
     record = rec.RecordStore.read(record_path)
     link_named(record.device.interface).check_reattach(index)
     _check_plugin(record, host)
+    kill_point("reattach:before-spawn")
+    if force and daemon_alive(record_path) and end_if_hung(index, record_path, stuck_after) is None:
+        raise DeviceStateError(f"nbd{index}: its daemon (pid {record.daemon_pid}) answers and serves: "
+                               "--force ends only a daemon that fails its liveness probe")
     try:
         return start(record_path) if start else spawn("reattach", record_path)
     except DeviceStateError as exc:
@@ -273,6 +318,7 @@ def reattach_all(now: float | None = None) -> list[Reattached]:
     ``reattach DEVICE`` always tries at once.
     """
     require_root("reattach")
+    prune_orphans()  # records a killed mount or a lost daemon left without a device
     return [reattach_when_due(index, path, now) for index, path in dead_devices()]
 
 
@@ -333,6 +379,26 @@ def dead_devices() -> list[tuple[int, Path]]:
             link_named(rec.RecordStore.read(path).device.interface).check_reattach(info.index)
             found.append((info.index, path))
     return found
+
+
+def live_devices() -> list[tuple[int, Path]]:
+    """Devices attached by erofs-mount whose daemon holds its lock, with their records."""
+    found = []
+    for info in sysfs.devices():
+        path = record_path_of(info) if info.configured else None
+        if path is not None and path.exists() and daemon_alive(path):
+            found.append((info.index, path))
+    return found
+
+
+def end_if_hung(index: int, record_path: Path, stuck_after: float) -> str | None:
+    """End the device's daemon if it fails its liveness probe; why it was ended, or None if it passed."""
+    why = liveness.probe(record_path, stuck_after)
+    if why is not None:
+        pid = rec.RecordStore.read(record_path).daemon_pid
+        log.warning("nbd%d: its daemon (pid %d) %s: ending it", index, pid, why)
+        liveness.end(record_path, pid)
+    return why
 
 
 # -- restart -----------------------------------------------------------------

@@ -10,7 +10,10 @@ background, to a daemon in a service of its own. A device whose reattach fails i
 the same back-off as ``reattach --all`` (10 s, 20 s... 10 minutes; the state
 is shared, so the timer unit and ``watch`` agree), with one log line per
 attempt. Every ``SWEEP_EVERY`` seconds, and whenever events were lost, it
-looks at every device, as the timer would.
+looks at every device, as the timer would, and probes every live daemon
+(``_liveness``): one that does not answer, or has had a request in its
+hands for longer than ``--stuck-after``, is killed and replaced as a dead
+one is.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import time
 from . import _lifecycle as lifecycle
 from . import _systemd as systemd
 from ._daemon_protocol import SYSTEM_PATH, Forked, daemon_alive, exec_environment, passed_environment, spawn
+from ._errors import ErofsMountError
 from ._nbd import sysfs
 from ._nbd.events import LinkDeadEvents, Overrun
 from ._plugins import PluginHost
@@ -42,8 +46,9 @@ MOVE_POLL = 0.5
 class Watcher:
     """The devices due a look, and what a look does."""
 
-    def __init__(self, events: LinkDeadEvents) -> None:
+    def __init__(self, events: LinkDeadEvents, stuck_after: float = lifecycle.liveness.STUCK_AFTER) -> None:
         self.events = events
+        self.stuck_after = stuck_after  # 0: live daemons are not probed
         self.clock = time.monotonic
         self.host = PluginHost()
         self.forked = Forked(self.host, hidden_fds=(events.fileno(),))
@@ -84,6 +89,18 @@ class Watcher:
 
     def sweep(self, now: float) -> None:
         self.next_sweep = now + SWEEP_EVERY
+        if self.stuck_after:
+            for index, path in lifecycle.live_devices():
+                if index in self.dying:
+                    continue
+                try:
+                    if lifecycle.end_if_hung(index, path, self.stuck_after) is None:
+                        continue
+                except ErofsMountError as exc:
+                    log.error("nbd%d: its daemon fails its liveness probe but could not be ended: %s", index, exc)
+                    continue
+                self.died[index] = self.clock()
+        lifecycle.prune_orphans()
         for index, _path in lifecycle.dead_devices():
             self.due.setdefault(index, now)
 
@@ -143,12 +160,12 @@ class Watcher:
         self.died.pop(index, None)
 
 
-def watch() -> None:
+def watch(stuck_after: float = lifecycle.liveness.STUCK_AFTER) -> None:
     """Run until killed (the daemons it started live on: each is in a session of its own)."""
     lifecycle.require_root("watch")
     events = LinkDeadEvents()
     log.info("watching nbd devices for dead connections")
     try:
-        Watcher(events).run()
+        Watcher(events, stuck_after).run()
     finally:
         events.close()

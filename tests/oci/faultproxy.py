@@ -18,7 +18,10 @@ from typing import Any
 
 import httpx
 
-FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood", "redirect401", "corrupt")
+FAULTS = ("429", "503", "reset", "slow", "401", "full200", "redirect", "short", "flood", "redirect401", "corrupt",
+          "stall")
+#: how long a "stall" answer holds its connection open after half its body, at most (until ``stop``)
+STALL = 600
 #: what a "flood" answer sends after the real body: far more than anyone asked for
 FLOOD = 256 << 20
 
@@ -28,6 +31,7 @@ class FaultProxy:
         self.upstream = upstream
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
         self.outage = False  # True: every request is answered 503, as by a registry that is down
+        self.stopped = threading.Event()
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self.ranges: list[str | None] = []  # the Range header of each blob GET
         self.authorization: list[str | None] = []  # the Authorization header of each request
@@ -65,6 +69,7 @@ class FaultProxy:
             return list(self.faults)
 
     def stop(self) -> None:
+        self.stopped.set()
         for s in (self.proxy, self.storage):
             s.shutdown()
             s.server_close()
@@ -134,6 +139,17 @@ class FaultProxy:
                     except (BrokenPipeError, ConnectionResetError):
                         pass
                     proxy.flooded.append(sent)
+                    self.close_connection = True
+                    return
+                if fault == "stall":  # half the body, then nothing: a registry that stopped answering mid-body
+                    self.send_response(upstream.status_code)
+                    for k, v in passed.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body[:len(body) // 2])
+                    self.wfile.flush()
+                    proxy.stopped.wait(STALL)
                     self.close_connection = True
                     return
                 if fault in ("reset", "short"):

@@ -147,31 +147,6 @@ class Readers:
 
 
 @pytest.mark.kernel(newer=True)
-@pytest.mark.timeout(900)  # four readers and five cycles under emulation, beside the other guest: minutes
-def test_parallel_readers_survive_five_kill_reattach_cycles(sample: tuple[Path, dict[str, str]],
-                                                            mountpoint: Path) -> None:
-    image, sums = sample
-    device = mount(image, mountpoint)
-    try:
-        with Readers(mountpoint, sums, pause=0.05) as readers:  # a pause leaves the commands some CPU
-            readers.wait_for_reads(8)
-            for cycle in range(5):
-                evict(mountpoint, device)
-                kill_daemon(device)
-                time.sleep(2)  # the readers are now waiting on the dead device
-                before = readers.reads
-                cli("reattach", device)
-                readers.wait_for_reads(8)  # a few reads prove they go on: more only costs emulated CPU
-                assert readers.reads > before, f"cycle {cycle}: no reads after reattach"
-                assert len(daemon_pids()) == 1
-        assert readers.errors == [] and readers.mismatches == []
-        assert readers.reads >= 48
-    finally:
-        cli("umount", str(mountpoint))
-    assert_clean()
-
-
-@pytest.mark.kernel(newer=True)
 def test_reattach_on_a_healthy_device_changes_nothing(sample: tuple[Path, dict[str, str]],
                                                      mountpoint: Path) -> None:
     image, sums = sample

@@ -174,6 +174,17 @@ def test_watch_reattaches_at_once_and_backs_off_a_device_it_cannot(sample: tuple
             print(f"kill -9 to a held read completing, attempt {attempt + 1}: {took:.2f} s "
                   f"({watch.wait_for('reattached').split(': ', 1)[1]})")
 
+        stopped = daemon_pid(device)  # a daemon that hangs: watch's probe (every 30 s) replaces it
+        evict(good, device)
+        os.kill(stopped, signal.SIGSTOP)
+        started = time.monotonic()
+        assert file_sha256(good / rel) == sums[rel]
+        took = time.monotonic() - started
+        line = watch.wait_for(f"{device[5:]}: its daemon (pid {stopped})")
+        assert "does not answer its control socket" in line and "ending it" in line, line
+        assert stopped not in daemon_pids() and len(daemon_pids()) == 1
+        print(f"SIGSTOP to a held read completing through watch's probe: {took:.1f} s")
+
         other = mount(image, lost)
         (row,) = [d for d in devices() if d["device"] == other]
         (RUN_DIR / Path(str(row["record"])).name).unlink()
