@@ -557,5 +557,6 @@ def list_devices() -> list[dict[str, Any]]:
         rows.append({"device": None, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
                      "source_state": None, "daemon_pid": None, "daemon_alive": None, "record": str(path),
                      "read_bytes": None, "last_error": None,
-                     "error": "orphaned: no device is attached with this record (the next mount removes it)"})
+                     "error": "orphaned: no device is attached with this record "
+                              "(the next mount, 'reattach --all' or watch removes it)"})
     return rows

@@ -16,7 +16,7 @@ import pytest
 from erofs_mount_core import _daemon_protocol as protocol
 from erofs_mount_core import _lifecycle as lifecycle
 from erofs_mount_core import _record as rec
-from erofs_mount_core._errors import DeviceStateError, KernelError, RecordError
+from erofs_mount_core._errors import DeviceStateError, KernelError, RecordError, UsageError
 from erofs_mount_core._nbd import link as links
 from erofs_mount_core._nbd.sysfs import DeviceInfo
 from tests.core.test_daemon_protocol import lock_held_elsewhere
@@ -186,3 +186,8 @@ def test_orphaned_files_are_listed_and_pruned_but_not_a_mount_in_progress(store:
         lifecycle.prune_orphans()
         assert sorted(p.name for p in store.directory.iterdir()) == sorted(
             [starting.name, rec.lock_path(starting).name, rec.log_path(starting).name])
+
+
+def test_a_mount_onto_a_mountpoint_is_refused_before_anything_is_opened() -> None:
+    with pytest.raises(UsageError, match="/proc is already a mountpoint: unmount it first"):
+        lifecycle.mount("local:/nonexistent.erofs", "/proc")

@@ -379,6 +379,8 @@ def test_a_reattached_daemon_serves_from_the_span_store_checks_it_and_holds_its_
         publisher: Publisher, images: tuple[Version, dict[str, str], Version], mountpoint: Path) -> None:
     if not isinstance(publisher, OciImagePublisher):
         pytest.skip("the span store keeps what is checked against span hashes: here, the image of tar layers")
+    if not os.uname().release.startswith("6.1."):
+        pytest.skip("the span store does not depend on the kernel series: tested in the stock kernel's guest")
     import json
     import shutil
 
@@ -439,6 +441,8 @@ def test_a_filled_image_survives_a_registry_outage_and_a_daemon_death_together(
         publisher: Publisher, images: tuple[Version, dict[str, str], Version], mountpoint: Path) -> None:
     if not isinstance(publisher, OciImagePublisher):
         pytest.skip("fill keeps what is checked against span hashes: here, the image of tar layers")
+    if os.uname().release.startswith("6.1."):
+        pytest.skip("fill and outage do not depend on the kernel series: tested in the newer kernel's guest")
     import time
 
     image, sums, _other = images
