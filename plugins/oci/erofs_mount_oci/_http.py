@@ -12,6 +12,7 @@ import email.utils
 import json
 import logging
 import re
+import socket
 import ssl
 import threading
 import time
@@ -144,15 +145,38 @@ def attempt(client: httpx.Client, method: str, url: str, *, what: str,
     except (InsecureRedirect, NoHost) as exc:
         raise SourceError(f"{what}: {exc}") from None
     except (httpx.TransportError, httpx.DecodingError) as exc:
-        if "CERTIFICATE_VERIFY_FAILED" in str(exc):  # retrying cannot help
-            raise SourceError(f"{what}: the registry's TLS certificate is not trusted "
-                              "(give its CA bundle with -o ca=PATH)") from None
+        final = _beyond_retries(exc, httpx.URL(url).netloc.decode())
+        if final:
+            raise SourceError(f"{what}: {final}") from None
         raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
     if response.status_code in RETRY_STATUS:
         response.close()
         raise SourceError(f"{what}: HTTP {response.status_code}", transient=True,
                           retry_after=_retry_after(response))
     return response
+
+
+#: getaddrinfo's answers that a retry cannot change: the name does not exist (a temporary failure, EAI_AGAIN,
+#: is retried)
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
+#: what an SSL library says when the other end does not speak TLS at all (a plain-HTTP server)
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure", "packet length too long", "http request")
+
+
+def _beyond_retries(exc: Exception, host: str) -> str | None:
+    """Why retrying ``exc`` cannot help, with what to do, or None if a retry may."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME:
+            return f"{host} cannot be resolved ({cause.strerror}): check the registry's name"
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        return f"{host}'s TLS certificate is not trusted (give its CA bundle with -o ca=PATH)"
+    if any(sign in text for sign in _NOT_TLS):
+        return (f"{host} does not answer in TLS: a plain-HTTP registry? (-o insecure reads it over plain "
+                "HTTP: only on loopback or a network you trust)")
+    return None
 
 
 def fetch(client: httpx.Client, method: str, url: str, *, what: str, headers: dict[str, str] | None = None,
@@ -226,14 +250,16 @@ def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what
 
 
 def status_error(response: httpx.Response, what: str) -> SourceError:
-    code = response.status_code
+    """The error an answer means, naming the host that gave it; only a 5xx is worth a retry."""
+    code, host = response.status_code, response.request.url.netloc.decode()
     if code == 401:
-        return SourceError(f"{what}: the registry refused the credentials (401 Unauthorized)")
+        return SourceError(f"{what}: {host} refused the credentials (401 Unauthorized): check them "
+                           "(-o credentials=)")
     if code == 403:
-        return SourceError(f"{what}: access denied (403 Forbidden)")
+        return SourceError(f"{what}: {host} denied access (403 Forbidden)")
     if code == 404:
-        return SourceError(f"{what}: not found (404)")
-    return SourceError(f"{what}: HTTP {code}", transient=code >= 500)
+        return SourceError(f"{what}: not found at {host} (404)")
+    return SourceError(f"{what}: {host} answered HTTP {code}", transient=code >= 500)
 
 
 # -- registry auth ---------------------------------------------------------------

@@ -1,0 +1,52 @@
+"""Errors a retry cannot fix fail at once, naming the host and what to do; the transient ones are retried."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from erofs_mount_oci import open_reference
+
+from erofs_mount_core import SourceError
+from tests.oci.registry import Registry
+
+EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
+
+
+def opened_at_once(reference: str, options: dict[str, str], caplog: pytest.LogCaptureFixture) -> str:
+    """The one error opening ``reference`` gives, made with no retry."""
+    with caplog.at_level(logging.WARNING, logger="erofs_mount.retry"), pytest.raises(SourceError) as failed:
+        open_reference(reference, options)
+    assert "attempt 2 of" not in caplog.text, "retried: " + caplog.text
+    return str(failed.value)
+
+
+def test_a_name_that_does_not_resolve_fails_at_once_naming_it(caplog: pytest.LogCaptureFixture) -> None:
+    error = opened_at_once("registry.nonexistent.invalid/team/app:1", {"credentials": "anonymous"}, caplog)
+    assert "registry.nonexistent.invalid cannot be resolved" in error and "check the registry's name" in error
+
+
+def test_tls_spoken_to_a_plain_http_registry_fails_at_once_with_the_hint(
+        registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    error = opened_at_once(f"{registry.host}/team/app:1", {"credentials": "anonymous"}, caplog)
+    assert f"{registry.host} does not answer in TLS" in error and "-o insecure" in error
+    assert "SSL" not in error, "no raw SSL library text"
+
+
+def test_not_found_names_the_host(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    error = opened_at_once(f"{registry.host}/team/missing:9.9", {"insecure": "", "credentials": "anonymous"},
+                           caplog)
+    assert error.endswith(f"not found at {registry.host} (404)"), error
+
+
+def test_the_command_says_it_in_one_line(tmp_path: Path) -> None:
+    (tmp_path / "mnt").mkdir()
+    result = subprocess.run([EROFS_MOUNT, "mount", "--source", "oci:registry.nonexistent.invalid/team/app:1",
+                             "-o", "credentials=anonymous", str(tmp_path / "mnt")], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0
+    (line,) = result.stderr.strip().splitlines()
+    assert "registry.nonexistent.invalid cannot be resolved" in line and "Traceback" not in result.stderr
