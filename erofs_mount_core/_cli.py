@@ -54,8 +54,24 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """The core's version and each installed plugin's distribution and version (no plugin is imported)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from importlib.metadata import version
+
+    from ._plugins import _entry_points
+
+    click.echo(f"erofs-mount {version('erofs-mount')}")
+    for ep in sorted(_entry_points(), key=lambda e: e.name):
+        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "(no distribution)"
+        click.echo(f"  plugin {ep.name}: {dist}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="erofs-mount")
+@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+              help="Show the version of erofs-mount and of each installed plugin, and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
     """Mount EROFS images through the Linux NBD driver.

@@ -214,8 +214,7 @@ def umount(target: str) -> str:
     connected = info is not None and info.configured
     record_path = record_path_of(info) if info is not None and connected else None
     if connected and record_path is None:  # before anything is unmounted
-        raise DeviceStateError(f"{device} was not attached by erofs-mount (backend {info.backend!r}): "
-                               "leave it to the tool that attached it")
+        raise DeviceStateError(f"{_not_ours(device, info)}: leave it to the tool that attached it")
     for mp in reversed(points):
         mounts.umount(mp)
     if mounts.mountpoints_of(device):
@@ -235,10 +234,21 @@ def _is_nbd(device: str) -> bool:
 
 
 def _index_or_usage(target: str) -> int:
+    """The nbd device ``target`` names: ``/dev/nbdN``, ``nbdN``, or the mountpoint of one."""
+    if os.path.isdir(target) and not target.startswith("/dev/"):
+        device = mounts.device_mounted_at(target)
+        if device is None or not _is_nbd(device):
+            raise UsageError(f"{target} is not an erofs-mount mountpoint")
+        target = device
     try:
         return sysfs.index_of(target)
     except (ValueError, OSError):
         raise UsageError(f"{target} is neither an nbd device nor an erofs-mount mountpoint") from None
+
+
+def _not_ours(device: str, info: sysfs.DeviceInfo) -> str:
+    named = f"its backend is {info.backend!r}" if info.backend else "it has no backend identifier"
+    return f"{device} was not attached by erofs-mount ({named})"
 
 
 def _record_of(index: int, otherwise: str) -> Path:
@@ -249,7 +259,7 @@ def _record_of(index: int, otherwise: str) -> Path:
         raise DeviceStateError(f"nbd{index} is not connected: {otherwise}")
     record_path = record_path_of(info)
     if record_path is None:
-        raise DeviceStateError(f"nbd{index} was not attached by erofs-mount (backend {info.backend!r})")
+        raise DeviceStateError(_not_ours(f"nbd{index}", info))
     return record_path
 
 

@@ -63,8 +63,13 @@ class PluginHost:
         self._pm.add_hookspecs(hookspecs)
         self._infos: list[PluginInfo] = []
         self._owners: dict[str, list[str]] = {}
-        for ep in _selected(entry_points if entry_points is not None else _entry_points()):
+        installed = list(entry_points if entry_points is not None else _entry_points())
+        for ep in _selected(installed):
             self._load(ep)
+        for name in _named_but_missing(installed):
+            self._failed(name, None, None, PluginError(
+                f"{LOAD_ENV} names it, but no installed plugin has that name (installed: "
+                f"{', '.join(sorted({ep.name for ep in installed})) or 'none'})"))
 
     # -- loading ---------------------------------------------------------
 
@@ -206,6 +211,15 @@ def _selected(eps: Iterable[importlib.metadata.EntryPoint]) -> list[importlib.me
         return eps
     wanted = {n.strip() for n in allow.split(",") if n.strip()}
     return [ep for ep in eps if ep.name in wanted]
+
+
+def _named_but_missing(eps: Iterable[importlib.metadata.EntryPoint]) -> list[str]:
+    """The names ``EROFS_MOUNT_LOAD_PLUGINS`` gives that no installed plugin has (a typo says so)."""
+    allow = os.environ.get(LOAD_ENV)
+    if allow is None:
+        return []
+    names = {ep.name for ep in eps}
+    return sorted({n.strip() for n in allow.split(",") if n.strip()} - names)
 
 
 def _unknown_hooks(pm: pluggy.PluginManager, plugin: object) -> list[str]:

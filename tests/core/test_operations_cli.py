@@ -54,3 +54,31 @@ def test_watch_without_the_nbd_driver_is_one_line() -> None:
     assert result.stderr.strip().splitlines() == [
         "Error: the kernel has no nbd driver: load it with 'modprobe nbd' "
         "(a kernel built with CONFIG_BLK_DEV_NBD is needed)"], result.stderr
+
+
+def test_a_mountpoint_names_its_device_and_another_mountpoint_is_said_to_be_none() -> None:
+    for command in ("reattach", "stats", "restart"):
+        result = run(command, "/proc")  # a mountpoint, of no nbd device
+        assert result.returncode != 0
+        assert result.stderr.strip().splitlines() == ["Error: /proc is not an erofs-mount mountpoint"], result
+
+
+def test_reattach_force_is_for_one_device() -> None:
+    result = run("reattach", "--all", "--force")
+    assert result.returncode != 0 and result.stderr.strip().splitlines()[-1].endswith("--force is for one DEVICE")
+
+
+def test_version_names_the_core_and_every_installed_plugin() -> None:
+    lines = run("--version").stdout.splitlines()
+    assert lines[0].startswith("erofs-mount ")
+    for name, dist in (("local", "erofs-mount-local"), ("oci", "erofs-mount-oci"), ("tar", "erofs-mount-tar")):
+        assert any(line.startswith(f"  plugin {name}: {dist} ") for line in lines), lines
+
+
+def test_a_plugin_name_misspelt_in_load_plugins_is_said_to_be_missing() -> None:
+    import os
+
+    result = subprocess.run([EROFS_MOUNT, "plugins"], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "EROFS_MOUNT_LOAD_PLUGINS": "locl"})
+    assert "no plugins installed" not in result.stdout
+    assert "locl" in result.stdout and "no installed plugin has that name (installed: local, " in result.stdout

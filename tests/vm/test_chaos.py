@@ -62,7 +62,7 @@ def test_reattach_force_ends_a_stopped_daemon_and_the_held_reads_complete(
             os.kill(pid, signal.SIGSTOP)  # holds its lock, serves nothing
             time.sleep(1)
             assert "alive" in one_line_error(cli("reattach", device, check=False)), "a plain reattach leaves it"
-            forced = cli("reattach", "--force", device)
+            forced = cli("reattach", "--force", str(mountpoint))  # a mountpoint names its device
             assert forced.out.strip() == device
             assert "does not answer its control socket" in forced.err and str(pid) in forced.err, forced
             readers.wait_for_reads(10)

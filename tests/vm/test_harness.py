@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.imagetree import file_sha256
+from tests.vm.conftest import cli
 
 pytestmark = pytest.mark.kernel
 
@@ -53,6 +54,11 @@ def test_nbdkit_and_nbd_client_mount_erofs(nbd_driver: None, sample: tuple[Path,
             try:
                 for rel, digest in sums.items():
                     assert file_sha256(mnt / rel) == digest, rel
+                for target in (dev, str(mnt)):  # another tool's device, by name or by its mountpoint
+                    result = cli("reattach", target, check=False)
+                    assert result.code != 0 and "None" not in result.err, result
+                    assert result.err.strip().splitlines() == [
+                        f"Error: nbd15 was not attached by erofs-mount ({_backend_words(dev)})"], result
             finally:
                 subprocess.run(["umount", str(mnt)], check=True)
         finally:
@@ -60,3 +66,9 @@ def test_nbdkit_and_nbd_client_mount_erofs(nbd_driver: None, sample: tuple[Path,
     finally:
         nbdkit.terminate()
         nbdkit.wait(10)
+
+
+def _backend_words(dev: str) -> str:
+    backend = Path(f"/sys/block/{dev[5:]}/backend")
+    text = backend.read_text().strip() if backend.exists() else ""
+    return f"its backend is {text!r}" if text else "it has no backend identifier"
