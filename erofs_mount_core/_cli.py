@@ -284,6 +284,7 @@ def list_(as_json: bool) -> None:
     """Show attached nbd devices, their sources and daemons."""
     from . import _lifecycle as lifecycle
 
+    lifecycle.require_root("list")  # the records are root's alone: a user would see rows of errors
     rows = lifecycle.list_devices()
     if as_json:
         click.echo(json.dumps(rows, indent=2, default=str))  # a plugin's state may hold TOML datetimes
@@ -328,7 +329,14 @@ def plugins(scheme: str | None, as_json: bool) -> None:
 
     host = PluginHost()
     if scheme:
-        click.echo(host.documentation(scheme))
+        text = host.documentation(scheme)
+        if as_json:
+            info = host.owner(scheme)
+            click.echo(json.dumps({"scheme": scheme, "plugin": info.name, "distribution": info.distribution,
+                                   "version": info.version, "summary": info.schemes[scheme],
+                                   "documentation": text}, indent=2))
+        else:
+            click.echo(text)
         return
     infos = host.plugins
     conflicts = host.conflicts()

@@ -143,7 +143,9 @@ class PluginHost:
 
         info = self.owner(scheme)
         doc = inspect.getdoc(self._pm.get_plugin(info.name))
-        return doc or f"{scheme}: {info.schemes[scheme]} (the plugin has no further documentation)"
+        if not doc:
+            return f"{scheme}: {info.schemes[scheme]} (the plugin has no further documentation)"
+        return doc.replace("``", "")  # reStructuredText's inline literals, as a terminal shows them
 
     # -- the source hooks, routed to the scheme's owner --------------------
 

@@ -23,7 +23,7 @@ def run(*args: str, user: int | None = None) -> subprocess.CompletedProcess[str]
 
 
 @pytest.mark.parametrize("args", [("restart", "--all"), ("restart", "/dev/nbd0"), ("watch",), ("stats",),
-                                  ("metrics",)])
+                                  ("metrics",), ("list",), ("list", "--json")])
 def test_each_needs_root_and_says_so_in_one_line(args: tuple[str, ...]) -> None:
     result = run(*args, user=65534)
     assert result.returncode != 0 and result.stdout == ""
@@ -82,3 +82,13 @@ def test_a_plugin_name_misspelt_in_load_plugins_is_said_to_be_missing() -> None:
                             env={**os.environ, "EROFS_MOUNT_LOAD_PLUGINS": "locl"})
     assert "no plugins installed" not in result.stdout
     assert "locl" in result.stdout and "no installed plugin has that name (installed: local, " in result.stdout
+
+
+def test_a_plugin_s_documentation_is_plain_text_and_json_when_asked() -> None:
+    import json
+
+    text = run("plugins", "local").stdout
+    assert "``" not in text and text.startswith("erofs-mount source local:PATH: ")
+    shown = json.loads(run("plugins", "local", "--json").stdout)
+    assert (shown["scheme"], shown["distribution"]) == ("local", "erofs-mount-local")
+    assert shown["documentation"] == text.rstrip("\n")
