@@ -119,6 +119,10 @@ def test_fill_needs_spans_to_check_and_room_for_them(proxy: FaultProxy, image: s
     registry.push_image("store/erofs", "v1", [(layer[0], EROFS_LAYER)])
     with pytest.raises(UsageError, match="needs verify=full"):
         open_reference(f"{proxy.host}/store/erofs:v1", {"insecure": "", "fill": ""})
+    assert len(layer[0]) > 1 << 20
+    with pytest.raises(SourceError, match="do not fit the span store"):
+        open_reference(f"{proxy.host}/store/erofs:v1", {"insecure": "", "fill": "", "verify": "full",
+                                                        "disk-cache-mib": "1"})
 
 
 def test_an_erofs_layer_under_verify_full_is_kept_and_one_under_lazy_is_not(

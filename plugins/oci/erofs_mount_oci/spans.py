@@ -51,6 +51,9 @@ def served(blob: Any, spans: Spans, cache: CacheSettings, state: Mapping[str, An
                                     rejected=distrust_served)
     if store is None or not state.get("fill"):
         return source
+    if blob.size > store.max_bytes:
+        raise SourceError(f"oci: fill: the layer's {blob.size >> 20} MiB do not fit the span store's "
+                          f"{store.max_bytes >> 20} MiB (disk-cache-mib)")
 
     def fill_from() -> Source:  # a blob source of its own, sharing the client (which it must not close)
         own = type(blob)(blob.client, blob.url, blob.digest, blob.size, description=what, state={},
