@@ -358,6 +358,27 @@ def plugins(scheme: str | None, as_json: bool) -> None:
         click.echo(f"conflict: scheme {scheme!r} is claimed by {', '.join(names)}; it cannot be used")
 
 
+@cli.command(name="systemd-units")
+@click.option("--into", "directory", default="/etc/systemd/system", show_default=True, type=click.Path(),
+              help="Where to write the units.")
+@click.option("--command", "command", metavar="PATH", help="The erofs-mount the units run (default: this one).")
+@_errors_as_lines
+def systemd_units(directory: str, command: str | None) -> None:
+    """Write the units that reattach devices, running this erofs-mount by its real path.
+
+    erofs-mount-watch.service reattaches a device the moment its daemon dies;
+    erofs-mount-reattach.timer (with its service) runs 'reattach --all' every
+    10 s as a fallback. Then: systemctl daemon-reload; systemctl enable --now
+    erofs-mount-watch.service erofs-mount-reattach.timer
+    """
+    from pathlib import Path
+
+    from . import _units as units
+
+    for path in units.write(Path(directory), command or units.this_command()):
+        click.echo(str(path))
+
+
 @cli.group()
 def cache() -> None:
     """The cache directory: indexes, span hashes, unpacked streams and the span store, kept between mounts.

@@ -25,7 +25,6 @@ from tests.vm.test_local_mount import Readers, daemon_pid, evict, largest
 
 pytestmark = [pytest.mark.kernel(systemd=True), pytest.mark.usefixtures("clean_system")]
 
-ROOT = Path(__file__).resolve().parents[2]
 UNITS = Path("/run/systemd/system")
 APP = "app-images.service"
 WATCH = "erofs-mount-watch.service"
@@ -81,9 +80,8 @@ def test_daemons_outlive_the_service_that_mounted_and_watch_reattaches_in_servic
     image, sums = sample
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    # the shipped watch unit, run from this tree
-    watch_unit = (ROOT / "contrib" / "systemd" / WATCH).read_text()
-    install(WATCH, watch_unit.replace("/usr/local/bin/erofs-mount", EROFS_MOUNT))
+    # the watch unit as `erofs-mount systemd-units` writes it, running this tree's command
+    cli("systemd-units", "--into", str(UNITS))
     (UNITS / f"{WATCH}.d").mkdir(exist_ok=True)
     (UNITS / f"{WATCH}.d" / "vm.conf").write_text("[Unit]\nDefaultDependencies=no\n")
     # an application's oneshot that mounts its image, as a user writes one
