@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import os
 import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def cache_room(directory: Path) -> int:
 
 def write_cache_file(path: Path, data: bytes | memoryview) -> None:
     """``path`` now holds ``data``, whole: written aside, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # each writer its own
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:

@@ -378,27 +378,29 @@ def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
         ) from None
 
 
+def _ours() -> Iterator[tuple[int, Path]]:
+    """Each connected device attached by erofs-mount, with its record."""
+    for info in sysfs.devices():
+        path = record_path_of(info) if info.configured else None
+        if path is not None and path.exists():
+            yield info.index, path
+
+
 def dead_devices() -> list[tuple[int, Path]]:
     """Devices attached by erofs-mount whose daemon is gone and which can be reattached, with their records."""
     found = []
-    for info in sysfs.devices():
-        path = record_path_of(info) if info.configured else None
-        if path is None or not path.exists() or daemon_alive(path):
+    for index, path in _ours():
+        if daemon_alive(path):
             continue
         with contextlib.suppress(RecordError, DeviceStateError):
-            link_named(rec.RecordStore.read(path).device.interface).check_reattach(info.index)
-            found.append((info.index, path))
+            link_named(rec.RecordStore.read(path).device.interface).check_reattach(index)
+            found.append((index, path))
     return found
 
 
 def live_devices() -> list[tuple[int, Path]]:
     """Devices attached by erofs-mount whose daemon holds its lock, with their records."""
-    found = []
-    for info in sysfs.devices():
-        path = record_path_of(info) if info.configured else None
-        if path is not None and path.exists() and daemon_alive(path):
-            found.append((info.index, path))
-    return found
+    return [(index, path) for index, path in _ours() if daemon_alive(path)]
 
 
 def end_if_hung(index: int, record_path: Path, stuck_after: float) -> str | None:

@@ -28,12 +28,12 @@ from pathlib import Path
 
 import attrs
 
-from ._cache import cache_directory, cache_room
+from ._cache import cache_directory, cache_room, write_cache_file
 from ._errors import SourceError
 from ._filters import DEFAULT_RETRY, Filter
 from ._metrics import Counters
 from ._source import Source
-from ._spans import SpanHashes, checked
+from ._spans import HASH_SIZE, SpanHashes, checked
 
 log = logging.getLogger("erofs_mount.spans")
 
@@ -80,9 +80,9 @@ class SpanStore:
         self._lock = threading.Lock()
         self._failed_write = False
 
-    def persisted(self, inner: Source, span_size: int, hashes: bytes, stream: str) -> Source:
+    def persisted(self, inner: Source, spans: SpanHashes, stream: str) -> Source:
         """``inner`` (whose reads are checked) with the spans it gives kept here and served from here."""
-        return _Persisted(inner, self, span_size, hashes, stream)
+        return _Persisted(inner, self, spans, stream)
 
     def filling(self, source: Source, jobs: list[FillJob]) -> Source:
         """``source``, which fills the store with ``jobs`` on a thread of its own once it serves."""
@@ -147,22 +147,12 @@ class SpanStore:
         """Keep span ``n``: written aside and renamed. False if the disk would not take it (logged once)."""
         if len(data) > self.max_bytes:
             return False
-        tmp = where / f".{n}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
             self._make_room(len(data))
             with contextlib.suppress(FileExistsError):
                 where.mkdir(mode=0o700)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
-            os.replace(tmp, where / str(n))
+            write_cache_file(where / str(n), data)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             if not self._failed_write:
                 self._failed_write = True
                 log.warning("span store: cannot write to %s (%s); spans are served without being kept",
@@ -263,17 +253,17 @@ class _Persisted(Filter):
     """Reads of whole spans (as the block cache above asks): stored spans are served from the disk,
     the others fetched from ``inner`` in one read (which checks them) and stored."""
 
-    def __init__(self, inner: Source, store: SpanStore, span_size: int, hashes: bytes, stream: str) -> None:
+    def __init__(self, inner: Source, store: SpanStore, spans: SpanHashes, stream: str) -> None:
         super().__init__(inner)
-        self.store, self.span_size, self.hashes = store, span_size, hashes
-        self.where = store.place(stream, span_size)
+        self.store, self.span_size, self.hashes = store, spans.span_size, spans.hashes
+        self.where = store.place(stream, spans.span_size)
         self._counters = Counters()
 
     def pread(self, length: int, offset: int) -> bytes | memoryview:
         span = self.span_size
         first, last = offset // span, (offset + length - 1) // span
         got: dict[int, bytes | memoryview | None] = {
-            n: self.store.get(self.where, n, self.hashes[n * 32:(n + 1) * 32], self._counters, span)
+            n: self.store.get(self.where, n, self.hashes[n * HASH_SIZE:(n + 1) * HASH_SIZE], self._counters, span)
             for n in range(first, last + 1)}
         missing = [n for n, data in got.items() if data is None]
         self._counters.add("span_store_hits", len(got) - len(missing))

@@ -69,7 +69,7 @@ class SpanHashes:
         if store is not None:
             if not stream:
                 raise ValueError("a span store keeps spans under the stream's sha256")
-            checked = store.persisted(checked, self.span_size, self.hashes, stream)
+            checked = store.persisted(checked, self, stream)
         return BlockCache(checked, block_size=self.span_size, cache_bytes=cache.cache_mib << 20,
                           readahead=cache.readahead_kib << 10)
 

@@ -12,6 +12,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from ._cache import write_cache_file
 from ._errors import UsageError
 
 DEFAULT_DIR = "/etc/systemd/system"
@@ -111,9 +112,7 @@ def write(directory: Path, command: str) -> list[Path]:
     written = []
     for name, text in render(command).items():
         path = directory / name
-        tmp = path.with_name(f".{name}.tmp")
-        tmp.write_text(text)
-        tmp.chmod(0o644)
-        tmp.replace(path)
+        write_cache_file(path, text.encode())  # aside, never through a link, then renamed
+        os.chmod(path, 0o644)
         written.append(path)
     return written

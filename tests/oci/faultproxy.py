@@ -141,7 +141,7 @@ class FaultProxy:
                     proxy.flooded.append(sent)
                     self.close_connection = True
                     return
-                if fault == "stall":  # half the body, then nothing: a registry that stopped answering mid-body
+                if fault in ("reset", "short", "stall"):  # half the body, then: RST, FIN, or nothing at all
                     self.send_response(upstream.status_code)
                     for k, v in passed.items():
                         self.send_header(k, v)
@@ -149,17 +149,8 @@ class FaultProxy:
                     self.end_headers()
                     self.wfile.write(body[:len(body) // 2])
                     self.wfile.flush()
-                    proxy.stopped.wait(STALL)
-                    self.close_connection = True
-                    return
-                if fault in ("reset", "short"):
-                    self.send_response(upstream.status_code)
-                    for k, v in passed.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Length", str(len(body)))
-                    self.end_headers()
-                    self.wfile.write(body[:len(body) // 2])
-                    self.wfile.flush()
+                    if fault == "stall":  # a registry that stopped answering mid-body
+                        proxy.stopped.wait(STALL)
                     if fault == "reset":  # RST, not FIN
                         self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                     self.connection.close()

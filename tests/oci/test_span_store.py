@@ -33,6 +33,24 @@ def read_all(source: Source, step: int = 256 << 10) -> bytes:
     return b"".join(bytes(source.pread(min(step, source.size - o), o)) for o in range(0, source.size, step))
 
 
+def mounted_and_read(reference: str) -> tuple[bytes, dict[str, object]]:
+    """Every byte of the image as a mount reads it, and the state its record keeps."""
+    source = open_reference(reference, {"insecure": ""})
+    try:
+        return read_all(source), dict(source.state())
+    finally:
+        source.close()
+
+
+def reattached_and_read(state: dict[str, object]) -> tuple[bytes, dict[str, int]]:
+    """Every byte as a reattached daemon serves it, and its counters."""
+    again = Retrying(reopen(state))
+    try:
+        return read_all(again), dict(again.counters())
+    finally:
+        again.close()
+
+
 def span_files(tmp_path: Path) -> list[Path]:
     return sorted(p for p in (tmp_path / "cache" / "spans").glob("*/*") if not p.name.startswith("."))
 
@@ -49,40 +67,26 @@ def image(registry: Registry) -> str:
 
 def test_a_reopened_image_reads_what_was_read_before_with_no_request(proxy: FaultProxy, image: str,
                                                                      tmp_path: Path) -> None:
-    source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
-    expected = read_all(source)
-    state = source.state()
-    source.close()
+    expected, state = mounted_and_read(f"{proxy.host}/{image}")
     assert state["disk_cache_mib"] == 2048 and span_files(tmp_path), "on by default, and kept in the record"
     proxy.log.clear()
     proxy.ranges.clear()
-    again = Retrying(reopen(state))  # what a reattached daemon opens
-    try:
-        assert read_all(again) == expected
-        counts = again.counters()
-    finally:
-        again.close()
+    got, counts = reattached_and_read(state)
+    assert got == expected
     assert proxy.ranges == [], "every span came from the store"
     assert counts["span_store_hits"] > 0 and counts.get("http_requests", 0) == 0, counts
 
 
 def test_a_corrupted_span_file_is_fetched_again_and_never_served(proxy: FaultProxy, image: str,
                                                                  tmp_path: Path) -> None:
-    source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
-    expected = read_all(source)
-    state = source.state()
-    source.close()
+    expected, state = mounted_and_read(f"{proxy.host}/{image}")
     victim = span_files(tmp_path)[0]
     damaged = bytearray(victim.read_bytes())
     damaged[len(damaged) // 2] ^= 0x40
     victim.write_bytes(damaged)
     proxy.ranges.clear()
-    again = Retrying(reopen(state))
-    try:
-        assert read_all(again) == expected
-        counts = again.counters()
-    finally:
-        again.close()
+    got, counts = reattached_and_read(state)
+    assert got == expected
     assert counts["span_store_corrupt"] == 1 and proxy.ranges, "the damaged span was fetched from the registry"
     assert victim.read_bytes() != bytes(damaged)
 

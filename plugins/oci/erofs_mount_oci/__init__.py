@@ -237,7 +237,9 @@ def _open_blob(registry: Any, layer: Any, common: dict[str, Any], opts: Options)
         state.update(verify="full", span_size=found.span_size, spans_sha256=found.root())
     blob = BlobSource(client, url, layer.digest, layer.size, description=f"{ref}#{layer.digest}", state=state,
                       digest_along=found is None)
-    return opts.cache.wrap(blob) if found is None else spans.served(blob, found, opts.cache, state)
+    if found is None:
+        return opts.cache.wrap(blob)
+    return spans.served(blob, found, opts.cache, _span_store(state), fill=opts.fill)
 
 
 def reopen(state: Mapping[str, Any]) -> Source:
@@ -295,7 +297,7 @@ def _reopen_blob(registry: Any, state: Mapping[str, Any], cache: CacheSettings) 
                       description=f"{state['reference']}#{digest}", state=state, digest_along=verified is None)
     if verified is None:
         return cache.wrap(blob)
-    return spans.served(blob, verified, cache, state)
+    return spans.served(blob, verified, cache, _span_store(state), fill=bool(state.get("fill")))
 
 
 def _stored_whole(digest: str, state: Mapping[str, Any]) -> Any:

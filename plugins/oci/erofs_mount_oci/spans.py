@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,29 +33,29 @@ from erofs_mount_core import (
 )
 
 from . import _http
+from .blob import BlobSource
 from .routing import distrust_served
 
 Spans = SpanHashes  # what this plugin calls the hashes it keeps
 FILL_READAHEAD = 4 << 20  # a fill's range requests: this much at a time
 
 
-def served(blob: Any, spans: Spans, cache: CacheSettings, state: Mapping[str, Any]) -> Source:
+def served(blob: BlobSource, spans: Spans, cache: CacheSettings, store: SpanStore | None, *,
+           fill: bool) -> Source:
     """The blob read in spans, each checked (a mirror that sent other bytes is skipped for the retry), kept
-    in the span store the record asks for and, with ``fill``, every span stored in the background."""
+    in ``store`` and, with ``fill``, every span stored in the background."""
     what = f"blob {blob.digest[:19]}…"
-    mib = int(state.get("disk_cache_mib", 0))
-    store = SpanStore(mib << 20) if mib else None
     stream = blob.digest.removeprefix("sha256:")
     source: Source = spans.verified(blob, cache, what, transient=True, store=store, stream=stream,
                                     rejected=distrust_served)
-    if store is None or not state.get("fill"):
+    if store is None or not fill:
         return source
     if blob.size > store.max_bytes:
         raise SourceError(f"oci: fill: the layer's {blob.size >> 20} MiB do not fit the span store's "
                           f"{store.max_bytes >> 20} MiB (disk-cache-mib)")
 
     def fill_from() -> Source:  # a blob source of its own, sharing the client (which it must not close)
-        own = type(blob)(blob.client, blob.url, blob.digest, blob.size, description=what, state={},
+        own = BlobSource(blob.client, blob.url, blob.digest, blob.size, description=what, state={},
                          digest_along=False, owns_client=False)
         return BlockCache(own, block_size=spans.span_size, cache_bytes=spans.span_size, readahead=FILL_READAHEAD)
 
