@@ -45,7 +45,7 @@ def cli(*args: str) -> str:
 
 
 def daemon_pid(device: str) -> int:
-    (row,) = [r for r in json.loads(cli("list", "--json")) if r["device"] == device]
+    (row,) = [r for r in json.loads(cli("list", "--json"))["result"] if r["device"] == device]
     return int(row["daemon_pid"])
 
 

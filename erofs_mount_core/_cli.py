@@ -21,8 +21,31 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
+    click.echo(f"Error: {message}" if code else message, err=True)  # code 0: nothing to do, not an error
     sys.exit(code)
+
+
+#: the version of every --json document's envelope; raised only when a field changes meaning or goes
+JSON_SCHEMA_VERSION = 1
+
+
+def _echo_json(command: str, result: Any) -> None:
+    """Every --json output: ``{"schema_version": 1, "command": ..., "result": ...}`` (docs/user-guide.md)."""
+    click.echo(json.dumps({"schema_version": JSON_SCHEMA_VERSION, "command": command, "result": result},
+                          indent=2, default=str))  # a plugin's pins may hold TOML datetimes
+
+
+def _exit_for(errors: list[ErofsMountError]) -> None:
+    """Exit for an --all command: 0 when none failed, their shared code, or 1 when they differ."""
+    codes = {e.exit_code for e in errors}
+    if codes:
+        sys.exit(codes.pop() if len(codes) == 1 else 1)
+
+
+def _exit_codes_epilog() -> str:
+    from ._errors import EXIT_CODES
+
+    return "\b\nExit codes:\n" + "\n".join(f"  {code:<4}{meaning}" for code, meaning in EXIT_CODES.items())
 
 
 def _errors_as_lines(fn: F) -> F:
@@ -69,8 +92,8 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
+@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_codes_epilog())
+@click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version of erofs-mount and of each installed plugin, and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
 def cli(debug: bool) -> None:
@@ -83,9 +106,10 @@ def cli(debug: bool) -> None:
 
 
 @cli.command()
-@click.option("-s", "--source", "spec", required=True, metavar="SCHEME:LOCATION",
-              help="What to serve, e.g. local:/srv/app.erofs ('erofs-mount plugins' lists the schemes).")
-@click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE[,...]",
+@click.option("-s", "--source", "spec", metavar="SCHEME:LOCATION",
+              help="What to serve, e.g. local:/srv/app.erofs ('erofs-mount plugins' lists the schemes); "
+                   "or give it as the first argument.")
+@click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY[=VALUE][,...]",
               help="A mount flag (nosuid and nodev are the default; suid, dev, noexec, noatime...) "
                    "or a source option, passed to the source's plugin. Repeatable.")
 @click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64),
@@ -94,34 +118,56 @@ def cli(debug: bool) -> None:
               help="Seconds the kernel holds reads while no daemon is attached (the window for reattach).")
 @click.option("--block-size", default=512, show_default=True, type=click.Choice(["512", "1024", "2048", "4096"]),
               help="Logical block size of the nbd device.")
-@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the device as 'list --json' shows it.")
+@click.argument("arguments", nargs=-1, metavar="[SOURCE] MOUNTPOINT")
 @_errors_as_lines
-def mount(spec: str, option_pairs: tuple[str, ...], connections: int, dead_timeout: int,
-          block_size: str, mountpoint: str) -> None:
+def mount(spec: str | None, option_pairs: tuple[str, ...], connections: int, dead_timeout: int,
+          block_size: str, as_json: bool, arguments: tuple[str, ...]) -> None:
     """Attach SOURCE to an nbd device and mount it read-only on MOUNTPOINT.
 
     Prints the device. The mount is nosuid,nodev unless -o suid or -o dev
     asks otherwise: an image's setuid files and device nodes have no power
     on the host. A recovery record is kept under /run/erofs-mount while the
     device is attached. 'erofs-mount plugins SCHEME' documents a
-    source type's -o options.
+    source type's -o options; mount(8) and /etc/fstab reach this command
+    through the mount.erofs-mount helper (the user guide says how).
     """
     from . import _lifecycle as lifecycle
 
+    if len(arguments) != (1 if spec else 2):
+        raise click.UsageError("give SOURCE and MOUNTPOINT (or -s SOURCE and MOUNTPOINT)")
+    spec = spec or arguments[0]
     settings = lifecycle.DeviceSettings(connections=connections, dead_timeout=dead_timeout,
                                         block_size=int(block_size))
-    device = lifecycle.mount(spec, mountpoint, _parse_options(option_pairs), settings)
-    click.echo(device)
+    device = lifecycle.mount(spec, arguments[-1], _parse_options(option_pairs), settings)
+    _echo_device(device, as_json, "mount")
+
+
+def _echo_device(device: str, as_json: bool, command: str) -> None:
+    from . import _lifecycle as lifecycle
+
+    if as_json:
+        _echo_json(command, lifecycle.describe(device))
+    else:
+        click.echo(device)
 
 
 @cli.command()
 @click.argument("target")
+@click.option("-l", "--lazy", is_flag=True,
+              help="Detach the mount now; the device and its daemon end when its last user lets go.")
 @_errors_as_lines
-def umount(target: str) -> None:
-    """Unmount TARGET (a mountpoint or /dev/nbdN), disconnect the device and end its daemon."""
+def umount(target: str, lazy: bool) -> None:
+    """Unmount TARGET (a mountpoint or /dev/nbdN), disconnect the device and end its daemon.
+
+    A mountpoint whose device is mounted elsewhere too (a bind mount) is
+    unmounted alone, and the device keeps serving the others: the command
+    names them.
+    """
     from . import _lifecycle as lifecycle
 
-    lifecycle.umount(target)
+    for note in lifecycle.umount(target, lazy=lazy).notes:
+        click.echo(note, err=True)
 
 
 @cli.command()
@@ -132,37 +178,47 @@ def umount(target: str) -> None:
                    "or a request in its hands longer than --stuck-after), then reattach.")
 @click.option("--stuck-after", type=click.FloatRange(min=1), default=120, show_default=True, metavar="SECONDS",
               help="With --force: how long a request may stay in a daemon's hands.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors_as_lines
-def reattach(device: str | None, all_: bool, force: bool, stuck_after: float) -> None:
-    """Serve DEVICE again after its daemon died; blocked reads then complete.
+def reattach(device: str | None, all_: bool, force: bool, stuck_after: float, as_json: bool) -> None:
+    """Serve DEVICE (or MOUNTPOINT) again after its daemon died; blocked reads then complete.
 
     Rebuilds the source from the device's recovery record and refuses if the
-    bytes would differ. A device whose daemon is alive is left alone, unless
-    --force and the daemon fails its liveness probe (stopped, hung, stuck on
-    a source that stopped answering): it is killed and replaced.
+    bytes would differ. A device whose daemon is alive is left alone (that is
+    no error: there is nothing to do), unless --force and the daemon fails
+    its liveness probe (stopped, hung, stuck on a source that stopped
+    answering): it is killed and replaced.
     """
     from . import _lifecycle as lifecycle
+    from ._errors import AlreadyServing
 
     if bool(device) == all_:
         raise click.UsageError("give a DEVICE or --all")
     if force and all_:
         raise click.UsageError("--force is for one DEVICE")
     if device:
-        index = lifecycle.reattach(device, force=force, stuck_after=stuck_after)
-        click.echo(f"/dev/nbd{index}")
+        try:
+            index = lifecycle.reattach(device, force=force, stuck_after=stuck_after)
+        except AlreadyServing as exc:
+            click.echo(str(exc), err=True)
+            index = lifecycle.device_index(device)
+        _echo_device(f"/dev/nbd{index}", as_json, "reattach")
         return
-    failed = 0
-    for outcome in lifecycle.reattach_all():
+    outcomes = lifecycle.reattach_all()
+    if as_json:
+        _echo_json("reattach", [{"device": f"/dev/nbd{o.index}", "reattached": o.error is None and o.due_in is None,
+                                 "error": None if o.error is None else str(o.error),
+                                 "exit_code": None if o.error is None else o.error.exit_code,
+                                 "next_attempt_in": o.due_in} for o in outcomes])
+    for outcome in outcomes:
         if outcome.error is not None:
             click.echo(f"Error: /dev/nbd{outcome.index}: {outcome.error}", err=True)
-            failed += 1
         elif outcome.due_in is not None:
             click.echo(f"/dev/nbd{outcome.index}: its reattach keeps failing; next attempt in "
                        f"{outcome.due_in:.0f} s (or: erofs-mount reattach /dev/nbd{outcome.index})", err=True)
-        else:
+        elif not as_json:
             click.echo(f"/dev/nbd{outcome.index}")
-    if failed:
-        sys.exit(1)
+    _exit_for([o.error for o in outcomes if o.error is not None])
 
 
 @cli.command()
@@ -186,8 +242,7 @@ def restart(device: str | None, all_: bool) -> None:
             click.echo(f"/dev/nbd{outcome.index}: daemon {outcome.old_pid} -> {outcome.new_pid}")
         else:
             click.echo(f"Error: /dev/nbd{outcome.index}: {outcome.error}", err=True)
-    if any(o.error is not None for o in outcomes):
-        sys.exit(1)
+    _exit_for([o.error for o in outcomes if o.error is not None])
 
 
 @cli.command()
@@ -223,7 +278,7 @@ def stats(device: str | None, as_json: bool) -> None:
 
     found = lifecycle.device_stats(device)
     if as_json:
-        click.echo(json.dumps(found, indent=2))
+        _echo_json("stats", found)
         return
     if not found:
         click.echo("no erofs-mount devices attached")
@@ -279,32 +334,57 @@ def metrics() -> None:
 
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("-w", "--wide", is_flag=True, help="Also the mount flags, what the source pins and the record.")
 @_errors_as_lines
-def list_(as_json: bool) -> None:
-    """Show attached nbd devices, their sources and daemons."""
+def list_(as_json: bool, wide: bool) -> None:
+    """Show attached nbd devices: state, size, since when served, source, daemon.
+
+    \b
+    States:
+      serving   a daemon serves it
+      dead      its daemon is gone; reads wait until 'erofs-mount reattach'
+      refused   its last reattach failed (the line below says why)
+      expired   past its dead-connection timeout the kernel fails its reads;
+                'erofs-mount reattach' restores it
+      detached  the device was disconnected; only its record is left
+      other     not attached by erofs-mount
+    """
     from . import _lifecycle as lifecycle
 
     lifecycle.require_root("list")  # the records are root's alone: a user would see rows of errors
     rows = lifecycle.list_devices()
     if as_json:
-        click.echo(json.dumps(rows, indent=2, default=str))  # a plugin's state may hold TOML datetimes
+        _echo_json("list", rows)
         return
     if not rows:
         click.echo("no nbd devices attached")
         return
-    table = [("DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SERVED", "SOURCE", "RECORD")]
+    table = [("DEVICE", "STATE", "SIZE", "SINCE", "CONN", "TIMEOUT", "SERVED", "MOUNTPOINT", "SOURCE")]
     for row in rows:
-        state = {True: "alive", False: "DEAD", None: "?"}[row["daemon_alive"]]
-        source = row["source"] or row["error"]
+        source = row["source"] or "-"
         if row["serving"] and row["serving"] not in source:
             source += f" = {row['serving']}"
-        served = "-" if row["read_bytes"] is None else _size_text(row["read_bytes"])
-        table.append((row["device"] or "-", ",".join(row["mountpoints"]) or "-", row["mount_options"] or "-",
-                      f"{row['daemon_pid'] or '-'} {state}", served, source, row["record"] or "-"))
+        table.append((row["device"] or "-", row["state"], _maybe(row["size"], _size_text),
+                      (row["since"] or "-").replace("+00:00", "Z"), _maybe(row["connections"], str),
+                      _maybe(row["dead_timeout"], lambda t: f"{t}s"), _maybe(row["read_bytes"], _size_text),
+                      ",".join(row["mountpoints"]) or "-", source))
+        if wide:
+            table[-1] = (*table[-1][:-1], row["mount_options"] or "-", str(row["daemon_pid"] or "-"),
+                         row["record"] or "-", source)
+    if wide:
+        table[0] = (*table[0][:-1], "FLAGS", "PID", "RECORD", "SOURCE")
     _echo_table(table)
     for row in rows:
+        name = row["device"] or row["record"]
+        if row["state"] != lifecycle.SERVING and row["why"]:
+            fix = f" (run: {row['reattach_command']})" if row["reattach_command"] else ""
+            click.echo(f"{name}: {row['state']}: {row['why']}{fix}")
         if row["last_error"]:
-            click.echo(f"{row['device']}: last error: {row['last_error']}")
+            click.echo(f"{name}: last error: {row['last_error']}")
+
+
+def _maybe(value: Any, text: Callable[[Any], str]) -> str:
+    return "-" if value is None else text(value)
 
 
 def _echo_table(table: list[tuple[str, ...]]) -> None:
@@ -332,16 +412,16 @@ def plugins(scheme: str | None, as_json: bool) -> None:
         text = host.documentation(scheme)
         if as_json:
             info = host.owner(scheme)
-            click.echo(json.dumps({"scheme": scheme, "plugin": info.name, "distribution": info.distribution,
+            _echo_json("plugins", {"scheme": scheme, "plugin": info.name, "distribution": info.distribution,
                                    "version": info.version, "summary": info.schemes[scheme],
-                                   "documentation": text}, indent=2))
+                                   "options": info.options.get(scheme), "documentation": text})
         else:
             click.echo(text)
         return
     infos = host.plugins
     conflicts = host.conflicts()
     if as_json:
-        click.echo(json.dumps({"plugins": [i.to_json() for i in infos], "conflicts": conflicts}, indent=2))
+        _echo_json("plugins", {"plugins": [i.to_json() for i in infos], "conflicts": conflicts})
         return
     if not infos:
         click.echo("no plugins installed (pip install erofs-mount-local)")
@@ -379,6 +459,20 @@ def systemd_units(directory: str, command: str | None) -> None:
         click.echo(str(path))
 
 
+@cli.command(name="man")
+def man_page() -> None:
+    """Print the erofs-mount(8) manual page (roff), made from these commands' help.
+
+    scripts/setup installs it for the virtualenv; elsewhere:
+    erofs-mount man > /usr/local/share/man/man8/erofs-mount.8
+    """
+    from importlib.metadata import version
+
+    from ._manpage import render
+
+    click.echo(render(cli, version=version("erofs-mount")), nl=False)
+
+
 @cli.group()
 def cache() -> None:
     """The cache directory: indexes, span hashes, unpacked streams and the span store, kept between mounts.
@@ -403,10 +497,10 @@ def cache_list(as_json: bool) -> None:
     found = [e for e in _cache.entries() if store not in e.path.parents]
     streams = _span_store.stored(store)
     if as_json:
-        click.echo(json.dumps({"directory": str(root), "entries": [
+        _echo_json("cache list", {"directory": str(root), "entries": [
             {"path": str(e.path), "bytes": e.size, "used": e.used, "in_use": e.in_use} for e in found],
             "span_store": [{"stream": f"sha256:{s.stream}", "span_size": s.span_size, "spans": s.spans,
-                            "bytes": s.bytes, "used": s.used} for s in streams]}, indent=2))
+                            "bytes": s.bytes, "used": s.used} for s in streams]})
         return
     if not found and not streams:
         click.echo(f"{root}: empty")
@@ -492,6 +586,12 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
 
 
 def main() -> None:
+    import os
+
+    from . import _helper
+
+    if os.path.basename(sys.argv[0]) == _helper.NAME:  # a link named as mount(8)'s helper
+        _helper.main()
     cli(prog_name="erofs-mount")
 
 

@@ -158,8 +158,17 @@ class Daemon:
             log.info("nbd%d disconnected; removing %s", index, self.record_path)
             self.store.remove(self.record_path)
             return 0
-        log.warning("connections ended (%s); keeping %s for reattach", ", ".join(self.reasons), self.record_path)
+        log.warning("connections ended (%s); keeping %s: nbd%d's reads wait until "
+                    "'erofs-mount reattach /dev/nbd%d'", ", ".join(self.reasons), self.record_path, index, index)
         return 1
+
+    def on_sigterm(self, signum: int, _frame: object) -> None:
+        """Say which command brings the device back, then die of the signal as if unhandled."""
+        if self.index >= 0:
+            log.warning("ending on SIGTERM: nbd%d's reads wait until 'erofs-mount reattach /dev/nbd%d' "
+                        "(or the watch service) gives it a new daemon", self.index, self.index)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
 
     @staticmethod
     def _disk(source: Source, record: rec.Record) -> Disk:
@@ -358,6 +367,7 @@ def serve(mode: str, record_path: Path, ready_fd: int, lock_fd: int | None, host
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _harden()
     daemon = Daemon(record_path, protocol.ReadyPipe(ready_fd), host, service)
+    signal.signal(signal.SIGTERM, daemon.on_sigterm)
     try:
         if lock_fd is not None:
             protocol.check_lock(lock_fd, record_path)  # held until this process ends

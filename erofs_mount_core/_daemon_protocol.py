@@ -79,7 +79,7 @@ def locked(record_path: Path) -> Iterator[int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise errors.DeviceStateError("its daemon is alive and serving: nothing to do") from None
+            raise errors.AlreadyServing("its daemon is alive and serving: nothing to do") from None
         if not _same_file(fd, path):
             raise errors.DeviceStateError("its record was removed meanwhile (the device was disconnected)")
         yield fd

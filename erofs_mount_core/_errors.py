@@ -10,9 +10,11 @@
     ├── RecordError                 a recovery record is missing, corrupt or too new
     ├── PluginError                 a plugin broke its contract
     └── DeviceStateError            the device is not in the state the command needs
+        └── AlreadyServing          a daemon serves it already: nothing to do (exit 0)
 
-The CLI prints ``Error: <message>`` and exits with ``exit_code``; nothing
-else reaches the user unless ``--debug`` asks for the traceback. A daemon's
+The CLI prints ``Error: <message>`` and exits with ``exit_code`` (one
+meaning per code: ``EXIT_CODES``, printed by ``--help``); nothing else reaches
+the user unless ``--debug`` asks for the traceback. A daemon's
 error reaches the command that started it as the same class
 (``_daemon_protocol``), so callers catch ``SourceChangedError`` whichever
 process raised it.
@@ -78,3 +80,25 @@ class PluginError(ErofsMountError):
 
 class DeviceStateError(ErofsMountError):
     exit_code = 7
+
+
+class AlreadyServing(DeviceStateError):
+    """A live daemon holds the device: what the command wanted is already true. Not a failure,
+    but raised like one from where it is found (the daemon's lock), so callers that only
+    need "not started" catch it as a DeviceStateError."""
+
+    exit_code = 0
+
+
+#: what each exit code means, for --help, the user guide and scripts (stable: never renumbered)
+EXIT_CODES = {
+    0: "done, or nothing to do (a reattach of a device that is served)",
+    1: "failed for a reason with no code of its own, or --all failed in more than one way",
+    2: "usage: a wrong argument or option, not root, an unknown source type",
+    3: "the kernel: the nbd driver is missing or refused, mount(2) or umount(2) failed",
+    4: "the source: it cannot be opened or read, or reattach was refused because its bytes changed",
+    5: "a recovery record is missing, corrupt or from a newer erofs-mount",
+    6: "a plugin broke its contract",
+    7: "the device is not in the state the command needs (not connected, not ours, busy)",
+    130: "interrupted",
+}

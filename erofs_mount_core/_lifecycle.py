@@ -29,6 +29,7 @@ from . import _record as rec
 from ._control import ask_stats
 from ._daemon_protocol import daemon_alive, locked, spawn, spawn_taker
 from ._errors import (
+    AlreadyServing,
     DeviceStateError,
     ErofsMountError,
     KernelError,
@@ -41,7 +42,7 @@ from ._errors import (
 )
 from ._faults import kill_point
 from ._filters import Retrying
-from ._nbd import sysfs
+from ._nbd import kernel_log, sysfs
 from ._nbd.link import choose_link, disconnect_any, link_named
 from ._plugins import PluginHost
 from ._source import Source, split_spec
@@ -87,13 +88,13 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
     ``dev``, ``noexec``...; nosuid,nodev by default) for the mount, the rest for the source.
     """
     require_root("mount")
-    flags, options = mounts.split_options(options or {})
+    mount_options, options = mounts.split_options(options or {})
     if not os.path.isdir(mountpoint):
         raise UsageError(f"mountpoint {mountpoint} does not exist or is not a directory")
     if settings.connections < 1 or settings.block_size not in (512, 1024, 2048, 4096):
         raise UsageError("--connections must be >= 1 and --block-size one of 512, 1024, 2048, 4096")
     with _claimed(mountpoint):
-        return _mount(spec, mountpoint, flags, options, settings)
+        return _mount(spec, mountpoint, mount_options, options, settings)
 
 
 @contextlib.contextmanager
@@ -110,7 +111,8 @@ def _claimed(mountpoint: str) -> Iterator[None]:
         os.close(fd)
 
 
-def _mount(spec: str, mountpoint: str, flags: int, options: Mapping[str, str], settings: DeviceSettings) -> str:
+def _mount(spec: str, mountpoint: str, mount_options: mounts.MountOptions, options: Mapping[str, str],
+           settings: DeviceSettings) -> str:
     host = PluginHost()
     scheme, location = split_spec(spec)
     plugin = host.owner(scheme)
@@ -151,7 +153,7 @@ def _mount(spec: str, mountpoint: str, flags: int, options: Mapping[str, str], s
     kill_point("mount:daemon-ready")
     device = f"/dev/nbd{index}"
     try:
-        mounts.mount_erofs(device, os.path.realpath(mountpoint), flags)
+        mounts.mount_erofs(device, os.path.realpath(mountpoint), mount_options)
     except BaseException:
         _disconnect_and_wait(index, path)
         raise
@@ -197,8 +199,21 @@ def _disconnect_and_wait(index: int, record_path: Path, timeout: float = DAEMON_
 
 # -- umount ------------------------------------------------------------------
 
-def umount(target: str) -> str:
-    """Unmount a mountpoint or device, disconnect it, end its daemon; return the device."""
+@attrs.frozen
+class Unmounted:
+    """What ``umount`` did: the device, and what the user should know (it still serves elsewhere...)."""
+
+    device: str
+    notes: list[str] = attrs.field(factory=list)
+
+
+def umount(target: str, lazy: bool = False) -> Unmounted:
+    """Unmount a mountpoint (or every mountpoint of a device), disconnect the device, end its daemon.
+
+    A mountpoint whose device is mounted elsewhere too is unmounted alone; the device serves on.
+    ``lazy``: detach the mounts at once; the kernel disconnects the device (and its daemon ends)
+    when its last user lets go, as it was told at mount.
+    """
     require_root("umount")
     if os.path.isdir(target) and not target.startswith("/dev/"):
         device = mounts.device_mounted_at(target)
@@ -216,13 +231,35 @@ def umount(target: str) -> str:
     if connected and record_path is None:  # before anything is unmounted
         raise DeviceStateError(f"{_not_ours(device, info)}: leave it to the tool that attached it")
     for mp in reversed(points):
-        mounts.umount(mp)
-    if mounts.mountpoints_of(device):
-        return device  # still mounted elsewhere: keep serving
+        mounts.umount(mp, lazy=lazy)
+    if still := mounts.mountpoints_of(device):
+        return Unmounted(device, [f"{device} is still mounted on {', '.join(still)} and serves on "
+                                  f"('erofs-mount umount {device}' unmounts it everywhere)"])
+    if lazy:
+        return Unmounted(device, [f"{device}: detached; it is disconnected, and its daemon ends, "
+                                  "when the last file open on it is closed"])
     if record_path is None:
-        raise DeviceStateError(f"{device} is not connected")
+        if not _forget_detached(index):
+            raise DeviceStateError(f"{device} is not connected")
+        return Unmounted(device)
     _disconnect_and_wait(index, record_path)
-    return device
+    return Unmounted(device)
+
+
+def _forget_detached(index: int) -> bool:
+    """Remove the record of detached device ``index`` (its filesystem now unmounted); False if none."""
+    for path, record in _detached():
+        if record is not None and record.device.index == index:
+            with contextlib.suppress(DeviceStateError):
+                with locked(path):
+                    rec.RecordStore.remove(path)
+            return True
+    return False
+
+
+def device_index(target: str) -> int:
+    """The nbd device index of ``/dev/nbdN``, ``nbdN`` or a mountpoint of one; UsageError otherwise."""
+    return _index_or_usage(target)
 
 
 def _is_nbd(device: str) -> bool:
@@ -289,21 +326,43 @@ def reattach(target: str, start: Callable[[Path], int] | None = None, host: Plug
 
     ``start`` starts the daemon (by default a new process); ``host`` is the plugins, if loaded already.
     ``force``: a daemon that holds the device but fails its liveness probe (``_liveness``) is ended first.
+    Raises AlreadyServing (exit 0) if a live daemon holds it; a failure is kept beside the record,
+    with why, for ``list`` and for the back-off of ``reattach --all``.
     """
     require_root("reattach")
     index = _index_or_usage(target)
     record_path = _record_of(index, "nothing to reattach")
+    return _attempt(index, record_path, start, host, force, stuck_after)
+
+
+def _attempt(index: int, record_path: Path, start: Callable[[Path], int] | None = None,
+             host: PluginHost | None = None, force: bool = False, stuck_after: float = liveness.STUCK_AFTER,
+             now: float | None = None) -> int:
+    """One reattach; its failure (not a live daemon found) is kept beside the record, with why."""
+    try:
+        started = _reattach(index, record_path, start, host, force, stuck_after)
+    except AlreadyServing:
+        raise
+    except ErofsMountError as exc:
+        _note_failure(record_path, exc, time.time() if now is None else now)
+        raise
+    rec.retry_path(record_path).unlink(missing_ok=True)
+    return started
+
+
+def _reattach(index: int, record_path: Path, start: Callable[[Path], int] | None, host: PluginHost | None,
+              force: bool, stuck_after: float) -> int:
     record = rec.RecordStore.read(record_path)
     link_named(record.device.interface).check_reattach(index)
     _check_plugin(record, host)
     kill_point("reattach:before-spawn")
     if force and daemon_alive(record_path) and end_if_hung(index, record_path, stuck_after) is None:
-        raise DeviceStateError(f"nbd{index}: its daemon (pid {record.daemon_pid}) answers and serves: "
-                               "--force ends only a daemon that fails its liveness probe")
+        raise AlreadyServing(f"nbd{index}: its daemon (pid {record.daemon_pid}) answers and serves: "
+                             "--force ends only a daemon that fails its liveness probe; nothing to do")
     try:
         return start(record_path) if start else spawn("reattach", record_path)
     except DeviceStateError as exc:
-        raise DeviceStateError(f"nbd{index}: {exc}") from None
+        raise type(exc)(f"nbd{index}: {exc}") from None
 
 
 @attrs.frozen
@@ -334,38 +393,53 @@ def reattach_all(now: float | None = None) -> list[Reattached]:
 
 def reattach_when_due(index: int, record_path: Path, now: float | None = None,
                       start: Callable[[Path], int] | None = None, host: PluginHost | None = None) -> Reattached:
-    """Reattach one device unless its back-off says not yet; keep the back-off up to date.
-
-    ``start`` and ``host`` as for ``reattach`` (``watch`` forks its daemons, with its plugins loaded).
-    """
+    """Reattach one device unless its back-off says not yet (another command that got there
+    first is a success). ``start`` and ``host`` as for ``reattach`` (``watch`` forks its daemons)."""
     now = time.time() if now is None else now
-    failures, due = _retry_state(record_path)
-    if now < due:
-        return Reattached(index, due_in=due - now)
+    failure = last_failure(record_path)
+    if failure is not None and now < failure.due:
+        return Reattached(index, due_in=failure.due - now)
     try:
-        reattach(f"/dev/nbd{index}", start=start, host=host)
+        _attempt(index, record_path, start, host, now=now)
+    except AlreadyServing:
+        return Reattached(index)
     except ErofsMountError as exc:
-        delay = min(RETRY_MAX, RETRY_FIRST * 2 ** failures)
-        _write_retry_state(record_path, failures + 1, now + delay)
-        return Reattached(index, exc, due_in=delay)
-    rec.retry_path(record_path).unlink(missing_ok=True)
+        return Reattached(index, exc, due_in=_backoff(0 if failure is None else failure.count))
     return Reattached(index)
 
 
-def _retry_state(record_path: Path) -> tuple[int, float]:
-    """(failures so far, when the next attempt is due); a missing or odd file means none."""
+@attrs.frozen
+class Failure:
+    """The last failed reattach of a device: how many in a row, when the next is due, and why."""
+
+    count: int
+    due: float
+    why: str
+
+
+def last_failure(record_path: Path) -> Failure | None:
+    """The device's failed reattaches, kept beside its record; None if the last one worked (or none ran)."""
     try:
-        failures, due = rec.retry_path(record_path).read_text().split()
-        return int(failures), float(due)
+        count, due, why = rec.retry_path(record_path).read_text().rstrip("\n").split(" ", 2)
+        return Failure(int(count), float(due), why)
     except (OSError, ValueError):
-        return 0, 0.0
+        return None
 
 
-def _write_retry_state(record_path: Path, failures: int, due: float) -> None:
-    fd = os.open(rec.retry_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{failures} {due}\n")
+def _backoff(failures_before: int) -> float:
+    return min(RETRY_MAX, RETRY_FIRST * 2 ** failures_before)
+
+
+def _note_failure(record_path: Path, exc: ErofsMountError, now: float) -> None:
+    before = last_failure(record_path)
+    count = 1 if before is None else before.count + 1
+    due = now + _backoff(count - 1)
+    why = str(exc).replace("\n", " ")
+    with contextlib.suppress(OSError):  # a run directory that will not take it costs only the back-off
+        fd = os.open(rec.retry_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{count} {due} {why}\n")
 
 
 def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
@@ -527,48 +601,120 @@ def prune_orphans() -> list[Path]:
     return removed
 
 
+#: what ``list`` calls a device, by what it can do now
+SERVING, DEAD, REFUSED, EXPIRED, DETACHED, OTHER = "serving", "dead", "refused", "expired", "detached", "other"
+
+
 def list_devices() -> list[dict[str, Any]]:
-    """One row per attached nbd device, then one per orphaned record (``device`` None)."""
-    rows = []
-    for info in sysfs.devices():
-        if not info.configured:
-            continue
-        row: dict[str, Any] = {
-            "device": info.path,
-            "mountpoints": mounts.mountpoints_of(info.path),
-            "mount_options": mounts.security_options_of(info.path),
-            "source": None,
-            "serving": None,
-            "source_state": None,
-            "daemon_pid": None,
-            "daemon_alive": None,
-            "record": info.backend,
-            "read_bytes": None,
-            "last_error": None,
-            "error": None,
-        }
-        path = record_path_of(info)
-        if path is None:
-            row["error"] = "not attached by erofs-mount"
-        else:
-            try:
-                record = rec.RecordStore.read(path)
-            except RecordError as exc:
-                row["error"] = str(exc)
-            else:
-                row["source"] = f"{record.source.scheme}:{record.source.location}"
-                row["serving"] = record.source.description  # what the plugin pinned: a digest, a version
-                row["source_state"] = record.source.state  # all it pinned (no secret is ever in it)
-                row["daemon_pid"] = record.daemon_pid or None
-                row["daemon_alive"] = daemon_alive(path)
-                stats = _stats_or_nothing(path) if row["daemon_alive"] else {}
-                row["read_bytes"] = stats.get("read_bytes")
-                row["last_error"] = stats.get("last_error")
+    """One row per attached nbd device, then one per record whose device was detached.
+
+    Each row's ``state``: ``serving``; ``dead`` (its daemon is gone and reads wait: reattach);
+    ``refused`` (its last reattach failed, ``why`` says how); ``expired`` (past its dead-connection
+    timeout the kernel fails its reads until a reattach); ``detached`` (the device was disconnected,
+    only the record is left); ``other`` (not attached by erofs-mount).
+    """
+    said = kernel_log.said()
+    rows = [_row(info, said) for info in sysfs.devices() if info.configured]
+    for path, record in _detached():
+        row = _blank_row(None, str(path))
+        row.update(state=DETACHED, why="its device was disconnected: the next mount, 'reattach --all' "
+                                       "or watch removes this record; mount the image again to use it")
+        if record is not None:
+            _describe_record(row, record, path)
+            if record.device.index >= 0:  # it was connected: its filesystem may still be mounted, failing reads
+                row["device"] = device = f"/dev/nbd{record.device.index}"
+                row["mountpoints"] = mounts.mountpoints_of(device)
         rows.append(row)
-    for path in _orphans():
-        rows.append({"device": None, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
-                     "source_state": None, "daemon_pid": None, "daemon_alive": None, "record": str(path),
-                     "read_bytes": None, "last_error": None,
-                     "error": "orphaned: no device is attached with this record "
-                              "(the next mount, 'reattach --all' or watch removes it)"})
     return rows
+
+
+def _detached() -> list[tuple[Path, rec.Record | None]]:
+    """The orphans, each with its record (None if it cannot be read), whose device is not connected."""
+    found = []
+    for path in _orphans():
+        try:
+            record: rec.Record | None = rec.RecordStore.read(path)
+        except RecordError:
+            record = None
+        if record is not None and record.device.index >= 0:
+            info = sysfs.device(record.device.index)
+            if info is not None and info.configured:
+                record = attrs.evolve(record, device=attrs.evolve(record.device, index=-1))  # another's now
+        found.append((path, record))
+    return found
+
+
+def describe(target: str) -> dict[str, Any]:
+    """``list``'s row for one device (what ``mount --json`` and ``reattach --json`` print)."""
+    index = _index_or_usage(target)
+    info = sysfs.device(index)
+    if info is None or not info.configured:
+        raise DeviceStateError(f"nbd{index} is not connected")
+    return _row(info, kernel_log.said())
+
+
+def _blank_row(device: str | None, record: str | None) -> dict[str, Any]:
+    return {"device": device, "state": None, "why": None, "mountpoints": [], "mount_options": None,
+            "size": None, "since": None, "connections": None, "dead_timeout": None, "source": None,
+            "serving": None, "pins": None, "daemon_pid": None, "record": record, "read_bytes": None,
+            "last_error": None, "reattach_command": None}
+
+
+def _describe_record(row: dict[str, Any], record: rec.Record, path: Path) -> None:
+    """The row's fields a record gives: source, what it pins, the device's shape, since when it is served."""
+    with contextlib.suppress(OSError):  # each daemon rewrites the record as it starts serving
+        row["since"] = _iso(path.stat().st_mtime)
+    row.update(source=f"{record.source.scheme}:{record.source.location}",
+               serving=record.source.description,  # what the plugin pinned: a digest, a version
+               pins=record.source.state,  # all it pinned (no secret is ever in it)
+               size=record.device.size, connections=record.device.connections,
+               dead_timeout=record.device.dead_timeout, daemon_pid=record.daemon_pid or None)
+
+
+def _row(info: sysfs.DeviceInfo, said: Mapping[int, kernel_log.Said]) -> dict[str, Any]:
+    row = _blank_row(info.path, info.backend)
+    row.update(mountpoints=mounts.mountpoints_of(info.path), mount_options=mounts.security_options_of(info.path),
+               size=info.size)
+    path = record_path_of(info)
+    if path is None:
+        row.update(state=OTHER, why="not attached by erofs-mount")
+        return row
+    row["record"] = str(path)
+    try:
+        record = rec.RecordStore.read(path)
+    except RecordError as exc:
+        row.update(state=REFUSED, why=str(exc))
+        return row
+    _describe_record(row, record, path)
+    if daemon_alive(path):
+        stats = _stats_or_nothing(path)
+        row.update(state=SERVING, read_bytes=stats.get("read_bytes"), last_error=stats.get("last_error"))
+        return row
+    row["reattach_command"] = f"erofs-mount reattach {info.path}"
+    failure = last_failure(path)
+    try:
+        link_named(record.device.interface).check_reattach(info.index)
+    except DeviceStateError as exc:
+        row.update(state=REFUSED, why=str(exc), reattach_command=None)
+    else:
+        if failure is not None:
+            row.update(state=REFUSED, why=failure.why)
+    started = path.stat().st_mtime if path.exists() else 0.0
+    kernel = said.get(info.index, kernel_log.Said())
+    if kernel.disconnected > started:  # configured still only while its filesystem is mounted
+        row.update(state=DETACHED, reattach_command=None,
+                   why="it was disconnected while mounted: its reads fail; unmount it (erofs-mount umount)")
+    elif kernel.shut_down > started:
+        row.update(state=EXPIRED, why=f"past its dead-connection timeout ({record.device.dead_timeout} s) the "
+                                      "kernel fails its reads until a reattach"
+                                      + (f"; the last reattach failed: {failure.why}" if failure else ""))
+    elif row["state"] is None:
+        row.update(state=DEAD, why=f"its daemon is gone: reads wait (up to {record.device.dead_timeout} s) "
+                                   "until a reattach")
+    return row
+
+
+def _iso(timestamp: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")

@@ -13,7 +13,9 @@ import os
 import re
 from collections.abc import Mapping
 
-from ._errors import ErofsMountError, UsageError
+import attrs
+
+from ._errors import DeviceStateError, KernelError, UsageError
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_NOATIME, MS_NODIRATIME, MS_RELATIME = 1024, 2048, 1 << 21
@@ -26,27 +28,50 @@ FLAG_OPTIONS = {
     "noexec": (MS_NOEXEC, 0), "exec": (0, MS_NOEXEC),
     "noatime": (MS_NOATIME, 0), "nodiratime": (MS_NODIRATIME, 0), "relatime": (MS_RELATIME, 0),
 }
+#: the LSM's mount options (SELinux labels), passed to mount(2) as its data string
+CONTEXT_OPTIONS = frozenset({"context", "fscontext", "defcontext", "rootcontext"})
+#: names mount(8) passes to a helper that are fstab's business, and ``rw``, which it adds to every line
+IGNORED = frozenset({"rw", "defaults", "auto", "noauto", "_netdev", "nofail", "user", "nouser", "users",
+                     "owner", "group", "sw", "xx"})
+IGNORED_PREFIXES = ("x-", "comment=")
+#: device settings an fstab line gives as options: option -> the ``erofs-mount mount`` flag
+DEVICE_OPTIONS = {"connections": "--connections", "dead-timeout": "--dead-timeout", "block-size": "--block-size"}
+#: every ``-o`` name that is not a source's: a plugin may not declare one (``_plugins``)
+RESERVED = frozenset(FLAG_OPTIONS) | CONTEXT_OPTIONS | IGNORED | frozenset(DEVICE_OPTIONS)
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has (find_library runs ldconfig)
 
 
-def split_options(options: Mapping[str, str]) -> tuple[int, dict[str, str]]:
-    """The mount(2) flags among ``-o`` options (over the nosuid,nodev default), and the source's options."""
-    flags, rest = DEFAULT_FLAGS, {}
+@attrs.frozen
+class MountOptions:
+    """What mount(2) gets: its flags, and its data string (the SELinux contexts, as mount(8) passes them)."""
+
+    flags: int = DEFAULT_FLAGS
+    data: str = ""
+
+
+def split_options(options: Mapping[str, str]) -> tuple[MountOptions, dict[str, str]]:
+    """The mount's options among ``-o`` options (flags over the nosuid,nodev default), and the source's."""
+    flags, data, rest = DEFAULT_FLAGS, [], {}
     for key, value in options.items():
         if key == "rw":
             raise UsageError("-o rw: EROFS is a read-only filesystem")
-        if key in FLAG_OPTIONS:
+        if key in CONTEXT_OPTIONS:
+            if not value:
+                raise UsageError(f"-o {key} needs a value (a security context)")
+            data.append(f"{key}={value}")
+        elif key in FLAG_OPTIONS:
             if value:
                 raise UsageError(f"-o {key} takes no value")
             on, off = FLAG_OPTIONS[key]
             flags = (flags | on) & ~off
         else:
             rest[key] = value
-    return flags, rest
+    return MountOptions(flags, ",".join(data)), rest
 
 
-def mount_erofs(device: str, mountpoint: str, flags: int = DEFAULT_FLAGS) -> None:
-    rc = _libc.mount(os.fsencode(device), os.fsencode(mountpoint), b"erofs", flags | MS_RDONLY, None)
+def mount_erofs(device: str, mountpoint: str, options: MountOptions = MountOptions()) -> None:
+    rc = _libc.mount(os.fsencode(device), os.fsencode(mountpoint), b"erofs", options.flags | MS_RDONLY,
+                     os.fsencode(options.data) if options.data else None)
     if rc != 0:
         err = ctypes.get_errno()
         hint = {
@@ -56,15 +81,19 @@ def mount_erofs(device: str, mountpoint: str, flags: int = DEFAULT_FLAGS) -> Non
             errno.ENOENT: "the mountpoint does not exist",
             errno.EBUSY: "the mountpoint or device is busy",
         }.get(err, os.strerror(err))
-        raise ErofsMountError(f"mounting {device} on {mountpoint} failed: {hint}")
+        raise KernelError(f"mounting {device} on {mountpoint} failed: {hint}")
 
 
-def umount(mountpoint: str) -> None:
-    if _libc.umount2(os.fsencode(mountpoint), 0) != 0:
+MNT_DETACH = 2
+
+
+def umount(mountpoint: str, lazy: bool = False) -> None:
+    """umount2(2); ``lazy`` detaches the mount now and lets the kernel end it when it is no longer used."""
+    if _libc.umount2(os.fsencode(mountpoint), MNT_DETACH if lazy else 0) != 0:
         err = ctypes.get_errno()
         if err == errno.EBUSY:
-            raise UsageError(f"{mountpoint} is busy (files open or processes inside); nothing was changed")
-        raise ErofsMountError(f"unmounting {mountpoint} failed: {os.strerror(err)}")
+            raise DeviceStateError(f"{mountpoint} is busy (files open or processes inside); nothing was changed")
+        raise KernelError(f"unmounting {mountpoint} failed: {os.strerror(err)}")
 
 
 def _unescape(field: str) -> str:

@@ -39,6 +39,8 @@ class PluginInfo:
     version: str | None
     schemes: dict[str, str] = attrs.field(factory=dict)
     error: str | None = None
+    options: dict[str, list[str]] = attrs.field(factory=dict)
+    """``{scheme: its -o option names}`` for the schemes whose plugin declares them"""
 
     @property
     def status(self) -> str:
@@ -52,6 +54,7 @@ class PluginInfo:
             "schemes": self.schemes,
             "status": self.status,
             "error": self.error,
+            "options": self.options,
         }
 
 
@@ -86,10 +89,14 @@ class PluginHost:
                 raise PluginError(f"implements hooks that do not exist: {', '.join(unknown)}")
             schemes = self._call_one(name, "erofs_mount_schemes")
             schemes = _check_schemes(schemes)
+            options = {scheme: _check_options(scheme, self._call_one(name, "erofs_mount_source_options",
+                                                                      scheme=scheme))
+                       for scheme in schemes}
         except Exception as exc:
             self._pm.unregister(name=name)
             return self._failed(name, distribution, version, exc)
-        info = PluginInfo(name, distribution, version, schemes)
+        info = PluginInfo(name, distribution, version, schemes,
+                          options={s: o for s, o in options.items() if o is not None})
         self._infos.append(info)
         for scheme in schemes:
             self._owners.setdefault(scheme, []).append(name)
@@ -243,3 +250,20 @@ def _check_schemes(schemes: object) -> dict[str, str]:
             raise PluginError(f"invalid scheme name {scheme!r}")
         out[scheme] = str(description)
     return out
+
+
+def _check_options(scheme: str, names: object) -> list[str] | None:
+    """The option names a plugin declares for ``scheme`` (None if it does not say), none of them
+    a mount flag or a name of the core's: those never reach a source."""
+    from ._mounts import RESERVED
+
+    if names is None:
+        return None
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):  # type: ignore[attr-defined]
+        raise PluginError(f"erofs_mount_source_options({scheme!r}) must return option names")
+    names = sorted(names)  # type: ignore[call-overload]
+    clash = [n for n in names if n in RESERVED]
+    if clash:
+        raise PluginError(f"scheme {scheme!r}: source option(s) {', '.join(clash)} clash with mount(8)'s "
+                          "or erofs-mount's own -o names; rename them")
+    return names

@@ -52,11 +52,22 @@ def unit_name(record_path: Path) -> str:
 
 def run_command(systemd_run: str, unit: str, description: str, environment: dict[str, str],
                 command: list[str], start_timeout: float) -> list[str]:
-    """``systemd-run`` starting ``command`` as the daemon's service ``unit``."""
+    """``systemd-run`` starting ``command`` as the daemon's service ``unit``.
+
+    However the daemon ends but cleanly (SIGKILL, the OOM killer, the
+    watchdog), systemd then logs a line in the journal, under the same name,
+    saying which command brings its device back: the daemon cannot say it
+    once killed.
+    """
     properties = {
         "Type": "notify", "NotifyAccess": "main", "WatchdogSec": str(WATCHDOG_SEC),
         "WatchdogSignal": "SIGKILL", "DefaultDependencies": "no", "TimeoutStartSec": f"{start_timeout:.0f}",
         "SyslogIdentifier": "erofs-mountd", "Restart": "no",
+        # $$: the shell's variables, not systemd's; the description is a path in root's run directory
+        "ExecStopPost": "/bin/sh -c 'test \"$$SERVICE_RESULT\" = success || echo \"the daemon ended "
+                        "($$SERVICE_RESULT: $$EXIT_CODE $$EXIT_STATUS): if its device is still attached, its "
+                        "reads wait until erofs-mount reattach --all (or the watch service) gives it a new one "
+                        f"({description})\"'",
     }
     argv = [systemd_run, "--quiet", "--collect", f"--unit={unit}", f"--description={description}"]
     argv += [f"--property={k}={v}" for k, v in properties.items()]

@@ -15,7 +15,7 @@ keyword arguments; an implementation may accept a subset of them.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -36,6 +36,19 @@ def erofs_mount_schemes() -> Mapping[str, str]:
     The scheme is what users write before the colon in ``--source``
     (``local:/srv/app.erofs``) and what recovery records name, so it must
     never change once released.
+    """
+
+
+@hookspec
+def erofs_mount_source_options(scheme: str) -> Iterable[str]:
+    """Return the names of the ``-o`` options a ``scheme`` source takes (optional hook).
+
+    ``-o`` also carries mount(8)'s flags (``nosuid``, ``noexec``, ``ro``...)
+    and the core's own names (``connections``, ``_netdev``...), which reach
+    the source never; so the host checks these names when it loads the
+    plugin, and a plugin that names one of them fails to load, saying which,
+    rather than ship an option no user can give. ``erofs-mount plugins
+    SCHEME --json`` lists them.
     """
 
 

@@ -28,7 +28,7 @@ def pip(env: Path, *args: str) -> None:
 def plugins_json(env: Path) -> dict[str, object]:
     out = subprocess.run([str(env / "bin" / "erofs-mount"), "plugins", "--json"],
                          check=True, capture_output=True, text=True)
-    return json.loads(out.stdout)
+    return json.loads(out.stdout)["result"]
 
 
 def test_core_and_local_plugin_install_separately(fresh_venv: Path) -> None:
@@ -38,7 +38,7 @@ def test_core_and_local_plugin_install_separately(fresh_venv: Path) -> None:
     (local,) = plugins_json(fresh_venv)["plugins"]
     assert local == {"name": "local", "distribution": "erofs-mount-local", "version": "0.1.0",
                      "schemes": {"local": "EROFS image in a local file: local:PATH"},
-                     "status": "ok", "error": None}
+                     "status": "ok", "error": None, "options": {"local": []}}
 
 
 def test_a_broken_plugin_is_listed_with_its_error_and_local_still_works(fresh_venv: Path) -> None:

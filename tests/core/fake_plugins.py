@@ -108,3 +108,23 @@ class ReturnsNotASource:
 
 
 returns_not_a_source = ReturnsNotASource()
+
+
+class ClaimsAMountFlag(Good):
+    """Declares ``noexec`` and ``_netdev`` as source options: -o never hands those to a source."""
+
+    @hookimpl
+    def erofs_mount_source_options(self) -> list[str]:
+        return ["size", "noexec", "_netdev"]
+
+
+claims_a_mount_flag = ClaimsAMountFlag(scheme="flagged")
+
+
+class DeclaresOptions(Good):
+    @hookimpl
+    def erofs_mount_source_options(self, scheme: str) -> list[str]:
+        return ["tag", "size"] if scheme == "mem" else []
+
+
+declares_options = DeclaresOptions()

@@ -16,33 +16,60 @@ from erofs_mount_core import _plugins as plugins
 from tests.core.test_plugins import M, eps
 
 
-def row(device: str, **fields: object) -> dict[str, object]:
-    base = {"device": device, "mountpoints": [], "mount_options": None, "source": None, "serving": None,
-            "daemon_pid": None, "daemon_alive": None, "record": None, "read_bytes": None, "last_error": None,
-            "error": None}
-    return {**base, **fields}
+def row(device: str | None, **fields: object) -> dict[str, object]:
+    return {**lifecycle._blank_row(device, None), **fields}
 
 
-def test_columns_line_up_and_a_pinned_digest_follows_its_source(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lifecycle, "list_devices", lambda: [
-        row("/dev/nbd0", mountpoints=["/mnt/app"], mount_options="ro,nosuid,nodev", source="oci:reg:5000/app:1.4",
-            serving="reg:5000/app:1.4#sha256:ab12", daemon_pid=1234, daemon_alive=True,
-            record="/run/erofs-mount/nbd-a.toml", read_bytes=3 << 20,
-            last_error="read of 4096 bytes at 0 failed: registry answered 503"),
-        row("/dev/nbd1", source="local:/srv/a b.erofs", serving="/srv/a b.erofs", daemon_pid=99,
-            daemon_alive=False, record="/run/erofs-mount/nbd-b.toml"),
-        row("/dev/nbd12", record="/elsewhere", error="not attached by erofs-mount"),
-    ])
+ROWS = [
+    row("/dev/nbd0", state="serving", mountpoints=["/mnt/app"], mount_options="ro,nosuid,nodev",
+        source="oci:reg:5000/app:1.4", serving="reg:5000/app:1.4#sha256:ab12", daemon_pid=1234, size=64 << 20,
+        since="2026-11-29T10:00:00+00:00", connections=4, dead_timeout=86400,
+        record="/run/erofs-mount/nbd-a.toml", read_bytes=3 << 20,
+        last_error="read of 4096 bytes at 0 failed: registry answered 503"),
+    row("/dev/nbd1", state="dead", source="local:/srv/a b.erofs", serving="/srv/a b.erofs", daemon_pid=99,
+        size=1 << 20, connections=1, dead_timeout=600, record="/run/erofs-mount/nbd-b.toml",
+        why="its daemon is gone: reads wait (up to 600 s) until a reattach",
+        reattach_command="erofs-mount reattach /dev/nbd1"),
+    row("/dev/nbd12", state="other", record="/elsewhere", why="not attached by erofs-mount"),
+    row(None, state="detached", record="/run/erofs-mount/nbd-c.toml", why="its device was disconnected"),
+]
+
+
+def test_columns_line_up_and_each_state_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lifecycle, "list_devices", lambda: ROWS)
     lines = CliRunner().invoke(cli.cli, ["list"]).output.splitlines()
-    assert lines[0].split() == ["DEVICE", "MOUNTPOINT", "OPTIONS", "DAEMON", "SERVED", "SOURCE", "RECORD"]
-    assert " ro,nosuid,nodev " in lines[1] and " 3.0 MiB " in lines[1]
+    header = ["DEVICE", "STATE", "SIZE", "SINCE", "CONN", "TIMEOUT", "SERVED", "MOUNTPOINT", "SOURCE"]
+    assert lines[0].split() == header
+    assert lines[1].split()[:8] == ["/dev/nbd0", "serving", "64.0", "MiB", "2026-11-29T10:00:00Z", "4", "86400s", "3.0"]
     assert "oci:reg:5000/app:1.4 = reg:5000/app:1.4#sha256:ab12" in lines[1]
-    assert "local:/srv/a b.erofs " in lines[2] and "= /srv/a b.erofs" not in lines[2]
-    assert "99 DEAD" in lines[2] and "- ?" in lines[3] and "not attached by erofs-mount" in lines[3]
-    for column in ("MOUNTPOINT", "OPTIONS", "DAEMON", "SERVED", "SOURCE", "RECORD"):
+    assert "local:/srv/a b.erofs" in lines[2] and "= /srv/a b.erofs" not in lines[2]
+    assert lines[3].split()[:2] == ["/dev/nbd12", "other"] and lines[4].split()[:2] == ["-", "detached"]
+    for column in header[1:]:
         at = lines[0].index(column)
-        assert all(line[at - 2:at] == "  " and line[at] != " " for line in lines[1:4]), column
-    assert lines[4:] == ["/dev/nbd0: last error: read of 4096 bytes at 0 failed: registry answered 503"]
+        assert all(line[at - 2:at] == "  " and line[at] != " " for line in lines[1:5]), column
+    assert "/run/erofs-mount" not in "\n".join(lines[:5]), "the record path is for --wide"
+    assert lines[5:] == [
+        "/dev/nbd0: last error: read of 4096 bytes at 0 failed: registry answered 503",
+        "/dev/nbd1: dead: its daemon is gone: reads wait (up to 600 s) until a reattach "
+        "(run: erofs-mount reattach /dev/nbd1)",
+        "/dev/nbd12: other: not attached by erofs-mount",
+        "/run/erofs-mount/nbd-c.toml: detached: its device was disconnected",
+    ]
+
+
+def test_wide_adds_flags_pid_and_record(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lifecycle, "list_devices", lambda: ROWS)
+    lines = CliRunner().invoke(cli.cli, ["list", "--wide"]).output.splitlines()
+    assert lines[0].split()[-4:] == ["FLAGS", "PID", "RECORD", "SOURCE"]
+    assert "ro,nosuid,nodev  1234  /run/erofs-mount/nbd-a.toml  oci:reg:5000/app:1.4" in lines[1]
+
+
+def test_list_json_is_the_rows_in_the_versioned_envelope(monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    monkeypatch.setattr(lifecycle, "list_devices", lambda: ROWS)
+    document = json.loads(CliRunner().invoke(cli.cli, ["list", "--json"]).output)
+    assert document == {"schema_version": 1, "command": "list", "result": ROWS}
 
 
 def test_nothing_attached(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -65,11 +92,40 @@ def test_plugins_table_shows_failures_and_conflicts(monkeypatch: pytest.MonkeyPa
 def test_mount_flags_are_taken_from_the_options_and_default_to_nosuid_nodev() -> None:
     from erofs_mount_core import _mounts as mounts
 
-    flags, rest = mounts.split_options({"layer": "1", "insecure": ""})
-    assert flags == mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV and rest == {"layer": "1", "insecure": ""}
-    flags, rest = mounts.split_options({"suid": "", "dev": "", "noexec": "", "ro": ""})
-    assert flags == mounts.MS_RDONLY | mounts.MS_NOEXEC and rest == {}
+    given, rest = mounts.split_options({"layer": "1", "insecure": ""})
+    assert given.flags == mounts.MS_RDONLY | mounts.MS_NOSUID | mounts.MS_NODEV and given.data == ""
+    assert rest == {"layer": "1", "insecure": ""}
+    given, rest = mounts.split_options({"suid": "", "dev": "", "noexec": "", "ro": ""})
+    assert given.flags == mounts.MS_RDONLY | mounts.MS_NOEXEC and rest == {}
+    given, rest = mounts.split_options({"context": "system_u:object_r:container_file_t:s0", "fill": ""})
+    assert given.data == "context=system_u:object_r:container_file_t:s0" and rest == {"fill": ""}
+    with pytest.raises(UsageError, match="needs a value"):
+        mounts.split_options({"context": ""})
     with pytest.raises(UsageError, match="read-only"):
         mounts.split_options({"rw": ""})
     with pytest.raises(UsageError, match="takes no value"):
         mounts.split_options({"nosuid": "1"})
+
+
+def test_reattach_all_exits_with_the_code_its_failures_share_or_1(monkeypatch: pytest.MonkeyPatch) -> None:
+    from erofs_mount_core._errors import KernelError, SourceChangedError
+
+    def outcomes(*errors: Exception | None) -> None:
+        monkeypatch.setattr(lifecycle, "reattach_all", lambda: [
+            lifecycle.Reattached(i, error) for i, error in enumerate(errors)])
+
+    changed = SourceChangedError("local:/a.erofs is no longer the image that was mounted")
+    outcomes(None, changed)
+    result = CliRunner().invoke(cli.cli, ["reattach", "--all"])
+    assert result.exit_code == 4 and result.stdout == "/dev/nbd0\n", "as 'reattach DEV' would for that device"
+    assert result.stderr == f"Error: /dev/nbd1: {changed}\n"
+    outcomes(changed, KernelError("the kernel said no"))
+    assert CliRunner().invoke(cli.cli, ["reattach", "--all"]).exit_code == 1
+    outcomes(None)
+    import json
+
+    result = CliRunner().invoke(cli.cli, ["reattach", "--all", "--json"])
+    assert result.exit_code == 0 and json.loads(result.stdout) == {
+        "schema_version": 1, "command": "reattach",
+        "result": [{"device": "/dev/nbd0", "reattached": True, "error": None, "exit_code": None,
+                    "next_attempt_in": None}]}

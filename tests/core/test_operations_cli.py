@@ -31,10 +31,12 @@ def test_each_needs_root_and_says_so_in_one_line(args: tuple[str, ...]) -> None:
 
 
 def test_with_no_device_attached() -> None:
+    import json
+
     from prometheus_client.parser import text_string_to_metric_families
 
     assert run("stats").stdout == "no erofs-mount devices attached\n"
-    assert run("stats", "--json").stdout == "{}\n"
+    assert json.loads(run("stats", "--json").stdout) == {"schema_version": 1, "command": "stats", "result": {}}
     families = list(text_string_to_metric_families(run("metrics").stdout))
     assert families and all(f.samples == [] for f in families)
     result = run("restart", "--all")
@@ -89,6 +91,23 @@ def test_a_plugin_s_documentation_is_plain_text_and_json_when_asked() -> None:
 
     text = run("plugins", "local").stdout
     assert "``" not in text and text.startswith("erofs-mount source local:PATH: ")
-    shown = json.loads(run("plugins", "local", "--json").stdout)
+    document = json.loads(run("plugins", "local", "--json").stdout)
+    assert (document["schema_version"], document["command"]) == (1, "plugins")
+    shown = document["result"]
+    assert shown["options"] == []
     assert (shown["scheme"], shown["distribution"]) == ("local", "erofs-mount-local")
     assert shown["documentation"] == text.rstrip("\n")
+
+
+def test_mount_takes_the_source_as_its_first_argument_and_says_what_a_source_looks_like(tmp_path: Path) -> None:
+    """`mount /x.erofs mnt`, as mount(8) users type it: one line naming the form, not click's complaint."""
+    result = run("mount", "/srv/app.erofs", str(tmp_path))
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        "Error: source '/srv/app.erofs' is not of the form SCHEME:LOCATION (for example local:/srv/app.erofs)"]
+    for args in (("mount", str(tmp_path)), ("mount", "-s", "local:/a", "local:/b", str(tmp_path))):
+        result = run(*args)
+        assert result.returncode == 2 and "give SOURCE and MOUNTPOINT" in result.stderr, result
+
+
+def test_dash_capital_v_is_the_version() -> None:
+    assert run("-V").stdout == run("--version").stdout and run("-V").stdout.startswith("erofs-mount ")

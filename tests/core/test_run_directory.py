@@ -149,8 +149,7 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
     bad, good = store.new_path(), store.new_path()
     attempts: list[int] = []
 
-    def reattach(target: str, start: object = None, host: object = None) -> int:
-        index = int(target.removeprefix("/dev/nbd"))
+    def reattach(index: int, record_path: Path, *_args: object) -> int:
         attempts.append(index)
         if index == 1:
             raise KernelError("nbd1: no credentials in this environment")
@@ -158,7 +157,7 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
 
     monkeypatch.setattr(lifecycle, "dead_devices", lambda: [(1, bad), (2, good)])
     monkeypatch.setattr(lifecycle, "prune_orphans", lambda: [])  # no device in sysfs names these records here
-    monkeypatch.setattr(lifecycle, "reattach", reattach)
+    monkeypatch.setattr(lifecycle, "_reattach", reattach)
     for now in range(0, 70, 10):  # seven runs of the timer
         lifecycle.reattach_all(now=float(now))
     assert attempts.count(2) == 7
@@ -167,6 +166,9 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
     assert outcome.index == 1 and outcome.error is None and outcome.due_in == pytest.approx(1.0)
     lifecycle.reattach_all(now=70.0)
     assert attempts.count(1) == 4
+    failure = lifecycle.last_failure(bad)
+    assert failure is not None and failure.count == 4 and failure.why == "nbd1: no credentials in this environment"
+    assert lifecycle.last_failure(good) is None, "a reattach that worked leaves no failure behind"
     rec.RecordStore.remove(bad)
     assert not rec.retry_path(bad).exists()
 
@@ -182,7 +184,7 @@ def test_orphaned_files_are_listed_and_pruned_but_not_a_mount_in_progress(store:
     with lock_held_elsewhere(starting):
         rows = lifecycle.list_devices()
         assert sorted(r["record"] for r in rows) == sorted([str(stale), str(lonely_lock.with_suffix(".toml"))])
-        assert all(r["device"] is None and r["error"].startswith("orphaned") for r in rows)
+        assert all(r["device"] is None and r["state"] == "detached" for r in rows)
         lifecycle.prune_orphans()
         assert sorted(p.name for p in store.directory.iterdir()) == sorted(
             [starting.name, rec.lock_path(starting).name, rec.log_path(starting).name])

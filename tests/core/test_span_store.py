@@ -230,7 +230,7 @@ def test_cache_list_shows_a_row_per_stored_stream_and_prune_deletes_spans(
     stream = hashlib.sha256(data).hexdigest()
     assert f"spans/sha256:{stream[:12]}… (16 spans of 64.0 KiB)" in listed.output
     assert "in 16 files under" in listed.output and ".lock" not in listed.output
-    (row,) = json.loads(CliRunner().invoke(cli, ["cache", "list", "--json"]).output)["span_store"]
+    (row,) = json.loads(CliRunner().invoke(cli, ["cache", "list", "--json"]).output)["result"]["span_store"]
     assert (row["stream"], row["spans"], row["span_size"]) == (f"sha256:{stream}", 16, SPAN)
     pruned = CliRunner().invoke(cli, ["cache", "prune", "--max-size", "0"])
     assert pruned.exit_code == 0 and "removed 16 files" in pruned.output, pruned.output

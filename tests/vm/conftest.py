@@ -54,7 +54,7 @@ def cli(*args: str, check: bool = True, user: int | None = None, env: dict[str, 
 
 
 def devices() -> list[dict[str, object]]:
-    return json.loads(cli("list", "--json").out)
+    return json.loads(cli("list", "--json").out)["result"]
 
 
 def daemon_pids() -> list[int]:

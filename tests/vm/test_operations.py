@@ -24,14 +24,14 @@ pytestmark = [pytest.mark.kernel(newer="only"), pytest.mark.usefixtures("clean_s
 
 
 def stats(device: str) -> dict[str, object]:
-    return json.loads(cli("stats", device, "--json").out)[device.removeprefix("/dev/")]
+    return json.loads(cli("stats", device, "--json").out)["result"][device.removeprefix("/dev/")]
 
 
 def served(devs: list[str]) -> dict[str, tuple[int, int]]:
     """Each device's daemon pid and bytes served, from one ``list``."""
     rows = {d["device"]: d for d in devices()}
     for d in devs:
-        assert rows[d]["daemon_alive"] is True, rows[d]
+        assert rows[d]["state"] == "serving", rows[d]
     return {d: (int(rows[d]["daemon_pid"]), int(rows[d]["read_bytes"])) for d in devs}
 
 

@@ -310,7 +310,7 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
         (row,) = devices()
         assert row["source"] == publisher.spec and publisher.pinned(image) in row["serving"]
         if isinstance(publisher, OciImagePublisher):  # list --json: every layer the record pins
-            assert [layer["digest"] for layer in row["source_state"]["layers"]][0] == publisher.digest
+            assert [layer["digest"] for layer in row["pins"]["layers"]][0] == publisher.digest
         record = Path(row["record"])
         assert stat.S_IMODE(record.stat().st_mode) == 0o600
         assert not [s for s in publisher.secrets if s in record.read_text()], "a secret reached the record"
@@ -386,7 +386,7 @@ def test_a_reattached_daemon_serves_from_the_span_store_checks_it_and_holds_its_
 
     from tests.vm.test_operations import stats
 
-    store = Path(json.loads(cli("cache", "list", "--json").out)["directory"]) / "spans"
+    store = Path(json.loads(cli("cache", "list", "--json").out)["result"]["directory"]) / "spans"
     shutil.rmtree(store, ignore_errors=True)
     image, sums, _other = images
     publisher.publish(image)

@@ -53,7 +53,7 @@ def wait_for_service_daemon(device: str, old: int, timeout: float = 120) -> int:
     while time.monotonic() < deadline:
         row = next(d for d in devices() if d["device"] == device)
         pid = row["daemon_pid"]
-        if row["daemon_alive"] and pid not in (None, old):
+        if row["state"] == "serving" and pid not in (None, old):
             with contextlib.suppress(OSError):
                 if unit_of(int(pid)).startswith("erofs-mountd-"):
                     return int(pid)
@@ -98,7 +98,7 @@ def test_daemons_outlive_the_service_that_mounted_and_watch_reattaches_in_servic
         show = dict(line.split("=", 1) for line in systemctl("show", unit, "-p", "MainPID", "-p", "Type",
                                                              "-p", "WatchdogUSec", "-p", "ActiveState").split())
         assert show == {"MainPID": str(pid), "Type": "notify", "WatchdogUSec": "30s", "ActiveState": "active"}
-        assert json.loads(cli("stats", device, "--json").out)[device[5:]]["unit"] == unit
+        assert json.loads(cli("stats", device, "--json").out)["result"][device[5:]]["unit"] == unit
         # its log is the journal's, with priorities, and no log file is kept
         lines = [e for e in journal(unit) if "serving " + device[5:] in e.get("MESSAGE", "")]
         assert lines and lines[0]["PRIORITY"] == "6" and lines[0]["SYSLOG_IDENTIFIER"] == "erofs-mountd", lines
@@ -128,6 +128,10 @@ def test_daemons_outlive_the_service_that_mounted_and_watch_reattaches_in_servic
         print(f"kill -9 to a daemon in a service of its own: {time.monotonic() - killed:.2f} s")
         assert unit_of(new) != unit
         wait_for_journal(WATCH, f"{device[5:]}: moved to a daemon in a service of its own")
+        # the killed daemon could say nothing: its service's stop command said which command brings it back
+        wait_for_journal(unit, "if its device is still attached, its reads wait until erofs-mount reattach --all")
+        (said,) = [e["MESSAGE"] for e in journal(unit) if "reattach --all" in e.get("MESSAGE", "")]
+        assert said.startswith("the daemon ended (signal: killed "), said
 
         with Readers(mnt, sums, count=2, pause=0.05) as readers:
             readers.wait_for_reads(4)

@@ -78,6 +78,11 @@ def erofs_mount_schemes() -> dict[str, str]:
 
 
 @hookimpl
+def erofs_mount_source_options() -> list[str]:
+    return []
+
+
+@hookimpl
 def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
     if options:
         raise UsageError(f"local: unknown option(s): {', '.join(sorted(options))}")

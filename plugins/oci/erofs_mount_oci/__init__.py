@@ -83,8 +83,12 @@ class Options:
     cache: CacheSettings = CacheSettings()
 
     @classmethod
+    def names(cls) -> set[str]:
+        return {f.name.replace("_", "-") for f in attrs.fields(cls) if f.name != "cache"} | set(CacheSettings.OPTIONS)
+
+    @classmethod
     def parse(cls, options: Mapping[str, str]) -> Options:
-        known = {f.name.replace("_", "-") for f in attrs.fields(cls) if f.name != "cache"} | set(CacheSettings.OPTIONS)
+        known = cls.names()
         unknown = sorted(set(options) - known)
         if unknown:
             raise UsageError(f"oci: unknown option(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
@@ -334,6 +338,11 @@ def _verified_spans(client: Any, url: str, digest: str, size: int, state: Mappin
 def erofs_mount_schemes() -> dict[str, str]:
     return {SCHEME: "an image in an OCI registry (tar or EROFS layers), read lazily: "
                     "oci:[REGISTRY/]REPOSITORY[:TAG][@DIGEST]"}
+
+
+@hookimpl
+def erofs_mount_source_options() -> set[str]:
+    return Options.names()
 
 
 @hookimpl

@@ -66,6 +66,11 @@ def erofs_mount_schemes() -> dict[str, str]:
 
 
 @hookimpl
+def erofs_mount_source_options() -> tuple[str, ...]:
+    return OPTIONS
+
+
+@hookimpl
 def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
     from .object import S3Object  # httpx loads only when a source is opened
 

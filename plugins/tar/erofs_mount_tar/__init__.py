@@ -41,6 +41,11 @@ def erofs_mount_schemes() -> dict[str, str]:
 
 
 @hookimpl
+def erofs_mount_source_options() -> tuple[str, ...]:
+    return OPTIONS
+
+
+@hookimpl
 def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
     import sys
 
