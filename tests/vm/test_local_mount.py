@@ -11,6 +11,7 @@ import stat
 import subprocess
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,13 @@ def mount(image: Path, mnt: Path, *extra: str) -> str:
 
 
 def daemon_pid(device: str) -> int:
-    (row,) = [d for d in devices() if d["device"] == device]
-    assert row["state"] == "serving"
-    return int(row["daemon_pid"])
+    """The pid of the daemon serving ``device``, found as ``list`` finds it (the record the device's
+    backend names, whose lock the daemon holds) without starting a command: each costs seconds here."""
+    from erofs_mount_core._daemon_protocol import daemon_alive
+
+    record = Path(Path(f"/sys/block/{device.removeprefix('/dev/')}/backend").read_text().strip())
+    assert daemon_alive(record), f"{device}: no daemon holds {record}"
+    return int(tomllib.loads(record.read_text())["daemon_pid"])
 
 
 def kill_daemon(device: str) -> None:

@@ -21,7 +21,7 @@ import pytest
 from tests.imagetree import file_sha256, make_tree, mkfs
 from tests.vm.conftest import EROFS_MOUNT, assert_clean, cli, connected_devices, daemon_pids, devices, records
 from tests.vm.test_chaos import assert_files, held_read
-from tests.vm.test_local_mount import evict, largest, mount
+from tests.vm.test_local_mount import daemon_pid, evict, largest, mount
 
 pytestmark = [pytest.mark.usefixtures("clean_system")]
 
@@ -156,13 +156,13 @@ def test_each_dead_state_shows_as_itself_in_list_and_list_json(
             found[name] = mount(tmp_path / f"{name}.erofs", mnt, "--connections", "1", *extra)
     try:
         evict(mnts["expired"], found["expired"])
-        rows = {row["device"]: row for row in devices()}
         for name in names:  # the dead one by SIGTERM: its log then says which command brings it back
-            pid = int(rows[found[name]]["daemon_pid"])
+            pid = daemon_pid(found[name])
             os.kill(pid, signal.SIGTERM if name == "dead" else signal.SIGKILL)
             while pid in daemon_pids():
                 time.sleep(0.05)
-        log = Path(str(rows[found["dead"]]["record"])).with_suffix(".log").read_text()
+        backend = Path(f"/sys/block/{found['dead'][5:]}/backend").read_text().strip()
+        log = Path(backend).with_suffix(".log").read_text()
         assert f"ending on SIGTERM: {found['dead'][5:]}'s reads wait until 'erofs-mount reattach {found['dead']}'" \
             in log, log
         make_tree(tmp_path / "other", files=3, seed=5)
