@@ -118,11 +118,13 @@ def cli(debug: bool) -> None:
               help="Seconds the kernel holds reads while no daemon is attached (the window for reattach).")
 @click.option("--block-size", default=512, show_default=True, type=click.Choice(["512", "1024", "2048", "4096"]),
               help="Logical block size of the nbd device.")
+@click.option("--stack", is_flag=True, help="Mount over MOUNTPOINT even if something is mounted there "
+                                            "(refused otherwise; umount then ends the top mount first).")
 @click.option("--json", "as_json", is_flag=True, help="Print the device as 'list --json' shows it.")
 @click.argument("arguments", nargs=-1, metavar="[SOURCE] MOUNTPOINT")
 @_errors_as_lines
 def mount(spec: str | None, option_pairs: tuple[str, ...], connections: int, dead_timeout: int,
-          block_size: str, as_json: bool, arguments: tuple[str, ...]) -> None:
+          block_size: str, stack: bool, as_json: bool, arguments: tuple[str, ...]) -> None:
     """Attach SOURCE to an nbd device and mount it read-only on MOUNTPOINT.
 
     Prints the device. The mount is nosuid,nodev unless -o suid or -o dev
@@ -139,7 +141,7 @@ def mount(spec: str | None, option_pairs: tuple[str, ...], connections: int, dea
     spec = spec or arguments[0]
     settings = lifecycle.DeviceSettings(connections=connections, dead_timeout=dead_timeout,
                                         block_size=int(block_size))
-    device = lifecycle.mount(spec, arguments[-1], _parse_options(option_pairs), settings)
+    device = lifecycle.mount(spec, arguments[-1], _parse_options(option_pairs), settings, stack=stack)
     _echo_device(device, as_json, "mount")
 
 

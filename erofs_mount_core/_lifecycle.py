@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
@@ -41,11 +41,13 @@ from ._errors import (
     UsageError,
 )
 from ._faults import kill_point
-from ._filters import Retrying
 from ._nbd import kernel_log, sysfs
 from ._nbd.link import choose_link, disconnect_any, link_named
-from ._plugins import PluginHost
-from ._source import Source, split_spec
+from ._source import split_spec
+
+if TYPE_CHECKING:  # plugins (pluggy, importlib.metadata) load only in the commands that open sources
+    from ._plugins import PluginHost
+    from ._source import Source
 
 log = logging.getLogger("erofs_mount.lifecycle")
 
@@ -81,11 +83,12 @@ def check_erofs(source: Source, spec: str) -> None:
 # -- mount -------------------------------------------------------------------
 
 def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
-          settings: DeviceSettings = DeviceSettings()) -> str:
+          settings: DeviceSettings = DeviceSettings(), *, stack: bool = False) -> str:
     """Attach ``spec`` to a new nbd device and mount it; return the device path.
 
     ``options`` are the ``-o`` pairs: mount(8)'s flags (``nosuid``, ``suid``,
     ``dev``, ``noexec``...; nosuid,nodev by default) for the mount, the rest for the source.
+    ``stack``: mount over a mountpoint (refused otherwise).
     """
     require_root("mount")
     mount_options, options = mounts.split_options(options or {})
@@ -93,19 +96,20 @@ def mount(spec: str, mountpoint: str, options: Mapping[str, str] | None = None,
         raise UsageError(f"mountpoint {mountpoint} does not exist or is not a directory")
     if settings.connections < 1 or settings.block_size not in (512, 1024, 2048, 4096):
         raise UsageError("--connections must be >= 1 and --block-size one of 512, 1024, 2048, 4096")
-    with _claimed(mountpoint):
+    with _claimed(mountpoint, stack):
         return _mount(spec, mountpoint, mount_options, options, settings)
 
 
 @contextlib.contextmanager
-def _claimed(mountpoint: str) -> Iterator[None]:
+def _claimed(mountpoint: str, stack: bool = False) -> Iterator[None]:
     """One mount at a time onto ``mountpoint``, and none onto a mountpoint: the directory is locked (flock)
     from this check to its mount, so of two mounts at once the second sees the first's."""
     fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        if os.path.ismount(mountpoint):
-            raise UsageError(f"{mountpoint} is already a mountpoint: unmount it first, or mount elsewhere")
+        if os.path.ismount(mountpoint) and not stack:
+            raise UsageError(f"{mountpoint} is already a mountpoint: unmount it first, mount elsewhere, "
+                             "or mount over it with --stack")
         yield
     finally:
         os.close(fd)
@@ -113,6 +117,9 @@ def _claimed(mountpoint: str) -> Iterator[None]:
 
 def _mount(spec: str, mountpoint: str, mount_options: mounts.MountOptions, options: Mapping[str, str],
            settings: DeviceSettings) -> str:
+    from ._filters import Retrying
+    from ._plugins import PluginHost
+
     host = PluginHost()
     scheme, location = split_spec(spec)
     plugin = host.owner(scheme)
@@ -443,6 +450,8 @@ def _note_failure(record_path: Path, exc: ErofsMountError, now: float) -> None:
 
 
 def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
+    from ._plugins import PluginHost
+
     try:
         (host or PluginHost()).owner(record.source.scheme)
     except UnknownSchemeError:

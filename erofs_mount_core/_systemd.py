@@ -63,11 +63,10 @@ def run_command(systemd_run: str, unit: str, description: str, environment: dict
         "Type": "notify", "NotifyAccess": "main", "WatchdogSec": str(WATCHDOG_SEC),
         "WatchdogSignal": "SIGKILL", "DefaultDependencies": "no", "TimeoutStartSec": f"{start_timeout:.0f}",
         "SyslogIdentifier": "erofs-mountd", "Restart": "no",
-        # $$: the shell's variables, not systemd's; the description is a path in root's run directory
+        # $$: the shell's variables, not systemd's; nothing of ours is in the line (the journal names the unit)
         "ExecStopPost": "/bin/sh -c 'test \"$$SERVICE_RESULT\" = success || echo \"the daemon ended "
                         "($$SERVICE_RESULT: $$EXIT_CODE $$EXIT_STATUS): if its device is still attached, its "
-                        "reads wait until erofs-mount reattach --all (or the watch service) gives it a new one "
-                        f"({description})\"'",
+                        "reads wait until erofs-mount reattach --all (or the watch service) gives it a new one\"'",
     }
     argv = [systemd_run, "--quiet", "--collect", f"--unit={unit}", f"--description={description}"]
     argv += [f"--property={k}={v}" for k, v in properties.items()]

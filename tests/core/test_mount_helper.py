@@ -52,7 +52,8 @@ def test_the_helper_reaches_the_mount_command_with_its_errors(tmp_path: Path) ->
     for spec, target, said in [
         ("/srv/app.erofs", tmp_path, "Error: source '/srv/app.erofs' is not of the form SCHEME:LOCATION "
                                      "(for example local:/srv/app.erofs)"),
-        ("local:/srv/app.erofs", Path("/"), "Error: / is already a mountpoint: unmount it first, or mount elsewhere"),
+        ("local:/srv/app.erofs", Path("/"), "Error: / is already a mountpoint: unmount it first, mount elsewhere, "
+                                            "or mount over it with --stack"),
     ]:
         result = subprocess.run([str(HELPER), spec, str(target), "-o", "rw,_netdev"],
                                 capture_output=True, text=True, timeout=60)
@@ -83,3 +84,13 @@ def test_the_kernel_log_names_a_device_expired_or_disconnected(record: bytes, fo
 
 def test_reading_the_kernel_log_never_fails() -> None:
     assert isinstance(kernel_log.said(), dict)  # this host's /dev/kmsg, or none at all
+
+
+def test_a_user_running_the_helper_is_refused_in_one_line(tmp_path: Path) -> None:
+    """mount(8) runs a helper with the user's own privileges for an fstab line marked ``user``."""
+    tmp_path.chmod(0o755)
+    result = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", str(HELPER),
+                             "local:/srv/app.erofs", str(tmp_path), "-o", "rw,user"],
+                            capture_output=True, text=True, timeout=60)
+    assert (result.returncode, result.stdout) == (2, "")
+    assert result.stderr.splitlines() == ["Error: mount needs root (CAP_SYS_ADMIN): run it as root"]

@@ -111,3 +111,12 @@ def test_mount_takes_the_source_as_its_first_argument_and_says_what_a_source_loo
 
 def test_dash_capital_v_is_the_version() -> None:
     assert run("-V").stdout == run("--version").stdout and run("-V").stdout.startswith("erofs-mount ")
+
+
+def test_stack_lets_a_mount_past_the_mountpoint_check() -> None:
+    """Over / (a mountpoint): refused, unless --stack, which goes on to open the source."""
+    refused = run("mount", "local:/nonexistent.erofs", "/")
+    assert refused.returncode == 2 and "already a mountpoint" in refused.stderr
+    stacked = run("mount", "--stack", "local:/nonexistent.erofs", "/")
+    assert stacked.returncode != 0 and "already a mountpoint" not in stacked.stderr
+    assert stacked.stderr.count("\n") == 1 and "/nonexistent.erofs" in stacked.stderr, stacked.stderr

@@ -184,7 +184,10 @@ def test_orphaned_files_are_listed_and_pruned_but_not_a_mount_in_progress(store:
     with lock_held_elsewhere(starting):
         rows = lifecycle.list_devices()
         assert sorted(r["record"] for r in rows) == sorted([str(stale), str(lonely_lock.with_suffix(".toml"))])
-        assert all(r["device"] is None and r["state"] == "detached" for r in rows)
+        assert all(r["state"] == "detached" for r in rows)
+        by_record = {r["record"]: r for r in rows}
+        assert by_record[str(lonely_lock.with_suffix(".toml"))]["device"] is None, "no record: no device named"
+        assert by_record[str(stale)]["device"] == f"/dev/nbd{sample_record().device.index}", "its last device"
         lifecycle.prune_orphans()
         assert sorted(p.name for p in store.directory.iterdir()) == sorted(
             [starting.name, rec.lock_path(starting).name, rec.log_path(starting).name])
