@@ -380,6 +380,8 @@ class Reattached:
     index: int
     error: ErofsMountError | None = None
     due_in: float | None = None
+    by_another: bool = False
+    """a live daemon was found: another command reattached it first (nothing to do)"""
 
 
 #: back-off for a device whose reattach keeps failing, in ``reattach --all`` (a timer runs it often)
@@ -409,7 +411,7 @@ def reattach_when_due(index: int, record_path: Path, now: float | None = None,
     try:
         _attempt(index, record_path, start, host, now=now)
     except AlreadyServing:
-        return Reattached(index)
+        return Reattached(index, by_another=True)
     except ErofsMountError as exc:
         return Reattached(index, exc, due_in=_backoff(0 if failure is None else failure.count))
     return Reattached(index)

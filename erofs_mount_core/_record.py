@@ -223,7 +223,7 @@ def control_path(record_path: Path) -> Path:
 
 
 def retry_path(record_path: Path) -> Path:
-    """When ``reattach --all`` may try a device again whose reattach keeps failing (``_lifecycle``)."""
+    """Its last failed reattaches: how many, when `reattach --all` may try again, and why (`_lifecycle`)."""
     return record_path.with_suffix(".retry")
 
 

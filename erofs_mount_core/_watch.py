@@ -123,6 +123,10 @@ class Watcher:
             log.error("nbd%d: reattach failed: %s; next attempt in %.0f s", index, outcome.error, outcome.due_in)
         elif outcome.due_in is not None:
             log.warning("nbd%d: its reattach keeps failing; next attempt in %.0f s", index, outcome.due_in)
+        elif outcome.by_another:
+            log.info("nbd%d: reattached by another command", index)
+            self._forget(index)
+            return
         else:
             since = self.died.get(index)
             took = f" {self.clock() - since:.2f} s after its connection died" if since is not None else ""
