@@ -67,12 +67,17 @@ def _errors_as_lines(fn: F) -> F:
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``-o`` as mount(8) reads it: comma-separated, a value in double quotes may hold commas."""
+    from ._mounts import split_option_list
+
     options = {}
     for pair in pairs:
-        for item in pair.split(","):
+        for item in split_option_list(pair):
             key, sep, value = item.partition("=")
             if not key:
                 raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="-o")
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
             options[key.strip()] = value if sep else ""
     return options
 

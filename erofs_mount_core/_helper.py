@@ -20,7 +20,7 @@ import sys
 
 import click
 
-from ._mounts import DEVICE_OPTIONS, IGNORED, IGNORED_PREFIXES
+from ._mounts import DEVICE_OPTIONS, IGNORED, IGNORED_PREFIXES, split_option_list
 
 NAME = "mount.erofs-mount"
 def main(argv: list[str] | None = None) -> None:
@@ -54,7 +54,7 @@ def _mount_command(argv: list[str]) -> list[str] | None:
     if "-f" in given or _already_there(spec, directory):
         return None  # -f: mount(8)'s "fake": everything but the mount itself, which is all this does
     options, settings = [], []
-    for item in ",".join(v for k, v in opts if k == "-o").split(","):
+    for item in split_option_list(",".join(v for k, v in opts if k == "-o")):
         key, _sep, value = item.partition("=")
         if not item or key in IGNORED or item.startswith(IGNORED_PREFIXES):
             continue

@@ -41,6 +41,22 @@ RESERVED = frozenset(FLAG_OPTIONS) | CONTEXT_OPTIONS | IGNORED | frozenset(DEVIC
 _libc = ctypes.CDLL(None, use_errno=True)  # the C library this process already has (find_library runs ldconfig)
 
 
+def split_option_list(text: str) -> list[str]:
+    """``a,b="x,y",c`` -> ``["a", 'b="x,y"', "c"]``: commas inside double quotes stay, as mount(8) reads
+    them (an SELinux context holds commas); the quotes stay for the reader of each item to drop."""
+    items, current, quoted = [], [], False
+    for char in text:
+        if char == '"':
+            quoted = not quoted
+        if char == "," and not quoted:
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+    items.append("".join(current))
+    return items
+
+
 @attrs.frozen
 class MountOptions:
     """What mount(2) gets: its flags, and its data string (the SELinux contexts, as mount(8) passes them)."""

@@ -31,6 +31,16 @@ def test_an_fstab_line_becomes_one_erofs_mount_command() -> None:
     assert helper._mount_command(["local:/a b.erofs", "/mnt", "-v", "-t", "erofs-mount"]) == [
         "mount", "local:/a b.erofs", "/mnt"]
     assert helper._mount_command(["local:/x", "/mnt", "-f", "-o", "ro"]) is None, "-f: mount(8)'s fake mount"
+    context = 'context="system_u:object_r:container_file_t:s0:c127,c456"'  # a comma inside quotes: one option
+    assert helper._mount_command(["local:/x", "/mnt", "-o", f"rw,{context},noexec"]) == [
+        "mount", "local:/x", "/mnt", "-o", f"{context},noexec"]
+
+
+def test_a_quoted_value_keeps_its_commas() -> None:
+    from erofs_mount_core._cli import _parse_options
+
+    assert _parse_options(('nosuid,context="system_u:object_r:t:s0:c1,c2",layer=0',)) == {
+        "nosuid": "", "context": "system_u:object_r:t:s0:c1,c2", "layer": "0"}
 
 
 @pytest.mark.parametrize(("argv", "said"), [
