@@ -23,6 +23,8 @@ import click
 from ._mounts import DEVICE_OPTIONS, IGNORED, IGNORED_PREFIXES, split_option_list
 
 NAME = "mount.erofs-mount"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run as mount(8) runs it; exit as ``erofs-mount mount`` does (0 also when SPEC is already there)."""
     from ._cli import cli
