@@ -28,14 +28,24 @@ def mount(image: Path, mnt: Path, *extra: str) -> str:
     return device
 
 
-def daemon_pid(device: str) -> int:
+def daemon_pid(device: str, timeout: float = 30) -> int:
     """The pid of the daemon serving ``device``, found as ``list`` finds it (the record the device's
-    backend names, whose lock the daemon holds) without starting a command: each costs seconds here."""
+    backend names, whose lock the daemon holds) without starting a command: each costs seconds here.
+
+    A new daemon serves before it writes its pid into the record: until it has, the record names the
+    one it replaced, and this waits for a live one.
+    """
     from erofs_mount_core._daemon_protocol import daemon_alive
 
     record = Path(Path(f"/sys/block/{device.removeprefix('/dev/')}/backend").read_text().strip())
-    assert daemon_alive(record), f"{device}: no daemon holds {record}"
-    return int(tomllib.loads(record.read_text())["daemon_pid"])
+    deadline = time.monotonic() + timeout
+    while True:
+        assert daemon_alive(record), f"{device}: no daemon holds {record}"
+        pid = int(tomllib.loads(record.read_text())["daemon_pid"])
+        if pid in daemon_pids():
+            return pid
+        assert time.monotonic() < deadline, f"{device}: {record} names daemon {pid}, which is gone"
+        time.sleep(0.05)
 
 
 def kill_daemon(device: str) -> None:
@@ -340,7 +350,6 @@ def test_legacy_ioctl_interface_serves_but_cannot_reattach(sample: tuple[Path, d
     assert_clean()
 
 
-@pytest.mark.kernel(newer=True)
 def test_an_image_s_setuid_files_and_device_nodes_have_no_power_unless_asked(tmp_path: Path,
                                                                               mountpoint: Path) -> None:
     tree = tmp_path / "tree"

@@ -242,7 +242,10 @@ PUBLISHERS = {p.name: p for p in (LocalPublisher, OciImagePublisher, OciPublishe
 # server takes long to start in the guest. tar: images the project synthesizes itself, so the
 # newer kernel reads them too. s3, the plugin written as a third party would, uses nothing of
 # the kernel the others do not: it runs in the newer kernel's guest only, whose run is shorter.
-KERNELS = {"tar": pytest.mark.kernel(newer=True), "oci-image": pytest.mark.kernel(newer=True),
+# a source's bytes do not depend on the kernel series: each runs in one guest (local and oci in the stock
+# kernel's, tar and s3 in the newer one's), but for the image of tar layers, whose span store and fill
+# scenarios are split between the two
+KERNELS = {"tar": pytest.mark.kernel(newer="only"), "oci-image": pytest.mark.kernel(newer=True),
            "s3": pytest.mark.kernel(newer="only")}
 
 
