@@ -341,7 +341,7 @@ def metrics() -> None:
 
 @cli.command(name="list")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("-w", "--wide", is_flag=True, help="Also the mount flags, what the source pins and the record.")
+@click.option("-w", "--wide", is_flag=True, help="Also the mount flags, the daemon's pid and the record.")
 @_errors_as_lines
 def list_(as_json: bool, wide: bool) -> None:
     """Show attached nbd devices: state, size, since when served, source, daemon.

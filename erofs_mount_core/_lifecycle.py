@@ -710,7 +710,10 @@ def _row(info: sysfs.DeviceInfo, said: Mapping[int, kernel_log.Said]) -> dict[st
     else:
         if failure is not None:
             row.update(state=REFUSED, why=failure.why)
-    started = path.stat().st_mtime if path.exists() else 0.0
+    try:  # each daemon rewrites the record as it starts serving
+        started = path.stat().st_mtime
+    except OSError:  # removed meanwhile (an umount): whatever the kernel said, it is not about this record
+        started = float("inf")
     kernel = said.get(info.index, kernel_log.Said())
     if kernel.disconnected > started:  # configured still only while its filesystem is mounted
         row.update(state=DETACHED, reattach_command=None,
