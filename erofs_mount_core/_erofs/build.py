@@ -19,6 +19,7 @@ from bisect import bisect_right
 
 import attrs
 
+from .._errors import SourceError
 from . import format as fmt
 
 BS = fmt.BLOCK_SIZE
@@ -173,6 +174,9 @@ def build(root: ImageNode) -> ImageLayout:
                 block += -(-p.node.size // BS)
             else:
                 p.raw_blkaddr = fmt.NULL_ADDR
+    if block >= fmt.NULL_ADDR:
+        raise SourceError(f"the image would have more blocks than EROFS addresses ({block:,}; "
+                          f"{fmt.NULL_ADDR * BS >> 40} TiB at most)")
     metadata = bytearray(data_start * BS)
     metadata[fmt.SUPER_OFFSET:FIRST_RECORD] = fmt.superblock(
         root_nid=placed[id(root)].nid, inodes=len(placed), blocks=block, meta_blkaddr=0)

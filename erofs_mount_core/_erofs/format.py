@@ -28,7 +28,7 @@ EXTENDED = 1  # i_format bit 0: the 64-byte inode
 SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHHBBIQB23s")
 # i_format, i_xattr_icount, i_mode, i_reserved, i_size, i_u, i_ino, i_uid, i_gid, i_mtime, i_mtime_nsec,
 # i_nlink, i_reserved2
-INODE = struct.Struct("<HHHHQIIIIQII16s")
+INODE = struct.Struct("<HHHHQIIIIqII16s")  # i_mtime is signed: times before 1970 too
 XATTR_BODY_HEADER = struct.Struct("<IB7s")  # h_name_filter, h_shared_count, reserved
 XATTR_ENTRY = struct.Struct("<BBH")  # e_name_len, e_name_index, e_value_size
 DIRENT = struct.Struct("<QHBB")  # nid, nameoff, file_type, reserved

@@ -59,6 +59,7 @@ MAGIC = b"erofs-mount-tidx"
 VERSION = 2
 _HEADER = struct.Struct("<16sIQ32s")
 SPAN_SIZE = 1 << 20
+HASH_SIZE = 32  # a span's sha256
 MAX_INDEX = 1 << 30  # no archive's index is near this; a larger file is not one of ours
 INDEX_DIR, UNPACKED_DIR = "tar-index", "tar-unpacked"
 
@@ -132,27 +133,48 @@ class ArchiveIndex:
         payload = memoryview(data)[_HEADER.size:]
         if len(payload) != length or hashlib.sha256(payload).digest() != checksum:
             raise ValueError("the index is damaged (its checksum does not match)")
-        sections, pos = {}, 0
-        while pos < len(payload):
-            n = payload[pos]
-            name = bytes(payload[pos + 1:pos + 1 + n]).decode()
-            (size,) = struct.unpack_from("<Q", payload, pos + 1 + n)
-            start = pos + 9 + n
-            sections[name], pos = bytes(payload[start:start + size]), start + size
         try:
+            sections, pos = {}, 0
+            while pos < len(payload):
+                n = payload[pos]
+                name = bytes(payload[pos + 1:pos + 1 + n]).decode()
+                (size,) = struct.unpack_from("<Q", payload, pos + 1 + n)
+                start = pos + 9 + n
+                if start + size > len(payload):
+                    raise ValueError("a section runs past the end")
+                sections[name], pos = bytes(payload[start:start + size]), start + size
             meta = json.loads(sections["meta"])
-            return cls(
+            layout = ImageLayout.from_bytes(_inflate(sections["layout"])) if "layout" in sections else None
+            tree = _inflate(sections["tree"])
+            index = cls(
                 compression=str(meta["compression"]), archive_sha256=str(meta["archive_sha256"]),
                 archive_size=int(meta["archive_size"]), stream_size=int(meta["stream_size"]),
                 stream_sha256=str(meta["stream_sha256"]),
                 spans=SpanHashes(int(meta["span_size"]), sections["hashes"]),
-                layout=ImageLayout.from_bytes(zlib.decompress(sections["layout"])) if "layout" in sections else None,
-                tree=zlib.decompress(sections["tree"]),
-                gzip_checkpoints=zlib.decompress(sections["gzip"]) if "gzip" in sections else b"",
+                layout=layout, tree=tree,
+                # a layer to merge: its tree checked now (a damaged one is built again), and kept for the merge
+                fresh=[treefile.load(tree)] if layout is None else [],
+                gzip_checkpoints=_inflate(sections["gzip"]) if "gzip" in sections else b"",
                 zstd_frames=tuple(streams.frames_from(meta["zstd_frames"])),
             )
-        except (KeyError, TypeError, zlib.error, UnicodeDecodeError) as exc:
+        except (KeyError, TypeError, IndexError, AttributeError, zlib.error, struct.error, OverflowError,
+                UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
             raise ValueError(f"the index is incomplete ({exc})") from None
+        if index.compression not in ("tar", "gzip", "zstd") or min(index.archive_size, index.stream_size) < 0:
+            raise ValueError("the index describes no archive this version reads")
+        if index.spans.span_size != SPAN_SIZE or index.spans.spans * HASH_SIZE != len(index.spans.hashes) or \
+                index.spans.spans != -(-index.stream_size // SPAN_SIZE):
+            raise ValueError("the index's span hashes do not cover its stream")
+        return index
+
+
+def _inflate(data: bytes) -> bytes:
+    """A zlib section, no larger than an index may be."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, MAX_INDEX)
+    if inflater.unconsumed_tail or not inflater.eof:
+        raise ValueError("a section is damaged or too large")
+    return out
 
 
 # -- the pass ---------------------------------------------------------------------------------------
@@ -170,10 +192,18 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
     ``threads``: how many threads decompress a gzip archive (fewer when several passes run at once).
     """
     compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
+    try:
+        return _build(archive, where, compression, progress, digest, layout, threads, unpack=False)
+    except streams.LargeFrame:  # a zstd frame larger than it declared: once more, unpacking the stream
+        return _build(archive, where, compression, progress, digest, layout, threads, unpack=True)
+
+
+def _build(archive: Source, where: str, compression: str, progress: bool | Meter,
+           digest: Callable[[], str] | None, layout: bool, threads: int | None, *, unpack: bool) -> ArchiveIndex:
     if compression == "gzip":
         one_pass: streams.Pass = streams.GzipPass(archive, where, threads)
     elif compression == "zstd":
-        one_pass = streams.ZstdPass(archive, where, cache_directory(UNPACKED_DIR))
+        one_pass = streams.ZstdPass(archive, where, cache_directory(UNPACKED_DIR), unpack=unpack)
     else:
         one_pass = streams.PlainPass(archive, where)
     # a plain archive is its own stream: the pass hashes it on the way; else a second read beside it

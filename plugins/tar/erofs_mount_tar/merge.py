@@ -42,22 +42,25 @@ def _is_opaque(node: ImageNode) -> bool:
 
 
 def _apply(lower: ImageNode, upper: ImageNode, layer: Tree) -> None:
-    """Directory ``upper`` of ``layer`` over directory ``lower``, in place."""
-    if not layer.is_implicit(upper):
-        lower.mode, lower.uid, lower.gid = upper.mode, upper.uid, upper.gid
-        lower.mtime, lower.mtime_nsec = upper.mtime, upper.mtime_nsec
-        lower.xattrs = {k: v for k, v in upper.xattrs.items() if k != OPAQUE_XATTR}
-    if _is_opaque(upper):
-        lower.children = {}
-    for name, node in upper.children.items():
-        below = lower.children.get(name)
-        if is_whiteout(node):
-            lower.children.pop(name, None)
-        elif node.kind == stat.S_IFDIR and below is not None and below.kind == stat.S_IFDIR:
-            _apply(below, node, layer)
-        elif node.kind == stat.S_IFDIR:
-            fresh = ImageNode(mode=IMPLICIT_DIR_MODE)
-            _apply(fresh, node, layer)  # whiteouts and opaque marks inside go too
-            lower.children[name] = fresh
-        else:
-            lower.children[name] = node
+    """Directory ``upper`` of ``layer`` over directory ``lower``, in place (with a stack, not recursion:
+    a tree may be as deep as PATH_MAX allows)."""
+    stack = [(lower, upper)]
+    while stack:
+        lower, upper = stack.pop()
+        if not layer.is_implicit(upper):
+            lower.mode, lower.uid, lower.gid = upper.mode, upper.uid, upper.gid
+            lower.mtime, lower.mtime_nsec = upper.mtime, upper.mtime_nsec
+            lower.xattrs = {k: v for k, v in upper.xattrs.items() if k != OPAQUE_XATTR}
+        if _is_opaque(upper):
+            lower.children = {}
+        for name, node in upper.children.items():
+            below = lower.children.get(name)
+            if is_whiteout(node):
+                lower.children.pop(name, None)
+            elif node.kind == stat.S_IFDIR and below is not None and below.kind == stat.S_IFDIR:
+                stack.append((below, node))
+            elif node.kind == stat.S_IFDIR:
+                fresh = lower.children[name] = ImageNode(mode=IMPLICIT_DIR_MODE)
+                stack.append((fresh, node))  # whiteouts and opaque marks inside go too
+            else:
+                lower.children[name] = node

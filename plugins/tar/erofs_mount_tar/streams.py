@@ -42,10 +42,17 @@ from erofs_mount_core import Counters, Source, SourceError, cache_room, open_cac
 log = logging.getLogger("erofs_mount.tar")
 CHUNK = 1 << 20
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
-GZIP_CHECKPOINT_SPACING = 2 << 20  # of compressed data: at most ~3 MiB of output for typical content
+GZIP_CHECKPOINT_SPACING = 1 << 20  # of compressed data: ~3 MiB of output for typical content; rapidgzip holds some 30x this per thread for data that compresses very well
 #: a zstd frame above this (compressed, or declared uncompressed) makes the archive unpacked into the cache
 ZSTD_FRAME_LIMIT, ZSTD_CONTENT_LIMIT = 4 << 20, 32 << 20
+#: frames (skippable ones included) one zstd archive may have: each is a row in its index
+MAX_ZSTD_FRAMES = 1 << 20
 OTHER_MAGICS = {b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz", b"\x04\x22\x4d\x18": "lz4"}
+
+
+class LargeFrame(Exception):
+    """A zstd frame turned out larger than ``ZSTD_CONTENT_LIMIT`` (its size was not declared, or not
+    truthfully): the pass starts again, unpacking, so that no read has to inflate that much."""
 
 
 class ArchiveError(SourceError):
@@ -146,8 +153,11 @@ class GzipPass(Pass):
 
         super().__init__(archive, where)
         self._file = SourceFile(archive)
-        self._reader = rapidgzip.RapidgzipFile(self._file, parallelization=threads or min(4, os.cpu_count() or 1),
-                                               chunk_size=GZIP_CHECKPOINT_SPACING)
+        # no more threads than chunks: each holds tens of MiB when the data compresses very well
+        chunks = -(-archive.size // GZIP_CHECKPOINT_SPACING)
+        self._reader = rapidgzip.RapidgzipFile(self._file, chunk_size=GZIP_CHECKPOINT_SPACING,
+                                               parallelization=max(1, min(threads or min(4, os.cpu_count() or 1),
+                                                                          chunks)))
 
     def chunks(self) -> Iterator[bytes]:
         try:
@@ -196,7 +206,11 @@ def zstd_frames(archive: Source, where: str) -> tuple[list[Frame], bool]:
             raise ArchiveError(f"{where}: the zstd data is truncated (a frame runs past the end of the file)")
         return archive.pread(n, at)
 
+    count = 0
     while pos < size:
+        count += 1
+        if count > MAX_ZSTD_FRAMES:
+            raise ArchiveError(f"{where} has more than {MAX_ZSTD_FRAMES:,} zstd frames: refusing the archive")
         magic = int.from_bytes(need(4, pos), "little")
         if magic in _SKIPPABLE:
             pos += 8 + int.from_bytes(need(4, pos + 4), "little")
@@ -236,10 +250,11 @@ def zstd_frames(archive: Source, where: str) -> tuple[list[Frame], bool]:
 class ZstdPass(Pass):
     """Frame by frame; with a large frame, the stream is also written, sparse, to a cache file."""
 
-    def __init__(self, archive: Source, where: str, unpack_dir: Path) -> None:
+    def __init__(self, archive: Source, where: str, unpack_dir: Path, *, unpack: bool = False) -> None:
+        """``unpack``: whatever the frames declare (a frame was found larger than it said: ``LargeFrame``)."""
         super().__init__(archive, where)
         self.frames, large = zstd_frames(archive, where)
-        self._unpack_dir = unpack_dir if large else None
+        self._unpack_dir = unpack_dir if large or unpack else None
         self._out: Any = None
         self._out_path: Path | None = None
 
@@ -262,6 +277,8 @@ class ZstdPass(Pass):
                 start = out
                 while data := reader.read(CHUNK):
                     out += len(data)
+                    if self._out is None and out - start > ZSTD_CONTENT_LIMIT:
+                        raise LargeFrame
                     self.compressed_done = frame.offset + compressed.pos
                     if self._out is not None:
                         if out > room:
