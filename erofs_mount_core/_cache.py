@@ -36,14 +36,22 @@ def cache_directory(name: str) -> Path:
     """The subdirectory ``name`` of the cache, made root-only; refused if another user owns it or it is a link."""
     root = cache_root()
     for path in (root, root / name):
-        with contextlib.suppress(FileExistsError):
-            path.mkdir(mode=0o700)
-        st = path.lstat()
-        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
-            raise SourceError(f"cache directory {path} is not a directory of ours: refusing it")
-        if stat.S_IMODE(st.st_mode) & 0o077:
-            os.chmod(path, 0o700)
+        try:
+            with contextlib.suppress(FileExistsError):
+                path.mkdir(mode=0o700)
+            _check_ours(path)
+        except OSError as exc:
+            raise SourceError(f"cache directory {path}: {exc.strerror} ({CACHE_DIR_ENV} names another)") from None
     return root / name
+
+
+def _check_ours(path: Path) -> None:
+    """``path`` is a directory of ours, not a link, and root-only (made so if it was not)."""
+    st = path.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        raise SourceError(f"cache directory {path} is not a directory of ours: refusing it")
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        os.chmod(path, 0o700)
 
 
 #: what large cache writes (an unpacked stream, a download) leave free on the cache's filesystem, at most
@@ -77,8 +85,8 @@ def open_cache_file(path: Path, *, hold: bool = False) -> int | None:
     ``hold``: also take a shared lock, which lasts until the descriptor is
     closed, so that ``prune`` leaves the file alone while it is in use.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # (O_NONBLOCK: a FIFO put in its place opens at once, and is then refused)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -104,9 +112,13 @@ class CacheEntry:
 def entries() -> list[CacheEntry]:
     """Every cache file, least recently used first."""
     root = cache_root()
-    found = []
-    if not root.is_dir():
+    found: list[CacheEntry] = []
+    try:
+        _check_ours(root)  # as every mount checks it: a link (to anywhere) is never walked, nor pruned
+    except FileNotFoundError:
         return found
+    except OSError as exc:
+        raise SourceError(f"cache directory {root}: {exc.strerror}") from None
     for directory, _dirs, files in os.walk(root):
         for name in files:
             if name.startswith("."):  # a lock, or a file being written
@@ -141,7 +153,7 @@ def _exclusive(path: Path) -> Iterator[bool | None]:
     """Yields None if ``path`` is not there, False if a daemon holds it, True if it is ours
     (exclusively locked) until the block ends."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         yield None
         return

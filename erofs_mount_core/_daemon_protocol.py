@@ -99,7 +99,7 @@ def _same_file(fd: int, path: Path) -> bool:
 def daemon_alive(record_path: Path) -> bool:
     """True while some process holds the record's lock (its daemon, or a command starting one)."""
     try:
-        fd = os.open(rec.lock_path(record_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(rec.lock_path(record_path), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:  # missing, or not ours to follow: no daemon holds it
         return False
     try:

@@ -120,13 +120,16 @@ class SpanStore:
         """Span ``n`` if it is stored and still hashes to ``digest``; a changed file is deleted."""
         path = where / str(n)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             return None
         except OSError as exc:
             log.warning("span store: cannot open %s (%s); fetching the span", path, exc)
             return None
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device in its place: never read
+                log.warning("span store: %s is not a file; fetching the span", path)
+                return None
             data = os.read(fd, span_size + 1)  # one byte more than a span can be: a longer file does not match
             if hashlib.sha256(data).digest() != digest:
                 counters.add("span_store_corrupt")

@@ -71,3 +71,40 @@ def test_prune_keeps_what_a_daemon_holds(root: Path) -> None:
     finally:
         os.close(fd)
     assert [e.path.name for e in prune()] == ["held"]
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_in_a_cache_file_s_place_opens_as_no_file(root: Path) -> None:
+    directory = cache_directory("things")
+    os.mkfifo(directory / "index.idx")
+    assert open_cache_file(directory / "index.idx") is None  # at once: no writer is waited for
+    assert entries() == [] and prune(0) == []
+
+
+def test_list_and_prune_check_the_cache_root_as_a_mount_does(root: Path, tmp_path: Path) -> None:
+    """A root that is a link (to anywhere) or another user's is refused, as cache_directory refuses it:
+    ``cache prune --max-size 0`` once deleted every file under such a link's target."""
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "sub").mkdir(parents=True)
+    (elsewhere / "sub" / "precious").write_bytes(b"x" * 10000)
+    os.chown(elsewhere, 65534, 65534)
+    root.symlink_to(elsewhere)
+    for call in (entries, lambda: prune(0)):
+        with pytest.raises(SourceError, match="not a directory of ours"):
+            call()
+    root.unlink()
+    elsewhere.rename(root)
+    with pytest.raises(SourceError, match="not a directory of ours"):
+        prune(0)
+    assert (root / "sub" / "precious").exists()
+
+
+@pytest.mark.parametrize("where", ["/proc/no-such/cache", "a-file"])
+def test_a_cache_root_that_cannot_be_one_is_one_error(where: str, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "a-file":
+        where = str(tmp_path / "a-file")
+        Path(where).write_text("x")
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", where)
+    with pytest.raises(SourceError, match=f"cache directory {where}"):
+        cache_directory("things")

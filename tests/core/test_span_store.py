@@ -236,3 +236,15 @@ def test_cache_list_shows_a_row_per_stored_stream_and_prune_deletes_spans(
     assert pruned.exit_code == 0 and "removed 16 files" in pruned.output, pruned.output
     again = Counted(data)
     assert read_all(served(again, SpanStore(64 << 20), data)) == data and again.reads, "fetched again"
+
+
+@pytest.mark.timeout(30)
+def test_a_fifo_in_a_span_s_place_is_never_read_and_blocks_nothing(tmp_path: Path, data: bytes) -> None:
+    store = SpanStore(64 << 20, tmp_path / "spans")
+    read_all(served(Counted(data), store, data))
+    (place,) = places(tmp_path)
+    (place / "3").unlink()
+    os.mkfifo(place / "3")
+    again = Counted(data)
+    assert read_all(served(again, store, data)) == data  # would wait forever for a writer to the FIFO
+    assert again.reads == [(3 * SPAN, SPAN)]

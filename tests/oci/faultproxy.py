@@ -36,6 +36,8 @@ class FaultProxy:
         self.ranges: list[str | None] = []  # the Range header of each blob GET
         self.authorization: list[str | None] = []  # the Authorization header of each request
         self.storage_auth: list[str | None] = []
+        self.cookies: list[str | None] = []  # the Cookie header of each request
+        self.set_cookie: str | None = None  # set: every answer carries this Set-Cookie
         self.flooded: list[int] = []  # bytes each "flood" answer got out before the client hung up
         self._lock = threading.Lock()
         self._client = httpx.Client(base_url=f"http://{upstream}", timeout=30)
@@ -99,6 +101,7 @@ class FaultProxy:
                     fault = "503"
                 proxy.log.append((method, self.path, fault or "pass"))
                 proxy.authorization.append(self.headers.get("Authorization"))
+                proxy.cookies.append(self.headers.get("Cookie"))
                 if kind == "blob" and method == "GET":
                     proxy.ranges.append(self.headers.get("Range"))
                 headers = dict(self.headers.items())
@@ -163,6 +166,8 @@ class FaultProxy:
                 self.send_response(code)
                 for k, v in headers.items():
                     self.send_header(k, v)
+                if proxy.set_cookie:
+                    self.send_header("Set-Cookie", proxy.set_cookie)
                 self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
                 if body:

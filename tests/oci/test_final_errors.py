@@ -50,3 +50,14 @@ def test_the_command_says_it_in_one_line(tmp_path: Path) -> None:
     assert result.returncode != 0
     (line,) = result.stderr.strip().splitlines()
     assert "registry.nonexistent.invalid cannot be resolved" in line and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("soon", None), ("", None), ("Mon, 99 Foo 2024 25:61:61 GMT", None), ("-5", None), ("1.5", None),
+    ("7", 7.0), ("99999999999999999999", 86400.0), ("Thu, 01 Jan 1970 00:00:00 GMT", 0.0),
+])
+def test_a_retry_after_of_any_form_is_a_bounded_delay_or_none(value: str, seconds: float | None) -> None:
+    import httpx
+    from erofs_mount_oci._http import _retry_after
+
+    assert _retry_after(httpx.Response(503, headers={"Retry-After": value})) == seconds

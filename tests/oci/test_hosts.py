@@ -160,6 +160,11 @@ def test_docker_s_certificate_files_without_a_hosts_toml(tmp_path: Path) -> None
     ('[host."https://m".header]\nx = "a\\r\\nInjected: 1"\n', "has a line break"),
     ('server = "https://m"\nserver = "https://n"\n', "is not valid TOML"),
     ('[host."https://m"]\nclient = [["a", "b", "c"]]\n', "neither a file nor a [cert, key] pair"),
+    ('[host."https://[m"]\n', "not an http(s) URL"),
+    ('[host."https://m:port"]\n', "not an http(s) URL"),
+    ('server = "http://[::1"\n', "not an http(s) URL"),
+    ('[host."https://m"]\ndial_timeout = "' + "9" * 400 + 's"\n', "is not between 0 and 86400s"),
+    ('[host."https://m"]\ndial_timeout = "25h"\n', "is not between 0 and 86400s"),
 ])
 def test_a_bad_file_is_one_clear_line(tmp_path: Path, text: str, says: str) -> None:
     write(tmp_path, "registry.example", text)
@@ -184,3 +189,22 @@ def test_go_durations(tmp_path: Path) -> None:
     for text, seconds in (("200ms", 0.2), ("1s", 1.0), ("1m30s", 90.0), ("1.5h", 5400.0), ("300us", 0.0003)):
         write(tmp_path / text, "r.example", f'[host."https://m"]\ndial_timeout = "{text}"\n')
         assert hosts_for("r.example", tmp_path / text)[0].dial_timeout == pytest.approx(seconds)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the ownership check applies to root")
+def test_as_root_docker_s_certificate_files_others_can_write_are_refused(tmp_path: Path) -> None:
+    """Without a hosts.toml the directory's CAs are trusted: as root, only those root alone can change."""
+    d = tmp_path / "registry.example"
+    d.mkdir()
+    (d / "evil.crt").write_text("x")
+    d.chmod(0o777)
+    os.chown(d, 65534, 65534)
+    with pytest.raises(UsageError, match="must belong to root"):
+        hosts_for("registry.example", tmp_path)
+    d.chmod(0o755)
+    os.chown(d, 0, 0)
+    os.chown(d / "evil.crt", 65534, 65534)
+    with pytest.raises(UsageError, match=r"evil\.crt must belong to root"):
+        hosts_for("registry.example", tmp_path)
+    os.chown(d / "evil.crt", 0, 0)
+    assert hosts_for("registry.example", tmp_path)[0].ca == (str(d / "evil.crt"),)

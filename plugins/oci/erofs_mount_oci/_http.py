@@ -24,7 +24,7 @@ import httpx
 
 from erofs_mount_core import RetryPolicy, SourceError
 
-from .routing import NoHost
+from .routing import NoHost, answered_by
 
 log = logging.getLogger("erofs_mount.oci")
 
@@ -121,12 +121,15 @@ def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | Non
 
 
 def _retry_after(response: httpx.Response) -> float | None:
-    value = response.headers.get("Retry-After")
-    if not value:
-        return None
+    """The server's Retry-After in seconds (the retry policy bounds it); None if it has none or it is not
+    one of the two forms HTTP allows."""
+    value = response.headers.get("Retry-After", "").strip()
     if value.isdigit():
-        return float(value)
-    when = email.utils.parsedate_to_datetime(value) if value else None
+        return float(min(int(value), 86400))
+    try:
+        when = email.utils.parsedate_to_datetime(value) if value else None
+    except (TypeError, ValueError, OverflowError):
+        return None
     return max(0.0, when.timestamp() - time.time()) if when else None
 
 
@@ -250,8 +253,8 @@ def read_range(client: httpx.Client, url: str, offset: int, length: int, *, what
 
 
 def status_error(response: httpx.Response, what: str) -> SourceError:
-    """The error an answer means, naming the host that gave it; only a 5xx is worth a retry."""
-    code, host = response.status_code, response.request.url.netloc.decode()
+    """The error an answer means, naming the host that gave it (a mirror's too); only a 5xx is worth a retry."""
+    code, host = response.status_code, answered_by(response)[1]
     if code == 401:
         return SourceError(f"{what}: {host} refused the credentials (401 Unauthorized): check them "
                            "(-o credentials=)")
@@ -327,10 +330,10 @@ class RegistryAuth(httpx.Auth):
         response = yield request
         if response.status_code != 401 or "WWW-Authenticate" not in response.headers:
             return
-        if (response.url.scheme, response.url.netloc.decode()) != self.origin:
+        if answered_by(response) != self.origin:  # a redirect target, or a mirror, asking: it gets nothing
             log.warning("ignoring an auth challenge from %s://%s, which is not the registry",
-                        response.url.scheme, response.url.netloc.decode())
-            return  # a redirect target asking for credentials gets none
+                        *answered_by(response))
+            return
         scheme, params = parse_challenge(response.headers["WWW-Authenticate"])
         if scheme == "bearer" and "realm" in params:
             if not (params["realm"].startswith("https://") or self.insecure and params["realm"].startswith("http://")):

@@ -122,7 +122,7 @@ class Download(Source):
                     self._cond.notify_all()
         except _http.HTTPError as exc:
             message = f"{self.what}: {type(exc).__name__}: {exc}"
-            distrust_served(message)  # a mirror that breaks off: the rest is asked of the next host
+            distrust_served(message, lied=False)  # a mirror that breaks off: the rest is asked of the next host
             raise SourceError(message, transient=True) from None
         finally:
             response.close()
@@ -137,7 +137,7 @@ class Download(Source):
         with self._cond:
             while self._have < end and not self._done:
                 self._cond.wait()
-            if self._have < end:
+            if self._have < end or self._error is not None:  # bytes known bad are not read on
                 raise self._failure()
         return os.pread(self._fd, end - offset, offset)
 

@@ -42,6 +42,7 @@ DEFAULT_DIR = "/etc/containerd/certs.d"
 HOSTS_FILE = "hosts.toml"
 MAX_HOSTS_FILE = 1 << 20
 CAPABILITIES = ("pull", "resolve", "push")
+MAX_DIAL_TIMEOUT = 86400.0
 #: Go's time.ParseDuration units, in seconds
 _UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
@@ -108,6 +109,12 @@ def _host_directory(root: Path, registry: str) -> Path | None:
     return None
 
 
+def _root_only(path: Path, st: os.stat_result, what: str) -> None:
+    """As root, ``path`` must be root's and writable by no one else: it decides what root trusts."""
+    if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
+        raise UsageError(f"oci: {path} must belong to root and be writable by no one else: {what}")
+
+
 def _read(file: Path) -> str | None:
     """The file's text; None if there is none. As root, only a file that root alone can write."""
     try:
@@ -120,9 +127,7 @@ def _read(file: Path) -> str | None:
         st = os.fstat(f.fileno())
         if not stat.S_ISREG(st.st_mode):
             raise UsageError(f"oci: {file} is not a regular file")
-        if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):
-            raise UsageError(f"oci: {file} must belong to root and be writable by no one else: "
-                             "it decides where root's reads go")
+        _root_only(file, st, "it decides where root's reads go")
         data = f.read(MAX_HOSTS_FILE + 1)
     if len(data) > MAX_HOSTS_FILE:
         raise UsageError(f"oci: {file} is larger than {MAX_HOSTS_FILE} bytes")
@@ -157,11 +162,15 @@ def _parse(text: str, where: str) -> list[dict[str, Any]]:
 
 
 def _docker_certificates(directory: Path) -> dict[str, Any]:
-    """Docker's layout: ``*.crt`` are CAs, ``NAME.cert`` goes with ``NAME.key``."""
+    """Docker's layout: ``*.crt`` are CAs, ``NAME.cert`` goes with ``NAME.key``. As root, the directory and
+    each of those files must be root's alone, as ``hosts.toml`` must: a CA decides whom root trusts."""
+    _root_only(directory, directory.stat(), "its certificates decide whom root's downloads trust")
     names = sorted(p.name for p in directory.iterdir() if p.is_file())
     config: dict[str, Any] = {}
     cas = [n for n in names if n.endswith(".crt")]
     pairs = [[n, n[:-5] + ".key"] for n in names if n.endswith(".cert") and n[:-5] + ".key" in names]
+    for name in cas + [n for pair in pairs for n in pair]:
+        _root_only(directory / name, (directory / name).stat(), "a CA decides whom root's downloads trust")
     if cas:
         config["ca"] = cas
     if pairs:
@@ -173,8 +182,12 @@ def _host(config: dict[str, Any], base: Path, what: str) -> Host:
     server = config["server"]
     if "://" not in server:
         server = "https://" + server
-    url = urllib.parse.urlsplit(server)
-    if url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
+    try:
+        url = urllib.parse.urlsplit(server)
+        url.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        url = None
+    if url is None or url.scheme not in ("http", "https") or not url.netloc or url.query or url.fragment:
         raise UsageError(f"oci: {what}: not an http(s) URL of a host")
     override = _boolean(config.get("override_path", False), "override_path", what)
     path = os.path.normpath(url.path) if url.path else ""
@@ -248,4 +261,7 @@ def _duration(value: Any, what: str) -> float:
     """Go's ``time.ParseDuration``: "200ms", "1m30s", "1.5h"."""
     if not isinstance(value, str) or not value or _DURATION.sub("", value) not in ("",):
         raise UsageError(f"oci: {what}: dial_timeout {value!r} is not a duration like '200ms' or '1s'")
-    return sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(value))
+    seconds = sum(float(n) * _UNITS[unit] for n, unit in _DURATION.findall(value))
+    if not 0 < seconds <= MAX_DIAL_TIMEOUT:
+        raise UsageError(f"oci: {what}: dial_timeout {value!r} is not between 0 and {MAX_DIAL_TIMEOUT:.0f}s")
+    return seconds

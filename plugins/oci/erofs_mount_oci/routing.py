@@ -13,14 +13,17 @@ blobs and manifests by digest, ``resolve`` for tags), in the order of
   peer without that blob; 401) is passed over for that request only.
 - The last host's answer, whatever it is, is returned: errors, retries and
   authentication go on as they would without mirrors.
-- Credentials: the registry's ``Authorization`` goes to the registry only.
-  A mirror gets the headers its ``hosts.toml`` entry names (Spegel puts an
-  ``Authorization`` there) and nothing of the registry's: a token scoped
-  for the registry is never replayed elsewhere.
+- Credentials, as containerd binds them, to the host they belong to: the
+  registry's ``Authorization`` and cookies go to the registry only. Another
+  host gets the request's own headers (``Range``, ``Accept``...) and those
+  its ``hosts.toml`` entry names (Spegel puts an ``Authorization`` there),
+  and the cookies it sets are dropped. Every answer says which host gave it
+  (``answered_by``): a challenge is judged, and an error named, by the host
+  that sent it, never by the registry's URL the request was built on.
 - Bytes from any host are checked above, as the registry's are (digests,
   span hashes): a mirror cannot change what a reader sees. A read whose
   bytes do not check out calls ``distrust_served``: the mirror that served
-  them is skipped like one that failed, so the read's retry goes elsewhere.
+  them is skipped from then on, so the read's retry goes elsewhere.
 """
 
 from __future__ import annotations
@@ -45,6 +48,15 @@ log = logging.getLogger("erofs_mount.oci")
 SKIP_FIRST = 10.0
 SKIP_MAX = 600.0
 _TAG_MANIFEST = re.compile(r"/manifests/(?!sha256:)[^/]+$")
+#: what a request carries to a host that is not the registry: its own headers, none of the client's state
+_FORWARDED = {"accept", "accept-encoding", "range", "user-agent", "content-type", "content-length"}
+#: the response extension naming the host that answered: (scheme, host[:port])
+ANSWERED_BY = "erofs_mount_answered_by"
+
+
+def answered_by(response: httpx.Response) -> tuple[str, str]:
+    """(scheme, host[:port]) of the host that gave ``response``: a mirror's, if one answered."""
+    return response.extensions.get(ANSWERED_BY) or (response.url.scheme, response.url.netloc.decode())
 
 
 #: per thread, the mirror whose answer this thread used last (None: the last host's), for ``distrust_served``
@@ -54,16 +66,17 @@ _served = threading.local()
 _distrusted = [0]  # how many times a mirror's bytes did not check out, in this process
 
 
-def distrust_served(why: str) -> bool:
+def distrust_served(why: str, *, lied: bool = True) -> bool:
     """The bytes this thread read did not check out (a digest, a span hash, a stream that would not
-    inflate): the mirror that served them, if a mirror did, is skipped from now on, as one that failed to
-    answer is. True if one was: the same request may then be made again, and go elsewhere."""
+    inflate): the mirror that served them, if a mirror did, is never asked again by this client.
+    ``lied=False``: it broke off instead, and is skipped a while, as one that failed to answer is.
+    True if a mirror served them: the same request may then be made again, and go elsewhere."""
     last = getattr(_served, "mirror", None)
     _served.mirror = None
     if last is None:
         return False
     transport, host = last
-    transport.failed(host, why)
+    transport.failed(host, why, lied=lied)
     _distrusted[0] += 1
     return True
 
@@ -86,6 +99,7 @@ class HostsTransport(httpx.BaseTransport):
         self.routes = [(host, transport_for(host)) for host in hosts]
         self.default = default  # anything else: a token server, where a registry redirects to
         self._skipped: dict[str, tuple[float, float]] = {}  # host root -> (until, how long it was)
+        self._lied: set[str] = set()  # host roots that served bytes that did not check out
         self._lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
@@ -115,6 +129,9 @@ class HostsTransport(httpx.BaseTransport):
                 if not last and host.root in self._skipped:
                     self._recovered(host)
                 _served.mirror = None if last else (self, host)
+                response.extensions[ANSWERED_BY] = (host.scheme, host.host)
+                if host.host != self.registry_host and "set-cookie" in response.headers:
+                    del response.headers["set-cookie"]  # not to be kept, and replayed, as the registry's
                 return response
             response.close()
             if status == 429 or status >= 500:
@@ -124,8 +141,10 @@ class HostsTransport(httpx.BaseTransport):
 
     def _for(self, host: Host, request: httpx.Request, rest: str) -> httpx.Request:
         own = {name.lower() for name, _values in host.header}
-        dropped = {"host", *own, *(() if host.host == self.registry_host else ("authorization",))}
-        headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in dropped]
+        if host.host == self.registry_host:
+            headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() not in {"host", *own}]
+        else:
+            headers = [(k, v) for k, v in request.headers.multi_items() if k.lower() in _FORWARDED - own]
         headers += [(name, value) for name, values in host.header for value in values]
         url = httpx.URL(host.root + rest)
         if host.query(self.registry):
@@ -142,7 +161,15 @@ class HostsTransport(httpx.BaseTransport):
             until, _ = self._skipped.get(host.root, (0.0, 0.0))
         return time.monotonic() < until
 
-    def failed(self, host: Host, why: str) -> None:
+    def failed(self, host: Host, why: str, *, lied: bool = False) -> None:
+        """``host`` failed to answer: skipped a while, longer each time. ``lied``: it served bytes that
+        did not check out, and is never asked again by this client."""
+        if lied:
+            with self._lock:
+                self._skipped[host.root] = (float("inf"), float("inf"))
+                self._lied.add(host.root)
+            log.warning("mirror %s served bytes that do not check out (%s): not asked again", host.root, why)
+            return
         with self._lock:
             _, last = self._skipped.get(host.root, (0.0, 0.0))
             skip = min(SKIP_MAX, last * 2) if last else SKIP_FIRST
@@ -151,6 +178,8 @@ class HostsTransport(httpx.BaseTransport):
 
     def _recovered(self, host: Host) -> None:
         with self._lock:
+            if host.root in self._lied:
+                return
             self._skipped.pop(host.root, None)
         log.info("mirror %s answers again", host.root)
 

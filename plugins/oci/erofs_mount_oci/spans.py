@@ -79,7 +79,7 @@ def measure(client: Any, url: str, digest: str, size: int, span_size: int) -> Sp
                 whole.update(chunk)
                 spans.update(chunk)
         except _http.HTTPError as exc:
-            distrust_served(f"{what}: {exc}")  # a mirror that breaks off: the next pass asks the next host
+            distrust_served(f"{what}: {exc}", lied=False)  # a mirror that breaks off: the next pass asks the next host
             raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
         finally:
             response.close()
