@@ -22,7 +22,7 @@ from pathlib import Path
 
 import attrs
 
-from ._errors import SourceError
+from ._errors import NotRootError, SourceError
 
 CACHE_DIR_ENV = "EROFS_MOUNT_CACHE_DIR"
 DEFAULT_CACHE_DIR = "/var/cache/erofs-mount"
@@ -48,6 +48,8 @@ def cache_directory(name: str) -> Path:
 def _check_ours(path: Path) -> None:
     """``path`` is a directory of ours, not a link, and root-only (made so if it was not)."""
     st = path.lstat()
+    if stat.S_ISDIR(st.st_mode) and st.st_uid == 0 != os.geteuid():
+        raise NotRootError(f"using the cache {path}")  # (a user names a cache of their own with CACHE_DIR_ENV)
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
         raise SourceError(f"cache directory {path} is not a directory of ours: refusing it")
     if stat.S_IMODE(st.st_mode) & 0o077:

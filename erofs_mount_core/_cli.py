@@ -20,6 +20,21 @@ from ._errors import ErofsMountError
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+class _Seconds(click.FloatRange):
+    """A number of seconds in a range: a FloatRange that also refuses nan and inf (which compare false
+    with any bound, and so pass FloatRange)."""
+
+    name = "seconds"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        import math
+
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return number
+
+
 def _fail(message: str, code: int) -> NoReturn:
     click.echo(f"Error: {message}" if code else message, err=True)  # code 0: nothing to do, not an error
     sys.exit(code)
@@ -183,7 +198,7 @@ def umount(target: str, lazy: bool) -> None:
 @click.option("--force", is_flag=True,
               help="End a daemon that holds DEVICE but fails its liveness probe (no answer within 5 s, "
                    "or a request in its hands longer than --stuck-after), then reattach.")
-@click.option("--stuck-after", type=click.FloatRange(min=1), default=120, show_default=True, metavar="SECONDS",
+@click.option("--stuck-after", type=_Seconds(min=1), default=120, show_default=True, metavar="SECONDS",
               help="With --force: how long a request may stay in a daemon's hands.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors_as_lines
@@ -253,7 +268,7 @@ def restart(device: str | None, all_: bool) -> None:
 
 
 @cli.command()
-@click.option("--stuck-after", type=click.FloatRange(min=0), default=120, show_default=True, metavar="SECONDS",
+@click.option("--stuck-after", type=_Seconds(min=0), default=120, show_default=True, metavar="SECONDS",
               help="Every 30 s, end and replace a live daemon that does not answer within 5 s or has had a "
                    "request in its hands longer than this (0: never).")
 @_errors_as_lines
@@ -569,12 +584,14 @@ def _parse_size(text: str) -> int:
                    "exit with its status. Without --socket or --listen, a private unix socket.")
 @click.option("--max-clients", default=64, show_default=True, type=click.IntRange(1, 100000),
               help="Clients served at once; more are turned away.")
-@click.option("--handshake-timeout", default=30.0, show_default=True, type=click.FloatRange(0.1, 3600),
+@click.option("--handshake-timeout", default=30.0, show_default=True, type=_Seconds(0.1, 3600),
               help="Seconds a client has to finish the handshake.")
+@click.option("--any-bytes", is_flag=True,
+              help="Serve whatever the source holds (by default only an EROFS image, as mount checks).")
 @click.option("-q", "--quiet", is_flag=True, help="Log only warnings and errors.")
 @_errors_as_lines
 def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, listen: str | None,
-          command: str | None, max_clients: int, handshake_timeout: float, quiet: bool) -> None:
+          command: str | None, max_clients: int, handshake_timeout: float, any_bytes: bool, quiet: bool) -> None:
     """Export SOURCE read-only to NBD clients (qemu, nbd-client, libnbd tools).
 
     Speaks the fixed newstyle handshake and offers one export under any name.
@@ -588,7 +605,8 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
     _logging.configure(sys.stderr, "erofs-mount serve: %(message)s",
                        level=logging.WARNING if quiet else logging.INFO)
     status = _serve.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
-                        command=command, limits=_serve.ClientLimits(max_clients, handshake_timeout))
+                        command=command, limits=_serve.ClientLimits(max_clients, handshake_timeout),
+                        any_bytes=any_bytes)
     sys.exit(status)
 
 

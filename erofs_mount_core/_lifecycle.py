@@ -28,6 +28,7 @@ from . import _mounts as mounts
 from . import _record as rec
 from ._control import ask_stats
 from ._daemon_protocol import daemon_alive, locked, spawn, spawn_taker
+from ._erofs.check import check_erofs
 from ._errors import (
     AlreadyServing,
     DeviceStateError,
@@ -51,8 +52,6 @@ if TYPE_CHECKING:  # plugins (pluggy, importlib.metadata) load only in the comma
 
 log = logging.getLogger("erofs_mount.lifecycle")
 
-EROFS_MAGIC = 0xE0F5E1E2
-EROFS_SUPER_OFFSET = 1024
 DEFAULT_BLOCK_SIZE = 512
 DEFAULT_CONNECTIONS = 4
 DEFAULT_DEAD_TIMEOUT = 24 * 3600
@@ -70,14 +69,6 @@ class DeviceSettings:
 def require_root(what: str) -> None:
     if os.geteuid() != 0:
         raise NotRootError(what)
-
-
-def check_erofs(source: Source, spec: str) -> None:
-    if source.size < EROFS_SUPER_OFFSET + 4:
-        raise SourceError(f"{spec} is not an EROFS image (only {source.size} bytes)")
-    magic = int.from_bytes(source.pread(4, EROFS_SUPER_OFFSET), "little")
-    if magic != EROFS_MAGIC:
-        raise SourceError(f"{spec} is not an EROFS image (no EROFS superblock)")
 
 
 # -- mount -------------------------------------------------------------------
@@ -123,6 +114,10 @@ def _mount(spec: str, mountpoint: str, mount_options: mounts.MountOptions, optio
     host = PluginHost()
     scheme, location = split_spec(spec)
     plugin = host.owner(scheme)
+    # the kernel and the run directory first: no source is read (or downloaded) for a mount that cannot be made
+    link = choose_link()
+    store = rec.RecordStore()
+    store.ensure()
     source = Retrying(host.open_source(scheme, location, options))
     try:
         check_erofs(source, spec)
@@ -131,11 +126,8 @@ def _mount(spec: str, mountpoint: str, mount_options: mounts.MountOptions, optio
         size = -(-source.size // settings.block_size) * settings.block_size
     finally:
         source.close()
-    link = choose_link()
     connections = min(settings.connections, link.max_connections)
 
-    store = rec.RecordStore()
-    store.ensure()
     prune_orphans()
     path = store.new_path()
     kill_point("mount:before-record")

@@ -13,6 +13,7 @@ naming the export, and its exit status becomes serve's.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import select
@@ -30,6 +31,7 @@ from pathlib import Path
 
 import attrs
 
+from ._erofs.check import check_erofs
 from ._errors import UsageError
 from ._filters import Retrying
 from ._nbd import handshake
@@ -55,7 +57,9 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "127.0.0.1", int(port)
 
 
-def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, str]:
+def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, str, tuple[int, int] | None]:
+    """The listener, where it listens, and (st_dev, st_ino) of the socket file it made, if it made one:
+    that file, and only that one, is removed at the end."""
     if bool(socket_path) == bool(listen):
         raise UsageError("give exactly one of --socket PATH and --listen HOST:PORT (--run alone picks a socket)")
     if socket_path:
@@ -63,13 +67,17 @@ def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, st
         with contextlib.suppress(FileNotFoundError):
             if not stat.S_ISSOCK(path.lstat().st_mode):
                 raise UsageError(f"{socket_path} exists and is not a socket")
-            path.unlink()  # a stale socket from an earlier run
+            if _listening(socket_path):
+                raise UsageError(f"cannot listen on {socket_path}: address in use (another server listens there)")
+            path.unlink()  # a stale socket from an earlier run: nobody listens on it
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             sock.bind(socket_path)
+            bound = os.stat(socket_path)
         except OSError as exc:
             sock.close()
-            raise UsageError(f"cannot listen on {socket_path}: {exc.strerror}") from None
+            raise UsageError(f"cannot listen on {socket_path}: {exc.strerror or exc}") from None
+        made: tuple[int, int] | None = (bound.st_dev, bound.st_ino)
         where = f"unix:{socket_path}"
     else:
         host, port = parse_listen(listen or "")
@@ -80,9 +88,32 @@ def bind(socket_path: str | None, listen: str | None) -> tuple[socket.socket, st
             sock.bind(addr)
         except OSError as exc:
             raise UsageError(f"cannot listen on {listen}: {exc.strerror or exc}") from None
-        where = f"tcp:{host}:{sock.getsockname()[1]}"
+        where, made = f"tcp:{host}:{sock.getsockname()[1]}", None
     sock.listen(64)
-    return sock, where
+    return sock, where, made
+
+
+def _remove_own(socket_path: str, made: tuple[int, int] | None) -> None:
+    """Remove ``socket_path`` if it is still the file this server made, not one another server made since."""
+    with contextlib.suppress(OSError):
+        st = os.lstat(socket_path)
+        if made == (st.st_dev, st.st_ino):
+            os.unlink(socket_path)
+
+
+def _listening(socket_path: str) -> bool:
+    """Whether a server listens on the unix socket at ``socket_path`` (a stale one refuses the connection)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(2)
+    try:
+        probe.connect(socket_path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # (a full backlog, a timeout: someone is there)
+    finally:
+        probe.close()
+    return True
 
 
 @attrs.frozen
@@ -94,29 +125,78 @@ class ClientLimits:
 
 
 def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None,
-        listen: str | None = None, command: str | None = None, limits: ClientLimits = ClientLimits()) -> int:
-    """Serve ``spec`` until SIGINT or SIGTERM, or until ``command`` exits; the exit status."""
-    private_dir = None
+        listen: str | None = None, command: str | None = None, limits: ClientLimits = ClientLimits(),
+        any_bytes: bool = False) -> int:
+    """Serve ``spec`` until SIGINT or SIGTERM, or until ``command`` exits; the exit status.
+
+    ``any_bytes``: serve whatever the source holds; otherwise only an EROFS image, as mount."""
+    private_dir, private_lock = None, -1
+    serving = False
     # from the start: a signal while the source opens or the socket binds also ends cleanly
     with _StopSignals() as signals:
         try:
             host = PluginHost()
             scheme, location = split_spec(spec)
             if command and not (socket_path or listen):
-                private_dir = tempfile.mkdtemp(prefix="erofs-mount-serve-")
+                private_dir, private_lock = _private_directory()
                 socket_path = os.path.join(private_dir, "nbd.sock")
             source = Retrying(host.open_source(scheme, location, options))
             try:
+                if not any_bytes:
+                    check_erofs(source, spec)
                 source.start_background()
+                serving = True
                 return _serve(spec, source, socket_path, listen, command, signals, limits)
             finally:
                 source.close()
         except _Stop:
+            if not serving:  # (while the source opened: an interrupted command)
+                log.info("interrupted")
+                return 130
             log.info("stopping")
             return 0
         finally:
             if private_dir:
                 shutil.rmtree(private_dir, ignore_errors=True)
+                os.close(private_lock)
+
+
+_PRIVATE_PREFIX = "erofs-mount-serve-"
+
+
+def _private_directory() -> tuple[str, int]:
+    """A directory of this server's own for its socket, and the descriptor of the lock that says it lives;
+    the directories of servers that were killed (nothing holds their lock) are removed first."""
+    base = tempfile.gettempdir()
+    with contextlib.suppress(OSError):
+        for name in os.listdir(base):
+            if name.startswith(_PRIVATE_PREFIX):
+                _remove_if_abandoned(os.path.join(base, name))
+    directory = tempfile.mkdtemp(prefix=_PRIVATE_PREFIX)
+    fd = os.open(os.path.join(directory, "lock"), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return directory, fd
+
+
+def _remove_if_abandoned(directory: str) -> None:
+    st = os.lstat(directory)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        return  # another user's, or not one of ours
+    try:
+        fd = os.open(os.path.join(directory, "lock"), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        if time.time() - st.st_mtime < 60:
+            return  # a server that has just made it and not yet locked it
+        fd = None
+    try:
+        if fd is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return  # its server lives
+    finally:
+        if fd is not None:
+            os.close(fd)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 class _StopSignals:
@@ -166,7 +246,7 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
     # cleanup below is armed; the threads keep them blocked, so they reach the main thread
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
-        listener, where = bind(socket_path, listen)
+        listener, where, made = bind(socket_path, listen)
     except BaseException:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         raise
@@ -241,6 +321,8 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
         with contextlib.suppress(OSError):
             listener.shutdown(socket.SHUT_RDWR)  # wakes the acceptor's accept()
         acceptor.join(5)
+        if socket_path:
+            _remove_own(socket_path, made)
         listener.close()
         with lock:
             for conn in clients.values():
@@ -249,9 +331,6 @@ def _serve(spec: str, source: Source, socket_path: str | None, listen: str | Non
             running = list(threads)
         for t in running:
             t.join(5)
-        if socket_path:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(socket_path)
 
 
 def _run_captive(command: str, where: str, signals: _StopSignals) -> int:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from ._cache import write_cache_file
-from ._errors import UsageError
+from ._errors import NotRootError, UsageError
 
 DEFAULT_DIR = "/etc/systemd/system"
 
@@ -112,7 +112,12 @@ def write(directory: Path, command: str) -> list[Path]:
     written = []
     for name, text in render(command).items():
         path = directory / name
-        write_cache_file(path, text.encode())  # aside, never through a link, then renamed
-        os.chmod(path, 0o644)
+        try:
+            write_cache_file(path, text.encode())  # aside, never through a link, then renamed
+            os.chmod(path, 0o644)
+        except PermissionError:
+            raise NotRootError(f"writing units into {directory}") from None
+        except OSError as exc:
+            raise UsageError(f"cannot write {path}: {exc.strerror}") from None
         written.append(path)
     return written

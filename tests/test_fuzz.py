@@ -215,3 +215,174 @@ def test_the_project_s_errors_are_what_the_parsers_raise() -> None:
     """The allowed exceptions above are the user-facing ones: one line each, an exit code."""
     for cls in (SourceError, UsageError, RecordError):
         assert issubclass(cls, ErofsMountError)
+
+
+# -- archives: the tar reader, the index and the tree it keeps ---------------------------------------
+
+_NAMES = st.one_of(st.sampled_from(["a", "a/b", "./c", "/d", "e/", ".wh.a", "a/.wh.b", "a/.wh..wh..opq", ".wh.",
+                                    ".wh..", "..", "a/../b", "a\0b", "n" * 300, "/".join("d" * 600),
+                                    "données", "\udcff"]),
+                   st.text(alphabet="ab/.wh\0", max_size=12))
+_PAX = st.dictionaries(
+    st.one_of(st.sampled_from(["mtime", "uid", "gid", "size", "path", "linkpath", "SCHILY.xattr.user.x",
+                               "SCHILY.xattr.", "SCHILY.xattr.com.apple.q", "LIBARCHIVE.xattr.user.y",
+                               "GNU.sparse.major", "hdrcharset"]), st.text(max_size=6)),
+    st.one_of(st.sampled_from(["-5.5", "1e30", "inf", "nan", "-1", str(1 << 40), "4294967296", "BINARY", "x" * 70000,
+                               "0"]), st.text(max_size=8)),
+    max_size=3)
+_ENTRIES = st.lists(st.tuples(_NAMES, st.sampled_from([b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"x", b"S"]),
+                              st.binary(max_size=40), _PAX, st.integers(-(1 << 40), 1 << 40),
+                              st.sampled_from([1, 2])), max_size=8)
+_FLIPS = st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_size=4)
+
+
+def _tar_bytes(entries: list[Any], flips: list[tuple[int, int]]) -> bytes:
+    import io
+    import tarfile
+
+    out = bytearray()
+    for name, kind, data, pax, number, fmt in entries:
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.pax_headers = kind, len(data), dict(pax)
+        info.mtime, info.linkname = number if fmt == 1 else 0, "a" if kind in (b"1", b"2") else ""
+        try:
+            out += info.tobuf(format=tarfile.PAX_FORMAT if fmt == 1 else tarfile.GNU_FORMAT, encoding="utf-8",
+                              errors="surrogateescape")
+        except (ValueError, UnicodeError, OverflowError):
+            continue  # tarfile will not write it: nothing to read
+        out += data + bytes(-len(data) % 512)
+    out += bytes(1024)
+    for at, value in flips:
+        if out:
+            out[at % len(out)] = value
+    del io
+    return bytes(out)
+
+
+class _Bytes(Source):
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    @property
+    def size(self) -> int:  # type: ignore[override]
+        return len(self.data)
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return self.data[offset:offset + length]
+
+
+@FUZZ
+@given(_ENTRIES, _FLIPS, st.sampled_from(["tar", "gzip", "zstd"]))
+def test_tar_archives(entries: list[Any], flips: list[tuple[int, int]], compression: str) -> None:
+    import gzip
+    import tempfile
+
+    import zstandard
+    from erofs_mount_tar import index as indexes
+    from erofs_mount_tar import treefile
+
+    data = _tar_bytes(entries, flips)
+    if compression == "gzip":
+        data = gzip.compress(data, mtime=0)
+    elif compression == "zstd":
+        data = zstandard.ZstdCompressor().compress(data)
+    with tempfile.TemporaryDirectory() as cache:
+        previous = os.environ.get("EROFS_MOUNT_CACHE_DIR")
+        os.environ["EROFS_MOUNT_CACHE_DIR"] = cache
+        try:
+            built = indexes.build(_Bytes(data), "fuzz")
+        except SourceError:
+            return
+        finally:
+            if previous is None:
+                os.environ.pop("EROFS_MOUNT_CACHE_DIR")
+            else:
+                os.environ["EROFS_MOUNT_CACHE_DIR"] = previous
+    again = indexes.ArchiveIndex.from_bytes(built.to_bytes())  # what it wrote, it reads back
+    assert again.layout == built.layout and treefile.load(again.tree).root.mode == built.read_tree().root.mode
+
+
+_SECTION = st.sampled_from(["meta", "hashes", "tree", "layout", "gzip", "x"])
+_TREE_ROWS = st.lists(st.lists(st.one_of(st.integers(-(1 << 70), 1 << 70), st.text(max_size=4),
+                                         st.lists(st.integers(-3, 3), max_size=3),
+                                         st.dictionaries(st.text(max_size=3), st.text(max_size=4), max_size=2),
+                                         st.lists(st.tuples(st.text(max_size=3), st.integers(-1, 4)), max_size=3),
+                                         st.none(), st.floats()), min_size=10, max_size=13), max_size=5)
+
+
+@FUZZ
+@given(st.one_of(
+    st.binary(max_size=200),
+    st.lists(st.tuples(_SECTION, st.binary(max_size=60)), max_size=6),
+    _TREE_ROWS,
+))
+def test_cached_indexes_and_trees(example: Any) -> None:
+    """A cached index whose checksum matches (as a damaged but resealed one would) is whole, or a ValueError."""
+    import hashlib
+    import zlib
+
+    from erofs_mount_tar import index as indexes
+    from erofs_mount_tar import treefile
+
+    if isinstance(example, bytes):
+        payload = example
+    elif example and isinstance(example[0], tuple):
+        payload = b"".join(struct.pack("<B", len(n)) + n.encode() + struct.pack("<Q", len(b)) + b for n, b in example)
+    else:
+        tree = json.dumps(example, allow_nan=True).encode()
+        try:
+            treefile.load(tree)
+        except ValueError:
+            pass
+        meta = json.dumps({"compression": "tar", "archive_sha256": "0" * 64, "archive_size": 0, "stream_size": 0,
+                           "stream_sha256": "0" * 64, "span_size": 1 << 20, "zstd_frames": []}).encode()
+        payload = b"".join(struct.pack("<B", len(n)) + n + struct.pack("<Q", len(b)) + b
+                           for n, b in ((b"meta", meta), (b"hashes", b""), (b"tree", zlib.compress(tree))))
+    data = struct.pack("<16sIQ32s", indexes.MAGIC, indexes.VERSION, len(payload),
+                       hashlib.sha256(payload).digest()) + payload
+    try:
+        indexes.ArchiveIndex.from_bytes(data)
+    except ValueError:
+        pass
+
+
+_HOST_VALUES = st.one_of(st.text(max_size=8), st.integers(-5, 10), st.booleans(),
+                         st.lists(st.one_of(st.text(max_size=6), st.lists(st.text(max_size=4), max_size=3)),
+                                  max_size=3),
+                         st.sampled_from(["200ms", "9" * 400 + "s", "1h", "-1s", ".5s", "1.5.5s"]),
+                         st.dictionaries(st.text(max_size=5), st.text(max_size=5), max_size=2))
+_HOST_URLS = st.one_of(st.sampled_from(["https://m", "http://[m", "https://m:port", "m:5000", "ftp://m",
+                                        "https://m/v2?x=1", "https://[::1]:5000/p", ""]), st.text(max_size=10))
+
+
+@FUZZ
+@given(st.one_of(
+    st.text(max_size=200),
+    st.fixed_dictionaries({}, optional={
+        "server": st.one_of(_HOST_URLS, _HOST_VALUES),
+        "host": st.one_of(st.dictionaries(_HOST_URLS, st.dictionaries(
+            st.sampled_from(["capabilities", "ca", "client", "skip_verify", "header", "dial_timeout",
+                             "override_path", "x"]), _HOST_VALUES, max_size=4), max_size=3), _HOST_VALUES),
+        "capabilities": _HOST_VALUES, "skip_verify": _HOST_VALUES,
+    }),
+))
+def test_hosts_toml(doc: Any) -> None:
+    import tempfile
+
+    import tomli_w
+    from erofs_mount_oci.hosts import hosts_for
+
+    try:
+        text = doc if isinstance(doc, str) else tomli_w.dumps(doc)
+    except (TypeError, ValueError):
+        return
+    with tempfile.TemporaryDirectory() as root:
+        os.mkdir(os.path.join(root, "r.example"))
+        with open(os.path.join(root, "r.example", "hosts.toml"), "w", encoding="utf-8",
+                  errors="surrogateescape") as f:
+            f.write(text)
+        try:
+            hosts = hosts_for("r.example", root)
+        except UsageError:
+            return
+    assert hosts and all(h.scheme in ("http", "https") for h in hosts)

@@ -189,7 +189,7 @@ def test_a_stop_signal_cannot_be_lost() -> None:
 
 def test_bad_listen_arguments() -> None:
     for args in (["--listen", "nonsense"], [], ["--socket", "/tmp/x.sock", "--listen", "127.0.0.1:1"]):
-        proc = subprocess.run([EROFS_MOUNT, "serve", "--source", "local:/etc/hostname", *args],
+        proc = subprocess.run([EROFS_MOUNT, "serve", "--any-bytes", "--source", "local:/etc/hostname", *args],
                               capture_output=True, text=True)
         assert proc.returncode == 2 and proc.stderr.startswith("Error: "), proc.stderr
         assert len(proc.stderr.strip().splitlines()) == 1
@@ -317,3 +317,133 @@ def test_a_file_whose_name_is_not_utf8_is_served(image: tuple[Path, dict[str, st
         proc.send_signal(signal.SIGTERM)
         _out, err = proc.communicate(timeout=20)
     assert b"Traceback" not in err
+
+
+def test_a_second_server_on_a_live_socket_is_refused_and_each_removes_only_its_own(
+        image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    sock = tmp_path / "nbd.sock"
+    first = Server(f"local:{image[0]}", sock)
+    try:
+        second = subprocess.run([EROFS_MOUNT, "serve", "--any-bytes", "--source", "local:/etc/hostname", "--socket", str(sock)],
+                                capture_output=True, text=True, timeout=30)
+        assert second.returncode == 2 and "address in use" in second.stderr, second.stderr
+        assert len(second.stderr.strip().splitlines()) == 1
+        info = subprocess.run(["nbdinfo", "--size", first.uri], capture_output=True, text=True, check=True)
+        assert int(info.stdout) == image[0].stat().st_size, "clients of the socket still reach the first server"
+        sock.unlink()  # the socket file replaced under the first server by another's
+        other = Server("local:/etc/hostname", sock, "--any-bytes")
+        first.stop()
+        assert sock.exists(), "the first server removed a socket it did not make"
+        other.stop()
+        assert not sock.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            first.proc.kill()
+
+
+def test_a_stale_socket_of_a_killed_server_is_taken_over(image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    sock = tmp_path / "nbd.sock"
+    killed = Server(f"local:{image[0]}", sock)
+    killed.proc.kill()
+    killed.proc.communicate()
+    assert sock.exists()
+    again = Server(f"local:{image[0]}", sock)
+    deadline = time.monotonic() + 30
+    while subprocess.run(["nbdinfo", "--size", again.uri], capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline and again.proc.poll() is None, "the stale socket was not taken over"
+        time.sleep(0.1)
+    again.stop()
+    assert again.proc.returncode == 0 and not sock.exists()
+
+
+def test_a_socket_path_too_long_and_a_timeout_that_is_no_number_are_one_line(tmp_path: Path) -> None:
+    long = tmp_path / ("s" * 120)
+    for args, says in ((["--socket", str(long)], "AF_UNIX path too long"),
+                       (["--socket", str(tmp_path / "s"), "--handshake-timeout", "nan"], "is not a number of seconds"),
+                       (["--socket", str(tmp_path / "s"), "--handshake-timeout", "inf"], "")):
+        proc = subprocess.run([EROFS_MOUNT, "serve", "--any-bytes", "--source", "local:/etc/hostname", *args],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2 and says in proc.stderr and "None" not in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+
+
+def test_a_killed_run_s_private_directory_is_removed_by_the_next_run(image: tuple[Path, dict[str, str]]) -> None:
+    import glob
+    import tempfile
+
+    before = set(glob.glob(os.path.join(tempfile.gettempdir(), "erofs-mount-serve-*")))
+    proc = subprocess.Popen([EROFS_MOUNT, "serve", "-q", "--source", f"local:{image[0]}", "--run", "sleep 60"],
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not (left := set(glob.glob(os.path.join(tempfile.gettempdir(), "erofs-mount-serve-*/nbd.sock")))):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    leftover = {os.path.dirname(p) for p in left} - before
+    assert leftover and all(os.path.isdir(d) for d in leftover)
+    live = subprocess.Popen([EROFS_MOUNT, "serve", "-q", "--source", f"local:{image[0]}", "--run", "sleep 60"],
+                            stderr=subprocess.DEVNULL)  # a live one: its directory is left alone
+    time.sleep(1)
+    done = subprocess.run([EROFS_MOUNT, "serve", "-q", "--source", f"local:{image[0]}", "--run", "true"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert not any(os.path.exists(d) for d in leftover), "the killed server's directory is still there"
+    assert live.poll() is None and len(set(glob.glob(os.path.join(tempfile.gettempdir(),
+                                                                  "erofs-mount-serve-*"))) - before) == 1
+    live.kill()
+    live.wait()
+
+
+def test_serve_interrupted_while_its_source_opens_exits_130(tmp_path: Path) -> None:
+    """A large archive is still being indexed when SIGINT comes: interrupted (130), not a clean stop (0)."""
+    import tarfile
+
+    archive = tmp_path / "big.tar"
+    with tarfile.open(archive, "w") as tar:
+        for i in range(200_000):
+            tar.addfile(tarfile.TarInfo(f"f{i}"))
+    proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", f"tar:{archive}", "--run", "true"],
+                            stderr=subprocess.PIPE, text=True, env={**os.environ,
+                                                                     "EROFS_MOUNT_CACHE_DIR": str(tmp_path / "c")})
+    time.sleep(1.5)
+    assert proc.poll() is None, "the archive was indexed before the signal: make it larger"
+    proc.send_signal(signal.SIGINT)
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("what", ["random", "empty", "ext4", "tar.gz", "truncated"])
+def test_serve_exports_only_an_erofs_image_unless_any_bytes_says_so(what: str, image: tuple[Path, dict[str, str]],
+                                                                    tmp_path: Path) -> None:
+    path = tmp_path / what
+    if what == "random":
+        path.write_bytes(os.urandom(1 << 16))
+    elif what == "empty":
+        path.write_bytes(b"")
+    elif what == "ext4":
+        path.write_bytes(bytes(4 << 20))
+        subprocess.run(["mkfs.ext4", "-q", "-F", str(path)], check=True, capture_output=True)
+    elif what == "tar.gz":
+        subprocess.run(["tar", "-czf", str(path), "-C", str(image[0].parent), image[0].name], check=True)
+    else:
+        path.write_bytes(image[0].read_bytes()[:image[0].stat().st_size // 2])
+    refused = subprocess.run([EROFS_MOUNT, "serve", "--source", f"local:{path}", "--run", "true"],
+                             capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 4 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "EROFS image" in refused.stderr and str(path) in refused.stderr, refused.stderr
+    served = subprocess.run([EROFS_MOUNT, "serve", "-q", "--any-bytes", "--source", f"local:{path}", "--run",
+                             'nbdinfo --size "$uri"'], capture_output=True, text=True, timeout=60)
+    assert served.returncode == 0 and int(served.stdout) >= path.stat().st_size, served.stderr
+
+
+def test_tar_of_an_erofs_image_is_no_empty_archive(image: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    env = {**os.environ, "EROFS_MOUNT_CACHE_DIR": str(tmp_path / "cache")}
+    refused = subprocess.run([EROFS_MOUNT, "serve", "--source", f"tar:{image[0]}", "--run", "true"],
+                             capture_output=True, text=True, timeout=60, env=env)
+    assert refused.returncode == 4 and "is not a tar archive: it holds no entry" in refused.stderr, refused.stderr
+    empty = tmp_path / "empty.tar"
+    empty.write_bytes(bytes(10240))
+    served = subprocess.run([EROFS_MOUNT, "serve", "-q", "--source", f"tar:{empty}", "--run", "true"],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert served.returncode == 0, served.stderr

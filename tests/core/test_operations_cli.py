@@ -6,6 +6,7 @@ has no nbd device (this host's kernel has no nbd driver).
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -114,9 +115,22 @@ def test_dash_capital_v_is_the_version() -> None:
 
 
 def test_stack_lets_a_mount_past_the_mountpoint_check() -> None:
-    """Over / (a mountpoint): refused, unless --stack, which goes on to open the source."""
+    """Over / (a mountpoint): refused, unless --stack, which goes on to the kernel's check and the source."""
     refused = run("mount", "local:/nonexistent.erofs", "/")
     assert refused.returncode == 2 and "already a mountpoint" in refused.stderr
     stacked = run("mount", "--stack", "local:/nonexistent.erofs", "/")
     assert stacked.returncode != 0 and "already a mountpoint" not in stacked.stderr
-    assert stacked.stderr.count("\n") == 1 and "/nonexistent.erofs" in stacked.stderr, stacked.stderr
+    assert stacked.stderr.count("\n") == 1, stacked.stderr
+
+
+def test_mount_checks_the_kernel_before_it_reads_the_source(tmp_path: Path) -> None:
+    """On a host without the nbd driver, a mount of an archive says so before indexing a byte of it."""
+    if Path("/sys/module/nbd").exists():
+        pytest.skip("this kernel has the nbd driver")
+    archive = tmp_path / "a.tar"
+    archive.write_bytes(bytes(10240))
+    cache = tmp_path / "cache"
+    result = subprocess.run([EROFS_MOUNT, "mount", f"tar:{archive}", str(tmp_path)], capture_output=True, text=True,
+                            env={**os.environ, "EROFS_MOUNT_CACHE_DIR": str(cache)})
+    assert result.returncode == 3 and "nbd" in result.stderr, result.stderr
+    assert not cache.exists(), "the archive was indexed before the kernel was asked"

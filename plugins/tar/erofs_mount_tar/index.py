@@ -216,6 +216,9 @@ def _build(archive: Source, where: str, compression: str, progress: bool | Meter
             stream = _Tee(one_pass, hashes, meter)
             tree = read_tree(stream, where)  # type: ignore[arg-type]
             stream.drain()
+        if not tree.entries and stream.data_after_end:  # (an EROFS image starts with 1 KiB of zeros, say)
+            raise streams.ArchiveError(f"{where} is not a tar archive: it holds no entry, and other data than "
+                                       "an empty archive's zeros")
         spans, stream_sha256 = hashes.result()
         if digest is not None:
             sha256 = digest()
@@ -251,6 +254,7 @@ class _Tee:
         self._chunks = one_pass.chunks()
         self._pending = memoryview(b"")
         self._pos = 0
+        self.data_after_end = False
 
     def tell(self) -> int:
         return self._pos
@@ -281,9 +285,12 @@ class _Tee:
         return b"".join(out)
 
     def drain(self) -> None:
-        """The tar reader has stopped at the archive's end: read (and hash) what follows it."""
+        """The tar reader has stopped at the archive's end: read (and hash) what follows it, noting whether
+        anything but zeros does (``data_after_end``)."""
+        self.data_after_end = bool(bytes(self._pending).strip(b"\0"))
         self._pending = memoryview(b"")
         while self._pull():
+            self.data_after_end = self.data_after_end or bool(bytes(self._pending).strip(b"\0"))
             self._pending = memoryview(b"")
 
     def _pull(self) -> bool:

@@ -73,6 +73,8 @@ class Tree:
 
     root: ImageNode
     implicit: dict[int, ImageNode] = attrs.Factory(dict)
+    entries: int = 0
+    """Headers read (when the tree was just read from an archive)."""
 
     def is_implicit(self, node: ImageNode) -> bool:
         return id(node) in self.implicit
@@ -130,6 +132,7 @@ def read_tree(stream: BinaryIO, where: str) -> Tree:
         raise ArchiveError(f"{where} is not a tar archive that can be read: {exc}") from None
     except EOFError:
         raise ArchiveError(f"{where} ends in the middle of an entry: it is truncated") from None
+    reader.tree.entries = reader.entries
     return reader.tree
 
 
