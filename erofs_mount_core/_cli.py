@@ -36,8 +36,25 @@ class _Seconds(click.FloatRange):
 
 
 def _fail(message: str, code: int) -> NoReturn:
+    message = _shell_quoted(message)
     click.echo(f"Error: {message}" if code else message, err=True)  # code 0: nothing to do, not an error
     sys.exit(code)
+
+
+def _shell_quoted(text: str) -> str:
+    """Each word holding bytes that are not UTF-8 (a path's, kept as surrogate escapes, or their repr
+    ``\\udcff``) as bash writes it, ``$'a\\xff'``, so that it can be pasted back into a shell."""
+    import re
+
+    def quoted(word: re.Match[str]) -> str:
+        body, tail = word.group(1), word.group(2)
+        body = re.sub(r"\\udc([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), body)
+        out = "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
+                      "\\" + c if c in "\\'" else c for c in body)
+        return f"$'{out}'{tail}"
+
+    return re.sub(r"'?([^\s'\"]*(?:[\udc80-\udcff]|\\udc[89a-f][0-9a-f])[^\s'\"]*?)'?([:,.;)]*)(?=\s|$)",
+                  quoted, text)
 
 
 #: the version of every --json document's envelope; raised only when a field changes meaning or goes
@@ -88,9 +105,13 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
     options = {}
     for pair in pairs:
         for item in split_option_list(pair):
+            if not item:
+                continue  # "-o ''", "a,,b": nothing, as mount(8) reads it
             key, sep, value = item.partition("=")
             if not key:
-                raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="-o")
+                from ._errors import UsageError
+
+                raise UsageError(f"-o {item!r} has no name (options are NAME or NAME=VALUE)")
             if len(value) >= 2 and value[0] == value[-1] == '"':
                 value = value[1:-1]
             options[key.strip()] = value if sep else ""
@@ -218,6 +239,11 @@ def reattach(device: str | None, all_: bool, force: bool, stuck_after: float, as
         raise click.UsageError("give a DEVICE or --all")
     if force and all_:
         raise click.UsageError("--force is for one DEVICE")
+    if not force and click.get_current_context().get_parameter_source("stuck_after") == \
+            click.core.ParameterSource.COMMANDLINE:
+        from ._errors import UsageError
+
+        raise UsageError("--stuck-after goes with --force (it says when a live daemon counts as stuck)")
     if device:
         try:
             index = lifecycle.reattach(device, force=force, stuck_after=stuck_after)
@@ -604,6 +630,10 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
 
     _logging.configure(sys.stderr, "erofs-mount serve: %(message)s",
                        level=logging.WARNING if quiet else logging.INFO)
+    if command is not None and not command.strip():
+        from ._errors import UsageError
+
+        raise UsageError("--run: give a command to run")
     status = _serve.run(spec, _parse_options(option_pairs), socket_path=socket_path, listen=listen,
                         command=command, limits=_serve.ClientLimits(max_clients, handshake_timeout),
                         any_bytes=any_bytes)

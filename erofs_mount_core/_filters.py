@@ -156,6 +156,8 @@ class CacheSettings:
     readahead_kib: int = 4096
 
     OPTIONS = ("cache-mib", "block-kib", "readahead-kib")
+    #: the largest value each option takes: a cache of memory, its blocks, a read ahead
+    MAXIMA = {"cache-mib": 1 << 16, "block-kib": 1 << 16, "readahead-kib": 1 << 20}
 
     @classmethod
     def parse(cls, options: Mapping[str, str], scheme: str) -> CacheSettings:
@@ -166,6 +168,8 @@ class CacheSettings:
                 value = options[key]
                 if not value.isdigit():
                     raise UsageError(f"{scheme}: {key}={value!r} is not a whole number")
+                if int(value) > cls.MAXIMA[key]:
+                    raise UsageError(f"{scheme}: {key}={value} is more than the {cls.MAXIMA[key]} it may be")
                 values[key.replace("-", "_")] = int(value)
         if values.get("cache_mib") == 0 or values.get("block_kib") == 0:
             raise UsageError(f"{scheme}: cache-mib and block-kib must be at least 1")

@@ -23,6 +23,27 @@ import click
 from ._mounts import DEVICE_OPTIONS, IGNORED, IGNORED_PREFIXES, split_option_list
 
 NAME = "mount.erofs-mount"
+USAGE = f"{NAME} SOURCE DIR [-sfnvr] [-o OPTIONS] [-t erofs-mount]"
+HELP = f"""Usage: {USAGE}
+
+The mount(8) helper of erofs-mount: 'mount -t erofs-mount SOURCE DIR' and
+fstab lines of type erofs-mount run it, as root. SOURCE is SCHEME:LOCATION
+(local:/srv/app.erofs, oci:registry/repo:tag, tar:/srv/rootfs.tar.gz).
+
+  -o OPTIONS  mount flags (ro, nosuid, nodev, noexec, context=...), the
+              device settings connections=N, dead-timeout=SECONDS and
+              block-size=BYTES, and the source's own options; mount(8)'s
+              and fstab's own names (defaults, _netdev, nofail, x-*...)
+              are ignored
+  -f          do nothing (mount(8)'s fake mount)
+  -s -n -v -r accepted, and change nothing (EROFS mounts are read-only)
+  -w, -N      refused: EROFS cannot be written; other namespaces are not
+              supported
+
+See 'erofs-mount mount --help' and erofs-mount(8)."""
+#: the device settings and the numbers each takes
+_SETTING_VALUES = {"connections": range(1, 65), "dead-timeout": range(1, 2**31),
+                   "block-size": (512, 1024, 2048, 4096)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -30,10 +51,13 @@ def main(argv: list[str] | None = None) -> None:
     from ._cli import cli
 
     argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        click.echo(HELP)
+        sys.exit(0)
     try:
         command = _mount_command(argv)
     except (getopt.GetoptError, click.UsageError) as exc:
-        click.echo(f"Error: {exc} (usage: {NAME} SOURCE DIR [-sfnv] [-o OPTIONS])", err=True)
+        click.echo(f"Error: {exc} (usage: {USAGE}; {NAME} --help)", err=True)
         sys.exit(2)
     if command is None:
         sys.exit(0)
@@ -61,6 +85,11 @@ def _mount_command(argv: list[str]) -> list[str] | None:
         if not item or key in IGNORED or item.startswith(IGNORED_PREFIXES):
             continue
         if key in DEVICE_OPTIONS:
+            allowed = _SETTING_VALUES[key]
+            if not value.isdigit() or int(value) not in allowed:
+                raise click.UsageError(f"-o {item}: {key} takes " + (
+                    f"a whole number from {allowed.start} to {allowed.stop - 1}" if isinstance(allowed, range)
+                    else "one of " + ", ".join(map(str, allowed))))
             settings += [DEVICE_OPTIONS[key], value]
         else:
             options.append(item)

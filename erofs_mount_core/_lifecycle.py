@@ -694,6 +694,7 @@ def _row(info: sysfs.DeviceInfo, said: Mapping[int, kernel_log.Said]) -> dict[st
         row.update(state=SERVING, read_bytes=stats.get("read_bytes"), last_error=stats.get("last_error"))
         return row
     row["reattach_command"] = f"erofs-mount reattach {info.path}"
+    row["daemon_pid"] = None  # the record's pid is a dead daemon's: no process to look for
     failure = last_failure(path)
     try:
         link_named(record.device.interface).check_reattach(info.index)

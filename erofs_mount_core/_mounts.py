@@ -68,6 +68,9 @@ class MountOptions:
 def split_options(options: Mapping[str, str]) -> tuple[MountOptions, dict[str, str]]:
     """The mount's options among ``-o`` options (flags over the nosuid,nodev default), and the source's."""
     flags, data, rest = DEFAULT_FLAGS, [], {}
+    for yes, no in (("suid", "nosuid"), ("dev", "nodev"), ("exec", "noexec")):
+        if yes in options and no in options:
+            raise UsageError(f"-o {yes} and -o {no} say opposite things: give one of them")
     for key, value in options.items():
         if key == "rw":
             raise UsageError("-o rw: EROFS is a read-only filesystem")

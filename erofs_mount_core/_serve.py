@@ -130,6 +130,12 @@ def run(spec: str, options: Mapping[str, str], *, socket_path: str | None = None
     """Serve ``spec`` until SIGINT or SIGTERM, or until ``command`` exits; the exit status.
 
     ``any_bytes``: serve whatever the source holds; otherwise only an EROFS image, as mount."""
+    from ._mounts import RESERVED
+
+    mount_only = sorted(set(options) & RESERVED)
+    if mount_only:
+        raise UsageError(f"-o {mount_only[0]}: an option of mount (a mount flag or a device setting); serve "
+                         "mounts nothing and takes only the source's options")
     private_dir, private_lock = None, -1
     serving = False
     # from the start: a signal while the source opens or the socket binds also ends cleanly

@@ -39,6 +39,8 @@ SWEEP_EVERY = 30.0
 #: a killed daemon's connections end a moment before its lock is free: how long a held lock may still be its
 EXIT_GRACE = 2.0
 EXIT_POLL = 0.05
+#: after a reattach, how long the end of a connection of the replaced daemon is taken for that, not a death
+REPLACED_GRACE = 10.0
 #: how often a device's move into a service of its own is looked at
 MOVE_POLL = 0.5
 
@@ -57,6 +59,7 @@ class Watcher:
         self.due: dict[int, float] = {}  # device index -> when to look at it next
         self.dying: dict[int, float] = {}  # device index -> until when its daemon may still be exiting
         self.died: dict[int, float] = {}  # device index -> when its connection died
+        self.reattached: dict[int, float] = {}  # device index -> when this watch reattached it last
         self.next_sweep = 0.0
 
     def run(self) -> None:
@@ -81,7 +84,10 @@ class Watcher:
             self.next_sweep = now
             return
         for index in indexes:
-            if index not in self.dying:
+            if now - self.reattached.get(index, -REPLACED_GRACE) < REPLACED_GRACE:
+                # the kernel ends each connection of the daemon a reattach replaced: one event each
+                log.info("nbd%d: a connection of the daemon it replaced ended (the device is served)", index)
+            elif index not in self.dying:
                 log.info("nbd%d: a connection died", index)
                 self.died[index] = now
             self.due[index] = now
@@ -132,6 +138,7 @@ class Watcher:
             took = f" {self.clock() - since:.2f} s after its connection died" if since is not None else ""
             log.info("nbd%d: reattached%s", index, took)
             self._forget(index)
+            self.reattached[index] = self.clock()
             if self.in_services:
                 self.move(index)
             return

@@ -49,12 +49,25 @@ def test_a_quoted_value_keeps_its_commas() -> None:
     (["local:/x", "/mnt", "-w"], "read-only"),
     (["local:/x", "/mnt", "-t", "ext4"], "erofs-mount only"),
     (["local:/x", "/mnt", "-q"], "option -q not recognized"),
+    (["local:/x", "/mnt", "-o", "connections=abc"], "-o connections=abc: connections takes a whole number from 1"),
+    (["local:/x", "/mnt", "-o", "dead-timeout=-1"], "-o dead-timeout=-1: dead-timeout takes a whole number"),
+    (["local:/x", "/mnt", "-o", "block-size=3000"], "block-size takes one of 512, 1024, 2048, 4096"),
 ])
 def test_what_the_helper_cannot_do_is_one_line_and_exit_2(argv: list[str], said: str) -> None:
     result = subprocess.run([str(HELPER), *argv], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and result.stdout == ""
     (line,) = result.stderr.splitlines()
     assert line.startswith("Error: ") and said in line, line
+
+
+def test_the_helper_has_its_own_help_and_usage() -> None:
+    for flag in ("--help", "-h"):
+        result = subprocess.run([str(HELPER), flag], capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0 and result.stdout.startswith(f"Usage: {helper.NAME} SOURCE DIR [-sfnvr]")
+        assert "connections=N" in result.stdout and "-w, -N" in result.stdout
+    result = subprocess.run([str(HELPER), "local:/x"], capture_output=True, text=True, timeout=60)
+    assert "[-sfnvr]" in result.stderr and f"{helper.NAME} --help" in result.stderr
+    assert helper._mount_command(["local:/x", "/mnt", "-r", "-s", "-n", "-v"]) == ["mount", "local:/x", "/mnt"]
 
 
 def test_the_helper_reaches_the_mount_command_with_its_errors(tmp_path: Path) -> None:

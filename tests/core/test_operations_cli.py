@@ -134,3 +134,39 @@ def test_mount_checks_the_kernel_before_it_reads_the_source(tmp_path: Path) -> N
                             env={**os.environ, "EROFS_MOUNT_CACHE_DIR": str(cache)})
     assert result.returncode == 3 and "nbd" in result.stderr, result.stderr
     assert not cache.exists(), "the archive was indexed before the kernel was asked"
+
+
+@pytest.mark.parametrize(("args", "said"), [
+    (("serve", "--source", "oci:UPPER/Case::bad@@", "--run", "true"), "has more than one '@'"),
+    (("serve", "--source", "oci:reg.example/app@", "--run", "true"), "ends in '@' with no digest"),
+    (("serve", "--source", "oci:reg.example/app", "-o", "layer=-1", "--run", "true"),
+     "layer='-1': give a layer's index"),
+    (("serve", "--source", "local:/x", "--run", ""), "give a command to run"),
+    (("serve", "--source", "local:/x", "-o", "=x", "--run", "true"), "has no name"),
+    (("serve", "--source", "local:/x", "-o", "nosuid", "--run", "true"), "-o nosuid: an option of mount"),
+    (("serve", "--source", "oci:reg.example/app", "-o", "cache-mib=99999999999999999999", "--run", "true"),
+     "cache-mib=99999999999999999999 is more than"),
+    (("mount", "local:/x", "/tmp", "-o", "suid,nosuid"), "-o suid and -o nosuid say opposite things"),
+    (("reattach", "--stuck-after", "5", "/dev/nbd0"), "--stuck-after goes with --force"),
+])
+def test_an_unclear_or_contradictory_call_is_one_line_that_says_why(args: tuple[str, ...], said: str) -> None:
+    result = run(*args)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert said in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_empty_option_is_nothing(tmp_path: Path) -> None:
+    image = tmp_path / "a.erofs"
+    (tmp_path / "t").mkdir()
+    subprocess.run(["mkfs.erofs", str(image), str(tmp_path / "t")], check=True, capture_output=True)
+    result = run("serve", "-q", "--source", f"local:{image}", "-o", "", "--run", "true")
+    assert result.returncode == 0, result.stderr
+
+
+def test_a_path_that_is_not_utf8_is_printed_as_the_shell_quotes_it(tmp_path: Path) -> None:
+    name = os.fsdecode(bytes(tmp_path) + b"/gone-\xff.erofs")
+    result = subprocess.run([EROFS_MOUNT, "serve", "--source", f"local:{name}", "--run", "true"],
+                            capture_output=True)
+    assert result.returncode != 0
+    line = result.stderr.decode()
+    assert "\\udcff" not in line and "gone-\\xff.erofs'" in line and "$'" in line, line

@@ -101,7 +101,8 @@ class Options:
                 values[name] = value.lower() not in ("0", "no", "false")
             elif name in ("layer", "disk_cache_mib"):
                 if not value.isdigit():
-                    raise UsageError(f"oci: {key}={value!r} is not a whole number")
+                    what = "a layer's index: 0 for the first" if name == "layer" else "a whole number of MiB"
+                    raise UsageError(f"oci: {key}={value!r}: give {what}")
                 values[name] = int(value)
             else:
                 values[name] = value

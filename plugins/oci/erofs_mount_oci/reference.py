@@ -53,6 +53,10 @@ def parse(text: str) -> Reference:
     digest = None
     if "@" in text:
         text, digest = text.rsplit("@", 1)
+        if "@" in text:
+            raise UsageError(f"oci: {original!r} has more than one '@' (NAME[:TAG][@sha256:DIGEST])")
+        if not digest:
+            raise UsageError(f"oci: {original!r} ends in '@' with no digest after it (@sha256:<64 hex>)")
         if not DIGEST.fullmatch(digest):
             raise UsageError(f"oci: {original!r}: {digest!r} is not a sha256:<64 hex> digest")
     registry = DOCKER_HUB
