@@ -4,6 +4,7 @@ The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
+    from erofs_mount_core import final_network_error  # a transport failure no retry can change
     from erofs_mount_core import Counters  # what a source counts, for stats and metrics
     from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
     from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
@@ -44,6 +45,7 @@ _EXPORTS = {
     "UsageError": "_errors",
     "cache_directory": "_cache",
     "cache_room": "_cache",
+    "final_network_error": "_network",
     "hookimpl": "hookspecs",
     "open_cache_file": "_cache",
     "write_cache_file": "_cache",
@@ -69,6 +71,7 @@ __all__ = [
     "UsageError",
     "cache_directory",
     "cache_room",
+    "final_network_error",
     "hookimpl",
     "open_cache_file",
     "write_cache_file",

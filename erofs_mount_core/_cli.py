@@ -140,9 +140,11 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
 def cli(debug: bool) -> None:
     """Mount EROFS images through the Linux NBD driver.
 
-    A daemon serves each image to the kernel from a source (a local file, an
-    OCI registry blob, or any source a plugin adds). If the daemon dies, the
-    kernel holds the reads until 'erofs-mount reattach' hands it a new one.
+    A daemon serves each image to the kernel from a source: a local file, an
+    image in an OCI registry (an ordinary image of tar layers, merged, or an
+    EROFS layer), a tar archive, or any source a plugin adds. If the daemon
+    dies, the kernel holds the reads until 'erofs-mount reattach' hands it a
+    new one.
     """
 
 

@@ -84,6 +84,8 @@ class RetryPolicy:
     max_delay: float = 4.0
     max_hint: float = 30.0
     """The longest a server's Retry-After may make us wait, in all."""
+    quiet: bool = False
+    """Attempts are logged at DEBUG, not as warnings (a command's one line says how it ended)."""
 
     def pause(self, attempt: int, hint: float | None) -> float:
         """Seconds to wait before attempt ``attempt + 1`` (jittered unless the server named a time)."""
@@ -104,8 +106,8 @@ class RetryPolicy:
                 if last.retry_after is not None:
                     delay = min(delay, max(0.0, self.max_hint - waited))
                 waited += delay
-                log.warning("%s failed (%s); attempt %d of %d in %.2fs", what, last, attempt + 1,
-                            self.attempts, delay)
+                log.log(logging.DEBUG if self.quiet else logging.WARNING, "%s failed (%s); attempt %d of %d in %.2fs",
+                        what, last, attempt + 1, self.attempts, delay)
                 time.sleep(delay)
             try:
                 return fn()

@@ -27,8 +27,8 @@ USAGE = f"{NAME} SOURCE DIR [-sfnvr] [-o OPTIONS] [-t erofs-mount]"
 HELP = f"""Usage: {USAGE}
 
 The mount(8) helper of erofs-mount: 'mount -t erofs-mount SOURCE DIR' and
-fstab lines of type erofs-mount run it, as root. SOURCE is SCHEME:LOCATION
-(local:/srv/app.erofs, oci:registry/repo:tag, tar:/srv/rootfs.tar.gz).
+fstab lines of type erofs-mount run it, as root. SOURCE is SCHEME:LOCATION,
+of a source type 'erofs-mount plugins' lists.
 
   -o OPTIONS  mount flags (ro, nosuid, nodev, noexec, context=...), the
               device settings connections=N, dead-timeout=SECONDS and

@@ -37,7 +37,6 @@ from ._errors import (
     NotRootError,
     PluginError,
     RecordError,
-    SourceError,
     UnknownSchemeError,
     UsageError,
 )
@@ -48,7 +47,6 @@ from ._source import split_spec
 
 if TYPE_CHECKING:  # plugins (pluggy, importlib.metadata) load only in the commands that open sources
     from ._plugins import PluginHost
-    from ._source import Source
 
 log = logging.getLogger("erofs_mount.lifecycle")
 

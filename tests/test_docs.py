@@ -66,3 +66,34 @@ def test_command_lines_name_real_commands_and_options(line: str) -> None:
     for arg in words[max(depth, 1):]:
         if arg.startswith("-"):
             assert arg.split("=")[0] in help_text, f"{line}: {arg} is not an option of {words[0]}"
+
+
+def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, click.Command]]:
+    found: list[tuple[str, click.Command]] = [(" ".join(path) or "erofs-mount", group)]
+    for name, command in group.commands.items():
+        if isinstance(command, click.Group):
+            found += _commands(command, (*path, name))
+        else:
+            found.append((" ".join((*path, name)), command))
+    return found
+
+
+@pytest.mark.parametrize(("name", "command"), _commands(cli), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_option_of_every_command_is_in_the_guide_and_the_man_page(name: str, command: click.Command) -> None:
+    """The guide and erofs-mount(8) cannot drift from the commands: each option is named in both."""
+    from erofs_mount_core._manpage import render
+
+    guide = (README.parent / "docs" / "user-guide.md").read_text()
+    man = render(cli).replace("\\-", "-")
+    for param in command.params:
+        if not isinstance(param, click.Option) or param.name == "help":
+            continue
+        names = param.opts + param.secondary_opts
+        assert any(re.search(re.escape(n) + r"(?![\w-])", guide) for n in names), f"{name}: {names} not in the guide"
+        assert any(re.search(re.escape(n) + r"(?![\w-])", man) for n in names), f"{name}: {names} not in the man page"
+
+
+def test_the_readme_links_the_mount_helper_before_it_uses_it() -> None:
+    lines = README.read_text().splitlines()
+    link = next(i for i, line in enumerate(lines) if line.startswith("ln -s") and "mount.erofs-mount" in line)
+    assert link < next(i for i, line in enumerate(lines) if line.startswith("mount -t erofs-mount"))

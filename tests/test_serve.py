@@ -324,8 +324,8 @@ def test_a_second_server_on_a_live_socket_is_refused_and_each_removes_only_its_o
     sock = tmp_path / "nbd.sock"
     first = Server(f"local:{image[0]}", sock)
     try:
-        second = subprocess.run([EROFS_MOUNT, "serve", "--any-bytes", "--source", "local:/etc/hostname", "--socket", str(sock)],
-                                capture_output=True, text=True, timeout=30)
+        second = subprocess.run([EROFS_MOUNT, "serve", "--any-bytes", "--source", "local:/etc/hostname",
+                                 "--socket", str(sock)], capture_output=True, text=True, timeout=30)
         assert second.returncode == 2 and "address in use" in second.stderr, second.stderr
         assert len(second.stderr.strip().splitlines()) == 1
         info = subprocess.run(["nbdinfo", "--size", first.uri], capture_output=True, text=True, check=True)

@@ -20,7 +20,8 @@ import pytest
 
 from tests.imagetree import assert_same_tree
 from tests.oci.registry import Registry
-from tests.oci.test_tar_images import Mounts, materialize, mounts  # noqa: F401 - the fixture
+from tests.oci.test_tar_images import Mounts, materialize
+from tests.oci.test_tar_images import mounts as mounts  # noqa: F401 - the fixture
 
 D, F, S = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE
 BEFORE_1970 = -315619200  # 1960-01-01

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import zstandard
 from erofs_mount_local import LocalFile
-from erofs_mount_tar import headers, streams, tree
+from erofs_mount_tar import streams, tree
 from erofs_mount_tar.image import mount_archive
 from erofs_mount_tar.index import ArchiveIndex
 from erofs_mount_tar.merge import merge

@@ -12,7 +12,6 @@ import email.utils
 import json
 import logging
 import re
-import socket
 import ssl
 import threading
 import time
@@ -22,7 +21,7 @@ from typing import Any
 
 import httpx
 
-from erofs_mount_core import RetryPolicy, SourceError
+from erofs_mount_core import RetryPolicy, SourceError, final_network_error
 
 from .routing import NoHost, answered_by
 
@@ -37,7 +36,7 @@ TOKEN_MARGIN = 30.0
 MAX_TOKEN_ANSWER = 1 << 20
 #: open-time requests (manifests, blob HEAD) are retried with the core's policy;
 #: range reads are not: the core's Retrying filter owns retries on the read path
-RETRY = RetryPolicy()
+RETRY = RetryPolicy(quiet=True)
 
 HTTPError = httpx.HTTPError
 Response = httpx.Response
@@ -159,24 +158,16 @@ def attempt(client: httpx.Client, method: str, url: str, *, what: str,
     return response
 
 
-#: getaddrinfo's answers that a retry cannot change: the name does not exist (a temporary failure, EAI_AGAIN,
-#: is retried)
-_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)}
 #: what an SSL library says when the other end does not speak TLS at all (a plain-HTTP server)
 _NOT_TLS = ("WRONG_VERSION_NUMBER", "record layer failure", "packet length too long", "http request")
 
 
 def _beyond_retries(exc: Exception, host: str) -> str | None:
     """Why retrying ``exc`` cannot help, with what to do, or None if a retry may."""
-    cause: BaseException | None = exc
-    while cause is not None:
-        if isinstance(cause, socket.gaierror) and cause.errno in _NO_SUCH_NAME:
-            return f"{host} cannot be resolved ({cause.strerror}): check the registry's name"
-        cause = cause.__cause__ or cause.__context__
-    text = str(exc)
-    if "CERTIFICATE_VERIFY_FAILED" in text:
-        return f"{host}'s TLS certificate is not trusted (give its CA bundle with -o ca=PATH)"
-    if any(sign in text for sign in _NOT_TLS):
+    final = final_network_error(exc, host)
+    if final is not None:
+        return final
+    if any(sign in str(exc) for sign in _NOT_TLS):
         return (f"{host} does not answer in TLS: a plain-HTTP registry? (-o insecure reads it over plain "
                 "HTTP: only on loopback or a network you trust)")
     return None

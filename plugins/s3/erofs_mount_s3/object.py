@@ -9,14 +9,14 @@ from typing import Any
 
 import httpx
 
-from erofs_mount_core import CacheSettings, RetryPolicy, Source, SourceChangedError, SourceError
+from erofs_mount_core import CacheSettings, RetryPolicy, Source, SourceChangedError, SourceError, final_network_error
 
 from . import sigv4
 from .credentials import CredentialSource, Keys
 
 #: the HEAD made while opening is retried with the core's policy; reads are one attempt each,
 #: retried by the core's Retrying filter
-RETRY = RetryPolicy()
+RETRY = RetryPolicy(quiet=True)
 RETRY_STATUS = (429, 500, 502, 503, 504)
 DEFAULT_CACHE = CacheSettings()
 
@@ -80,6 +80,9 @@ class S3Object(Source):
         try:
             response = self.client.send(self.client.build_request(method, self.url, headers=headers), stream=stream)
         except httpx.TransportError as exc:
+            final = final_network_error(exc, httpx.URL(self.url).netloc.decode())
+            if final is not None:
+                raise SourceError(f"s3: s3://{self.bucket}/{self.key}: {final}") from None
             raise SourceError(f"s3: s3://{self.bucket}/{self.key}: {type(exc).__name__}: {exc}",
                               transient=True) from None
         if response.status_code in RETRY_STATUS:

@@ -42,7 +42,9 @@ from erofs_mount_core import Counters, Source, SourceError, cache_room, open_cac
 log = logging.getLogger("erofs_mount.tar")
 CHUNK = 1 << 20
 GZIP_MAGIC, ZSTD_MAGIC = b"\x1f\x8b", b"\x28\xb5\x2f\xfd"
-GZIP_CHECKPOINT_SPACING = 1 << 20  # of compressed data: ~3 MiB of output for typical content; rapidgzip holds some 30x this per thread for data that compresses very well
+#: of compressed data: ~3 MiB of output for typical content; rapidgzip holds some 30x this per thread for data
+#: that compresses very well
+GZIP_CHECKPOINT_SPACING = 1 << 20
 #: a zstd frame above this (compressed, or declared uncompressed) makes the archive unpacked into the cache
 ZSTD_FRAME_LIMIT, ZSTD_CONTENT_LIMIT = 4 << 20, 32 << 20
 #: frames (skippable ones included) one zstd archive may have: each is a row in its index

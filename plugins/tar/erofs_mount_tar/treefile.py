@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import stat
-from typing import Any
 
 from erofs_mount_core import ImageNode
 
