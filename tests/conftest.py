@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+import attrs
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +40,12 @@ REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
 GUEST_LOG = ROOT / ".guest-pytest.log"
 GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "2700"))
+#: seconds from power-on to the guest's pytest session start on an idle machine of this kind (measured: 20-30);
+#: a guest that took longer (a loaded host) gets its session's timeout stretched as much, up to SCALE_MAX times
+NOMINAL_START = 40.0
+SCALE_MAX = 3.0
+#: a guest whose pytest session has not started by then failed to boot (it is tried once more)
+BOOT_LIMIT = 600
 #: the newer kernel series; tests/vm/kernel-pkg names its current Debian package
 NEWER_KERNEL = "6.12"
 STOCK_KERNEL = ""  # vm-run's default: Debian's linux-image-amd64
@@ -90,11 +97,26 @@ class GuestRun:
         self.seconds = 0.0
         self.started = False
         self.done = threading.Event()
+        self.scale = 1.0  # how much the session's timeout was stretched for a slow boot
+        self.boot: float | None = None  # the guest's uptime when its pytest session started
+        self.retried: str | None = None  # why the first boot failed, when it was tried again
 
     def wait(self) -> None:
         self.done.wait()
 
     def run(self, nodeids: list[str], cpus: int) -> None:
+        """Run ``nodeids`` in a guest; a guest that fails to boot is tried once more."""
+        for attempt in (1, 2):
+            booted = self._boot(nodeids, cpus)
+            if booted or self.results:
+                return
+            if attempt == 1:
+                self.retried = self.error
+                self.error = "the test VM was interrupted"
+
+    def _boot(self, nodeids: list[str], cpus: int) -> bool:
+        """One guest session; whether its pytest started. Each test's outcome is read as the guest reports it,
+        so a session cut short by its timeout fails only the tests it had not run."""
         report = self.log.with_name(self.log.name + ".report.json")
         report.unlink(missing_ok=True)
         env = dict(os.environ, **{REPORT_ENV: str(report)})
@@ -103,39 +125,84 @@ class GuestRun:
                                  capture_output=True, text=True)
             if pkg.returncode != 0:
                 self.error = f"the test VM did not start: {pkg.stderr.strip()}"
-                return
+                return True  # nothing a second boot would change
             env["VMTEST_KERNEL_PKG"] = pkg.stdout.strip()
-        cmd = [str(VM_RUN), "--timeout", str(GUEST_TIMEOUT), "--mem", "2G", "--cpus", str(cpus),
+        cap = int(GUEST_TIMEOUT * SCALE_MAX)
+        cmd = [str(VM_RUN), "--timeout", str(cap), "--mem", "2G", "--cpus", str(cpus),
                *(["--systemd"] if self.systemd else []), "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEsP",
                "--durations=5", *nodeids]  # -rP: what passed tests measured and printed
         start = time.monotonic()
         self.error = "the test VM was interrupted"  # until it reports
+        started: float | None = None  # the guest's uptime when its pytest session started
+        deadline = start + BOOT_LIMIT
         # the guest's output goes to a file as it comes: `tail -f` it to watch
         with open(self.log, "w") as log:
             try:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
             except OSError as exc:
                 self.error = f"the test VM did not start: {exc}"
-                return
+                return True
             try:
-                proc.wait(GUEST_TIMEOUT + 60)
-            except subprocess.TimeoutExpired:
-                pass
+                while proc.poll() is None and time.monotonic() < deadline:
+                    time.sleep(1)
+                    lines = _read_report(report)
+                    if started is None and lines.started is not None:
+                        started = lines.started
+                        self.scale = min(SCALE_MAX, max(1.0, started / NOMINAL_START))
+                        deadline = start + GUEST_TIMEOUT * self.scale
             finally:
-                if proc.poll() is None:
+                cut = proc.poll() is None
+                if cut:
                     proc.terminate()  # vm-run stops qemu on SIGTERM (not on SIGKILL)
                     proc.wait(30)
                 self.seconds = time.monotonic() - start
                 self.output = self.log.read_text(errors="replace")
-        self.error = None
-        try:
-            self.results = json.loads(report.read_text())
-        except (FileNotFoundError, ValueError):
-            self.error = (f"the test VM ran no tests (vm-run exit {proc.returncode}):\n"
+        lines = _read_report(report)
+        report.unlink(missing_ok=True)
+        self.results = lines.outcomes
+        started = started if started is not None else lines.started
+        self.boot = started
+        if started is None:
+            self.error = (f"the test VM ran no tests (vm-run exit {proc.returncode}"
+                          f"{', its pytest had not started after %d s' % BOOT_LIMIT if cut else ''}):\n"
                           + "\n".join(self.output.splitlines()[-40:]))
-        finally:
-            report.unlink(missing_ok=True)
+            return False
+        self.error = None
+        if cut:
+            self.error = (f"the test VM's session was stopped at its timeout, {GUEST_TIMEOUT * self.scale:.0f} s "
+                          f"({GUEST_TIMEOUT} s, stretched {self.scale:.1f}x for a boot of {started:.0f} s), "
+                          "before it ran this test")
+        elif proc.returncode not in (0, 1) and len(self.results) < len(nodeids):
+            self.error = (f"the test VM ended (vm-run exit {proc.returncode}) before it ran this test:\n"
+                          + "\n".join(self.output.splitlines()[-40:]))
+        return True
+
+
+@attrs.define
+class _Report:
+    started: float | None = None
+    outcomes: dict[str, dict[str, object]] = attrs.Factory(dict)
+
+
+def _read_report(path: Path) -> _Report:
+    """The guest's report so far: a JSON line when its session started, then one per test outcome (the last
+    line of a test is its outcome)."""
+    found = _Report()
+    try:
+        text = path.read_text()
+    except (FileNotFoundError, UnicodeDecodeError):
+        return found
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line still being written
+        if "started" in entry:
+            found.started = float(entry["started"])
+        elif "nodeid" in entry:
+            found.outcomes[entry.pop("nodeid")] = entry
+    return found
 
 
 class GuestItem(pytest.Item):
@@ -146,8 +213,8 @@ class GuestItem(pytest.Item):
         self.nodeid_in_guest = nodeid_in_guest
         self.kernel = kernel
         self.add_marker("kernel")
-        # the first stand-in waits for the whole guest session
-        self.add_marker(pytest.mark.timeout(GUEST_TIMEOUT + 120))
+        # the first stand-in waits for the whole guest session: two boots, the longest session
+        self.add_marker(pytest.mark.timeout(BOOT_LIMIT + GUEST_TIMEOUT * SCALE_MAX + 180))
 
     def runtest(self) -> None:
         if self.config.getoption("--skip-kernel"):
@@ -155,11 +222,9 @@ class GuestItem(pytest.Item):
         _start_guests(self.session)
         guest = _guest(self.config, self.kernel)
         guest.wait()
-        if guest.error:
-            raise GuestFailure(guest.error)
         result = guest.results.get(self.nodeid_in_guest) if guest.results else None
         if result is None:
-            raise GuestFailure("the guest did not report this test")
+            raise GuestFailure(guest.error or "the guest did not report this test")
         if result["outcome"] == "skipped":
             pytest.skip(f"in the guest: {result['text']}")
         if result["outcome"] != "passed":
@@ -229,7 +294,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
             for r in guest.results.values():
                 counts[str(r["outcome"])] = counts.get(str(r["outcome"]), 0) + 1
             summary = ", ".join(f"{n} {o}" for o, n in sorted(counts.items()))
-            terminalreporter.write_line(f"guest kernel {kernel}: {summary} ({guest.seconds:.0f} s with boot)")
+            booted = f", its pytest started {guest.boot:.0f} s after power-on" if guest.boot is not None else ""
+            terminalreporter.write_line(f"guest kernel {kernel}: {summary} ({guest.seconds:.0f} s with boot{booted})")
+        if guest.retried:
+            terminalreporter.write_line(f"guest {guest.key or 'stock'}: its first boot failed and it was booted "
+                                        f"again: {guest.retried.splitlines()[0]}")
+        if guest.error:
+            terminalreporter.write_line(f"guest {guest.key or 'stock'}: {guest.error.splitlines()[0]}")
         for line in guest.output.strip().splitlines()[-15:]:
             terminalreporter.write_line(f"guest| {line}")
 
@@ -237,6 +308,14 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, config: p
 # -- inside the guest: write the outcome of each test for the host ----------
 
 _guest_outcomes: dict[str, dict[str, object]] = {}
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """In the guest: the report's first line, with how long the guest took to get here (its uptime)."""
+    path = os.environ.get(REPORT_ENV)
+    if IN_GUEST and path:
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        _write_through(path, "w", {"started": uptime})
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -251,9 +330,14 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
             text = str(report.longrepr[2])
         _guest_outcomes[report.nodeid] = {"outcome": report.outcome, "text": text,
                                           "seconds": report.duration, "kernel": os.uname().release}
+        path = os.environ.get(REPORT_ENV)
+        if path:  # at once, so that a session cut short keeps what it ran
+            _write_through(path, "a", {"nodeid": report.nodeid, **_guest_outcomes[report.nodeid]})
 
 
-def pytest_sessionfinish(session: pytest.Session) -> None:
-    path = os.environ.get(REPORT_ENV)
-    if IN_GUEST and path:
-        Path(path).write_text(json.dumps(_guest_outcomes))
+def _write_through(path: str, mode: str, entry: dict[str, object]) -> None:
+    """One line of the report, on the host's disk now (the shared directory is cached, write-back)."""
+    with open(path, mode) as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+        os.fsync(f.fileno())

@@ -38,3 +38,24 @@ def test_driver_sensitive_tests_also_run_on_the_newer_kernel() -> None:
     assert "tests/vm/test_local_mount.py::test_reattach_on_a_healthy_device_changes_nothing" in names
     assert "tests/vm/test_local_mount.py::test_reattach_on_a_healthy_device_changes_nothing@6.12" in names
     assert "tests/vm/test_local_mount.py::test_no_nbd_driver@6.12" not in names
+
+
+FAKE_VM = str(ROOT / "tests" / "data" / "fake-vm-run")
+TWO_KERNEL_TESTS = ("tests/vm/test_harness.py::test_modprobe_nbd_gives_devices",
+                    "tests/vm/test_local_mount.py::test_reattach_on_a_healthy_device_changes_nothing")
+
+
+def test_a_guest_that_fails_to_boot_is_booted_once_more(tmp_path: Path) -> None:
+    result = run_pytest(ONE_KERNEL_TEST, EROFS_MOUNT_VM_RUN=FAKE_VM, FAKE_VM="fail-boot-once",
+                        FAKE_VM_COUNT=str(tmp_path / "boots"))
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout
+    assert (tmp_path / "boots").read_text() == "2"
+    assert "its first boot failed and it was booted again" in result.stdout
+
+
+def test_a_session_cut_short_fails_only_the_tests_it_had_not_run(tmp_path: Path) -> None:
+    result = run_pytest(*TWO_KERNEL_TESTS, "-k", "not 6.12", EROFS_MOUNT_VM_RUN=FAKE_VM, FAKE_VM="cut-after-one",
+                        FAKE_VM_COUNT=str(tmp_path / "boots"), EROFS_MOUNT_GUEST_TIMEOUT="4")
+    assert "1 passed" in result.stdout and "1 failed" in result.stdout, result.stdout
+    assert "stopped at its timeout, 4 s" in result.stdout, result.stdout
+    assert (tmp_path / "boots").read_text() == "1", "a guest that ran tests is not booted again"
