@@ -15,6 +15,7 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 
+from . import _render as render
 from ._errors import ErofsMountError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -36,25 +37,9 @@ class _Seconds(click.FloatRange):
 
 
 def _fail(message: str, code: int) -> NoReturn:
-    message = _shell_quoted(message)
+    message = render.shell_quoted(message)
     click.echo(f"Error: {message}" if code else message, err=True)  # code 0: nothing to do, not an error
     sys.exit(code)
-
-
-def _shell_quoted(text: str) -> str:
-    """Each word holding bytes that are not UTF-8 (a path's, kept as surrogate escapes, or their repr
-    ``\\udcff``) as bash writes it, ``$'a\\xff'``, so that it can be pasted back into a shell."""
-    import re
-
-    def quoted(word: re.Match[str]) -> str:
-        body, tail = word.group(1), word.group(2)
-        body = re.sub(r"\\udc([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), body)
-        out = "".join(f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else
-                      "\\" + c if c in "\\'" else c for c in body)
-        return f"$'{out}'{tail}"
-
-    return re.sub(r"'?([^\s'\"]*(?:[\udc80-\udcff]|\\udc[89a-f][0-9a-f])[^\s'\"]*?)'?([:,.;)]*)(?=\s|$)",
-                  quoted, text)
 
 
 #: the version of every --json document's envelope; raised only when a field changes meaning or goes
@@ -124,12 +109,11 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
         return
     from importlib.metadata import version
 
-    from ._plugins import _entry_points
+    from ._plugins import installed
 
     click.echo(f"erofs-mount {version('erofs-mount')}")
-    for ep in sorted(_entry_points(), key=lambda e: e.name):
-        dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "(no distribution)"
-        click.echo(f"  plugin {ep.name}: {dist}")
+    for name, dist in installed():
+        click.echo(f"  plugin {name}: {dist}")
     ctx.exit()
 
 
@@ -189,10 +173,10 @@ def mount(spec: str | None, option_pairs: tuple[str, ...], connections: int, dea
 
 
 def _echo_device(device: str, as_json: bool, command: str) -> None:
-    from . import _lifecycle as lifecycle
+    from ._listing import describe
 
     if as_json:
-        _echo_json(command, lifecycle.describe(device))
+        _echo_json(command, describe(device))
     else:
         click.echo(device)
 
@@ -251,7 +235,9 @@ def reattach(device: str | None, all_: bool, force: bool, stuck_after: float, as
             index = lifecycle.reattach(device, force=force, stuck_after=stuck_after)
         except AlreadyServing as exc:
             click.echo(str(exc), err=True)
-            index = lifecycle.device_index(device)
+            from ._devices import device_index
+
+            index = device_index(device)
         _echo_device(f"/dev/nbd{index}", as_json, "reattach")
         return
     outcomes = lifecycle.reattach_all()
@@ -334,38 +320,7 @@ def stats(device: str | None, as_json: bool) -> None:
         click.echo("no erofs-mount devices attached")
         return
     for name, counts in found.items():
-        click.echo(f"/dev/{name}: " + ("no daemon answers" if not counts else _stats_text(counts)))
-
-
-def _stats_text(counts: dict[str, Any]) -> str:
-    requests = counts["requests"]
-    latency = counts["latency"]
-    served = sum(latency["counts"])
-    lines = [f"daemon {counts['pid']}, {counts['connections']} connection(s)",
-             "  requests: " + ", ".join(f"{n} {c}" for c, n in requests.items() if n) + f"; {counts['errors']} errors",
-             f"  read: {_size_text(counts['read_bytes'])}",
-             f"  latency: {_latency_text(latency)}" if served else "  latency: -"]
-    if counts["source"]:
-        lines.append("  source: " + ", ".join(f"{k} {v}" for k, v in sorted(counts["source"].items())))
-    if counts["last_error"]:
-        lines.append(f"  last error: {counts['last_error']}")
-    return "\n".join(lines)
-
-
-def _latency_text(latency: dict[str, Any]) -> str:
-    """Mean, and the bucket bounds under which half and 99 % of the requests were answered."""
-    total = sum(latency["counts"])
-    bounds = [*latency["bounds"], float("inf")]
-
-    def under(share: float) -> str:
-        running = 0
-        for bound, count in zip(bounds, latency["counts"], strict=True):
-            running += count
-            if running >= share * total:
-                return f"<= {bound * 1000:g} ms" if bound != float("inf") else f"> {bounds[-2] * 1000:g} ms"
-        return "-"
-
-    return f"mean {latency['sum_seconds'] / total * 1000:.2f} ms, p50 {under(0.5)}, p99 {under(0.99)}"
+        click.echo(f"/dev/{name}: " + ("no daemon answers" if not counts else render.stats_text(counts)))
 
 
 @cli.command()
@@ -400,9 +355,10 @@ def list_(as_json: bool, wide: bool) -> None:
       other     not attached by erofs-mount
     """
     from . import _lifecycle as lifecycle
+    from . import _listing as listing
 
     lifecycle.require_root("list")  # the records are root's alone: a user would see rows of errors
-    rows = lifecycle.list_devices()
+    rows = listing.list_devices()
     if as_json:
         _echo_json("list", rows)
         return
@@ -414,35 +370,24 @@ def list_(as_json: bool, wide: bool) -> None:
         source = row["source"] or "-"
         if row["serving"] and row["serving"] not in source:
             source += f" = {row['serving']}"
-        table.append((row["device"] or "-", row["state"], _maybe(row["size"], _size_text),
-                      (row["since"] or "-").replace("+00:00", "Z"), _maybe(row["connections"], str),
-                      _maybe(row["dead_timeout"], lambda t: f"{t}s"), _maybe(row["read_bytes"], _size_text),
+        size, maybe = render.size_text, render.maybe
+        table.append((row["device"] or "-", row["state"], maybe(row["size"], size),
+                      (row["since"] or "-").replace("+00:00", "Z"), maybe(row["connections"], str),
+                      maybe(row["dead_timeout"], lambda t: f"{t}s"), maybe(row["read_bytes"], size),
                       ",".join(row["mountpoints"]) or "-", source))
         if wide:
             table[-1] = (*table[-1][:-1], row["mount_options"] or "-", str(row["daemon_pid"] or "-"),
                          row["record"] or "-", source)
     if wide:
         table[0] = (*table[0][:-1], "FLAGS", "PID", "RECORD", "SOURCE")
-    _echo_table(table)
+    click.echo("\n".join(render.table_lines(table)))
     for row in rows:
         name = row["device"] or row["record"]
-        if row["state"] != lifecycle.SERVING and row["why"]:
+        if row["state"] != listing.SERVING and row["why"]:
             fix = f" (run: {row['reattach_command']})" if row["reattach_command"] else ""
             click.echo(f"{name}: {row['state']}: {row['why']}{fix}")
         if row["last_error"]:
             click.echo(f"{name}: last error: {row['last_error']}")
-
-
-def _maybe(value: Any, text: Callable[[Any], str]) -> str:
-    return "-" if value is None else text(value)
-
-
-def _echo_table(table: list[tuple[str, ...]]) -> None:
-    """Columns padded to their widest cell; the last one is left ragged."""
-    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
-    for line in table:
-        padded = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
-        click.echo("  ".join([*padded, line[-1]]))
 
 
 @cli.command()
@@ -483,7 +428,7 @@ def plugins(scheme: str | None, as_json: bool) -> None:
                 table.append(("-", info.name, dist, "failed", info.error))
             for scheme, description in info.schemes.items():
                 table.append((scheme, info.name, dist, "conflict" if scheme in conflicts else "ok", description))
-        _echo_table(table)
+        click.echo("\n".join(render.table_lines(table)))
     for scheme, names in conflicts.items():
         click.echo(f"conflict: scheme {scheme!r} is claimed by {', '.join(names)}; it cannot be used")
 
@@ -543,9 +488,9 @@ def cache_list(as_json: bool) -> None:
     from . import _cache, _span_store
 
     root = _cache.cache_root()
-    store = root / _span_store.STORE_DIR
+    store = _span_store.cache_store()
     found = [e for e in _cache.entries() if store not in e.path.parents]
-    streams = _span_store.stored(store)
+    streams = _span_store.stored()
     if as_json:
         _echo_json("cache list", {"directory": str(root), "entries": [
             {"path": str(e.path), "bytes": e.size, "used": e.used, "in_use": e.in_use} for e in found],
@@ -561,14 +506,14 @@ def cache_list(as_json: bool) -> None:
         return time.strftime("%Y-%m-%d %H:%M", time.localtime(t))
 
     table = [("SIZE", "LAST USED", "IN USE", "FILE")]
-    rows = [(e.used, (_size_text(e.size), when(e.used), "yes" if e.in_use else "-",
+    rows = [(e.used, (render.size_text(e.size), when(e.used), "yes" if e.in_use else "-",
                       str(e.path.relative_to(root)))) for e in found]
-    rows += [(s.used, (_size_text(s.bytes), when(s.used), "-", f"{_span_store.STORE_DIR}/sha256:{s.stream[:12]}… "
-                       f"({s.spans} spans of {_size_text(s.span_size)})")) for s in streams]
+    rows += [(s.used, (render.size_text(s.bytes), when(s.used), "-",
+                       f"{s.name} ({s.spans} spans of {render.size_text(s.span_size)})")) for s in streams]
     table += [row for _used, row in sorted(rows, key=lambda r: r[0])]
-    _echo_table(table)
+    click.echo("\n".join(render.table_lines(table)))
     total = sum(e.size for e in found) + sum(s.bytes for s in streams)
-    click.echo(f"{_size_text(total)} in {len(found) + sum(s.spans for s in streams)} files under {root}")
+    click.echo(f"{render.size_text(total)} in {len(found) + sum(s.spans for s in streams)} files under {root}")
 
 
 @cache.command(name="prune")
@@ -579,26 +524,8 @@ def cache_prune(max_size: str) -> None:
     """Delete the least recently used cache files not in use until the cache is at most SIZE."""
     from . import _cache
 
-    removed = _cache.prune(_parse_size(max_size))
-    click.echo(f"removed {len(removed)} files, {_size_text(sum(e.size for e in removed))}")
-
-
-def _size_text(n: int) -> str:
-    if n < 1024:
-        return f"{n} B"
-    shift, unit = next((s, u) for s, u in ((10, "KiB"), (20, "MiB"), (30, "GiB")) if n < 1024 << s or u == "GiB")
-    return f"{n / (1 << shift):.1f} {unit}"
-
-
-def _parse_size(text: str) -> int:
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    number, unit = text.rstrip("KMGTkmgtiBb"), text[len(text.rstrip("KMGTkmgtiBb")):]
-    unit = unit.upper().removesuffix("B").removesuffix("I")
-    if not number.isdigit() or unit not in units:
-        from ._errors import UsageError
-
-        raise UsageError(f"--max-size: {text!r} is not a size (like 500M or 20G)")
-    return int(number) * units[unit]
+    removed = _cache.prune(render.parse_size(max_size))
+    click.echo(f"removed {len(removed)} files, {render.size_text(sum(e.size for e in removed))}")
 
 
 @cli.command()
@@ -640,17 +567,3 @@ def serve(spec: str, option_pairs: tuple[str, ...], socket_path: str | None, lis
                         command=command, limits=_serve.ClientLimits(max_clients, handshake_timeout),
                         any_bytes=any_bytes)
     sys.exit(status)
-
-
-def main() -> None:
-    import os
-
-    from . import _helper
-
-    if os.path.basename(sys.argv[0]) == _helper.NAME:  # a link named as mount(8)'s helper
-        _helper.main()
-    cli(prog_name="erofs-mount")
-
-
-if __name__ == "__main__":  # ``watch`` runs ``restart`` this way, with the interpreter it runs on
-    main()

@@ -151,6 +151,8 @@ class Forked:
 
     host: Any
     """The loaded ``PluginHost``."""
+    serve: Any
+    """The daemon: ``serve(mode, record_path, ready_fd, lock_fd, host)`` -> exit code (``_daemon.serve``)."""
     hidden_fds: tuple[int, ...] = ()
     """This process's descriptors the daemon must not keep (the event socket): /dev/null takes their place."""
 
@@ -167,9 +169,7 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: Forked) -> int:
             os.close(ready_r)
             if os.fork() == 0:
                 _become_daemon(logf, forked.hidden_fds)
-                from . import _daemon
-
-                code = _daemon.serve(mode, record_path, ready_w, lock_fd, forked.host)
+                code = forked.serve(mode, record_path, ready_w, lock_fd, forked.host)
             else:
                 code = 0
         finally:

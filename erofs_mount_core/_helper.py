@@ -101,13 +101,13 @@ def _already_there(spec: str, directory: str) -> bool:
     twice finds its own mount (the kernel's table names the nbd device, not SPEC) and does nothing."""
     import os
 
-    from . import _lifecycle as lifecycle
     from ._errors import ErofsMountError
+    from ._listing import describe
 
     if os.geteuid() != 0 or not os.path.ismount(directory):
         return False
     try:
-        row = lifecycle.describe(directory)
+        row = describe(directory)
     except ErofsMountError:  # not ours, not an nbd device: let mount say so
         return False
     return row["source"] == spec

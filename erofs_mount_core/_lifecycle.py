@@ -1,8 +1,11 @@
-"""mount, umount, reattach, restart, stats and list: the orchestration behind the CLI.
+"""mount, umount, reattach, restart and stats: the verbs behind the CLI.
 
-The parts it orchestrates each live in one place: plugins (``_plugins``),
-records (``_record``), the daemon and its lock (``_daemon_protocol``), the
-kernel's nbd driver (``_nbd.link``, ``_nbd.sysfs``) and mount(2) (``_mounts``).
+The parts they orchestrate each live in one place: plugins (``_plugins``),
+records (``_record``), which devices are ours (``_devices``), a failed
+reattach's back-off (``_backoff``), the daemon and its lock
+(``_daemon_protocol``), the kernel's nbd driver (``_nbd.link``,
+``_nbd.sysfs``) and mount(2) (``_mounts``); what ``list`` shows is
+``_listing``'s.
 
 Every command either completes or leaves the system as it found it: a
 failed mount disconnects its device and removes its record; a refused
@@ -23,11 +26,24 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 
+from . import _backoff as backoff
 from . import _liveness as liveness
 from . import _mounts as mounts
 from . import _record as rec
 from ._control import ask_stats
 from ._daemon_protocol import daemon_alive, locked, spawn, spawn_taker
+from ._devices import (
+    attached,
+    dead_devices,
+    detached,
+    device_index,
+    live_record,
+    not_ours,
+    prune_orphans,
+    record_of,
+    record_path_of,
+    stats_or_nothing,
+)
 from ._erofs.check import check_erofs
 from ._errors import (
     AlreadyServing,
@@ -36,12 +52,11 @@ from ._errors import (
     KernelError,
     NotRootError,
     PluginError,
-    RecordError,
     UnknownSchemeError,
     UsageError,
 )
 from ._faults import kill_point
-from ._nbd import kernel_log, sysfs
+from ._nbd import sysfs
 from ._nbd.link import choose_link, disconnect_any, link_named
 from ._source import split_spec
 
@@ -212,21 +227,15 @@ def umount(target: str, lazy: bool = False) -> Unmounted:
     when its last user lets go, as it was told at mount.
     """
     require_root("umount")
-    if os.path.isdir(target) and not target.startswith("/dev/"):
-        device = mounts.device_mounted_at(target)
-        if device is None or not _is_nbd(device):
-            raise UsageError(f"{target} is not an erofs-mount mountpoint")
-        points = [os.path.realpath(target)]
-    else:
-        index = _index_or_usage(target)
-        device = f"/dev/nbd{index}"
-        points = mounts.mountpoints_of(device)
-    index = _index_or_usage(device)
+    index = device_index(target)
+    device = f"/dev/nbd{index}"
+    a_mountpoint = os.path.isdir(target) and not target.startswith("/dev/")
+    points = [os.path.realpath(target)] if a_mountpoint else mounts.mountpoints_of(device)
     info = sysfs.device(index)
     connected = info is not None and info.configured
     record_path = record_path_of(info) if info is not None and connected else None
     if connected and record_path is None:  # before anything is unmounted
-        raise DeviceStateError(f"{_not_ours(device, info)}: leave it to the tool that attached it")
+        raise DeviceStateError(f"{not_ours(device, info)}: leave it to the tool that attached it")
     for mp in reversed(points):
         mounts.umount(mp, lazy=lazy)
     if still := mounts.mountpoints_of(device):
@@ -245,74 +254,13 @@ def umount(target: str, lazy: bool = False) -> Unmounted:
 
 def _forget_detached(index: int) -> bool:
     """Remove the record of detached device ``index`` (its filesystem now unmounted); False if none."""
-    for path, record in _detached():
+    for path, record in detached():
         if record is not None and record.device.index == index:
             with contextlib.suppress(DeviceStateError):
                 with locked(path):
                     rec.RecordStore.remove(path)
             return True
     return False
-
-
-def device_index(target: str) -> int:
-    """The nbd device index of ``/dev/nbdN``, ``nbdN`` or a mountpoint of one; UsageError otherwise."""
-    return _index_or_usage(target)
-
-
-def _is_nbd(device: str) -> bool:
-    try:
-        sysfs.index_of(device)
-    except (ValueError, OSError):
-        return False
-    return True
-
-
-def _index_or_usage(target: str) -> int:
-    """The nbd device ``target`` names: ``/dev/nbdN``, ``nbdN``, or the mountpoint of one."""
-    if os.path.isdir(target) and not target.startswith("/dev/"):
-        device = mounts.device_mounted_at(target)
-        if device is None or not _is_nbd(device):
-            raise UsageError(f"{target} is not an erofs-mount mountpoint")
-        target = device
-    try:
-        return sysfs.index_of(target)
-    except (ValueError, OSError):
-        raise UsageError(f"{target} is neither an nbd device nor an erofs-mount mountpoint") from None
-
-
-def _not_ours(device: str, info: sysfs.DeviceInfo) -> str:
-    named = f"its backend is {info.backend!r}" if info.backend else "it has no backend identifier"
-    return f"{device} was not attached by erofs-mount ({named})"
-
-
-def _record_of(index: int, otherwise: str) -> Path:
-    """The record of connected device ``index``; DeviceStateError if it is not connected (saying
-    ``otherwise``) or not ours."""
-    info = sysfs.device(index)
-    if info is None or not info.configured:
-        raise DeviceStateError(f"nbd{index} is not connected: {otherwise}")
-    record_path = record_path_of(info)
-    if record_path is None:
-        raise DeviceStateError(_not_ours(f"nbd{index}", info))
-    return record_path
-
-
-def record_path_of(info: sysfs.DeviceInfo) -> Path | None:
-    """The device's record: named by its backend identifier, or (attached through
-    the ioctls, which have none) the record in our directory that names its index.
-
-    Only a record in our run directory counts: a backend identifier naming a
-    file elsewhere belongs to another tool, whose device and files we leave alone.
-    """
-    store = rec.RecordStore()
-    if info.backend:
-        return Path(info.backend) if store.holds(info.backend) else None
-    for path in store.paths():
-        with contextlib.suppress(RecordError):
-            device = store.read(path).device
-            if not link_named(device.interface).names_backend and device.index == info.index:
-                return path
-    return None
 
 
 # -- reattach ----------------------------------------------------------------
@@ -327,8 +275,8 @@ def reattach(target: str, start: Callable[[Path], int] | None = None, host: Plug
     with why, for ``list`` and for the back-off of ``reattach --all``.
     """
     require_root("reattach")
-    index = _index_or_usage(target)
-    record_path = _record_of(index, "nothing to reattach")
+    index = device_index(target)
+    record_path = record_of(index, "nothing to reattach")
     return _attempt(index, record_path, start, host, force, stuck_after)
 
 
@@ -341,9 +289,9 @@ def _attempt(index: int, record_path: Path, start: Callable[[Path], int] | None 
     except AlreadyServing:
         raise
     except ErofsMountError as exc:
-        _note_failure(record_path, exc, time.time() if now is None else now)
+        backoff.note_failure(record_path, exc, time.time() if now is None else now)
         raise
-    rec.retry_path(record_path).unlink(missing_ok=True)
+    backoff.clear(record_path)
     return started
 
 
@@ -374,10 +322,6 @@ class Reattached:
     """a live daemon was found: another command reattached it first (nothing to do)"""
 
 
-#: back-off for a device whose reattach keeps failing, in ``reattach --all`` (a timer runs it often)
-RETRY_FIRST, RETRY_MAX = 10.0, 600.0
-
-
 def reattach_all(now: float | None = None) -> list[Reattached]:
     """Reattach every erofs-mount device whose daemon is gone; a failure does not stop the others.
 
@@ -395,7 +339,7 @@ def reattach_when_due(index: int, record_path: Path, now: float | None = None,
     """Reattach one device unless its back-off says not yet (another command that got there
     first is a success). ``start`` and ``host`` as for ``reattach`` (``watch`` forks its daemons)."""
     now = time.time() if now is None else now
-    failure = last_failure(record_path)
+    failure = backoff.last_failure(record_path)
     if failure is not None and now < failure.due:
         return Reattached(index, due_in=failure.due - now)
     try:
@@ -403,42 +347,8 @@ def reattach_when_due(index: int, record_path: Path, now: float | None = None,
     except AlreadyServing:
         return Reattached(index, by_another=True)
     except ErofsMountError as exc:
-        return Reattached(index, exc, due_in=_backoff(0 if failure is None else failure.count))
+        return Reattached(index, exc, due_in=backoff.delay(0 if failure is None else failure.count))
     return Reattached(index)
-
-
-@attrs.frozen
-class Failure:
-    """The last failed reattach of a device: how many in a row, when the next is due, and why."""
-
-    count: int
-    due: float
-    why: str
-
-
-def last_failure(record_path: Path) -> Failure | None:
-    """The device's failed reattaches, kept beside its record; None if the last one worked (or none ran)."""
-    try:
-        count, due, why = rec.retry_path(record_path).read_text().rstrip("\n").split(" ", 2)
-        return Failure(int(count), float(due), why)
-    except (OSError, ValueError):
-        return None
-
-
-def _backoff(failures_before: int) -> float:
-    return min(RETRY_MAX, RETRY_FIRST * 2 ** failures_before)
-
-
-def _note_failure(record_path: Path, exc: ErofsMountError, now: float) -> None:
-    before = last_failure(record_path)
-    count = 1 if before is None else before.count + 1
-    due = now + _backoff(count - 1)
-    why = str(exc).replace("\n", " ")
-    with contextlib.suppress(OSError):  # a run directory that will not take it costs only the back-off
-        fd = os.open(rec.retry_path(record_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW
-                     | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(f"{count} {due} {why}\n")
 
 
 def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
@@ -451,31 +361,6 @@ def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
         raise PluginError(
             f"the record needs source type {record.source.scheme!r}: install {dist} (pip install {dist})"
         ) from None
-
-
-def _ours() -> Iterator[tuple[int, Path]]:
-    """Each connected device attached by erofs-mount, with its record."""
-    for info in sysfs.devices():
-        path = record_path_of(info) if info.configured else None
-        if path is not None and path.exists():
-            yield info.index, path
-
-
-def dead_devices() -> list[tuple[int, Path]]:
-    """Devices attached by erofs-mount whose daemon is gone and which can be reattached, with their records."""
-    found = []
-    for index, path in _ours():
-        if daemon_alive(path):
-            continue
-        with contextlib.suppress(RecordError, DeviceStateError):
-            link_named(rec.RecordStore.read(path).device.interface).check_reattach(index)
-            found.append((index, path))
-    return found
-
-
-def live_devices() -> list[tuple[int, Path]]:
-    """Devices attached by erofs-mount whose daemon holds its lock, with their records."""
-    return [(index, path) for index, path in _ours() if daemon_alive(path)]
 
 
 def end_if_hung(index: int, record_path: Path, stuck_after: float) -> str | None:
@@ -512,8 +397,8 @@ def restart(target: str) -> Restarted:
     connections and lock (``_control``); the kernel never sees them end.
     """
     require_root("restart")
-    index = _index_or_usage(target)
-    record_path = _live_record(index, "nothing to restart")
+    index = device_index(target)
+    record_path = live_record(index, "nothing to restart")
     record = rec.RecordStore.read(record_path)
     try:
         link_named(record.device.interface).check_reattach(index)
@@ -532,8 +417,7 @@ def restart_all() -> list[Restarted]:
     from concurrent.futures import ThreadPoolExecutor
 
     require_root("restart")
-    served = [info for info in sysfs.devices()
-              if info.configured and (path := record_path_of(info)) is not None and daemon_alive(path)]
+    served = [info for info, path in attached() if daemon_alive(path)]
 
     def one(info: sysfs.DeviceInfo) -> Restarted:
         try:
@@ -545,14 +429,6 @@ def restart_all() -> list[Restarted]:
         return list(pool.map(one, served))
 
 
-def _live_record(index: int, otherwise: str) -> Path:
-    """The record of a connected erofs-mount device whose daemon is alive."""
-    record_path = _record_of(index, otherwise)
-    if not daemon_alive(record_path):
-        raise DeviceStateError(f"nbd{index}: its daemon is not running (erofs-mount reattach /dev/nbd{index})")
-    return record_path
-
-
 # -- stats -------------------------------------------------------------------
 
 
@@ -560,166 +436,11 @@ def device_stats(target: str | None = None, command: str = "stats") -> dict[str,
     """``{"nbdN": counts}`` for one device or every erofs-mount device; ``{}`` where no daemon answers."""
     require_root(command)  # the daemons answer on sockets in the root-only run directory
     if target is not None:
-        index = _index_or_usage(target)
-        return {f"nbd{index}": ask_stats(_live_record(index, "no daemon to ask"))}
-    found: dict[str, dict[str, Any]] = {}
-    for info in sysfs.devices():
-        path = record_path_of(info) if info.configured else None
-        if path is not None:
-            found[f"nbd{info.index}"] = _stats_or_nothing(path)
-    return found
-
-
-def _stats_or_nothing(record_path: Path) -> dict[str, Any]:
-    if not daemon_alive(record_path):
-        return {}
-    try:
-        return ask_stats(record_path)
-    except DeviceStateError:
-        return {}
+        index = device_index(target)
+        return {f"nbd{index}": ask_stats(live_record(index, "no daemon to ask"))}
+    return {f"nbd{info.index}": stats_or_nothing(path) for info, path in attached()}
 
 
 # -- list --------------------------------------------------------------------
 
-def _orphans() -> list[Path]:
-    """Records (with their lock, log and retry files) in the run directory that no attached device
-    names and no process holds: left by a daemon killed as its device was disconnected, say."""
-    store = rec.RecordStore()
-    named = {p for info in sysfs.devices() if info.configured and (p := record_path_of(info))}
-    stems = {p.with_suffix("") for p in store.directory.glob("nbd-*.*") if store.holds(p.with_suffix(rec.SUFFIX))}
-    return sorted(stem.with_suffix(rec.SUFFIX) for stem in stems
-                  if stem.with_suffix(rec.SUFFIX) not in named and not daemon_alive(stem.with_suffix(rec.SUFFIX)))
 
-
-def prune_orphans() -> list[Path]:
-    """Remove the orphans' files, each under its lock (a mount that takes it meanwhile keeps its files)."""
-    removed = []
-    for path in _orphans():
-        with contextlib.suppress(DeviceStateError, RecordError):
-            with locked(path):
-                rec.RecordStore.remove(path)
-                removed.append(path)
-    return removed
-
-
-#: what ``list`` calls a device, by what it can do now
-SERVING, DEAD, REFUSED, EXPIRED, DETACHED, OTHER = "serving", "dead", "refused", "expired", "detached", "other"
-
-
-def list_devices() -> list[dict[str, Any]]:
-    """One row per attached nbd device, then one per record whose device was detached.
-
-    Each row's ``state``: ``serving``; ``dead`` (its daemon is gone and reads wait: reattach);
-    ``refused`` (its last reattach failed, ``why`` says how); ``expired`` (past its dead-connection
-    timeout the kernel fails its reads until a reattach); ``detached`` (the device was disconnected,
-    only the record is left); ``other`` (not attached by erofs-mount).
-    """
-    said = kernel_log.said()
-    rows = [_row(info, said) for info in sysfs.devices() if info.configured]
-    for path, record in _detached():
-        row = _blank_row(None, str(path))
-        row.update(state=DETACHED, why="its device was disconnected: the next mount, 'reattach --all' "
-                                       "or watch removes this record; mount the image again to use it")
-        if record is not None:
-            _describe_record(row, record, path)
-            if record.device.index >= 0:  # it was connected: its filesystem may still be mounted, failing reads
-                row["device"] = device = f"/dev/nbd{record.device.index}"
-                row["mountpoints"] = mounts.mountpoints_of(device)
-        rows.append(row)
-    return rows
-
-
-def _detached() -> list[tuple[Path, rec.Record | None]]:
-    """The orphans, each with its record (None if it cannot be read), whose device is not connected."""
-    found = []
-    for path in _orphans():
-        try:
-            record: rec.Record | None = rec.RecordStore.read(path)
-        except RecordError:
-            record = None
-        if record is not None and record.device.index >= 0:
-            info = sysfs.device(record.device.index)
-            if info is not None and info.configured:
-                record = attrs.evolve(record, device=attrs.evolve(record.device, index=-1))  # another's now
-        found.append((path, record))
-    return found
-
-
-def describe(target: str) -> dict[str, Any]:
-    """``list``'s row for one device (what ``mount --json`` and ``reattach --json`` print)."""
-    index = _index_or_usage(target)
-    info = sysfs.device(index)
-    if info is None or not info.configured:
-        raise DeviceStateError(f"nbd{index} is not connected")
-    return _row(info, kernel_log.said())
-
-
-def _blank_row(device: str | None, record: str | None) -> dict[str, Any]:
-    return {"device": device, "state": None, "why": None, "mountpoints": [], "mount_options": None,
-            "size": None, "since": None, "connections": None, "dead_timeout": None, "source": None,
-            "serving": None, "pins": None, "daemon_pid": None, "record": record, "read_bytes": None,
-            "last_error": None, "reattach_command": None}
-
-
-def _describe_record(row: dict[str, Any], record: rec.Record, path: Path) -> None:
-    """The row's fields a record gives: source, what it pins, the device's shape, since when it is served."""
-    with contextlib.suppress(OSError):  # each daemon rewrites the record as it starts serving
-        row["since"] = _iso(path.stat().st_mtime)
-    row.update(source=f"{record.source.scheme}:{record.source.location}",
-               serving=record.source.description,  # what the plugin pinned: a digest, a version
-               pins=record.source.state,  # all it pinned (no secret is ever in it)
-               size=record.device.size, connections=record.device.connections,
-               dead_timeout=record.device.dead_timeout, daemon_pid=record.daemon_pid or None)
-
-
-def _row(info: sysfs.DeviceInfo, said: Mapping[int, kernel_log.Said]) -> dict[str, Any]:
-    row = _blank_row(info.path, info.backend)
-    row.update(mountpoints=mounts.mountpoints_of(info.path), mount_options=mounts.security_options_of(info.path),
-               size=info.size)
-    path = record_path_of(info)
-    if path is None:
-        row.update(state=OTHER, why="not attached by erofs-mount")
-        return row
-    row["record"] = str(path)
-    try:
-        record = rec.RecordStore.read(path)
-    except RecordError as exc:
-        row.update(state=REFUSED, why=str(exc))
-        return row
-    _describe_record(row, record, path)
-    if daemon_alive(path):
-        stats = _stats_or_nothing(path)
-        row.update(state=SERVING, read_bytes=stats.get("read_bytes"), last_error=stats.get("last_error"))
-        return row
-    row["reattach_command"] = f"erofs-mount reattach {info.path}"
-    row["daemon_pid"] = None  # the record's pid is a dead daemon's: no process to look for
-    failure = last_failure(path)
-    try:
-        link_named(record.device.interface).check_reattach(info.index)
-    except DeviceStateError as exc:
-        row.update(state=REFUSED, why=str(exc), reattach_command=None)
-    else:
-        if failure is not None:
-            row.update(state=REFUSED, why=failure.why)
-    try:  # each daemon rewrites the record as it starts serving
-        started = path.stat().st_mtime
-    except OSError:  # removed meanwhile (an umount): whatever the kernel said, it is not about this record
-        started = float("inf")
-    kernel = said.get(info.index, kernel_log.Said())
-    if kernel.disconnected > started:  # configured still only while its filesystem is mounted
-        row.update(state=DETACHED, reattach_command=None,
-                   why="it was disconnected while mounted: its reads fail; unmount it (erofs-mount umount)")
-    elif kernel.shut_down > started:
-        row.update(state=EXPIRED, why=f"past its dead-connection timeout ({record.device.dead_timeout} s) the "
-                                      "kernel fails its reads until a reattach"
-                                      + (f"; the last reattach failed: {failure.why}" if failure else ""))
-    elif row["state"] is None:
-        row.update(state=DEAD, why=f"its daemon is gone: reads wait (up to {record.device.dead_timeout} s) "
-                                   "until a reattach")
-    return row
-
-
-def _iso(timestamp: float) -> str:
-    import datetime
-
-    return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).isoformat(timespec="seconds")

@@ -194,6 +194,12 @@ class PluginHost:
         return result
 
 
+def installed() -> list[tuple[str, str]]:
+    """(plugin name, "distribution version") of each installed plugin, by name, none of them imported."""
+    return [(ep.name, f"{ep.dist.name} {ep.dist.version}" if ep.dist else "(no distribution)")
+            for ep in sorted(_entry_points(), key=lambda e: e.name)]
+
+
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     """The group's entry points from installed distributions, never from the working directory.
 

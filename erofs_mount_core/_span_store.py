@@ -28,7 +28,7 @@ from pathlib import Path
 
 import attrs
 
-from ._cache import cache_directory, cache_room, write_cache_file
+from ._cache import cache_directory, cache_room, cache_root, write_cache_file
 from ._errors import SourceError
 from ._filters import DEFAULT_RETRY, Filter
 from ._metrics import Counters
@@ -53,6 +53,11 @@ class StoredStream:
     spans: int
     bytes: int
     used: float
+
+    @property
+    def name(self) -> str:
+        """How ``cache list`` names it: its place in the cache, shortened."""
+        return f"{STORE_DIR}/sha256:{self.stream[:12]}…"
 
 
 @attrs.frozen
@@ -203,8 +208,15 @@ class SpanStore:
             return held
 
 
-def stored(directory: Path) -> list[StoredStream]:
-    """Each stream the store at ``directory`` holds spans of, least recently used first."""
+def cache_store() -> Path:
+    """Where the span store lives in the cache directory (``cache list`` shows it apart from the other files)."""
+    return cache_root() / STORE_DIR
+
+
+def stored(directory: Path | None = None) -> list[StoredStream]:
+    """Each stream the store at ``directory`` (the cache's, by default) holds spans of, least recently used
+    first."""
+    directory = cache_store() if directory is None else directory
     streams: dict[Path, list[tuple[int, float]]] = {}
     for path, size, used in _span_files(directory):
         streams.setdefault(path.parent, []).append((size, used))

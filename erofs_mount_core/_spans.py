@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import attrs
 
@@ -21,8 +21,11 @@ from ._errors import SourceError
 from ._filters import BlockCache, CacheSettings, Filter
 from ._source import Source
 
-if TYPE_CHECKING:
-    from ._span_store import SpanStore
+
+class Keeper(Protocol):
+    """Where checked spans are kept and served from (``SpanStore``): all ``verified`` needs of one."""
+
+    def persisted(self, inner: Source, spans: SpanHashes, stream: str) -> Source: ...
 
 HASH_SIZE = 32  # one sha256
 
@@ -57,7 +60,7 @@ class SpanHashes:
                                   transient=transient)
 
     def verified(self, source: Source, cache: CacheSettings, what: str, *, transient: bool = False,
-                 store: SpanStore | None = None, stream: str = "",
+                 store: Keeper | None = None, stream: str = "",
                  rejected: Callable[[str], object] | None = None) -> BlockCache:
         """``source`` behind a cache of spans, each checked once when it is fetched.
 

@@ -24,6 +24,9 @@ import subprocess
 import sys
 import time
 
+from . import _backoff as backoff
+from . import _daemon
+from . import _devices as devices
 from . import _lifecycle as lifecycle
 from . import _systemd as systemd
 from ._daemon_protocol import SYSTEM_PATH, Forked, daemon_alive, exec_environment, passed_environment, spawn
@@ -53,7 +56,7 @@ class Watcher:
         self.stuck_after = stuck_after  # 0: live daemons are not probed
         self.clock = time.monotonic
         self.host = PluginHost()
-        self.forked = Forked(self.host, hidden_fds=(events.fileno(),))
+        self.forked = Forked(self.host, _daemon.serve, hidden_fds=(events.fileno(),))
         self.in_services = systemd.systemd_run(SYSTEM_PATH) is not None
         self.moving: dict[int, subprocess.Popen[bytes]] = {}  # device index -> its ``restart`` into a service
         self.due: dict[int, float] = {}  # device index -> when to look at it next
@@ -96,7 +99,7 @@ class Watcher:
     def sweep(self, now: float) -> None:
         self.next_sweep = now + SWEEP_EVERY
         if self.stuck_after:
-            for index, path in lifecycle.live_devices():
+            for index, path in devices.live_devices():
                 if index in self.dying:
                     continue
                 try:
@@ -106,13 +109,13 @@ class Watcher:
                     log.error("nbd%d: its daemon fails its liveness probe but could not be ended: %s", index, exc)
                     continue
                 self.died[index] = self.clock()
-        lifecycle.prune_orphans()
-        for index, _path in lifecycle.dead_devices():
+        devices.prune_orphans()
+        for index, _path in devices.dead_devices():
             self.due.setdefault(index, now)
 
     def look(self, index: int, now: float) -> None:
         info = sysfs.device(index)
-        path = lifecycle.record_path_of(info) if info is not None and info.configured else None
+        path = devices.record_path_of(info) if info is not None and info.configured else None
         if path is None:  # disconnected meanwhile, or not ours
             self._forget(index)
             return
@@ -142,13 +145,13 @@ class Watcher:
             if self.in_services:
                 self.move(index)
             return
-        self.due[index] = now + (outcome.due_in or lifecycle.RETRY_FIRST)
+        self.due[index] = now + (outcome.due_in or backoff.RETRY_FIRST)
         self.dying.pop(index, None)
 
     def move(self, index: int) -> None:
         """Hand the device from the daemon forked here to one in a service of its own (``restart``)."""
         self.moving[index] = subprocess.Popen(
-            [sys.executable, "-I", "-m", "erofs_mount_core._cli", "restart", f"/dev/nbd{index}"],
+            [sys.executable, "-I", "-m", "erofs_mount_core._main", "restart", f"/dev/nbd{index}"],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd="/",
             env={**passed_environment(), **exec_environment()}, start_new_session=True)
 

@@ -97,3 +97,17 @@ def test_the_readme_links_the_mount_helper_before_it_uses_it() -> None:
     lines = README.read_text().splitlines()
     link = next(i for i, line in enumerate(lines) if line.startswith("ln -s") and "mount.erofs-mount" in line)
     assert link < next(i for i, line in enumerate(lines) if line.startswith("mount -t erofs-mount"))
+
+
+def test_the_architecture_table_names_every_module_of_the_tree() -> None:
+    """docs/architecture.md has a row for each module of the core and of each plugin, and none for a module
+    that is gone."""
+    doc = (README.parent / "docs" / "architecture.md").read_text()
+    rows = set(re.findall(r"^\| `([\w/.]+\.py)`", doc, re.M))
+    core = README.parent / "erofs_mount_core"
+    plugins = sorted((README.parent / "plugins").glob("*/erofs_mount_*"))
+    modules = {str(p.relative_to(core)) for p in core.rglob("*.py") if p.name != "__init__.py"}
+    named = {p.name for top in plugins for p in top.glob("*.py") if p.name != "__init__.py"}
+    assert modules - rows == set(), "core modules with no row"
+    assert named - rows == set(), "plugin modules with no row"
+    assert rows - modules - named == set(), "rows for modules that are gone"

@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from erofs_mount_core import UsageError
 from erofs_mount_core import _cli as cli
 from erofs_mount_core import _lifecycle as lifecycle
+from erofs_mount_core import _listing as listing
 from erofs_mount_core import _plugins as plugins
 from tests.core.test_plugins import M, eps
 
 
 def row(device: str | None, **fields: object) -> dict[str, object]:
-    return {**lifecycle._blank_row(device, None), **fields}
+    return {**listing._blank_row(device, None), **fields}
 
 
 ROWS = [
@@ -36,7 +37,7 @@ ROWS = [
 
 
 def test_columns_line_up_and_each_state_says_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lifecycle, "list_devices", lambda: ROWS)
+    monkeypatch.setattr(listing, "list_devices", lambda: ROWS)
     lines = CliRunner().invoke(cli.cli, ["list"]).output.splitlines()
     header = ["DEVICE", "STATE", "SIZE", "SINCE", "CONN", "TIMEOUT", "SERVED", "MOUNTPOINT", "SOURCE"]
     assert lines[0].split() == header
@@ -58,7 +59,7 @@ def test_columns_line_up_and_each_state_says_what_to_do(monkeypatch: pytest.Monk
 
 
 def test_wide_adds_flags_pid_and_record(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lifecycle, "list_devices", lambda: ROWS)
+    monkeypatch.setattr(listing, "list_devices", lambda: ROWS)
     lines = CliRunner().invoke(cli.cli, ["list", "--wide"]).output.splitlines()
     assert lines[0].split()[-4:] == ["FLAGS", "PID", "RECORD", "SOURCE"]
     assert "ro,nosuid,nodev  1234  /run/erofs-mount/nbd-a.toml  oci:reg:5000/app:1.4" in lines[1]
@@ -67,13 +68,13 @@ def test_wide_adds_flags_pid_and_record(monkeypatch: pytest.MonkeyPatch) -> None
 def test_list_json_is_the_rows_in_the_versioned_envelope(monkeypatch: pytest.MonkeyPatch) -> None:
     import json
 
-    monkeypatch.setattr(lifecycle, "list_devices", lambda: ROWS)
+    monkeypatch.setattr(listing, "list_devices", lambda: ROWS)
     document = json.loads(CliRunner().invoke(cli.cli, ["list", "--json"]).output)
     assert document == {"schema_version": 1, "command": "list", "result": ROWS}
 
 
 def test_nothing_attached(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(lifecycle, "list_devices", lambda: [])
+    monkeypatch.setattr(listing, "list_devices", lambda: [])
     assert CliRunner().invoke(cli.cli, ["list"]).output == "no nbd devices attached\n"
 
 

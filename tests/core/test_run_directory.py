@@ -13,8 +13,11 @@ from pathlib import Path
 
 import pytest
 
+from erofs_mount_core import _backoff as backoff
 from erofs_mount_core import _daemon_protocol as protocol
+from erofs_mount_core import _devices as devices
 from erofs_mount_core import _lifecycle as lifecycle
+from erofs_mount_core import _listing as listing
 from erofs_mount_core import _record as rec
 from erofs_mount_core._errors import DeviceStateError, KernelError, RecordError, UsageError
 from erofs_mount_core._nbd import link as links
@@ -78,9 +81,9 @@ def test_only_records_in_the_run_directory_name_a_device(store: rec.RecordStore,
     outside = tmp_path / "nbd-0123456789ab.toml"  # a record's name, another tool's directory
     odd = store.directory / "notes.toml"
     info = DeviceInfo(index=3, size=4096, pid=1, backend=str(ours))
-    assert lifecycle.record_path_of(info) == ours
+    assert devices.record_path_of(info) == ours
     for backend in (str(outside), str(odd), "/etc/passwd.toml", "nbd-0123456789ab.toml"):
-        assert lifecycle.record_path_of(DeviceInfo(index=3, size=4096, pid=1, backend=backend)) is None
+        assert devices.record_path_of(DeviceInfo(index=3, size=4096, pid=1, backend=backend)) is None
 
 
 def test_a_lock_removed_while_it_was_taken_is_no_lock(store: rec.RecordStore, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -166,9 +169,9 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
     assert outcome.index == 1 and outcome.error is None and outcome.due_in == pytest.approx(1.0)
     lifecycle.reattach_all(now=70.0)
     assert attempts.count(1) == 4
-    failure = lifecycle.last_failure(bad)
+    failure = backoff.last_failure(bad)
     assert failure is not None and failure.count == 4 and failure.why == "nbd1: no credentials in this environment"
-    assert lifecycle.last_failure(good) is None, "a reattach that worked leaves no failure behind"
+    assert backoff.last_failure(good) is None, "a reattach that worked leaves no failure behind"
     rec.RecordStore.remove(bad)
     assert not rec.retry_path(bad).exists()
 
@@ -182,13 +185,13 @@ def test_orphaned_files_are_listed_and_pruned_but_not_a_mount_in_progress(store:
     lonely_lock = rec.lock_path(store.new_path())  # a lock whose record is long gone
     lonely_lock.write_text("")
     with lock_held_elsewhere(starting):
-        rows = lifecycle.list_devices()
+        rows = listing.list_devices()
         assert sorted(r["record"] for r in rows) == sorted([str(stale), str(lonely_lock.with_suffix(".toml"))])
         assert all(r["state"] == "detached" for r in rows)
         by_record = {r["record"]: r for r in rows}
         assert by_record[str(lonely_lock.with_suffix(".toml"))]["device"] is None, "no record: no device named"
         assert by_record[str(stale)]["device"] == f"/dev/nbd{sample_record().device.index}", "its last device"
-        lifecycle.prune_orphans()
+        devices.prune_orphans()
         assert sorted(p.name for p in store.directory.iterdir()) == sorted(
             [starting.name, rec.lock_path(starting).name, rec.log_path(starting).name])
 

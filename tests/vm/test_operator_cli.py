@@ -183,8 +183,10 @@ def test_each_dead_state_shows_as_itself_in_list_and_list_json(
         assert rows[found["dead"]]["reattach_command"] == f"erofs-mount reattach {found['dead']}"
         assert rows[found["detached"]]["mountpoints"] == [str(mnts["detached"])]
         assert rows[found["dead"]]["daemon_pid"] is None, "a dead daemon's pid is shown as if it ran"
-        wide = {line.split()[0]: line for line in cli("list", "--wide").out.splitlines() if line.startswith("/dev/")}
-        assert wide[found["dead"]].split()[-2] == "-", wide[found["dead"]]  # the PID column, before the record
+        wide_lines = cli("list", "--wide").out.splitlines()
+        pid_at = wide_lines[0].index("PID")  # columns are padded: a row's PID starts where its header does
+        wide = {line.split()[0]: line for line in wide_lines if line.startswith("/dev/")}
+        assert wide[found["dead"]][pid_at:].split()[0] == "-", wide[found["dead"]]
         text = cli("list").out.splitlines()
         table = {line.split()[0]: line.split()[1] for line in text[1:] if line.startswith("/dev/nbd")}
         assert {name: table[device] for name, device in found.items()} == {n: n for n in names}, text

@@ -16,6 +16,8 @@ from typing import Any
 
 from erofs_mount_core import Source, SourceChangedError, SourceError, UsageError, hookimpl
 
+__all__ = ["LocalFile", "reopen"]  # for other plugins that read local files (tar)
+
 SCHEME = "local"
 _IDENTITY = ("device", "inode", "size", "mtime_ns", "ctime_ns")
 

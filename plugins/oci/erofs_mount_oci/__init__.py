@@ -64,6 +64,8 @@ from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceEr
 
 from . import reference as references
 
+__all__ = ["open_reference", "reopen"]  # a registry's image or blob as a Source, without the plugin host
+
 SCHEME = "oci"
 log = logging.getLogger("erofs_mount.oci")
 

@@ -18,8 +18,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from erofs_mount_tar import index as indexes
-from erofs_mount_tar.merge import merge
+from erofs_mount_tar import ArchiveIndex, merge_layers
 
 from erofs_mount_core import (
     BlockCache,
@@ -91,7 +90,7 @@ class _Forgetting(Filter):
         super().close()
 
 
-def _open_stream(index: indexes.ArchiveIndex, compressed: BlockCache, what: str) -> Source:
+def _open_stream(index: ArchiveIndex, compressed: BlockCache, what: str) -> Source:
     """A stream reads its first bytes as it opens: bytes that will not open (from a mirror that lies) are
     dropped, their mirror distrusted, and fetched once more, from the next host."""
     try:
@@ -169,7 +168,7 @@ class Layered(Source):
 class LayersImage(SynthesizedImage):
     """The image of ``layers``: merged (``whole``) or, for one layer, as it is (whiteouts in overlayfs form)."""
 
-    def __init__(self, registry: Registry, layers: list[Layer], found: list[indexes.ArchiveIndex],
+    def __init__(self, registry: Registry, layers: list[Layer], found: list[ArchiveIndex],
                  cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str,
                  store: SpanStore | None = None) -> None:
         share = max(16, cache.cache_mib // len(layers))  # of the memory cache-mib allows, per layer:
@@ -189,7 +188,7 @@ class LayersImage(SynthesizedImage):
                 # a zstd layer without frames is unpacked on this disk already: not kept twice
                 kept = None if index.unpacked else store
 
-                def open_verified(index: indexes.ArchiveIndex = index, compressed: BlockCache = compressed,
+                def open_verified(index: ArchiveIndex = index, compressed: BlockCache = compressed,
                                   what: str = what, kept: SpanStore | None = kept) -> Source:
                     stream = _Deferred(lambda: _open_stream(index, compressed, what), index.stream_size)
                     return index.spans.verified(stream, per_layer, what, transient=True, store=kept,
@@ -201,7 +200,7 @@ class LayersImage(SynthesizedImage):
                     self.fill_jobs.append(job)
             backing = Layered(streams)
             if whole:
-                layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(found, backing.bases,
+                layout = ImageLayout.of(merge_layers([index.read_tree(base) for index, base in zip(found, backing.bases,
                                                                                            strict=True)]))
             else:
                 layout = found[0].image_layout()
@@ -235,7 +234,7 @@ class LayersImage(SynthesizedImage):
             self.registry.client.close()
 
 
-def _fill_from(index: indexes.ArchiveIndex, registry: Registry, layer: Layer, what: str) -> Callable[[], Source]:
+def _fill_from(index: ArchiveIndex, registry: Registry, layer: Layer, what: str) -> Callable[[], Source]:
     """A layer's stream decoded by a decoder of its own, over large range requests of the blob (the
     client is serving's: closing the fill's sources leaves it open)."""
     def opened() -> Source:

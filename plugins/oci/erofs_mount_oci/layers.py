@@ -18,8 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_mount_tar import index as indexes
-from erofs_mount_tar.progress import Meter, Parts, Progress
+from erofs_mount_tar import ArchiveIndex, Meter, Parts, Progress, build_index, load_index, store_index
 
 from erofs_mount_core import SourceChangedError, SourceError, cache_directory, cache_room
 
@@ -42,19 +41,19 @@ def passes(layers: int) -> tuple[int, int]:
 
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
-            progress: bool = False) -> list[indexes.ArchiveIndex]:
+            progress: bool = False) -> list[ArchiveIndex]:
     """Each layer's index, in order, checked against ``diff_ids`` (one per layer)."""
-    found: dict[int, indexes.ArchiveIndex] = {}
+    found: dict[int, ArchiveIndex] = {}
     missing = []
     for layer in layers:
-        index = indexes.load(layer.digest.removeprefix("sha256:")) if layer.digest.startswith("sha256:") else None
+        index = load_index(layer.digest.removeprefix("sha256:")) if layer.digest.startswith("sha256:") else None
         if index is None:
             missing.append(layer)
         else:
             found[layer.index] = index
     expected = dict(zip((layer.index for layer in layers), diff_ids, strict=True))
 
-    def check(layer: Layer, index: indexes.ArchiveIndex) -> None:
+    def check(layer: Layer, index: ArchiveIndex) -> None:
         diff_id = expected[layer.index]
         if f"sha256:{index.stream_sha256}" != diff_id:
             raise SourceChangedError(f"oci: {registry.ref}: layer {layer.index} ({layer.digest}) unpacks to a "
@@ -82,7 +81,7 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
 
 
 def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
-               check: Callable[[Layer, indexes.ArchiveIndex], None]) -> dict[int, indexes.ArchiveIndex]:
+               check: Callable[[Layer, ArchiveIndex], None]) -> dict[int, ArchiveIndex]:
     """Every layer's download starts at once (``DOWNLOADS`` transfer at a time); the index passes read them
     as they arrive, ``passes()`` at once. The first failure stops the others, and is the one reported."""
     what = {layer.index: f"oci: layer {layer.index} ({layer.digest[:19]}…)" for layer in layers}
@@ -97,18 +96,18 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
             downloads[layer.index] = Download(registry.client, registry.blob_url(layer.digest), layer.digest,
                                               layer.size, what[layer.index], slots=slots)
 
-        def one(layer: Layer, meter: Meter) -> indexes.ArchiveIndex:
+        def one(layer: Layer, meter: Meter) -> ArchiveIndex:
             download = downloads[layer.index]
             try:
                 try:
-                    index = indexes.build(download, what[layer.index], progress=meter, digest=download.sha256,
+                    index = build_index(download, what[layer.index], progress=meter, digest=download.sha256,
                                           layout=False,  # merged with the others: its own image is made if asked
                                           threads=threads)
                 except SourceError:
                     download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
                     raise
                 check(layer, index)  # before the index is kept: a layer that is not the config's is not cached
-                indexes.store(index)
+                store_index(index)
                 return index
             except BaseException:
                 for other in downloads.values():

@@ -35,6 +35,8 @@ from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceEr
 
 from .credentials import CredentialSource
 
+__all__: list[str] = []  # a plugin only: nothing for other code to import
+
 SCHEME = "s3"
 OPTIONS = ("region", "endpoint", "addressing", "version", "credentials", "ca", *CacheSettings.OPTIONS)
 

@@ -26,10 +26,37 @@ image.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Mapping
 from typing import Any
 
 from erofs_mount_core import CacheSettings, Source, UsageError, hookimpl
+
+#: the tar library's public face, for the plugins that read tar layers (oci): what it names loads on first use,
+#: so that loading this plugin imports none of it
+_EXPORTS = {
+    "ArchiveError": ("streams", "ArchiveError"),
+    "ArchiveIndex": ("index", "ArchiveIndex"),
+    "Meter": ("progress", "Meter"),
+    "Parts": ("progress", "Parts"),
+    "Progress": ("progress", "Progress"),
+    "build_index": ("index", "build"),
+    "load_index": ("index", "load"),
+    "merge_layers": ("merge", "merge"),
+    "store_index": ("index", "store"),
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attribute = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module 'erofs_mount_tar' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(f".{module}", __name__), attribute)
+    globals()[name] = value
+    return value
+
 
 SCHEME = "tar"
 OPTIONS = ("cache-mib", "readahead-kib")
