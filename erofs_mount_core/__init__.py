@@ -4,7 +4,7 @@ The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
-    from erofs_mount_core import final_network_error  # a transport failure no retry can change
+    from erofs_mount_core import final_network_error, read_capped  # a failure no retry changes; bounded bodies
     from erofs_mount_core import Counters  # what a source counts, for stats and metrics
     from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
     from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
@@ -48,6 +48,7 @@ _EXPORTS = {
     "final_network_error": "_network",
     "hookimpl": "hookspecs",
     "open_cache_file": "_cache",
+    "read_capped": "_network",
     "write_cache_file": "_cache",
 }
 
@@ -74,6 +75,7 @@ __all__ = [
     "final_network_error",
     "hookimpl",
     "open_cache_file",
+    "read_capped",
     "write_cache_file",
 ]
 

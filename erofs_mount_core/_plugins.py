@@ -23,7 +23,8 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from ._errors import PluginError, UnknownSchemeError
+from ._errors import PluginError, UnknownSchemeError, UsageError
+from ._filters import CacheSettings
 from ._source import Source
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
@@ -157,6 +158,17 @@ class PluginHost:
     # -- the source hooks, routed to the scheme's owner --------------------
 
     def open_source(self, scheme: str, location: str, options: Mapping[str, str]) -> Source:
+        """The plugin's source for ``scheme:location``. When the plugin declares its options
+        (``erofs_mount_source_options``), the host refuses any other name, and checks the shared cache
+        options (``CacheSettings``) it declares, before the plugin is called."""
+        declared = self.owner(scheme).options.get(scheme)
+        if declared is not None:
+            unknown = sorted(set(options) - set(declared))
+            if unknown:
+                known = f" (known: {', '.join(sorted(declared))})" if declared else " (it takes none)"
+                raise UsageError(f"{scheme}: unknown option(s) {', '.join(unknown)}{known}")
+            if set(declared) & set(CacheSettings.OPTIONS):
+                CacheSettings.parse(options, scheme)  # one clear line for a bad value, whichever plugin
         return self._source_from("erofs_mount_open_source",
                                  scheme=scheme, location=location, options=dict(options))
 

@@ -9,7 +9,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from erofs_mount_core._errors import PluginError, UnknownSchemeError
+from erofs_mount_core._errors import PluginError, UnknownSchemeError, UsageError
 from erofs_mount_core._plugins import ENTRY_POINT_GROUP, LOAD_ENV, PluginHost
 
 M = "tests.core.fake_plugins"
@@ -100,3 +100,15 @@ def test_load_plugins_variable_restricts_loading(monkeypatch: pytest.MonkeyPatch
     assert PluginHost(eps(mem=f"{M}:good")).plugins == []
     monkeypatch.setenv(LOAD_ENV, "mem")
     assert [i.name for i in PluginHost(eps(mem=f"{M}:good", gone="nope")).plugins] == ["mem"]
+
+
+def test_the_host_refuses_an_option_the_plugin_did_not_declare_before_calling_it() -> None:
+    host = PluginHost(eps(ok=f"{M}:declares_options"))
+    with pytest.raises(UsageError, match=r"^mem: unknown option\(s\) colour, x \(known: size, tag\)$"):
+        host.open_source("mem", "a", {"tag": "1", "colour": "blue", "x": ""})
+    assert host.open_source("mem", "a", {"tag": "1"}) is not None
+
+
+def test_a_plugin_that_declares_nothing_is_left_to_check_its_options() -> None:
+    host = PluginHost(eps(mem=f"{M}:good"))  # no erofs_mount_source_options hook: the plugin decides
+    assert host.open_source("mem", "a", {"anything": "1"}) is not None

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from erofs_mount_core import RetryPolicy, SourceError, final_network_error
+from erofs_mount_core import read_capped as network_read_capped
 
 from .routing import NoHost, answered_by
 
@@ -190,19 +191,8 @@ def fetch(client: httpx.Client, method: str, url: str, *, what: str, headers: di
 
 def read_capped(response: httpx.Response, cap: int, what: str, *, transient: bool = False) -> bytes:
     """The body, if it is at most ``cap`` bytes; SourceError as soon as it is more."""
-    declared = response.headers.get("Content-Length", "")
-    if declared.isdigit() and int(declared) > cap:
-        raise SourceError(f"{what}: the answer is {declared} bytes, more than the {cap} expected", transient=transient)
-    chunks, got = [], 0
-    try:
-        for chunk in response.iter_bytes():
-            got += len(chunk)
-            if got > cap:
-                raise SourceError(f"{what}: the answer is more than the {cap} bytes expected", transient=transient)
-            chunks.append(chunk)
-    except (httpx.TransportError, httpx.DecodingError) as exc:
-        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
-    return b"".join(chunks)
+    return network_read_capped(response.iter_bytes(), cap, what, declared=response.headers.get("Content-Length", ""),
+                               transient=transient, failures=(httpx.TransportError, httpx.DecodingError))
 
 
 # -- range reads ---------------------------------------------------------------

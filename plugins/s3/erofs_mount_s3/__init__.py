@@ -42,9 +42,7 @@ OPTIONS = ("region", "endpoint", "addressing", "version", "credentials", "ca", *
 
 
 def _parse(location: str, options: Mapping[str, str]) -> dict[str, Any]:
-    unknown = sorted(set(options) - set(OPTIONS))
-    if unknown:
-        raise UsageError(f"s3: unknown option(s) {', '.join(unknown)} (known: {', '.join(OPTIONS)})")
+    """The location and options (only those ``OPTIONS`` names: the host refuses others) as S3Object's arguments."""
     bucket, _, key = location.removeprefix("//").partition("/")
     if not bucket or not key:
         raise UsageError(f"s3: {location!r} is not BUCKET/KEY")

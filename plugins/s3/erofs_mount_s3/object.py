@@ -9,7 +9,15 @@ from typing import Any
 
 import httpx
 
-from erofs_mount_core import CacheSettings, RetryPolicy, Source, SourceChangedError, SourceError, final_network_error
+from erofs_mount_core import (
+    CacheSettings,
+    RetryPolicy,
+    Source,
+    SourceChangedError,
+    SourceError,
+    final_network_error,
+    read_capped,
+)
 
 from . import sigv4
 from .credentials import CredentialSource, Keys
@@ -111,7 +119,8 @@ class S3Object(Source):
                                   f"s3://{self.bucket}/{self.key}; it cannot serve reads")
             if response.status_code != 206:
                 raise _status(response, f"s3://{self.bucket}/{self.key}")
-            data = _read_at_most(response, length, f"s3: range {offset}+{length}")
+            data = read_capped(response.iter_bytes(), length, f"s3: range {offset}+{length}", transient=True,
+                               failures=(httpx.TransportError,))
         finally:
             response.close()
         if len(data) != length:
@@ -129,20 +138,6 @@ class S3Object(Source):
                 "addressing": self.addressing, "version": self.version or "", "etag": self.etag,
                 "size": self._size, "ca": self.ca or "", "credentials": self.credentials.to_record(),
                 **self.cache.to_state()}
-
-
-def _read_at_most(response: httpx.Response, length: int, what: str) -> bytes:
-    """The body, read no further than ``length`` bytes plus one chunk."""
-    chunks, got = [], 0
-    try:
-        for chunk in response.iter_bytes():
-            got += len(chunk)
-            if got > length:
-                raise SourceError(f"{what}: the server sent more than the {length} bytes asked for", transient=True)
-            chunks.append(chunk)
-    except httpx.TransportError as exc:
-        raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
-    return b"".join(chunks)
 
 
 def _status(response: httpx.Response, what: str) -> SourceError:
