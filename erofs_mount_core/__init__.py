@@ -4,6 +4,7 @@ The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
+    from erofs_mount_core import check_options  # the host's check of -o names, for callers without the host
     from erofs_mount_core import final_network_error, read_capped  # a failure no retry changes; bounded bodies
     from erofs_mount_core import Counters  # what a source counts, for stats and metrics
     from erofs_mount_core import ImageNode, ImageLayout, SynthesizedImage  # an EROFS image made from a tree
@@ -38,13 +39,14 @@ _EXPORTS = {
     "Source": "_source",
     "SourceChangedError": "_errors",
     "SourceError": "_errors",
-    "SpanHashes": "_spans",
-    "SpanHasher": "_spans",
+    "SpanHashes": "_span_hashes",
+    "SpanHasher": "_span_hashes",
     "SpanStore": "_span_store",
-    "SynthesizedImage": "_erofs.image",
+    "SynthesizedImage": "_erofs.synthesized",
     "UsageError": "_errors",
     "cache_directory": "_cache",
     "cache_room": "_cache",
+    "check_options": "_plugins",
     "final_network_error": "_network",
     "hookimpl": "hookspecs",
     "open_cache_file": "_cache",
@@ -72,6 +74,7 @@ __all__ = [
     "UsageError",
     "cache_directory",
     "cache_room",
+    "check_options",
     "final_network_error",
     "hookimpl",
     "open_cache_file",
@@ -82,13 +85,13 @@ __all__ = [
 if TYPE_CHECKING:
     from ._cache import cache_directory, cache_room, open_cache_file, write_cache_file
     from ._erofs.build import ImageLayout, ImageNode
-    from ._erofs.image import SynthesizedImage
+    from ._erofs.synthesized import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError
     from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
     from ._metrics import Counters
     from ._source import Source
+    from ._span_hashes import SpanHasher, SpanHashes
     from ._span_store import FillJob, SpanStore
-    from ._spans import SpanHasher, SpanHashes
     from .hookspecs import hookimpl
 
 

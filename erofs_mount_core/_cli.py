@@ -448,7 +448,7 @@ def systemd_units(directory: str, command: str | None) -> None:
     """
     from pathlib import Path
 
-    from . import _units as units
+    from . import _systemd_units as units
 
     for path in units.write(Path(directory), command or units.this_command()):
         click.echo(str(path))

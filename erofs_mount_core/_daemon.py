@@ -6,7 +6,7 @@ source from the record, so both paths check the source's identity the same
 way. It inherits the record's lock, already held, and checks that it
 holds it before serving; it reports one line on the ready pipe, serves
 until the kernel disconnects, then removes its record (both as
-``_daemon_protocol`` says). Killed, it leaves the record for the next
+``_daemon_start`` says). Killed, it leaves the record for the next
 reattach. Every source is served through ``Retrying``, the one retry on
 the read path.
 
@@ -39,14 +39,14 @@ from pathlib import Path
 
 import attrs
 
-from . import _daemon_protocol as protocol
+from . import _daemon_start as protocol
 from . import _logging
 from . import _record as rec
 from . import _systemd as systemd
 from ._control import ControlServer, take_over
 from ._errors import DeviceStateError, ErofsMountError, KernelError
-from ._faults import kill_point
 from ._filters import Retrying
+from ._kill_points import kill_point
 from ._metrics import DeviceStats
 from ._nbd.link import KernelLink, link_named
 from ._nbd.transmission import HANDED_OVER, Disk, transmit

@@ -15,7 +15,7 @@ import attrs
 from . import _mounts as mounts
 from . import _record as rec
 from ._control import ask_stats
-from ._daemon_protocol import daemon_alive, locked
+from ._daemon_start import daemon_alive, locked
 from ._errors import DeviceStateError, RecordError, UsageError
 from ._nbd import sysfs
 from ._nbd.link import link_named

@@ -16,7 +16,7 @@ The CLI prints ``Error: <message>`` and exits with ``exit_code`` (one
 meaning per code: ``EXIT_CODES``, printed by ``--help``); nothing else reaches
 the user unless ``--debug`` asks for the traceback. A daemon's
 error reaches the command that started it as the same class
-(``_daemon_protocol``), so callers catch ``SourceChangedError`` whichever
+(``_daemon_start``), so callers catch ``SourceChangedError`` whichever
 process raised it.
 """
 

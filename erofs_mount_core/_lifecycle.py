@@ -3,7 +3,7 @@
 The parts they orchestrate each live in one place: plugins (``_plugins``),
 records (``_record``), which devices are ours (``_devices``), a failed
 reattach's back-off (``_backoff``), the daemon and its lock
-(``_daemon_protocol``), the kernel's nbd driver (``_nbd.link``,
+(``_daemon_start``), the kernel's nbd driver (``_nbd.link``,
 ``_nbd.sysfs``) and mount(2) (``_mounts``); what ``list`` shows is
 ``_listing``'s.
 
@@ -31,7 +31,7 @@ from . import _liveness as liveness
 from . import _mounts as mounts
 from . import _record as rec
 from ._control import ask_stats
-from ._daemon_protocol import daemon_alive, locked, spawn, spawn_taker
+from ._daemon_start import daemon_alive, locked, spawn, spawn_taker
 from ._devices import (
     attached,
     dead_devices,
@@ -55,7 +55,7 @@ from ._errors import (
     UnknownSchemeError,
     UsageError,
 )
-from ._faults import kill_point
+from ._kill_points import kill_point
 from ._nbd import sysfs
 from ._nbd.link import choose_link, disconnect_any, link_named
 from ._source import split_spec

@@ -13,7 +13,7 @@ from typing import Any
 from . import _mounts as mounts
 from . import _record as rec
 from ._backoff import last_failure
-from ._daemon_protocol import daemon_alive
+from ._daemon_start import daemon_alive
 from ._devices import detached, device_index, record_path_of, stats_or_nothing
 from ._errors import DeviceStateError, RecordError
 from ._nbd import kernel_log, sysfs

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import _record as rec
 from ._control import ask_stats
-from ._daemon_protocol import daemon_alive
+from ._daemon_start import daemon_alive
 from ._errors import DeviceStateError
 from ._systemd import STUCK_REQUEST
 

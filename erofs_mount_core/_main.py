@@ -10,10 +10,10 @@ import sys
 
 
 def main() -> None:
-    from . import _helper
+    from . import _mount_helper
 
-    if os.path.basename(sys.argv[0]) == _helper.NAME:  # a link named as mount(8)'s helper
-        _helper.main()
+    if os.path.basename(sys.argv[0]) == _mount_helper.NAME:  # a link named as mount(8)'s helper
+        _mount_helper.main()
     from ._cli import cli
 
     cli(prog_name="erofs-mount")

@@ -163,12 +163,7 @@ class PluginHost:
         options (``CacheSettings``) it declares, before the plugin is called."""
         declared = self.owner(scheme).options.get(scheme)
         if declared is not None:
-            unknown = sorted(set(options) - set(declared))
-            if unknown:
-                known = f" (known: {', '.join(sorted(declared))})" if declared else " (it takes none)"
-                raise UsageError(f"{scheme}: unknown option(s) {', '.join(unknown)}{known}")
-            if set(declared) & set(CacheSettings.OPTIONS):
-                CacheSettings.parse(options, scheme)  # one clear line for a bad value, whichever plugin
+            check_options(scheme, options, declared)
         return self._source_from("erofs_mount_open_source",
                                  scheme=scheme, location=location, options=dict(options))
 
@@ -204,6 +199,19 @@ class PluginHost:
         if isinstance(result, list):  # a collecting hook: one plugin, one result
             return result[0] if result else None
         return result
+
+
+def check_options(scheme: str, options: Mapping[str, str], declared: Iterable[str]) -> None:
+    """UsageError (one line) for an option name a ``scheme`` source does not declare, or a bad value of the
+    shared cache options it declares: what the host checks before it calls a plugin, and what a plugin's
+    function for callers without the host calls itself."""
+    declared = set(declared)
+    unknown = sorted(set(options) - declared)
+    if unknown:
+        known = f" (known: {', '.join(sorted(declared))})" if declared else " (it takes none)"
+        raise UsageError(f"{scheme}: unknown option(s) {', '.join(unknown)}{known}")
+    if declared & set(CacheSettings.OPTIONS):
+        CacheSettings.parse(options, scheme)  # one clear line for a bad value, whichever plugin
 
 
 def installed() -> list[tuple[str, str]]:

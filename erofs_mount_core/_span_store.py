@@ -33,7 +33,7 @@ from ._errors import SourceError
 from ._filters import DEFAULT_RETRY, Filter
 from ._metrics import Counters
 from ._source import Source
-from ._spans import HASH_SIZE, SpanHashes, checked
+from ._span_hashes import HASH_SIZE, SpanHashes, checked
 
 log = logging.getLogger("erofs_mount.spans")
 

@@ -29,7 +29,7 @@ from . import _daemon
 from . import _devices as devices
 from . import _lifecycle as lifecycle
 from . import _systemd as systemd
-from ._daemon_protocol import SYSTEM_PATH, Forked, daemon_alive, exec_environment, passed_environment, spawn
+from ._daemon_start import SYSTEM_PATH, Forked, daemon_alive, exec_environment, passed_environment, spawn
 from ._errors import ErofsMountError
 from ._nbd import sysfs
 from ._nbd.events import LinkDeadEvents, Overrun

@@ -279,7 +279,7 @@ def test_tar_archives(entries: list[Any], flips: list[tuple[int, int]], compress
 
     import zstandard
     from erofs_mount_tar import index as indexes
-    from erofs_mount_tar import treefile
+    from erofs_mount_tar import packed_tree
 
     data = _tar_bytes(entries, flips)
     if compression == "gzip":
@@ -299,7 +299,7 @@ def test_tar_archives(entries: list[Any], flips: list[tuple[int, int]], compress
             else:
                 os.environ["EROFS_MOUNT_CACHE_DIR"] = previous
     again = indexes.ArchiveIndex.from_bytes(built.to_bytes())  # what it wrote, it reads back
-    assert again.layout == built.layout and treefile.load(again.tree).root.mode == built.read_tree().root.mode
+    assert again.layout == built.layout and packed_tree.load(again.tree).root.mode == built.read_tree().root.mode
 
 
 _SECTION = st.sampled_from(["meta", "hashes", "tree", "layout", "gzip", "x"])
@@ -322,7 +322,7 @@ def test_cached_indexes_and_trees(example: Any) -> None:
     import zlib
 
     from erofs_mount_tar import index as indexes
-    from erofs_mount_tar import treefile
+    from erofs_mount_tar import packed_tree
 
     if isinstance(example, bytes):
         payload = example
@@ -331,7 +331,7 @@ def test_cached_indexes_and_trees(example: Any) -> None:
     else:
         tree = json.dumps(example, allow_nan=True).encode()
         try:
-            treefile.load(tree)
+            packed_tree.load(tree)
         except ValueError:
             pass
         meta = json.dumps({"compression": "tar", "archive_sha256": "0" * 64, "archive_size": 0, "stream_size": 0,

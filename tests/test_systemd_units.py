@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_mount_core._units import render
+from erofs_mount_core._systemd_units import render
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 NAMES = {"erofs-mount-watch.service", "erofs-mount-reattach.service", "erofs-mount-reattach.timer"}

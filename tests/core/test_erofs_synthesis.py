@@ -20,7 +20,7 @@ import pytest
 
 from erofs_mount_core import Source
 from erofs_mount_core._erofs.build import BS, ImageNode, build
-from erofs_mount_core._erofs.image import SynthesizedImage
+from erofs_mount_core._erofs.synthesized import SynthesizedImage
 
 # security.capability: cap_net_bind_service, effective (struct vfs_cap_data, revision 2)
 CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)

@@ -21,7 +21,7 @@ from erofs_mount_core._errors import DeviceStateError
 from erofs_mount_core._metrics import ConnectionStats, DeviceStats, prometheus
 from erofs_mount_core._nbd import protocol as p
 from erofs_mount_core._nbd.transmission import HANDED_OVER, Disk, transmit
-from tests.core.test_server import DATA, BytesSource
+from tests.core.test_transmission import DATA, BytesSource
 
 REQUESTS = 3000
 

@@ -79,7 +79,7 @@ def holder(record_path: Path) -> subprocess.Popen[bytes]:
 
 def test_end_kills_the_lock_holder_and_returns_once_the_lock_is_free(record_path: Path) -> None:
     proc = holder(record_path)
-    from erofs_mount_core._daemon_protocol import daemon_alive
+    from erofs_mount_core._daemon_start import daemon_alive
 
     assert daemon_alive(record_path)
     liveness.end(record_path, proc.pid)

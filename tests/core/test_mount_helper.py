@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_mount_core import _helper as helper
+from erofs_mount_core import _mount_helper as helper
 from erofs_mount_core._nbd import kernel_log
 from erofs_mount_core._plugins import PluginHost
 from tests.core.test_plugins import M, eps

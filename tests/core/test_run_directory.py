@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from erofs_mount_core import _backoff as backoff
-from erofs_mount_core import _daemon_protocol as protocol
+from erofs_mount_core import _daemon_start as protocol
 from erofs_mount_core import _devices as devices
 from erofs_mount_core import _lifecycle as lifecycle
 from erofs_mount_core import _listing as listing
@@ -22,7 +22,7 @@ from erofs_mount_core import _record as rec
 from erofs_mount_core._errors import DeviceStateError, KernelError, RecordError, UsageError
 from erofs_mount_core._nbd import link as links
 from erofs_mount_core._nbd.sysfs import DeviceInfo
-from tests.core.test_daemon_protocol import lock_held_elsewhere
+from tests.core.test_daemon_start import lock_held_elsewhere
 from tests.core.test_record import make as sample_record
 
 

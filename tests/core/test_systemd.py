@@ -25,12 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from erofs_mount_core import _daemon_protocol as protocol
+from erofs_mount_core import _daemon_start as protocol
 from erofs_mount_core import _errors as errors
 from erofs_mount_core import _logging
 from erofs_mount_core import _systemd as systemd
 from erofs_mount_core._daemon import Daemon
-from tests.core.test_daemon_protocol import _record_for
+from tests.core.test_daemon_start import _record_for
 
 #: stands in for systemd-run: keeps its arguments, then runs the command with only the --setenv variables
 FAKE_SYSTEMD_RUN = """#!/bin/sh
@@ -225,7 +225,7 @@ def test_a_connection_that_ended_is_never_counted_stuck() -> None:
     a daemon serving on with its other connections must not miss its watchdog pings for it."""
     from erofs_mount_core._metrics import ConnectionStats
     from erofs_mount_core._nbd.transmission import Disk, transmit
-    from tests.core.test_server import DATA, BytesSource
+    from tests.core.test_transmission import DATA, BytesSource
 
     ours, theirs = socket.socketpair()
     theirs.close()

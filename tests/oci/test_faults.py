@@ -86,7 +86,7 @@ def test_a_read_that_keeps_failing_is_bounded(proxy: FaultProxy, token_registry:
                                              monkeypatch: pytest.MonkeyPatch,
                                              capsys: pytest.CaptureFixture[str]) -> None:
     """One NBD read against a registry that answers 503 forever: the default policy's attempts, then EIO."""
-    from tests.core.test_server import Client
+    from tests.core.test_transmission import Client
 
     data = layer[0]
     token_registry.push_image("faulty/bound", "v1", [(data, EROFS_LAYER)])

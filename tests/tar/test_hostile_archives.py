@@ -22,10 +22,11 @@ from pathlib import Path
 import pytest
 import zstandard
 from erofs_mount_local import LocalFile
-from erofs_mount_tar import streams, tree
-from erofs_mount_tar.image import mount_archive
+from erofs_mount_tar import entries as tree
+from erofs_mount_tar import streams
 from erofs_mount_tar.index import ArchiveIndex
 from erofs_mount_tar.merge import merge
+from erofs_mount_tar.tar_image import mount_archive
 
 from erofs_mount_core import CacheSettings, ImageLayout
 

@@ -1,6 +1,6 @@
 """Kill at every step of mount and reattach: the command or the daemon, SIGKILLed at each point.
 
-``EROFS_MOUNT_TEST_KILL_AT=POINT`` (``erofs_mount_core._faults``, set only
+``EROFS_MOUNT_TEST_KILL_AT=POINT`` (``erofs_mount_core._kill_points``, set only
 here) makes the process that reaches POINT kill itself. After each, at most
 one more ``reattach`` leaves either a device that serves the right bytes or
 nothing at all (no device, record or daemon); never two daemons for one
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_mount_core._faults import KILL_AT
+from erofs_mount_core._kill_points import KILL_AT
 from tests.imagetree import file_sha256
 from tests.vm.conftest import assert_clean, cli, connected_devices, daemon_pids, records
 from tests.vm.test_chaos import assert_files, held_read

@@ -35,7 +35,7 @@ def daemon_pid(device: str, timeout: float = 30) -> int:
     A new daemon serves before it writes its pid into the record: until it has, the record names the
     one it replaced, and this waits for a live one.
     """
-    from erofs_mount_core._daemon_protocol import daemon_alive
+    from erofs_mount_core._daemon_start import daemon_alive
 
     record = Path(Path(f"/sys/block/{device.removeprefix('/dev/')}/backend").read_text().strip())
     deadline = time.monotonic() + timeout

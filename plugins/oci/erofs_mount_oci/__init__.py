@@ -60,7 +60,7 @@ from typing import Any
 
 import attrs
 
-from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, hookimpl
+from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, check_options, hookimpl
 
 from . import reference as references
 
@@ -149,10 +149,13 @@ def _hosts_dir(option: str | None) -> str:
 
 
 def open_reference(location: str, options: Mapping[str, str]) -> Source:
+    """The image (or blob) ``location`` names, as the ``oci:`` source serves it (the host's checks of
+    ``options`` made here too, for callers without the host)."""
     from .credentials import CredentialSource
     from .platform import Platform
     from .registry import TAR_LAYERS, Registry, is_erofs
 
+    check_options(SCHEME, options, Options.names())
     ref = references.parse(location)
     opts = Options.parse(options)
     if opts.insecure and ref.registry == references.DOCKER_HUB:
@@ -188,8 +191,8 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
     """Tar layers: the whole image merged, or one layer as it is, from the layers' indexes."""
     import sys
 
-    from .image import LayersImage, layer_state
     from .layers import indexed
+    from .layers_image import LayersImage, layer_state
 
     if opts.verify != "lazy":
         raise UsageError("oci: verify= is for EROFS layers: every span of a tar layer is always checked")
@@ -225,7 +228,7 @@ def _span_store(state: Mapping[str, Any]) -> Any:
 
 def _open_blob(registry: Any, layer: Any, common: dict[str, Any], opts: Options) -> Source:
     """An EROFS layer: its blob served as it is, by range requests."""
-    from . import spans
+    from . import full_verify as spans
     from .blob import BlobSource
 
     if opts.fill and opts.verify != "full":
@@ -265,7 +268,7 @@ def reopen(state: Mapping[str, Any]) -> Source:
     try:
         registry = Registry(client, ref, insecure=insecure)
         if kind in ("image", "tar-layer"):
-            from .image import reopen_layers
+            from .layers_image import reopen_layers
 
             image = reopen_layers(registry, state, cache, whole=kind == "image",
                                   description=_image_description({**state, "kind": kind}), store=_span_store(state))
@@ -284,7 +287,7 @@ def _reopen_blob(registry: Any, state: Mapping[str, Any], cache: CacheSettings) 
         digest, size = str(state["blob_digest"]), int(state["blob_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"oci: record state is incomplete ({exc})") from exc
-    from . import spans
+    from . import full_verify as spans
 
     try:
         found = registry.blob_size(digest)
@@ -306,7 +309,7 @@ def _reopen_blob(registry: Any, state: Mapping[str, Any], cache: CacheSettings) 
 
 def _stored_whole(digest: str, state: Mapping[str, Any]) -> Any:
     """Under verify=full, the span hashes measured at mount if the span store holds every span; else None."""
-    from . import spans
+    from . import full_verify as spans
 
     store = _span_store(state)
     if store is None or state.get("verify") != "full":
@@ -317,7 +320,7 @@ def _stored_whole(digest: str, state: Mapping[str, Any]) -> Any:
 
 def _verified_spans(client: Any, url: str, digest: str, size: int, state: Mapping[str, Any]) -> Any:
     """Under verify=full, the span hashes measured at mount: from the cache, or measured again."""
-    from . import spans
+    from . import full_verify as spans
 
     if state.get("verify") != "full":
         return None

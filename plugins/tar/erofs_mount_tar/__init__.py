@@ -78,7 +78,7 @@ def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source
 
     from erofs_mount_local import LocalFile
 
-    from .image import mount_archive  # the indexer and the image builder load only when an archive is opened
+    from .tar_image import mount_archive  # the indexer and the image builder load only when an archive is opened
 
     cache = CacheSettings.parse(options, SCHEME)  # (the host refused names it does not declare)
     return mount_archive(LocalFile(location), cache, progress=sys.stderr.isatty())
@@ -88,6 +88,6 @@ def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source
 def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
     from erofs_mount_local import reopen
 
-    from .image import reattach_archive
+    from .tar_image import reattach_archive
 
     return reattach_archive(reopen(state, what="archive"), state)

@@ -17,7 +17,7 @@ The file format (version 2, little-endian)::
                layer's diff_id), span size, frames
       hashes   the span hashes, 32 bytes each
       layout   zlib(ImageLayout.to_bytes()), when asked for (a layer of an image is merged, not served alone)
-      tree     zlib(treefile.dump(tree)): what merging the layers of an image needs
+      tree     zlib(packed_tree.dump(tree)): what merging the layers of an image needs
       gzip     zlib(rapidgzip's checkpoint export), for gzip archives
 
 An index that is missing, of another version, truncated or whose checksum
@@ -51,9 +51,9 @@ from erofs_mount_core import (
     write_cache_file,
 )
 
-from . import streams, treefile
+from . import packed_tree, streams
+from .entries import Tree, read_tree
 from .progress import Meter, Progress
-from .tree import Tree, read_tree
 
 MAGIC = b"erofs-mount-tidx"
 VERSION = 2
@@ -75,7 +75,7 @@ class ArchiveIndex:
     layout: ImageLayout | None
     """The archive's own image, if the index keeps it (``image_layout()`` makes it otherwise)."""
     tree: bytes = attrs.field(repr=False)
-    """``treefile.dump`` of the archive's tree."""
+    """``packed_tree.dump`` of the archive's tree."""
     fresh: list[Tree] = attrs.field(factory=list, eq=False, repr=False)
     """The tree itself, when this index was just built: handed to the first ``read_tree`` (not loaded again)."""
     gzip_checkpoints: bytes = b""
@@ -92,8 +92,8 @@ class ArchiveIndex:
     def read_tree(self, base: int = 0) -> Tree:
         """A copy of the archive's tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
         if self.fresh:
-            return treefile.moved(self.fresh.pop(), base)
-        return treefile.load(self.tree, base)
+            return packed_tree.moved(self.fresh.pop(), base)
+        return packed_tree.load(self.tree, base)
 
     def open_stream(self, archive: Source) -> Any:
         """The uncompressed stream at random (not yet checked: see ``SpanHashes.verified``)."""
@@ -153,7 +153,7 @@ class ArchiveIndex:
                 spans=SpanHashes(int(meta["span_size"]), sections["hashes"]),
                 layout=layout, tree=tree,
                 # a layer to merge: its tree checked now (a damaged one is built again), and kept for the merge
-                fresh=[treefile.load(tree)] if layout is None else [],
+                fresh=[packed_tree.load(tree)] if layout is None else [],
                 gzip_checkpoints=_inflate(sections["gzip"]) if "gzip" in sections else b"",
                 zstd_frames=tuple(streams.frames_from(meta["zstd_frames"])),
             )
@@ -235,7 +235,7 @@ def _build(archive: Source, where: str, compression: str, progress: bool | Meter
         compression=compression, archive_sha256=sha256, archive_size=archive.size, stream_size=stream.length,
         stream_sha256=stream_sha256 or sha256, spans=spans,
         layout=ImageLayout.of(tree.root) if layout else None,
-        tree=treefile.dump(tree), fresh=[] if layout else [tree],  # to be merged: handed over, not loaded
+        tree=packed_tree.dump(tree), fresh=[] if layout else [tree],  # to be merged: handed over, not loaded
         gzip_checkpoints=one_pass.kept.get("checkpoints", b""),
         zstd_frames=tuple(streams.frames_from(one_pass.kept.get("frames", []))),
     )

@@ -20,7 +20,7 @@ import stat
 
 from erofs_mount_core import ImageNode
 
-from .tree import IMPLICIT_DIR_MODE, Tree
+from .entries import IMPLICIT_DIR_MODE, Tree
 
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 

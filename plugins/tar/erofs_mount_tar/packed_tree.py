@@ -16,7 +16,7 @@ import stat
 
 from erofs_mount_core import ImageNode
 
-from .tree import Tree, problem_of
+from .entries import Tree, problem_of
 
 _TEXT = ("utf-8", "surrogateescape")
 

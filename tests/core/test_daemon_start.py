@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from erofs_mount_core import _daemon_protocol as protocol
+from erofs_mount_core import _daemon_start as protocol
 from erofs_mount_core import _errors as errors
 from erofs_mount_core import _record as rec
 

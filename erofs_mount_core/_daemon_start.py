@@ -46,7 +46,7 @@ from . import _errors as errors
 from . import _record as rec
 from . import _systemd as systemd
 from ._control import peer_uid
-from ._faults import kill_point
+from ._kill_points import kill_point
 
 READY = "READY"
 ERROR = "ERROR"
