@@ -95,6 +95,7 @@ def mount_erofs(device: str, mountpoint: str, options: MountOptions = MountOptio
         err = ctypes.get_errno()
         hint = {
             errno.EINVAL: "the image is not a valid EROFS filesystem",
+            errno.EUCLEAN: "the image is not a valid EROFS filesystem (the kernel found it damaged)",
             errno.ENODEV: "the kernel has no erofs support (modprobe erofs)",
             errno.ENOTDIR: "the mountpoint is not a directory",
             errno.ENOENT: "the mountpoint does not exist",

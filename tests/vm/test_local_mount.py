@@ -303,9 +303,17 @@ def test_bad_inputs(sample: tuple[Path, dict[str, str]], mountpoint: Path, tmp_p
     junk.write_bytes(os.urandom(1 << 20))
     assert "no such file" in _refused("mount", "--source", f"local:{tmp_path}/missing.erofs", str(mountpoint))
     assert "not an EROFS image" in _refused("mount", "--source", f"local:{junk}", str(mountpoint))
-    # passes the magic check, fails in the kernel: the device is attached, then torn down
+    # passes the superblock check (magic, block size, blocks held), fails in the kernel (its root inode is
+    # zeros): the device is attached, then torn down
     corrupt = tmp_path / "corrupt.erofs"
-    corrupt.write_bytes(bytes(1024) + (0xE0F5E1E2).to_bytes(4, "little") + bytes((1 << 20) - 1028))
+    head = bytearray(1 << 20)
+    head[1024:1028] = (0xE0F5E1E2).to_bytes(4, "little")
+    head[1024 + 12] = 12  # blkszbits: 4 KiB blocks
+    head[1024 + 36:1024 + 40] = (256).to_bytes(4, "little")  # blocks: the 1 MiB it holds
+    corrupt.write_bytes(bytes(head))
+    truncated = tmp_path / "truncated.erofs"
+    truncated.write_bytes(image.read_bytes()[:8192])
+    assert "a truncated EROFS image" in _refused("mount", "--source", f"local:{truncated}", str(mountpoint))
     assert "not a valid EROFS filesystem" in _refused("mount", "--source", f"local:{corrupt}", str(mountpoint))
     assert "does not exist" in _refused("mount", "--source", f"local:{image}", str(tmp_path / "nope"))
     assert "no installed plugin provides source type 'nosuch'" in _refused(
