@@ -31,6 +31,20 @@ def test_each_needs_root_and_says_so_in_one_line(args: tuple[str, ...]) -> None:
     assert result.stderr.count("\n") == 1 and f"{args[0]} needs root" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("args", "said"), [
+    (("cache", "list"), "using the cache /var/cache/erofs-mount needs root"),
+    (("cache", "prune", "--max-size", "0"), "using the cache /var/cache/erofs-mount needs root"),
+    (("systemd-units",), "writing units into /etc/systemd/system needs root"),
+])
+def test_the_cache_and_the_units_as_a_user_say_needs_root_in_one_line(args: tuple[str, ...], said: str,
+                                                                       tmp_path: Path) -> None:
+    """They once gave a PermissionError traceback, or (prune) 'removed 0 files' and success."""
+    Path("/var/cache/erofs-mount").mkdir(mode=0o700, exist_ok=True)  # root's, as a first mount makes it
+    result = run(*args, user=65534)
+    assert result.returncode == 2 and result.stdout == "", result
+    assert result.stderr.count("\n") == 1 and said in result.stderr and "Traceback" not in result.stderr
+
+
 def test_with_no_device_attached() -> None:
     import json
 
