@@ -309,6 +309,34 @@ def test_the_source_pins_the_image_and_reattach_survives_a_moved_tag(registry: R
         registry.push_image("images/four", "v1", layers, diff_ids=[diff_id(b) for b, _ in layers])
 
 
+def test_reattach_loads_the_merged_layout_the_mount_kept_and_merges_again_only_a_damaged_one(
+        image: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from erofs_mount_oci import layers_image
+
+    source = open_reference(image, {"insecure": ""})
+    try:
+        state, expected = source.state(), source.pread(source.size, 0)
+    finally:
+        source.close()
+    kept = cache_dir / "tar-layout" / f"{state['image_sha256']}.lay"
+    assert kept.is_file(), "the mount keeps its merged layout"
+    merged = layers_image.merge_layers
+    monkeypatch.setattr(layers_image, "merge_layers", lambda trees: pytest.fail("merged again at reattach"))
+    again = reopen(state)
+    try:
+        assert again.pread(again.size, 0) == expected
+    finally:
+        again.close()
+    kept.write_bytes(kept.read_bytes()[:-10] + bytes(10))  # damaged: its digest no longer matches
+    calls: list[int] = []
+    monkeypatch.setattr(layers_image, "merge_layers", lambda trees: calls.append(1) or merged(trees))
+    again = reopen(state)
+    try:
+        assert again.pread(again.size, 0) == expected and calls == [1]
+    finally:
+        again.close()
+
+
 def test_reads_are_one_range_request_each_and_a_lying_registry_gives_io_errors(
         registry: Registry, image: str, tmp_path: Path) -> None:
     source = open_reference(image, {"insecure": ""})  # indexed (or from the cache), straight from the registry

@@ -18,7 +18,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from erofs_mount_tar import ArchiveIndex, merge_layers
+from erofs_mount_tar import ArchiveIndex, load_layout, merge_layers, store_layout
 
 from erofs_mount_core import (
     BlockCache,
@@ -199,10 +199,13 @@ class LayersImage(SynthesizedImage):
                     job = FillJob(_fill_from(index, registry, layer, what), index.spans, index.stream_sha256, what)
                     self.fill_jobs.append(job)
             backing = Layered(streams)
-            if whole:
+            pinned = state.get("image_sha256")
+            layout = load_layout(pinned) if whole and isinstance(pinned, str) else None
+            if layout is None and whole:  # merged once per image: a reattach loads what the mount kept
                 layout = ImageLayout.of(merge_layers([index.read_tree(base) for index, base in zip(found, backing.bases,
                                                                                            strict=True)]))
-            else:
+                store_layout(layout)
+            elif layout is None:
                 layout = found[0].image_layout()
         except BaseException:
             for stream in streams:

@@ -42,8 +42,10 @@ _EXPORTS = {
     "Progress": ("progress", "Progress"),
     "build_index": ("index", "build"),
     "load_index": ("index", "load"),
+    "load_layout": ("layouts", "load_layout"),
     "merge_layers": ("merge", "merge"),
     "store_index": ("index", "store"),
+    "store_layout": ("layouts", "store_layout"),
 }
 __all__ = sorted(_EXPORTS)
 

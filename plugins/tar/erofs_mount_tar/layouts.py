@@ -1,0 +1,47 @@
+"""Merged layouts kept in the cache by their digest: reattach, and a daemon reopening what its mount just
+opened, load the synthesized metadata instead of merging the layers' trees again.
+
+A layout is named by ``ImageLayout.digest()``, which a record pins as its
+``image_sha256``; one is used only if its bytes still give that digest, so a
+damaged or planted file is never served (it is merged again instead).
+``$EROFS_MOUNT_CACHE_DIR/tar-layout/<digest>.lay`` holds it, zlib-compressed.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+
+from erofs_mount_core import ImageLayout, cache_directory, open_cache_file, write_cache_file
+
+LAYOUT_DIR = "tar-layout"
+MAX_LAYOUT = 1 << 30  # no image's metadata is near this
+
+
+def _path(digest: str):  # noqa: ANN202 - a Path
+    if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+        raise ValueError(f"{digest!r} is not a sha256")
+    return cache_directory(LAYOUT_DIR) / f"{digest}.lay"
+
+
+def load_layout(digest: str) -> ImageLayout | None:
+    """The layout whose digest is ``digest``, if the cache holds it whole; None otherwise."""
+    try:
+        fd = open_cache_file(_path(digest))
+    except ValueError:
+        return None
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        packed = f.read(MAX_LAYOUT + 1)
+    try:
+        inflater = zlib.decompressobj()
+        layout = ImageLayout.from_bytes(inflater.decompress(packed, MAX_LAYOUT))
+    except (zlib.error, ValueError):
+        return None
+    return layout if layout.digest() == digest else None
+
+
+def store_layout(layout: ImageLayout) -> None:
+    """Keep ``layout`` under its digest (aside, then renamed: a reader never sees half of one)."""
+    write_cache_file(_path(layout.digest()), zlib.compress(layout.to_bytes(), 6))
