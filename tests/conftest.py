@@ -1,9 +1,10 @@
 """Runs the ``kernel``-marked tests inside a VM with a real nbd driver.
 
-On the host, each selected kernel test is replaced by a stand-in item; the
-first stand-in boots the guests (tests/vm/vm-run), one per kernel series,
-side by side, each running all of its tests in a single pytest session, and
-every stand-in then reports its own test's outcome from its guest. Inside
+On the host, each selected kernel test is replaced by a stand-in item; once
+the tests are collected the guests boot (tests/vm/vm-run), one per kernel
+series, side by side, each running all of its tests in a single pytest
+session while the host runs its own tests, and every stand-in then reports
+its own test's outcome from its guest. Inside
 the guest (VMTEST_GUEST=1) the real tests run.
 
 Every kernel test runs on Debian's stock kernel (6.1). Tests marked
@@ -81,6 +82,15 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             newer.append(GuestItem.from_parent(item.parent, name=f"{item.name}@{NEWER_KERNEL}",
                                                nodeid_in_guest=item.nodeid, kernel=NEWER_KERNEL))
     items[:] = stand_ins + newer
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The guests boot as soon as the tests are known, and run while the host's own tests run: their
+    sessions are the longest part of the run (two lanes, one CPU each), the host's tests fill the gaps."""
+    if IN_GUEST or session.config.getoption("--skip-kernel") or session.config.option.collectonly:
+        return
+    if any(isinstance(item, GuestItem) for item in session.items):
+        _start_guests(session)
 
 
 class GuestRun:
