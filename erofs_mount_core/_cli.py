@@ -470,7 +470,7 @@ def man_page() -> None:
 
 @cli.group()
 def cache() -> None:
-    """The cache directory: indexes, span hashes, unpacked streams and the span store, kept between mounts.
+    """The cache directory: indexes, merged layouts, span hashes, unpacked streams, the span store.
 
     It is /var/cache/erofs-mount unless EROFS_MOUNT_CACHE_DIR names another.
     Anything in it may be deleted; what a mount needs again is rebuilt.

@@ -88,7 +88,7 @@ def render(group: click.Group, prog: str = "erofs-mount", version: str = "") -> 
               _item("/run/erofs-mount/nbd-*.toml", "the recovery record of each attached device (EROFS_MOUNT_RUN_DIR)"),
               _item("/run/erofs-mount/nbd-*.log", "a daemon's log when it runs outside systemd (1 MiB, then "
                     "started again); under systemd, the journal of its unit"),
-              _item("/var/cache/erofs-mount", "indexes, span hashes, unpacked streams and the span store "
+              _item("/var/cache/erofs-mount", "indexes, merged layouts, span hashes, unpacked streams, the span store "
                     "(EROFS_MOUNT_CACHE_DIR)")]
     lines += [".SH EXIT STATUS"] + [f".TP\n.B {code}\n{_escape(meaning)}" for code, meaning in EXIT_CODES.items()]
     lines += [".SH ENVIRONMENT", ".TP\n.B EROFS_MOUNT_CACHE_DIR\nthe cache directory (default /var/cache/erofs-mount)",
