@@ -38,7 +38,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import attrs
 
@@ -128,24 +128,37 @@ def check_lock(lock_fd: int, record_path: Path) -> None:
 # -- the command's side ----------------------------------------------------------
 
 
-def spawn(mode: str, record_path: Path, forked: Forked | None = None, lock_fd: int | None = None) -> int:
+class Starter(Protocol):
+    """One way to start a daemon for a record, under its lock: it returns the device index the daemon
+    reports, or raises what the daemon reported (``_answer``)."""
+
+    def start(self, mode: str, record_path: Path, lock_fd: int | None) -> int: ...
+
+
+def spawn(mode: str, record_path: Path, starter: Starter | None = None, lock_fd: int | None = None) -> int:
     """Start a daemon for ``record_path`` under its lock; return the device index it reports.
 
     Raises DeviceStateError if a daemon already holds the lock, or whatever
-    the daemon reported (the same class). With ``forked``, the daemon is a
-    fork of this process instead of a new interpreter (``watch``). ``lock_fd``:
-    the caller holds the lock already (``mount``, from before its record exists).
+    the daemon reported (the same class). ``starter``: how (by default a
+    service of its own under systemd, else a new interpreter; ``watch`` forks
+    itself: ``ForkStarter``). ``lock_fd``: the caller holds the lock already
+    (``mount``, from before its record exists).
     """
+    starter = starter or default_starter()
     if lock_fd is not None:
-        return _fork(mode, record_path, lock_fd, forked) if forked is not None else _start(mode, record_path, lock_fd)
-    with locked(record_path) as lock_fd:
-        if forked is not None:
-            return _fork(mode, record_path, lock_fd, forked)
-        return _start(mode, record_path, lock_fd)
+        return starter.start(mode, record_path, lock_fd)
+    with locked(record_path) as held:
+        return starter.start(mode, record_path, held)
+
+
+def default_starter() -> Starter:
+    """A service of its own when systemd runs this machine, else a new interpreter."""
+    run = systemd.systemd_run(SYSTEM_PATH)
+    return ServiceStarter(run) if run is not None else ExecStarter()
 
 
 @attrs.frozen
-class Forked:
+class ForkStarter:
     """How ``watch`` starts daemons: as forks of itself, which has the code and plugins loaded,
     so a reattach does not wait seconds for an interpreter to start and import (on a slow machine)."""
 
@@ -156,8 +169,31 @@ class Forked:
     hidden_fds: tuple[int, ...] = ()
     """This process's descriptors the daemon must not keep (the event socket): /dev/null takes their place."""
 
+    def start(self, mode: str, record_path: Path, lock_fd: int | None) -> int:
+        assert lock_fd is not None, "a fork takes the lock its parent holds"
+        return _fork(mode, record_path, lock_fd, self)
 
-def _fork(mode: str, record_path: Path, lock_fd: int, forked: Forked) -> int:
+
+@attrs.frozen
+class ExecStarter:
+    """A new interpreter (``-I``, in ``/``, in a session of its own), its log beside the record."""
+
+    def start(self, mode: str, record_path: Path, lock_fd: int | None) -> int:
+        return _exec(mode, record_path, lock_fd)
+
+
+@attrs.frozen
+class ServiceStarter:
+    """A transient systemd service of its own, through ``systemd-run`` (``run``): what a child would
+    inherit, it receives on a channel in the run directory."""
+
+    run: str
+
+    def start(self, mode: str, record_path: Path, lock_fd: int | None) -> int:
+        return _start_service(self.run, mode, record_path, lock_fd)
+
+
+def _fork(mode: str, record_path: Path, lock_fd: int, forked: ForkStarter) -> int:
     """The daemon in a grandchild of this process (the child exits at once: no zombie is left behind)."""
     ready_r, ready_w = os.pipe()
     logf = os.open(rec.log_path(record_path),
@@ -177,7 +213,7 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: Forked) -> int:
     os.close(ready_w)
     os.close(logf)
     os.waitpid(child, 0)
-    return _answer(ready_r, _Forked(record_path))
+    return _answer(ready_r, ForkedDaemon(record_path))
 
 
 def _become_daemon(logf: int, hidden_fds: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
@@ -202,13 +238,10 @@ def spawn_taker(record_path: Path) -> int:
 
     No lock is taken here: the running daemon holds it and hands it over with the connections.
     """
-    return _start("take-over", record_path, None)
+    return default_starter().start("take-over", record_path, None)
 
 
-def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
-    run = systemd.systemd_run(SYSTEM_PATH)
-    if run is not None:
-        return _start_service(run, mode, record_path, lock_fd)
+def _exec(mode: str, record_path: Path, lock_fd: int | None) -> int:
     ready_r, ready_w = os.pipe()
     lock_args, fds = (["--lock-fd", str(lock_fd)], (ready_w, lock_fd)) if lock_fd is not None else ([], (ready_w,))
     logf = os.open(rec.log_path(record_path),
@@ -231,7 +264,7 @@ def _start(mode: str, record_path: Path, lock_fd: int | None) -> int:
     except BrokenPipeError:  # it died at once: its line (or its silence) says why
         pass
     kill_point(f"spawn-{mode}:started")
-    return _answer(ready_r, _Child(record_path, proc))
+    return _answer(ready_r, ChildDaemon(record_path, proc))
 
 
 def _daemon_command(mode: str, record_path: Path) -> list[str]:
@@ -262,7 +295,7 @@ def _start_service(run: str, mode: str, record_path: Path, lock_fd: int | None) 
         conn.shutdown(socket.SHUT_WR)
     except OSError:  # it left at once: its line (or its silence) says why
         pass
-    return _answer(conn.detach(), _Service(unit, proc))
+    return _answer(conn.detach(), ServiceDaemon(unit, proc))
 
 
 def _daemon_calls(listener: socket.socket, run: subprocess.Popen[bytes], unit: str) -> socket.socket:
@@ -279,12 +312,14 @@ def _daemon_calls(listener: socket.socket, run: subprocess.Popen[bytes], unit: s
             reason = said[-1] if said else f"systemd-run exit status {run.returncode}"
             raise errors.KernelError(f"systemd did not start the daemon's service {unit}: {reason} "
                                      f"({systemd.SETTING}=no starts daemons without systemd)")
-    _Service(unit, run).stop()
+    ServiceDaemon(unit, run).stop()
     raise errors.KernelError(f"the daemon's service {unit} did not start within {READY_TIMEOUT:.0f} s")
 
 
 @attrs.frozen
-class _Forked:
+class ForkedDaemon:
+    """A daemon started, as a fork or a child, while its line is awaited: where its log is, how to end it."""
+
     record_path: Path
 
     def where(self) -> str:
@@ -299,7 +334,9 @@ class _Forked:
 
 
 @attrs.frozen
-class _Child(_Forked):
+class ChildDaemon(ForkedDaemon):
+    """A daemon in a new interpreter, a child of this process."""
+
     proc: subprocess.Popen[bytes]
 
     def failed(self, silent: bool) -> str:
@@ -309,7 +346,9 @@ class _Child(_Forked):
 
 
 @attrs.frozen
-class _Service:
+class ServiceDaemon:
+    """A daemon in a service of its own: ``systemd-run`` is the process to wait for."""
+
     unit: str
     run: subprocess.Popen[bytes]
 
@@ -339,7 +378,7 @@ class _Service:
                        capture_output=True, timeout=30, check=False)
 
 
-def _answer(ready_r: int, daemon: _Forked | _Service) -> int:
+def _answer(ready_r: int, daemon: ForkedDaemon | ServiceDaemon) -> int:
     """The index the daemon's line reports, or its error raised; a silent daemon is ended."""
     try:
         line = _read_line(ready_r, READY_TIMEOUT)

@@ -29,7 +29,7 @@ from . import _daemon
 from . import _devices as devices
 from . import _lifecycle as lifecycle
 from . import _systemd as systemd
-from ._daemon_start import SYSTEM_PATH, Forked, daemon_alive, exec_environment, passed_environment, spawn
+from ._daemon_start import SYSTEM_PATH, ForkStarter, daemon_alive, exec_environment, passed_environment, spawn
 from ._errors import ErofsMountError
 from ._nbd import sysfs
 from ._nbd.events import LinkDeadEvents, Overrun
@@ -56,7 +56,7 @@ class Watcher:
         self.stuck_after = stuck_after  # 0: live daemons are not probed
         self.clock = time.monotonic
         self.host = PluginHost()
-        self.forked = Forked(self.host, _daemon.serve, hidden_fds=(events.fileno(),))
+        self.forked = ForkStarter(self.host, _daemon.serve, hidden_fds=(events.fileno(),))
         self.in_services = systemd.systemd_run(SYSTEM_PATH) is not None
         self.moving: dict[int, subprocess.Popen[bytes]] = {}  # device index -> its ``restart`` into a service
         self.due: dict[int, float] = {}  # device index -> when to look at it next
@@ -126,7 +126,7 @@ class Watcher:
                 self._forget(index)  # healthy, or reattached by someone else
             return
         outcome = lifecycle.reattach_when_due(
-            index, path, now=time.time(), start=lambda p: spawn("reattach", p, forked=self.forked),
+            index, path, now=time.time(), start=lambda p: spawn("reattach", p, starter=self.forked),
             host=self.host)
         if outcome.error is not None:
             log.error("nbd%d: reattach failed: %s; next attempt in %.0f s", index, outcome.error, outcome.due_in)
