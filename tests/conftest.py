@@ -39,7 +39,10 @@ VM_RUN = Path(os.environ.get("EROFS_MOUNT_VM_RUN", ROOT / "tests" / "vm" / "vm-r
 IN_GUEST = os.environ.get("VMTEST_GUEST") == "1"
 REPORT_ENV = "EROFS_MOUNT_GUEST_REPORT"
 SKIP_ENV = "EROFS_MOUNT_SKIP_KERNEL_TESTS"
-GUEST_LOG = ROOT / ".guest-pytest.log"
+#: where each guest's output goes as it comes (`tail -f` it); EROFS_MOUNT_GUEST_LOG_DIR names another directory
+#: (the harness's own tests run sessions of their own beside this one)
+GUEST_LOG_DIR = Path(os.environ.get("EROFS_MOUNT_GUEST_LOG_DIR") or ROOT)
+GUEST_LOG = GUEST_LOG_DIR / ".guest-pytest.log"
 GUEST_TIMEOUT = int(os.environ.get("EROFS_MOUNT_GUEST_TIMEOUT", "2700"))
 #: seconds from power-on to the guest's pytest session start on an idle machine of this kind (measured: 20-30);
 #: a guest that took longer (a loaded host) gets its session's timeout stretched as much, up to SCALE_MAX times
@@ -100,7 +103,7 @@ class GuestRun:
         self.key = key
         self.systemd = key == SYSTEMD_GUEST
         self.kernel = STOCK_KERNEL if self.systemd else key
-        self.log = ROOT / f".guest-pytest-{key}.log" if key else GUEST_LOG
+        self.log = GUEST_LOG_DIR / f".guest-pytest-{key}.log" if key else GUEST_LOG
         self.results: dict[str, dict[str, object]] | None = None
         self.error: str | None = None
         self.output = ""
@@ -127,7 +130,7 @@ class GuestRun:
     def _boot(self, nodeids: list[str], cpus: int) -> bool:
         """One guest session; whether its pytest started. Each test's outcome is read as the guest reports it,
         so a session cut short by its timeout fails only the tests it had not run."""
-        report = self.log.with_name(self.log.name + ".report.json")
+        report = self.log.with_name(f"{self.log.name}.{os.getpid()}.report.json")  # this session's alone
         report.unlink(missing_ok=True)
         env = dict(os.environ, **{REPORT_ENV: str(report)})
         if self.kernel:

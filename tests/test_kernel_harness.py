@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,9 +14,16 @@ ONE_KERNEL_TEST = "tests/vm/test_harness.py::test_modprobe_nbd_gives_devices"
 
 
 def run_pytest(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """A pytest session of its own, its guests' logs and reports apart from this session's (whose guests may
+    be running meanwhile)."""
     environ = {k: v for k, v in os.environ.items() if k not in ("EROFS_MOUNT_SKIP_KERNEL_TESTS", "VMTEST_GUEST")}
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args],
-                          cwd=ROOT, env={**environ, **env}, capture_output=True, text=True, timeout=120)
+    logs = tempfile.mkdtemp(prefix="guest-logs-")
+    try:
+        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", *args], cwd=ROOT,
+                              env={**environ, "EROFS_MOUNT_GUEST_LOG_DIR": logs, **env}, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        shutil.rmtree(logs, ignore_errors=True)
 
 
 def test_without_a_vm_the_kernel_tests_fail() -> None:
