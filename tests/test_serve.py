@@ -38,12 +38,12 @@ class Server:
         self.sock = sock
         self.proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", spec, *options, "--socket", str(sock)],
                                      stderr=subprocess.PIPE, text=True, preexec_fn=preexec_fn)
-        for _ in range(200):
-            if sock.exists():
-                return
-            assert self.proc.poll() is None, self.proc.stderr.read() if self.proc.stderr else ""
-            time.sleep(0.05)
-        raise AssertionError("serve did not start listening")
+        self.said = ""
+        assert self.proc.stderr is not None
+        while "serving " not in self.said:  # its first line comes once it listens (the file is bound before)
+            line = self.proc.stderr.readline()
+            assert line, f"serve did not start listening: {self.said}"
+            self.said += line
 
     @property
     def uri(self) -> str:
@@ -52,7 +52,7 @@ class Server:
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
         _out, err = self.proc.communicate(timeout=20)
-        return err
+        return self.said + err
 
 
 @pytest.fixture
@@ -406,7 +406,10 @@ def test_serve_interrupted_while_its_source_opens_exits_130(tmp_path: Path) -> N
     proc = subprocess.Popen([EROFS_MOUNT, "serve", "--source", f"tar:{archive}", "--run", "true"],
                             stderr=subprocess.PIPE, text=True, env={**os.environ,
                                                                      "EROFS_MOUNT_CACHE_DIR": str(tmp_path / "c")})
-    time.sleep(1.5)
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "c" / "tar-index").is_dir():  # the source is opening: its index is looked for first
+        assert proc.poll() is None and time.monotonic() < deadline, "serve ended before it opened the source"
+        time.sleep(0.01)
     assert proc.poll() is None, "the archive was indexed before the signal: make it larger"
     proc.send_signal(signal.SIGINT)
     _out, err = proc.communicate(timeout=60)
