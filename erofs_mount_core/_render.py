@@ -12,6 +12,7 @@ from ._errors import UsageError
 def shell_quoted(text: str) -> str:
     """Each word holding bytes that are not UTF-8 (a path's, kept as surrogate escapes, or their repr
     ``\\udcff``) as bash writes it, ``$'a\\xff'``, so that it can be pasted back into a shell."""
+
     def quoted(word: re.Match[str]) -> str:
         body, tail = word.group(1), word.group(2)
         body = re.sub(r"\\udc([89a-f][0-9a-f])", lambda m: chr(0xDC00 + int(m.group(1), 16)), body)

@@ -237,7 +237,6 @@ _FLIPS = st.lists(st.tuples(st.integers(0, 1 << 16), st.integers(0, 255)), max_s
 
 
 def _tar_bytes(entries: list[Any], flips: list[tuple[int, int]]) -> bytes:
-    import io
     import tarfile
 
     out = bytearray()
@@ -255,7 +254,6 @@ def _tar_bytes(entries: list[Any], flips: list[tuple[int, int]]) -> bytes:
     for at, value in flips:
         if out:
             out[at % len(out)] = value
-    del io
     return bytes(out)
 
 
