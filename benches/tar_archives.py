@@ -96,7 +96,7 @@ COLD_RANDOM = """
 import random, sys
 from erofs_mount_local import LocalFile
 from erofs_mount_core import CacheSettings
-from erofs_mount_tar.tar_image import mount_archive
+from erofs_mount_tar.archive_source import mount_archive
 import bisect
 image = mount_archive(LocalFile(sys.argv[1]), CacheSettings(), progress=False)
 stream = image.backing.inner.inner          # under the span cache and its check

@@ -409,7 +409,8 @@ def plugins(scheme: str | None, as_json: bool) -> None:
             info = host.owner(scheme)
             _echo_json("plugins", {"scheme": scheme, "plugin": info.name, "distribution": info.distribution,
                                    "version": info.version, "summary": info.schemes[scheme],
-                                   "options": info.options.get(scheme), "documentation": text})
+                                   "options": info.options.get(scheme),
+                                   "wraps_sources": scheme in info.wrapping, "documentation": text})
         else:
             click.echo(text)
         return

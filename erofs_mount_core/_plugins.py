@@ -23,12 +23,13 @@ import attrs
 import pluggy
 
 from . import hookspecs
-from ._errors import PluginError, UnknownSchemeError, UsageError
+from ._errors import PluginError, SourceError, UnknownSchemeError, UsageError
 from ._filters import CacheSettings
-from ._source import Source
+from ._source import InnerSource, Source
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 LOAD_ENV = "EROFS_MOUNT_LOAD_PLUGINS"
+MAX_NESTING = 4  # tar:s3:... is two; deeper is a loop by mistake
 
 
 @attrs.frozen
@@ -42,6 +43,8 @@ class PluginInfo:
     error: str | None = None
     options: dict[str, list[str]] = attrs.field(factory=dict)
     """``{scheme: its -o option names}`` for the schemes whose plugin declares them"""
+    wrapping: list[str] = attrs.field(factory=list)
+    """the schemes whose location may name another source (``tar:s3:...``)"""
 
     @property
     def status(self) -> str:
@@ -56,6 +59,7 @@ class PluginInfo:
             "status": self.status,
             "error": self.error,
             "options": self.options,
+            "wrapping": self.wrapping,
         }
 
 
@@ -93,11 +97,15 @@ class PluginHost:
             options = {scheme: _check_options(scheme, self._call_one(name, "erofs_mount_source_options",
                                                                       scheme=scheme))
                        for scheme in schemes}
+            wrapping = sorted(self._call_one(name, "erofs_mount_wrapping_schemes") or ())
+            if not set(wrapping) <= set(schemes):
+                raise PluginError(f"erofs_mount_wrapping_schemes names schemes it does not provide: "
+                                  f"{', '.join(sorted(set(wrapping) - set(schemes)))}")
         except Exception as exc:
             self._pm.unregister(name=name)
             return self._failed(name, distribution, version, exc)
         info = PluginInfo(name, distribution, version, schemes,
-                          options={s: o for s, o in options.items() if o is not None})
+                          options={s: o for s, o in options.items() if o is not None}, wrapping=wrapping)
         self._infos.append(info)
         for scheme in schemes:
             self._owners.setdefault(scheme, []).append(name)
@@ -157,18 +165,59 @@ class PluginHost:
 
     # -- the source hooks, routed to the scheme's owner --------------------
 
-    def open_source(self, scheme: str, location: str, options: Mapping[str, str]) -> Source:
+    def open_source(self, scheme: str, location: str, options: Mapping[str, str], *, _depth: int = 0) -> Source:
         """The plugin's source for ``scheme:location``. When the plugin declares its options
         (``erofs_mount_source_options``), the host refuses any other name, and checks the shared cache
-        options (``CacheSettings``) it declares, before the plugin is called."""
-        declared = self.owner(scheme).options.get(scheme)
+        options (``CacheSettings``) it declares, before the plugin is called. For a wrapping scheme whose
+        location names another source, that source is opened first, with the options the wrapper does not
+        declare, and handed over as ``inner``."""
+        info = self.owner(scheme)
+        declared = info.options.get(scheme)
+        inner_spec = self._inner_spec(info, scheme, location, _depth)
+        own = options if inner_spec is None or declared is None else {k: v for k, v in options.items()
+                                                                        if k in declared}
         if declared is not None:
-            check_options(scheme, options, declared)
+            check_options(scheme, own, declared)
+        inner = None
+        if inner_spec is not None:
+            opened = self.open_source(*inner_spec, {k: v for k, v in options.items() if k not in own},
+                                      _depth=_depth + 1)
+            inner = self._handed_over(inner_spec[0], opened)
         return self._source_from("erofs_mount_open_source",
-                                 scheme=scheme, location=location, options=dict(options))
+                                 scheme=scheme, location=location, options=dict(own), inner=inner)
 
-    def deserialize_source(self, scheme: str, state: Mapping[str, Any]) -> Source:
-        return self._source_from("erofs_mount_deserialize_source", scheme=scheme, state=state)
+    def deserialize_source(self, scheme: str, state: Mapping[str, Any], *, _depth: int = 0) -> Source:
+        """The source a record's state gives back; a wrapping source's inner one (its state's ``"inner"``)
+        rebuilt first and handed over as at open."""
+        inner = None
+        nested = state.get("inner") if scheme in self.owner(scheme).wrapping else None
+        if nested is not None:
+            if not (isinstance(nested, Mapping) and isinstance(nested.get("scheme"), str)
+                    and isinstance(nested.get("state"), Mapping)):
+                raise SourceError(f"{scheme}: the record's inner source is incomplete")
+            if _depth >= MAX_NESTING:
+                raise SourceError(f"{scheme}: the record nests sources more than {MAX_NESTING} deep")
+            opened = self.deserialize_source(nested["scheme"], nested["state"], _depth=_depth + 1)
+            inner = self._handed_over(nested["scheme"], opened)
+        return self._source_from("erofs_mount_deserialize_source", scheme=scheme, state=state, inner=inner)
+
+    def _inner_spec(self, info: PluginInfo, scheme: str, location: str, depth: int) -> tuple[str, str] | None:
+        """(scheme, location) of the source a wrapping scheme's location names, if it names one."""
+        if scheme not in info.wrapping:
+            return None
+        inner, sep, rest = location.partition(":")
+        if not sep or inner not in self._owners:
+            return None
+        if depth >= MAX_NESTING:
+            raise UsageError(f"{scheme}: {location!r} nests sources more than {MAX_NESTING} deep")
+        return inner, rest
+
+    def _handed_over(self, scheme: str, source: Source) -> InnerSource:
+        try:
+            return InnerSource(scheme, source, self.source_state(scheme, source))
+        except BaseException:
+            source.close()
+            raise
 
     def source_state(self, scheme: str, source: Source) -> dict[str, Any]:
         """What the record keeps of ``source``: its own ``state()``, or the deprecated serialize hook's answer."""

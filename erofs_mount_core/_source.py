@@ -11,6 +11,8 @@ import abc
 from collections.abc import Mapping
 from typing import Any
 
+import attrs
+
 
 class Source(abc.ABC):
     """A read-only, fixed-size byte range served to the kernel."""
@@ -77,6 +79,21 @@ class Source(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Release files and connections. Called once, after the last ``pread``."""
+
+
+@attrs.frozen
+class InnerSource:
+    """The source that a wrapping scheme's location names (``tar:s3:bucket/rootfs.tar.gz``), opened by the
+    host and handed to the wrapping plugin, which owns it (see ``hookspecs.erofs_mount_wrapping_schemes``)."""
+
+    scheme: str
+    source: Source
+    state: Mapping[str, Any] = attrs.field(repr=False)
+    """The inner source's recovery state, taken when it was opened."""
+
+    def record(self) -> dict[str, Any]:
+        """What the wrapping source keeps in its state under ``"inner"``, for reattach to open it again."""
+        return {"scheme": self.scheme, "state": dict(self.state)}
 
 
 def split_spec(spec: str) -> tuple[str, str]:

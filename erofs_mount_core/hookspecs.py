@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from ._source import Source
+    from ._source import InnerSource, Source
 
 PROJECT = "erofs_mount"
 
@@ -52,8 +52,27 @@ def erofs_mount_source_options(scheme: str) -> Iterable[str]:
     """
 
 
+@hookspec
+def erofs_mount_wrapping_schemes() -> Iterable[str]:
+    """Return those of this plugin's schemes that read another source's bytes (optional hook), as nbdkit's
+    filters sit over its plugins.
+
+    A location of such a scheme may name another source:
+    ``tar:s3:bucket/rootfs.tar.gz``. The host opens that inner source first,
+    with the ``-o`` options this scheme does not declare, and hands it to
+    ``erofs_mount_open_source`` as ``inner`` (an ``InnerSource``); reattach
+    rebuilds it from the record and hands it to
+    ``erofs_mount_deserialize_source`` the same way. The wrapping source
+    keeps ``inner.record()`` in its state under ``"inner"``, and owns the
+    inner source from then on: it closes it, also when its own open fails.
+    A location that names no installed scheme reaches the plugin as it is,
+    with ``inner`` None.
+    """
+
+
 @hookspec(firstresult=True)
-def erofs_mount_open_source(scheme: str, location: str, options: Mapping[str, str]) -> Source:
+def erofs_mount_open_source(scheme: str, location: str, options: Mapping[str, str],
+                            inner: InnerSource | None) -> Source:
     """Open ``scheme:location`` for serving and return a ``Source``.
 
     ``options`` holds the ``-o key=value`` pairs of the command line. Raise
@@ -73,7 +92,7 @@ def erofs_mount_serialize_source(scheme: str, source: Source) -> Mapping[str, An
 
 
 @hookspec(firstresult=True)
-def erofs_mount_deserialize_source(scheme: str, state: Mapping[str, Any]) -> Source:
+def erofs_mount_deserialize_source(scheme: str, state: Mapping[str, Any], inner: InnerSource | None) -> Source:
     """Rebuild the source from its ``state()`` mapping, kept in the record, for reattach.
 
     Raise ``SourceChangedError`` if the bytes are no longer the recorded ones:

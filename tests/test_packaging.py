@@ -38,7 +38,7 @@ def test_core_and_local_plugin_install_separately(fresh_venv: Path) -> None:
     (local,) = plugins_json(fresh_venv)["plugins"]
     assert local == {"name": "local", "distribution": "erofs-mount-local", "version": "0.1.0",
                      "schemes": {"local": "EROFS image in a local file: local:PATH"},
-                     "status": "ok", "error": None, "options": {"local": []}}
+                     "status": "ok", "error": None, "options": {"local": []}, "wrapping": []}
 
 
 def test_a_broken_plugin_is_listed_with_its_error_and_local_still_works(fresh_venv: Path) -> None:

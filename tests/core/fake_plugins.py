@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from erofs_mount_core import Source, hookimpl
+from erofs_mount_core import InnerSource, Source, UsageError, hookimpl
 
 
 class Mem(Source):
@@ -128,3 +128,57 @@ class DeclaresOptions(Good):
 
 
 declares_options = DeclaresOptions()
+
+
+class Upper(Source):
+    """The bytes of another source, upper-cased: a source that reads another one (as tar: does)."""
+
+    def __init__(self, inner: InnerSource, tag: str) -> None:
+        self.inner, self.tag = inner, tag
+
+    @property
+    def size(self) -> int:
+        return self.inner.source.size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        return bytes(self.inner.source.pread(length, offset)).upper()
+
+    def state(self) -> dict[str, object]:
+        return {"inner": self.inner.record(), "tag": self.tag}
+
+    def close(self) -> None:
+        self.inner.source.close()
+
+
+class Wrapping:
+    """``upper:SCHEME:LOCATION``: takes ``tag`` itself, leaves every other option to the inner source."""
+
+    def __init__(self, schemes: tuple[str, ...] = ("upper",)) -> None:
+        self.wraps = schemes
+
+    @hookimpl
+    def erofs_mount_schemes(self) -> dict[str, str]:
+        return {"upper": "another source's bytes, upper-cased"}
+
+    @hookimpl
+    def erofs_mount_source_options(self) -> tuple[str, ...]:
+        return ("tag",)
+
+    @hookimpl
+    def erofs_mount_wrapping_schemes(self) -> tuple[str, ...]:
+        return self.wraps
+
+    @hookimpl
+    def erofs_mount_open_source(self, location: str, options: dict[str, str], inner: InnerSource | None) -> Source:
+        if inner is None:
+            raise UsageError(f"upper: {location!r} names no source")
+        return Upper(inner, options.get("tag", ""))
+
+    @hookimpl
+    def erofs_mount_deserialize_source(self, state: dict[str, object], inner: InnerSource | None) -> Source:
+        assert inner is not None
+        return Upper(inner, str(state["tag"]))
+
+
+wrapping = Wrapping()
+wraps_what_it_lacks = Wrapping(("upper", "mem"))

@@ -109,7 +109,8 @@ def test_a_plugin_s_documentation_is_plain_text_and_json_when_asked() -> None:
     document = json.loads(run("plugins", "local", "--json").stdout)
     assert (document["schema_version"], document["command"]) == (1, "plugins")
     shown = document["result"]
-    assert shown["options"] == []
+    assert shown["options"] == [] and shown["wraps_sources"] is False
+    assert json.loads(run("plugins", "tar", "--json").stdout)["result"]["wraps_sources"] is True
     assert (shown["scheme"], shown["distribution"]) == ("local", "erofs-mount-local")
     assert shown["documentation"] == text.rstrip("\n")
 

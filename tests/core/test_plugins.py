@@ -112,3 +112,37 @@ def test_the_host_refuses_an_option_the_plugin_did_not_declare_before_calling_it
 def test_a_plugin_that_declares_nothing_is_left_to_check_its_options() -> None:
     host = PluginHost(eps(mem=f"{M}:good"))  # no erofs_mount_source_options hook: the plugin decides
     assert host.open_source("mem", "a", {"anything": "1"}) is not None
+
+
+def test_a_wrapping_scheme_gets_the_source_its_location_names_and_the_record_nests_it() -> None:
+    host = PluginHost(eps(upper=f"{M}:wrapping", ok=f"{M}:declares_options"))
+    source = host.open_source("upper", "mem:abc", {"tag": "t", "size": "3"})  # size is the inner source's
+    assert source.pread(3, 0) == b"ABC"
+    state = host.source_state("upper", source)
+    assert state["inner"]["scheme"] == "mem" and state["tag"] == "t"
+    again = host.deserialize_source("upper", state)
+    assert again.pread(2, 1) == b"BC"
+    assert [i.wrapping for i in host.plugins if i.name == "upper"] == [["upper"]]
+    # each option goes to the one that declares it, and a name neither declares is the inner source's error
+    with pytest.raises(UsageError, match=r"^mem: unknown option\(s\) colour "):
+        host.open_source("upper", "mem:abc", {"tag": "t", "colour": "red"})
+    with pytest.raises(UsageError, match="upper: 'nothing' names no source"):
+        host.open_source("upper", "nothing", {})  # no installed scheme: the location reaches the plugin as it is
+
+
+def test_nesting_is_bounded_and_a_bad_inner_record_is_one_error() -> None:
+    host = PluginHost(eps(upper=f"{M}:wrapping", mem=f"{M}:good"))
+    assert host.open_source("upper", "upper:upper:mem:abc", {}).pread(3, 0) == b"ABC"
+    with pytest.raises(UsageError, match="nests sources more than 4 deep"):
+        host.open_source("upper", "upper:" * 4 + "mem:abc", {})
+    from erofs_mount_core import SourceError
+
+    for bad in ({"inner": "mem"}, {"inner": {"scheme": "mem"}}, {"inner": {"scheme": 1, "state": {}}}):
+        with pytest.raises(SourceError, match="^upper: the record's inner source is incomplete$"):
+            host.deserialize_source("upper", {**bad, "tag": ""})
+
+
+def test_a_plugin_that_wraps_a_scheme_it_does_not_provide_fails_to_load() -> None:
+    host = PluginHost(eps(bad=f"{M}:wraps_what_it_lacks"))
+    (info,) = host.plugins
+    assert info.status == "failed" and "names schemes it does not provide: mem" in (info.error or "")

@@ -311,7 +311,7 @@ def test_the_source_pins_the_image_and_reattach_survives_a_moved_tag(registry: R
 
 def test_reattach_loads_the_merged_layout_the_mount_kept_and_merges_again_only_a_damaged_one(
         image: str, cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from erofs_mount_oci import layers_image
+    from erofs_mount_tar import assembly
 
     source = open_reference(image, {"insecure": ""})
     try:
@@ -320,8 +320,8 @@ def test_reattach_loads_the_merged_layout_the_mount_kept_and_merges_again_only_a
         source.close()
     kept = cache_dir / "tar-layout" / f"{state['image_sha256']}.lay"
     assert kept.is_file(), "the mount keeps its merged layout"
-    merged = layers_image.merge_layers
-    monkeypatch.setattr(layers_image, "merge_layers", lambda trees: pytest.fail("merged again at reattach"))
+    merged = assembly.merge
+    monkeypatch.setattr(assembly, "merge", lambda trees: pytest.fail("merged again at reattach"))
     again = reopen(state)
     try:
         assert again.pread(again.size, 0) == expected
@@ -329,7 +329,7 @@ def test_reattach_loads_the_merged_layout_the_mount_kept_and_merges_again_only_a
         again.close()
     kept.write_bytes(kept.read_bytes()[:-10] + bytes(10))  # damaged: its digest no longer matches
     calls: list[int] = []
-    monkeypatch.setattr(layers_image, "merge_layers", lambda trees: calls.append(1) or merged(trees))
+    monkeypatch.setattr(assembly, "merge", lambda trees: calls.append(1) or merged(trees))
     again = reopen(state)
     try:
         assert again.pread(again.size, 0) == expected and calls == [1]

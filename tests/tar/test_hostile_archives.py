@@ -24,9 +24,9 @@ import zstandard
 from erofs_mount_local import LocalFile
 from erofs_mount_tar import entries as tree
 from erofs_mount_tar import streams
+from erofs_mount_tar.archive_source import mount_archive
 from erofs_mount_tar.index import ArchiveIndex
 from erofs_mount_tar.merge import merge
-from erofs_mount_tar.tar_image import mount_archive
 
 from erofs_mount_core import CacheSettings, ImageLayout
 
@@ -321,7 +321,7 @@ def test_a_zstd_frame_larger_than_it_declared_is_unpacked_not_inflated_per_read(
     (tmp_path / "z.tar.zst").write_bytes(writer.compress(data) + writer.flush())
     image = mount_archive(LocalFile(str(tmp_path / "z.tar.zst")), CacheSettings(), progress=False)
     try:
-        assert image.index.unpacked  # type: ignore[attr-defined]
+        assert image.indexes[0].unpacked  # type: ignore[attr-defined]
     finally:
         image.close()  # type: ignore[attr-defined]
 
@@ -332,7 +332,7 @@ def test_a_zstd_frame_larger_than_it_declared_is_unpacked_not_inflated_per_read(
 def test_a_cached_index_with_a_valid_checksum_but_hostile_values_is_refused(tmp_path: Path) -> None:
     built = mount_archive(LocalFile(str(archive(tmp_path / "a.tar", entry("f", data=b"x")))), CacheSettings(),
                           progress=False)
-    index = built.index  # type: ignore[attr-defined]
+    (index,) = built.indexes  # type: ignore[attr-defined]
     built.close()  # type: ignore[attr-defined]
     for tree_bytes in (b'[[16877,0,0,0,0,0,0,"",[0,0],{},[["f",1]],1],[33188,4294967296,0,0,0,1,0,"",[0,0],{},[],0]]',
                        b'[[16877,0,0,0,0,0,0,"",[0,0],{},[["d",1]],1],[16877,0,0,0,0,0,0,"",[0,0],{},[["e",1]],0]]',

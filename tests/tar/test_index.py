@@ -15,7 +15,7 @@ import pytest
 from erofs_mount_local import LocalFile, reopen
 from erofs_mount_tar import index as indexes
 from erofs_mount_tar import streams
-from erofs_mount_tar.tar_image import mount_archive, reattach_archive
+from erofs_mount_tar.archive_source import mount_archive, reattach_archive
 
 from erofs_mount_core import CacheSettings, SourceChangedError, SourceError
 from tests.terminal import stderr_on_a_terminal

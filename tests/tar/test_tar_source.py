@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from erofs_mount_local import LocalFile
-from erofs_mount_tar.tar_image import mount_archive
+from erofs_mount_tar.archive_source import mount_archive
 
 from erofs_mount_core import CacheSettings
 from erofs_mount_core.testing import SourceCase, check_source

@@ -81,12 +81,11 @@ class CredentialSource:
             raise SourceError(f"oci: {self.path} has no credentials for {registry}")
         return entry
 
+    #: what the record keeps of each kind: where to ask again, never what was found there
+    RECORDED = {"env": ("username_var", "password_var"), "docker-config": ("path",)}
+
     def to_record(self) -> dict[str, str]:
-        if self.kind == "env":
-            return {"kind": "env", "username_var": self.username_var, "password_var": self.password_var}
-        if self.kind == "docker-config":
-            return {"kind": "docker-config", "path": self.path}
-        return {"kind": self.kind}
+        return {"kind": self.kind, **{name: getattr(self, name) for name in self.RECORDED.get(self.kind, ())}}
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> CredentialSource:

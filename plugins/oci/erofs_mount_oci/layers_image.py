@@ -14,24 +14,20 @@ from __future__ import annotations
 
 import logging
 import threading
-from bisect import bisect_right
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from erofs_mount_tar import ArchiveIndex, load_layout, merge_layers, store_layout
+from erofs_mount_tar import ArchiveIndex, TarImage, verified_stream
 
 from erofs_mount_core import (
     BlockCache,
     CacheSettings,
-    Counters,
     FillJob,
     Filter,
-    ImageLayout,
     Source,
     SourceChangedError,
     SourceError,
     SpanStore,
-    SynthesizedImage,
 )
 
 from .blob import BlobSource
@@ -134,38 +130,7 @@ class _Deferred(Source):
             self._stream.close()
 
 
-class Layered(Source):
-    """Streams end to end: offset ``base[i] + n`` is byte n of stream i (a file's bytes never straddle two)."""
-
-    def __init__(self, streams: list[Source]) -> None:
-        self.streams = streams
-        self.bases = []
-        base = 0
-        for stream in streams:
-            self.bases.append(base)
-            base += stream.size
-        self._size = base
-
-    @property
-    def size(self) -> int:
-        return self._size
-
-    def pread(self, length: int, offset: int) -> bytes | memoryview:
-        i = bisect_right(self.bases, offset) - 1
-        into = offset - self.bases[i]
-        if into + length > self.streams[i].size:
-            raise SourceError(f"a read of {length} bytes at {offset} runs past layer {i}'s stream")
-        return self.streams[i].pread(length, into)
-
-    def counters(self) -> Mapping[str, int]:
-        return Counters().snapshot(*(stream.counters() for stream in self.streams))
-
-    def close(self) -> None:
-        for stream in self.streams:
-            stream.close()
-
-
-class LayersImage(SynthesizedImage):
+class LayersImage(TarImage):
     """The image of ``layers``: merged (``whole``) or, for one layer, as it is (whiteouts in overlayfs form)."""
 
     def __init__(self, registry: Registry, layers: list[Layer], found: list[ArchiveIndex],
@@ -176,6 +141,7 @@ class LayersImage(SynthesizedImage):
         streams: list[Source] = []
         self.fill_jobs: list[FillJob] = []
         self.store = store
+        self.registry = registry
         try:
             for layer, index in zip(layers, found, strict=True):
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
@@ -191,33 +157,25 @@ class LayersImage(SynthesizedImage):
                 def open_verified(index: ArchiveIndex = index, compressed: BlockCache = compressed,
                                   what: str = what, kept: SpanStore | None = kept) -> Source:
                     stream = _Deferred(lambda: _open_stream(index, compressed, what), index.stream_size)
-                    return index.spans.verified(stream, per_layer, what, transient=True, store=kept,
-                                                stream=index.stream_sha256)
+                    return verified_stream(index, stream, per_layer, what, transient=True, store=kept)
 
                 streams.append(_Forgetting(open_verified, compressed))
                 if kept is not None:
                     job = FillJob(_fill_from(index, registry, layer, what), index.spans, index.stream_sha256, what)
                     self.fill_jobs.append(job)
-            backing = Layered(streams)
-            pinned = state.get("image_sha256")
-            layout = load_layout(pinned) if whole and isinstance(pinned, str) else None
-            if layout is None and whole:  # merged once per image: a reattach loads what the mount kept
-                layout = ImageLayout.of(merge_layers([index.read_tree(base) for index, base in zip(found, backing.bases,
-                                                                                           strict=True)]))
-                store_layout(layout)
-            elif layout is None:
-                layout = found[0].image_layout()
         except BaseException:
             for stream in streams:
                 stream.close()
+            registry.client.close()
             raise
-        super().__init__(layout, backing, description)
-        self.registry = registry
-        self.image_sha256 = layout.digest()
-        self._state = {**state, "image_sha256": self.image_sha256}
-
-    def state(self) -> dict[str, Any]:
-        return dict(self._state)
+        pinned = state.get("image_sha256")
+        own = {k: v for k, v in state.items() if k != "image_sha256"}
+        try:
+            super().__init__(found, streams, description=description, merged=whole, state=own,
+                             pinned=pinned if isinstance(pinned, str) else None)
+        except BaseException:
+            registry.client.close()
+            raise
 
     def filling(self) -> Source:
         """This image, which fills the span store with every layer's stream once it serves."""
@@ -293,10 +251,7 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
             raise exc
         log.warning("oci: layer %d: %s; every span of it is in the span store: served from there",
                     layers[n].index, exc)
-    image = LayersImage(registry, layers, found_indexes, cache, state, whole=whole,
-                        description=description, store=store)
-    if image.image_sha256 != state.get("image_sha256"):
-        image.backing.close()
-        raise SourceChangedError(f"oci: {description} now gives another image than the one mounted "
-                                 "(its layers were indexed by another erofs-mount version)")
-    return image
+    if not isinstance(state.get("image_sha256"), str):
+        raise SourceError("oci: record state is incomplete (image_sha256)")
+    return LayersImage(registry, layers, found_indexes, cache, state, whole=whole, description=description,
+                       store=store)

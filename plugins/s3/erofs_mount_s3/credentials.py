@@ -69,10 +69,11 @@ class CredentialSource:
             raise SourceError(f"s3: {self.path} has no profile {self.profile!r} with keys")
         return keys
 
+    #: what the record keeps of each kind: where to ask again, never what was found there
+    RECORDED = {"profile": ("path", "profile")}
+
     def to_record(self) -> dict[str, str]:
-        if self.kind == "profile":
-            return {"kind": "profile", "path": self.path, "profile": self.profile}
-        return {"kind": self.kind}
+        return {"kind": self.kind, **{name: getattr(self, name) for name in self.RECORDED.get(self.kind, ())}}
 
     @classmethod
     def from_record(cls, data: dict[str, Any]) -> CredentialSource:

@@ -1,6 +1,11 @@
-"""erofs-mount source ``tar:PATH``: a tar archive mounted as EROFS, without extracting it.
+"""erofs-mount source ``tar:PATH`` or ``tar:SOURCE``: a tar archive mounted as EROFS, without extracting it.
 
     erofs-mount mount --source tar:/srv/rootfs.tar.gz /mnt/rootfs
+    erofs-mount mount --source tar:s3:bucket/rootfs.tar.gz -o endpoint=http://127.0.0.1:9000 /mnt/rootfs
+
+The archive is a local file, or the bytes of any other installed source
+when the location starts with its scheme (``s3:``, ``local:``...): that
+source takes the options tar does not, and the record keeps its state.
 
 The archive (plain, gzip or zstd, recognized by its content, not its name)
 is read once, in one pass: its headers give the tree, and the sha256 of
@@ -21,7 +26,12 @@ Options: ``cache-mib=N`` (decompressed spans kept in memory, default 256),
 ``readahead-kib=N`` (read ahead on sequential reads, default 4096).
 Reattach reopens the path and refuses unless it is still the same file
 (device, inode, size, modification and change time) and gives the same
-image.
+image; another source is reopened from its own state, and refuses the same
+way when its bytes changed.
+
+The image assembly is public, for plugins that read tar layers (oci):
+``TarImage`` and ``verified_stream`` (see ``erofs_mount_tar.assembly``),
+with the index's ``build_index``, ``load_index`` and ``store_index``.
 """
 
 from __future__ import annotations
@@ -30,7 +40,7 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from erofs_mount_core import CacheSettings, Source, hookimpl
+from erofs_mount_core import CacheSettings, InnerSource, Source, hookimpl
 
 #: the tar library's public face, for the plugins that read tar layers (oci): what it names loads on first use,
 #: so that loading this plugin imports none of it
@@ -40,12 +50,11 @@ _EXPORTS = {
     "Meter": ("progress", "Meter"),
     "Parts": ("progress", "Parts"),
     "Progress": ("progress", "Progress"),
+    "TarImage": ("assembly", "TarImage"),
     "build_index": ("index", "build"),
     "load_index": ("index", "load"),
-    "load_layout": ("layouts", "load_layout"),
-    "merge_layers": ("merge", "merge"),
     "store_index": ("index", "store"),
-    "store_layout": ("layouts", "store_layout"),
+    "verified_stream": ("assembly", "verified_stream"),
 }
 __all__ = sorted(_EXPORTS)
 
@@ -66,7 +75,8 @@ OPTIONS = ("cache-mib", "readahead-kib")
 
 @hookimpl
 def erofs_mount_schemes() -> dict[str, str]:
-    return {SCHEME: "a tar archive (plain, gzip, zstd), mounted as EROFS without extracting it: tar:PATH"}
+    return {SCHEME: "a tar archive (plain, gzip, zstd), mounted as EROFS without extracting it: "
+                   "tar:PATH or tar:SCHEME:LOCATION"}
 
 
 @hookimpl
@@ -75,21 +85,30 @@ def erofs_mount_source_options() -> tuple[str, ...]:
 
 
 @hookimpl
-def erofs_mount_open_source(location: str, options: Mapping[str, str]) -> Source:
+def erofs_mount_wrapping_schemes() -> tuple[str, ...]:
+    return (SCHEME,)
+
+
+@hookimpl
+def erofs_mount_open_source(location: str, options: Mapping[str, str], inner: InnerSource | None) -> Source:
     import sys
 
-    from erofs_mount_local import LocalFile
-
-    from .tar_image import mount_archive  # the indexer and the image builder load only when an archive is opened
+    from .archive_source import mount_archive  # the indexer and the image builder load only when opened
 
     cache = CacheSettings.parse(options, SCHEME)  # (the host refused names it does not declare)
+    if inner is not None:
+        return mount_archive(inner.source, cache, progress=sys.stderr.isatty(), inner=inner.record())
+    from erofs_mount_local import LocalFile
+
     return mount_archive(LocalFile(location), cache, progress=sys.stderr.isatty())
 
 
 @hookimpl
-def erofs_mount_deserialize_source(state: Mapping[str, Any]) -> Source:
-    from erofs_mount_local import reopen
+def erofs_mount_deserialize_source(state: Mapping[str, Any], inner: InnerSource | None) -> Source:
+    from .archive_source import reattach_archive
 
-    from .tar_image import reattach_archive
+    if inner is not None:
+        return reattach_archive(inner.source, state, inner=inner.record())
+    from erofs_mount_local import reopen
 
     return reattach_archive(reopen(state, what="archive"), state)

@@ -191,7 +191,7 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
     ``layout``: keep the archive's own image in the index (an image's layers are merged instead).
     ``threads``: how many threads decompress a gzip archive (fewer when several passes run at once).
     """
-    compression = streams.compression_of(archive.pread(min(8, archive.size), 0), where)
+    compression = streams.compression_of(bytes(archive.pread(min(8, archive.size), 0)), where)
     try:
         return _build(archive, where, compression, progress, digest, layout, threads, unpack=False)
     except streams.LargeFrame:  # a zstd frame larger than it declared: once more, unpacking the stream

@@ -106,7 +106,7 @@ class PlainPass(Pass):
 
     def chunks(self) -> Iterator[bytes]:
         for offset in range(0, self.archive.size, CHUNK):
-            data = self.archive.pread(min(CHUNK, self.archive.size - offset), offset)
+            data = bytes(self.archive.pread(min(CHUNK, self.archive.size - offset), offset))  # (any Source)
             self.sha256.update(data)
             self.compressed_done = offset + len(data)
             yield data
@@ -206,7 +206,7 @@ def zstd_frames(archive: Source, where: str) -> tuple[list[Frame], bool]:
     def need(n: int, at: int) -> bytes:
         if at + n > size:
             raise ArchiveError(f"{where}: the zstd data is truncated (a frame runs past the end of the file)")
-        return archive.pread(n, at)
+        return bytes(archive.pread(n, at)) if n else b""
 
     count = 0
     while pos < size:
