@@ -3,7 +3,7 @@
 The public API for source plugins is what this module exports::
 
     from erofs_mount_core import Source, SourceError, SourceChangedError, UsageError, hookimpl
-    from erofs_mount_core import InnerSource  # the source a wrapping scheme's location names (tar:s3:...)
+    from erofs_mount_core import InnerSource  # the source a wrapping scheme's location names (gz:web:...)
     from erofs_mount_core import CacheSettings, RetryPolicy   # filters a plugin may use
     from erofs_mount_core import check_options  # the host's check of -o names, for callers without the host
     from erofs_mount_core import final_network_error, read_capped  # a failure no retry changes; bounded bodies

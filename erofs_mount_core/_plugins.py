@@ -29,7 +29,7 @@ from ._source import InnerSource, Source
 
 ENTRY_POINT_GROUP = hookspecs.PROJECT
 LOAD_ENV = "EROFS_MOUNT_LOAD_PLUGINS"
-MAX_NESTING = 4  # tar:s3:... is two; deeper is a loop by mistake
+MAX_NESTING = 4  # gz:web:... is two; deeper is a loop by mistake
 
 
 @attrs.frozen
@@ -44,7 +44,7 @@ class PluginInfo:
     options: dict[str, list[str]] = attrs.field(factory=dict)
     """``{scheme: its -o option names}`` for the schemes whose plugin declares them"""
     wrapping: list[str] = attrs.field(factory=list)
-    """the schemes whose location may name another source (``tar:s3:...``)"""
+    """the schemes whose location may name another source (``gz:web:...``)"""
 
     @property
     def status(self) -> str:

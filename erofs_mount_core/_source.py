@@ -83,7 +83,7 @@ class Source(abc.ABC):
 
 @attrs.frozen
 class InnerSource:
-    """The source that a wrapping scheme's location names (``tar:s3:bucket/rootfs.tar.gz``), opened by the
+    """The source that a wrapping scheme's location names (``gz:web:http://host/app.erofs.gz``), opened by the
     host and handed to the wrapping plugin, which owns it (see ``hookspecs.erofs_mount_wrapping_schemes``)."""
 
     scheme: str

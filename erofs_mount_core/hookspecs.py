@@ -58,7 +58,7 @@ def erofs_mount_wrapping_schemes() -> Iterable[str]:
     filters sit over its plugins.
 
     A location of such a scheme may name another source:
-    ``tar:s3:bucket/rootfs.tar.gz``. The host opens that inner source first,
+    ``gz:web:http://host/app.erofs.gz``. The host opens that inner source first,
     with the ``-o`` options this scheme does not declare, and hands it to
     ``erofs_mount_open_source`` as ``inner`` (an ``InnerSource``); reattach
     rebuilds it from the record and hands it to
