@@ -1,4 +1,13 @@
-"""Tar layers indexed: from the cache by their digest, or downloaded once each, in parallel, and indexed on the way.
+"""Tar layers indexed: by their table of contents, from the cache by their digest, or downloaded once each, in
+parallel, and indexed on the way.
+
+A layer that carries a table of contents (zstd:chunked) needs no pass: its
+TOC is fetched with one range request (or found in the cache), checked
+against the sha256 the pinned manifest gives for it, and gives the tree and
+every chunk's sha256 (``erofs_mount_tar.toc``). Such a layer's uncompressed
+stream is never read whole, so it is not checked against the config's
+``diff_id``: what is served is what the TOC pins, chunk by chunk. A TOC
+that lacks what the image needs sends its layer down the index path below.
 
 The index of a layer is the tar library's (``erofs_mount_tar.index``),
 kept under the layer's sha256, so an image that shares a base layer with
@@ -18,13 +27,27 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from erofs_mount_tar import ArchiveIndex, Meter, Parts, Progress, build_index, load_index, store_index
+from erofs_mount_tar import (
+    ArchiveError,
+    ArchiveIndex,
+    Meter,
+    Parts,
+    Progress,
+    TocIndex,
+    build_index,
+    cached_toc,
+    load_index,
+    load_toc,
+    store_index,
+    store_toc,
+)
 
-from erofs_mount_core import SourceChangedError, SourceError, cache_directory, cache_room
+from erofs_mount_core import RetryPolicy, SourceChangedError, SourceError, cache_directory, cache_room
 
+from .blob import BlobSource
 from .download import DOWNLOAD_DIR, Download, DownloadStopped
 from .registry import Layer, Registry
-from .routing import distrusted
+from .routing import distrust_served, distrusted
 
 log = logging.getLogger("erofs_mount.oci")
 
@@ -41,8 +64,50 @@ def passes(layers: int) -> tuple[int, int]:
 
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
-            progress: bool = False) -> list[ArchiveIndex]:
-    """Each layer's index, in order, checked against ``diff_ids`` (one per layer)."""
+            progress: bool = False) -> list[ArchiveIndex | TocIndex]:
+    """Each layer's index, in order: its TOC's, or its archive index checked against its ``diff_ids`` entry."""
+    by_toc: dict[int, TocIndex] = {}
+    for layer in layers:
+        toc = _toc_index(registry, layer) if layer.toc is not None else None
+        if toc is not None:
+            by_toc[layer.index] = toc
+    rest = [(layer, diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True) if layer.index not in by_toc]
+    archives = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest], progress=progress)
+    found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
+                                                              in zip(rest, archives, strict=True)}}
+    return [found[layer.index] for layer in layers]
+
+
+def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
+    """The layer's TOC, checked against the manifest's pin; None when it lacks what the image needs."""
+    position = layer.toc
+    assert position is not None
+    what = f"oci: {registry.ref}: layer {layer.index} ({layer.digest[:19]}…)"
+    compressed = cached_toc(position)
+    for attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
+        if compressed is None:
+            blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                              description=what, state={}, digest_along=False, owns_client=False)
+            compressed = RetryPolicy(quiet=True).call(
+                lambda blob=blob: bytes(blob.pread(position.length, position.offset)), f"{what}: its TOC")
+        try:
+            index = load_toc(compressed, position, position.offset, what)
+        except ArchiveError as exc:  # authentic (its sha256 is pinned) but not enough: the layer is indexed
+            log.warning("%s; indexing the layer instead", exc)
+            return None
+        except SourceError as exc:  # bytes other than the pinned TOC
+            if attempt == 2 or not distrust_served(str(exc)):
+                raise SourceChangedError(str(exc)) from None
+            compressed = None
+            continue
+        store_toc(position, compressed)
+        return index
+    raise AssertionError("unreachable")
+
+
+def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
+                     progress: bool = False) -> list[ArchiveIndex]:
+    """Each layer's archive index, in order, checked against ``diff_ids`` (one per layer)."""
     found: dict[int, ArchiveIndex] = {}
     missing = []
     for layer in layers:

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from erofs_mount_tar import ArchiveIndex, TarImage, verified_stream
+from erofs_mount_tar import ArchiveIndex, TarImage, TocIndex, TocPosition, verified_stream
 
 from erofs_mount_core import (
     BlockCache,
@@ -133,7 +133,7 @@ class _Deferred(Source):
 class LayersImage(TarImage):
     """The image of ``layers``: merged (``whole``) or, for one layer, as it is (whiteouts in overlayfs form)."""
 
-    def __init__(self, registry: Registry, layers: list[Layer], found: list[ArchiveIndex],
+    def __init__(self, registry: Registry, layers: list[Layer], found: list[ArchiveIndex | TocIndex],
                  cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str,
                  store: SpanStore | None = None) -> None:
         share = max(16, cache.cache_mib // len(layers))  # of the memory cache-mib allows, per layer:
@@ -144,6 +144,14 @@ class LayersImage(TarImage):
         self.registry = registry
         try:
             for layer, index in zip(layers, found, strict=True):
+                if isinstance(index, TocIndex):  # its chunks fetched and checked one by one: no decoder, no store
+                    blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                                      description=f"{registry.ref} layer {layer.index}", state={},
+                                      digest_along=False, owns_client=False)
+                    chunks = index.open_stream(blob, share << 18, f"oci: layer {layer.index} ({layer.digest[:19]}…)",
+                                               rejected=distrust_served)
+                    streams.append(per_layer.wrap(chunks))  # checked bytes kept, read ahead when sequential
+                    continue
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                                   description=f"{registry.ref} layer {layer.index}", state={},
                                   digest_along=False)
@@ -209,14 +217,16 @@ def _fill_from(index: ArchiveIndex, registry: Registry, layer: Layer, what: str)
 
 def layer_state(layers: list[Layer], diff_ids: list[str]) -> list[dict[str, Any]]:
     return [{"digest": layer.digest, "size": layer.size, "media_type": layer.media_type, "index": layer.index,
-             "diff_id": diff_id} for layer, diff_id in zip(layers, diff_ids, strict=True)]
+             "diff_id": diff_id, **({"toc": layer.toc.to_state()} if layer.toc is not None else {})}
+            for layer, diff_id in zip(layers, diff_ids, strict=True)]
 
 
 def layers_of_state(state: Mapping[str, Any]) -> tuple[list[Layer], list[str]]:
     try:
         rows = list(state["layers"])
         layers = [Layer(str(state["manifest_digest"]), str(r["digest"]), int(r["size"]), str(r["media_type"]),
-                        int(r["index"]), str(state["platform"])) for r in rows]
+                        int(r["index"]), str(state["platform"]),
+                        TocPosition.from_state(r["toc"]) if "toc" in r else None) for r in rows]
         ids = [str(r["diff_id"]) for r in rows]
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"oci: record state is incomplete ({exc})") from None
@@ -247,7 +257,8 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
     found_indexes = indexed(registry, layers, diff_ids)
     for n, exc in unreachable.items():
         index = found_indexes[n]
-        if store is None or index.unpacked or not store.holds(index.stream_sha256, index.spans):
+        if store is None or isinstance(index, TocIndex) or index.unpacked or \
+                not store.holds(index.stream_sha256, index.spans):
             raise exc
         log.warning("oci: layer %d: %s; every span of it is in the span store: served from there",
                     layers[n].index, exc)

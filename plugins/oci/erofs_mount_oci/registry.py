@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from typing import Any
 
 import attrs
+from erofs_mount_tar import ArchiveError, TocPosition
 
 from erofs_mount_core import SourceChangedError, SourceError, UsageError
 
@@ -14,6 +16,8 @@ from . import _http
 from .platform import Platform
 from .reference import DIGEST, Reference
 from .routing import distrust_served
+
+log = logging.getLogger("erofs_mount.oci")
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -48,6 +52,8 @@ class Layer:
     media_type: str
     index: int
     platform: str
+    toc: TocPosition | None = None
+    """Where the layer's table of contents is (zstd:chunked), from its descriptor's annotations."""
 
 
 class Registry:
@@ -166,7 +172,7 @@ class Registry:
             if media_type not in TAR_LAYERS:
                 raise SourceError(f"{name} has media type {media_type or '(none)'!r}, which is neither a tar "
                                   "layer nor EROFS")
-            found.append(Layer(digest, d["digest"], d["size"], media_type, i, platform))
+            found.append(Layer(digest, d["digest"], d["size"], media_type, i, platform, _toc_position(d, name)))
         return found
 
     def diff_ids(self, manifest: dict[str, Any]) -> list[str]:
@@ -205,6 +211,18 @@ class Registry:
         if length is None or not length.isdigit():
             raise SourceError(f"{what}: the registry gave no size")
         return int(length)
+
+
+def _toc_position(descriptor: dict[str, Any], name: str) -> TocPosition | None:
+    """The TOC a zstd layer's annotations place, None if they place none or place it wrongly (the layer is
+    then indexed as any other, and the log says why)."""
+    if not str(descriptor.get("mediaType", "")).endswith("+zstd"):
+        return None
+    try:
+        return TocPosition.of(descriptor.get("annotations"), descriptor["size"])
+    except ArchiveError as exc:
+        log.warning("%s: %s; indexing the layer instead", name, exc)
+        return None
 
 
 def _descriptors(value: Any, what: str) -> list[dict[str, Any]]:

@@ -31,7 +31,10 @@ way when its bytes changed.
 
 The image assembly is public, for plugins that read tar layers (oci):
 ``TarImage`` and ``verified_stream`` (see ``erofs_mount_tar.assembly``),
-with the index's ``build_index``, ``load_index`` and ``store_index``.
+with the index's ``build_index``, ``load_index`` and ``store_index``, and
+for layers that carry a table of contents (zstd:chunked) ``TocPosition``,
+``load_toc``, ``cached_toc``, ``store_toc`` and ``TocIndex`` (see
+``erofs_mount_tar.toc``).
 """
 
 from __future__ import annotations
@@ -51,7 +54,13 @@ _EXPORTS = {
     "Parts": ("progress", "Parts"),
     "Progress": ("progress", "Progress"),
     "TarImage": ("assembly", "TarImage"),
+    "TocIndex": ("toc", "TocIndex"),
+    "TocLacks": ("toc", "TocLacks"),
+    "TocPosition": ("toc", "TocPosition"),
     "build_index": ("index", "build"),
+    "cached_toc": ("toc", "cached_toc"),
+    "load_toc": ("toc", "load_toc"),
+    "store_toc": ("toc", "store_toc"),
     "load_index": ("index", "load"),
     "store_index": ("index", "store"),
     "verified_stream": ("assembly", "verified_stream"),

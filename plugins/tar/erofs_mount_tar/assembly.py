@@ -18,8 +18,8 @@ way, through the package's face::
 from __future__ import annotations
 
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
 
 from erofs_mount_core import (
     CacheSettings,
@@ -32,9 +32,19 @@ from erofs_mount_core import (
     SynthesizedImage,
 )
 
+from .entries import Tree
 from .index import ArchiveIndex
 from .layouts import load_layout, store_layout
 from .merge import merge
+
+
+class LayerIndex(Protocol):
+    """What the image needs of a layer: its tree (an ``ArchiveIndex``, or a ``TocIndex`` of a layer that
+    carries a table of contents)."""
+
+    def read_tree(self, base: int = 0) -> Tree: ...
+
+    def image_layout(self) -> ImageLayout: ...
 
 
 def verified_stream(index: ArchiveIndex, stream: Source, cache: CacheSettings, what: str, *,
@@ -89,7 +99,7 @@ class TarImage(SynthesizedImage):
     besides the streams (an archive under its decoder), closed with it.
     """
 
-    def __init__(self, indexes: list[ArchiveIndex], streams: list[Source], *, description: str, merged: bool,
+    def __init__(self, indexes: Sequence[LayerIndex], streams: list[Source], *, description: str, merged: bool,
                  state: Mapping[str, Any], pinned: str | None = None, closing: Iterable[Source] = ()) -> None:
         self._closing = list(closing)
         backing: Source = streams[0] if len(streams) == 1 and not merged else Layered(streams)
@@ -126,7 +136,7 @@ class TarImage(SynthesizedImage):
                 source.close()
 
 
-def _layout(indexes: list[ArchiveIndex], backing: Source, merged: bool, pinned: str | None) -> ImageLayout:
+def _layout(indexes: Sequence[LayerIndex], backing: Source, merged: bool, pinned: str | None) -> ImageLayout:
     if not merged:
         return indexes[0].image_layout()
     layout = load_layout(pinned) if pinned is not None else None

@@ -38,6 +38,7 @@ import logging
 import stat
 import tarfile
 import urllib.parse
+from collections.abc import Iterable
 from decimal import Decimal, InvalidOperation
 from typing import BinaryIO
 
@@ -132,6 +133,16 @@ def read_tree(stream: BinaryIO, where: str) -> Tree:
         raise ArchiveError(f"{where} is not a tar archive that can be read: {exc}") from None
     except EOFError:
         raise ArchiveError(f"{where} ends in the middle of an entry: it is truncated") from None
+    reader.tree.entries = reader.entries
+    return reader.tree
+
+
+def tree_of(members: Iterable[tarfile.TarInfo], where: str) -> Tree:
+    """The tree of entries that another table than a tar stream lists (a layer's TOC), read with the same
+    rules and checks: each member's ``offset_data`` is where its bytes are in the backing stream."""
+    reader = _Reader(where)
+    for member in members:
+        reader.add(member)
     reader.tree.entries = reader.entries
     return reader.tree
 

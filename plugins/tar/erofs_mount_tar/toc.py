@@ -1,0 +1,445 @@
+"""Layers that carry their own table of contents (zstd:chunked): the tree and each file's chunks, no index pass.
+
+A zstd:chunked layer (written by podman, buildah and skopeo) is an
+ordinary tar+zstd blob whose files' payloads sit in zstd frames of their
+own, split into chunks, followed by a skippable frame that holds the TOC:
+JSON listing every entry (``reg``, ``dir``, ``symlink``, ``hardlink``,
+``char``, ``block``, ``fifo``) with its attributes, and for a regular file
+the blob range of its payload (``offset``, ``endOffset``) and the sha256
+of its bytes; a file of several chunks is its ``reg`` entry (chunk 0)
+followed by ``chunk`` entries, each with its uncompressed ``chunkOffset``
+and ``chunkSize``, the blob ``offset`` of its frame and the sha256 of its
+bytes (``chunkDigest``). The layer descriptor's annotations give the TOC's
+position and the sha256 of its compressed bytes, so a TOC is checked
+against the pinned manifest before a field of it is read
+(``erofs_mount_core`` and c/storage: ``pkg/chunked``).
+
+The tree is made by the same reader as an archive's (``entries``), so a
+TOC's names, modes, owners, times, xattrs, hardlinks and whiteouts get
+the same checks. Its files' bytes are laid end to end in a virtual stream,
+which ``ChunkedFiles`` serves: each chunk fetched with a range request,
+inflated and checked against its sha256 before a byte of it is served.
+
+A TOC that lacks what the EROFS image needs (a regular file's digest or
+position, chunks that do not add up, a chunk larger than ``MAX_CHUNK``)
+raises ``TocLacks``, naming what: the layer is then indexed as any tar
+layer, never guessed at.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import os
+import re
+import tarfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from decimal import Decimal
+from typing import Any
+
+import attrs
+
+from erofs_mount_core import (
+    Counters,
+    ImageLayout,
+    Source,
+    SourceError,
+    cache_directory,
+    open_cache_file,
+    write_cache_file,
+)
+
+from . import packed_tree
+from .entries import Tree, tree_of
+from .streams import ArchiveError
+
+MAX_TOC = 150 << 20  # the uncompressed TOC: c/storage's own bound (pkg/chunked: maxTocSize)
+MAX_CHUNK = 32 << 20  # one chunk inflated and held to be checked; the writers' chunks are ~64 KiB
+MERGE_GAP = 16 << 10  # chunks this close in the blob (tar headers between files) are fetched in one request
+ANNOTATIONS = {  # (position, checksum) keys of the layer descriptor: c/storage's current and older spelling
+    "io.github.containers.zstd-chunked": ("io.github.containers.zstd-chunked.manifest-position",
+                                          "io.github.containers.zstd-chunked.manifest-checksum"),
+    "io.containers.zstd-chunked": ("io.containers.zstd-chunked.manifest-position",
+                                   "io.containers.zstd-chunked.manifest-checksum"),
+}
+_TYPES = {"reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE,
+          "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
+_RFC3339 = re.compile(r"(-?\d{4,})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|z|[+-]\d\d:\d\d)")
+_SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+class TocLacks(ArchiveError):
+    """The TOC does not give what the image needs: the layer is indexed instead (the message says what)."""
+
+
+@attrs.frozen
+class TocPosition:
+    """Where a layer's TOC is and what it must hash to, from the layer descriptor's annotations."""
+
+    offset: int
+    length: int
+    raw_length: int
+    checksum: str
+    """``sha256:<hex>`` of the TOC's compressed bytes, ``blob[offset:offset+length]``"""
+
+    @classmethod
+    def of(cls, annotations: Any, blob_size: int) -> TocPosition | None:
+        """The position the annotations give, None when they give none; ArchiveError when they are bad."""
+        if not isinstance(annotations, Mapping):
+            return None
+        for position_key, checksum_key in ANNOTATIONS.values():
+            position, checksum = annotations.get(position_key), annotations.get(checksum_key)
+            if position is None and checksum is None:
+                continue
+            if not isinstance(position, str) or not isinstance(checksum, str) or not _SHA256.fullmatch(checksum):
+                raise ArchiveError(f"its {position_key} and {checksum_key} annotations are not a position and a "
+                                   "sha256")
+            fields = position.split(":")
+            if len(fields) != 4 or not all(f.isdigit() and len(f) <= 19 for f in fields) or fields[3] != "1":
+                raise ArchiveError(f"its {position_key} annotation ({position[:80]!r}) is not "
+                                   "OFFSET:LENGTH:UNCOMPRESSED:1")
+            offset, length, raw = (int(f) for f in fields[:3])
+            if not 0 < length <= MAX_TOC or offset + length > blob_size or not 0 < raw <= MAX_TOC:
+                raise ArchiveError(f"its TOC ({length} bytes at {offset}, {raw} uncompressed) does not fit the "
+                                   f"blob's {blob_size} bytes or the {MAX_TOC >> 20} MiB a TOC may have")
+            return cls(offset, length, raw, checksum)
+        return None
+
+    def to_state(self) -> dict[str, Any]:
+        return attrs.asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> TocPosition:
+        return cls(int(state["offset"]), int(state["length"]), int(state["raw_length"]), str(state["checksum"]))
+
+
+@attrs.frozen
+class Chunk:
+    """``size`` bytes at ``start`` of the virtual stream: blob bytes [blob_start, blob_end) inflated, or zeros."""
+
+    start: int
+    size: int
+    blob_start: int
+    blob_end: int
+    sha256: bytes
+    zeros: bool = False
+
+
+@attrs.frozen
+class TocIndex:
+    """What a TOC gives: the layer's tree (packed, as an archive index keeps it) and its files' chunks."""
+
+    tree: bytes = attrs.field(repr=False)
+    chunks: tuple[Chunk, ...] = attrs.field(repr=False)
+    stream_size: int
+    entries: int
+
+    def read_tree(self, base: int = 0) -> Tree:
+        """A copy of the tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
+        return packed_tree.load(self.tree, base)
+
+    def image_layout(self) -> ImageLayout:
+        return ImageLayout.of(self.read_tree().root)
+
+    def open_stream(self, blob: Source, cache_bytes: int, what: str, *,
+                    rejected: Callable[[str], object] | None = None) -> ChunkedFiles:
+        return ChunkedFiles(blob, self.chunks, self.stream_size, cache_bytes, what, rejected)
+
+
+TOC_DIR = "tar-toc"
+
+
+def cached_toc(position: TocPosition) -> bytes | None:
+    """The TOC's compressed bytes, if the cache holds them whole (checked by ``load_toc`` against the pin)."""
+    fd = open_cache_file(_toc_path(position))
+    if fd is None:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        return f.read(position.length + 1)
+
+
+def store_toc(position: TocPosition, compressed: bytes) -> None:
+    write_cache_file(_toc_path(position), compressed)
+
+
+def _toc_path(position: TocPosition):  # noqa: ANN202 - a Path
+    return cache_directory(TOC_DIR) / f"{position.checksum.removeprefix('sha256:')}.toc"
+
+
+def load_toc(compressed: bytes, position: TocPosition, toc_end: int, where: str) -> TocIndex:
+    """The TOC's index, from its compressed bytes: checked against ``position.checksum`` first; every
+    chunk must lie before ``toc_end`` (where the TOC starts in the blob)."""
+    if "sha256:" + hashlib.sha256(compressed).hexdigest() != position.checksum:
+        raise SourceError(f"{where}: its TOC's bytes are not the ones its manifest pins ({position.checksum})",
+                          transient=True)
+    import zstandard
+
+    try:
+        reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(compressed), read_across_frames=True)
+        raw = reader.read(position.raw_length + 1)
+    except zstandard.ZstdError as exc:
+        raise ArchiveError(f"{where}: its TOC does not inflate: {exc}") from None
+    if len(raw) != position.raw_length:
+        raise ArchiveError(f"{where}: its TOC inflates to {len(raw)} bytes, not the {position.raw_length} "
+                           "its annotation says")
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ArchiveError(f"{where}: its TOC is not JSON") from None
+    if not isinstance(document, dict) or document.get("version") != 1 or not isinstance(document.get("entries"), list):
+        raise TocLacks(f"{where}: its TOC is not version 1 with a list of entries")
+    return _index(document["entries"], toc_end, where)
+
+
+def _index(entries: list[Any], toc_end: int, where: str) -> TocIndex:
+    chunks: list[Chunk] = []
+    members = list(_members(entries, chunks, toc_end, where))
+    tree = tree_of(members, where)
+    stream_size = chunks[-1].start + chunks[-1].size if chunks else 0
+    return TocIndex(packed_tree.dump(tree), tuple(chunks), stream_size, tree.entries)
+
+
+def _members(entries: list[Any], chunks: list[Chunk], toc_end: int, where: str) -> Iterator[tarfile.TarInfo]:
+    """Each entry as the TarInfo an archive would have held, its payload's chunks appended to ``chunks``."""
+    base = 0
+    pending: list[dict[str, Any]] = []  # the chunk entries of the file before, and that file
+    for number, entry in enumerate(entries):
+        if not isinstance(entry, dict):
+            raise ArchiveError(f"{where}: TOC entry {number} is not a JSON object")
+        kind = entry.get("type")
+        if kind == "chunk":
+            if not pending or entry.get("name") != pending[0].get("name"):
+                raise TocLacks(f"{where}: TOC entry {number} is a chunk of no file before it")
+            pending.append(entry)
+            continue
+        if pending:
+            base = _chunks_of(pending, base, chunks, toc_end, where)
+            pending = []
+        member = _member(entry, number, where)
+        if member.isreg() and member.size:
+            member.offset_data = base
+            pending = [entry]
+        yield member
+    if pending:
+        _chunks_of(pending, base, chunks, toc_end, where)
+
+
+def _member(entry: dict[str, Any], number: int, where: str) -> tarfile.TarInfo:
+    kind, name = entry.get("type"), entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise ArchiveError(f"{where}: TOC entry {number} has no name")
+    if kind not in _TYPES:
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a type ({str(kind)[:20]!r}) no filesystem holds")
+    member = tarfile.TarInfo(name)
+    member.type = _TYPES[kind]
+    member.mode = _number(entry, "mode", name, where)
+    member.uid, member.gid = _number(entry, "uid", name, where), _number(entry, "gid", name, where)
+    member.size = _number(entry, "size", name, where) if kind == "reg" else 0
+    member.devmajor, member.devminor = _number(entry, "devMajor", name, where), _number(entry, "devMinor", name, where)
+    link = entry.get("linkName", "")
+    if not isinstance(link, str):
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a linkName that is not text")
+    member.linkname = link
+    member.pax_headers = {"mtime": _seconds(entry.get("modtime"), name, where)}
+    xattrs = entry.get("xattrs") or {}
+    if not isinstance(xattrs, dict):
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has xattrs that are not an object")
+    import base64
+    import binascii
+
+    for key, value in xattrs.items():
+        try:
+            decoded = base64.b64decode(value, validate=True) if isinstance(value, str) else None
+        except (binascii.Error, ValueError):
+            decoded = None
+        if decoded is None:
+            raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has an xattr value that is not base64")
+        member.pax_headers[f"SCHILY.xattr.{key}"] = decoded.decode("utf-8", "surrogateescape")
+    return member
+
+
+def _chunks_of(entries: list[dict[str, Any]], base: int, chunks: list[Chunk], toc_end: int, where: str) -> int:
+    """The chunks of one regular file (its ``reg`` entry, then its ``chunk`` entries), checked to add up to
+    its size and to lie in order inside the blob; the next file's base."""
+    file, name = entries[0], str(entries[0]["name"])[:200]
+    size = int(file["size"])
+    end_offset = file.get("endOffset")
+    digest = file.get("digest")
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise TocLacks(f"{where}: the TOC gives no sha256 for {name!r}")
+    if not _is_count(file.get("offset")) or not _is_count(end_offset):
+        raise TocLacks(f"{where}: the TOC gives no position for {name!r}")
+    starts = [int(file["offset"])] + [e.get("offset") for e in entries[1:]]
+    into = 0
+    for i, entry in enumerate(entries):
+        chunk_size = entry.get("chunkSize", size if len(entries) == 1 else None)
+        chunk_digest = entry.get("chunkDigest", digest if len(entries) == 1 else None)
+        zeros = entry.get("chunkType") == "zeros"
+        if i and entry.get("chunkOffset") != into:
+            raise TocLacks(f"{where}: the chunks of {name!r} do not follow each other")
+        if not _is_count(chunk_size) or not chunk_size or not _is_count(starts[i]):
+            raise TocLacks(f"{where}: a chunk of {name!r} has no size or position")
+        if chunk_size > MAX_CHUNK:
+            raise TocLacks(f"{where}: {name!r} has a chunk of {chunk_size:,} bytes (more than {MAX_CHUNK >> 20} MiB)")
+        if not isinstance(chunk_digest, str) or not _SHA256.fullmatch(chunk_digest):
+            raise TocLacks(f"{where}: a chunk of {name!r} has no sha256")
+        blob_end = int(end_offset) if i == len(entries) - 1 else starts[i + 1]
+        if not _is_count(blob_end) or not (starts[i] <= blob_end <= toc_end) or (blob_end == starts[i] and not zeros):
+            raise ArchiveError(f"{where}: the chunks of {name!r} are not in order inside the blob")
+        if blob_end - starts[i] > chunk_size + (chunk_size >> 7) + (64 << 10):
+            raise ArchiveError(f"{where}: a chunk of {name!r} takes more blob bytes than zstd ever needs")
+        chunks.append(Chunk(base + into, chunk_size, starts[i], blob_end, bytes.fromhex(chunk_digest[7:]), zeros))
+        into += chunk_size
+    if into != size:
+        raise TocLacks(f"{where}: the chunks of {name!r} add up to {into:,} bytes, not its {size:,}")
+    return base + size
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+
+
+def _number(entry: dict[str, Any], key: str, name: str, where: str) -> int:
+    value = entry.get(key, 0)
+    if not _is_count(value):
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a {key} that is not a count")
+    return int(value)
+
+
+def _seconds(text: Any, name: str, where: str) -> str:
+    """An RFC 3339 time as PAX's decimal seconds (exact to the nanosecond); absent is 0."""
+    if text is None:
+        return "0"
+    found = _RFC3339.fullmatch(text) if isinstance(text, str) else None
+    if found is None:
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a modtime that is not an RFC 3339 time")
+    import calendar
+
+    year, month, day, hour, minute, second = (int(found.group(i)) for i in range(1, 7))
+    try:
+        seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
+    except (ValueError, OverflowError):
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a modtime out of range") from None
+    zone = found.group(8)
+    if zone not in ("Z", "z"):
+        sign = -1 if zone[0] == "+" else 1
+        seconds += sign * (int(zone[1:3]) * 3600 + int(zone[4:6]) * 60)
+    fraction = found.group(7) or "0"
+    return str(Decimal(seconds) + Decimal(f"0.{fraction}"))  # -1 and .5 are -0.5: the fraction adds
+
+
+class ChunkedFiles(Source):
+    """The files' bytes end to end, each chunk fetched from the blob, inflated and checked before it is served.
+
+    Chunks a read needs that lie close together in the blob are fetched in
+    one range request; checked chunks are kept, least recently used first
+    out, up to ``cache_bytes``. A chunk that does not match its sha256 fails
+    the read (transient: the retry fetches it again), after ``rejected``
+    hears of it.
+    """
+
+    def __init__(self, blob: Source, chunks: tuple[Chunk, ...], size: int, cache_bytes: int, what: str,
+                 rejected: Callable[[str], object] | None = None) -> None:
+        self.blob, self.chunks, self._size, self.what = blob, chunks, size, what
+        self._starts = [c.start for c in chunks]
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cached, self._limit = 0, max(cache_bytes, MAX_CHUNK)
+        self._lock = threading.Lock()
+        self._rejected = rejected
+        self._counters = Counters()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise SourceError(f"{self.what}: a read of {length} bytes at {offset} is outside its files' "
+                              f"{self._size} bytes")
+        first = bisect.bisect_right(self._starts, offset) - 1
+        last = bisect.bisect_right(self._starts, offset + length - 1) - 1 if length else first
+        wanted = range(first, last + 1)
+        found = self._cached_chunks(wanted)
+        missing = [i for i in wanted if i not in found]
+        for group in _groups(self.chunks, missing):
+            found.update(self._fetch(group))
+        out = bytearray()
+        for i in wanted:
+            chunk = self.chunks[i]
+            lo, hi = max(offset, chunk.start), min(offset + length, chunk.start + chunk.size)
+            out += found[i][lo - chunk.start:hi - chunk.start]
+        return bytes(out)
+
+    def _cached_chunks(self, wanted: range) -> dict[int, bytes]:
+        with self._lock:
+            found = {}
+            for i in wanted:
+                data = self._cache.get(i)
+                if data is not None:
+                    self._cache.move_to_end(i)
+                    found[i] = data
+            return found
+
+    def _fetch(self, group: list[int]) -> dict[int, bytes]:
+        import zstandard
+
+        first, last = self.chunks[group[0]], self.chunks[group[-1]]
+        fetched = {}
+        span = b""
+        if any(not self.chunks[i].zeros for i in group):
+            span = bytes(self.blob.pread(last.blob_end - first.blob_start, first.blob_start))
+            self._counters.add("toc_chunk_fetches")
+            self._counters.add("toc_chunk_fetched_bytes", len(span))
+        for i in group:
+            chunk = self.chunks[i]
+            if chunk.zeros:
+                data = bytes(chunk.size)
+            else:
+                frames = span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start]
+                try:
+                    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frames), read_across_frames=True)
+                    data = reader.read(chunk.size + 1)
+                except zstandard.ZstdError:
+                    data = b""
+            if len(data) != chunk.size or hashlib.sha256(data).digest() != chunk.sha256:
+                message = (f"{self.what}: the chunk at byte {chunk.blob_start} of the blob is not the one its "
+                           "TOC pins")
+                self._counters.add("toc_chunks_rejected")
+                if self._rejected is not None:
+                    self._rejected(message)
+                raise SourceError(message, transient=True)
+            fetched[i] = data
+        self._keep(fetched)
+        return fetched
+
+    def _keep(self, fetched: dict[int, bytes]) -> None:
+        with self._lock:
+            for i, data in fetched.items():
+                if i not in self._cache:
+                    self._cache[i] = data
+                    self._cached += len(data)
+            while self._cached > self._limit and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+
+    def counters(self) -> Mapping[str, int]:
+        return self._counters.snapshot(self.blob.counters())
+
+    def close(self) -> None:
+        self.blob.close()
+
+
+def _groups(chunks: tuple[Chunk, ...], wanted: list[int]) -> Iterator[list[int]]:
+    """``wanted`` (in order) cut where the next chunk lies more than ``MERGE_GAP`` further into the blob."""
+    group: list[int] = []
+    for i in wanted:
+        if group and chunks[i].blob_start - chunks[group[-1]].blob_end > MERGE_GAP:
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group

@@ -1,0 +1,219 @@
+"""zstd:chunked images, as Debian's skopeo writes them, mounted by their tables of contents.
+
+The image is made the way users make one: an ordinary image (umoci's
+crafted layers and real files of this machine) pushed as gzip, then
+``skopeo copy --dest-compress-format zstd:chunked``. The reference is
+``umoci unpack`` of the original. Every byte comes through a proxy that
+logs what was asked, so the tests can say what was fetched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zstandard
+
+from erofs_mount_core import SourceChangedError, SourceError
+from tests.imagetree import assert_same_tree
+from tests.oci.faultproxy import FaultProxy
+from tests.oci.registry import Registry
+from tests.oci.test_tar_images import Mounts, materialize, whole_gets
+from tests.oci.test_tar_images import mounts as mounts  # noqa: F401 - the fixture
+from tests.oci.test_umoci import layers as crafted_layers
+from tests.oci.test_umoci import oci_layout
+
+ZSTD = "application/vnd.oci.image.layer.v1.tar+zstd"
+POSITION, CHECKSUM = "io.containers.zstd-chunked.manifest-position", "io.containers.zstd-chunked.manifest-checksum"
+
+
+def real_files_layer(limit: int = 6 << 20) -> bytes:
+    """A layer of this machine's files (real sizes, so files of many chunks), read whole."""
+    out, total = io.BytesIO(), 0
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in [Path("/usr"), Path("/usr/include"), *sorted(Path("/usr/include").rglob("*"))[:2000]]:
+            if path.is_symlink() or total > limit:
+                continue
+            if path.is_file():
+                total += path.stat().st_size
+            tar.add(path, arcname=str(path.relative_to("/")), recursive=False)  # directories named: no implicit
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def chunked(registry: Registry, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """(the zstd:chunked image's reference, umoci's unpack of the original)"""
+    base = tmp_path_factory.mktemp("chunked")
+    layout = oci_layout(base / "layout", [*crafted_layers(), real_files_layer()])
+    subprocess.run(["umoci", "unpack", "--image", f"{layout}:t", str(base / "bundle")], check=True,
+                   capture_output=True)
+    subprocess.run(["skopeo", "copy", "-q", "--dest-tls-verify=false", "--dest-compress-format", "zstd:chunked",
+                    f"oci:{layout}:t", f"docker://{registry.host}/chunked/app:t"], check=True, capture_output=True)
+    yield f"{registry.host}/chunked/app:t", base / "bundle" / "rootfs"
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty cache per test: a fresh host."""
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def manifest(registry: Registry, reference: str) -> dict:
+    import httpx
+
+    repo, _, tag = reference.removeprefix(registry.host + "/").partition(":")
+    return httpx.get(f"http://{registry.host}/v2/{repo}/manifests/{tag}",
+                     headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+
+
+def fetched(proxy: FaultProxy, sizes: dict[str, int]) -> int:
+    paths = [path for method, path, _ in proxy.log if method == "GET" and "/blobs/" in path]
+    total = 0
+    for path, asked in zip(paths, proxy.ranges, strict=True):
+        if asked is None:
+            total += sizes.get(path.rpartition("/")[2], 0)
+        else:
+            first, _, last = asked.removeprefix("bytes=").partition("-")
+            total += int(last) - int(first) + 1
+    return total
+
+
+def test_debian_s_skopeo_writes_what_the_tests_assume(registry: Registry, chunked: tuple[str, Path]) -> None:
+    doc = manifest(registry, chunked[0])
+    assert all(d["mediaType"] == ZSTD and POSITION in d["annotations"] for d in doc["layers"]), doc
+
+
+def test_a_fresh_host_mounts_it_reading_the_tocs_only_and_it_equals_umoci_s_unpack(
+        registry: Registry, chunked: tuple[str, Path], tmp_path: Path, mounts: Mounts) -> None:
+    reference, expected = chunked
+    doc = manifest(registry, reference)
+    sizes = {d["digest"]: d["size"] for d in [doc["config"], *doc["layers"]]}
+    tocs = sum(int(d["annotations"][POSITION].split(":")[1]) for d in doc["layers"])
+    proxy = FaultProxy(registry.host)
+    try:
+        via = reference.replace(registry.host, proxy.host)
+        result = subprocess.run([str(Path(sys.executable).with_name("erofs-mount")), "serve", "-q", "--source",
+                                 f"oci:{via}", "-o", "insecure", "--run", "true"], capture_output=True, text=True,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert whole_gets(proxy) == [doc["config"]["digest"].removeprefix("sha256:")], "a layer was downloaded"
+        assert fetched(proxy, sizes) <= tocs + doc["config"]["size"], "more than the TOCs before the mount"
+        image = materialize(via, tmp_path / "image.erofs")  # every file read, chunk by chunk
+        assert whole_gets(proxy) == [doc["config"]["digest"].removeprefix("sha256:")] * 2
+    finally:
+        proxy.stop()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounts.mount("-t", "erofs", "-o", "ro,loop", str(image), str(mnt))
+    assert assert_same_tree(expected, mnt) >= 100
+    assert os.lstat(mnt / "etc/old").st_mtime == -315619200, "a time before 1970, through the TOC's RFC 3339"
+
+
+def test_each_layer_alone_mounts_by_its_toc(registry: Registry, chunked: tuple[str, Path], tmp_path: Path,
+                                             mounts: Mounts) -> None:
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounts.mount("-t", "erofs", "-o", "ro,loop", str(materialize(chunked[0], tmp_path / "l.erofs", "layer=1")),
+                 str(mnt))
+    assert (mnt / "usr/share/man").read_bytes() == b"a directory, now a file\n"
+    assert sorted(os.listdir(mnt / "usr/share")) == ["man"]
+
+
+def test_a_registry_that_flips_bytes_never_gets_a_wrong_byte_to_a_reader(registry: Registry,
+                                                                         chunked: tuple[str, Path]) -> None:
+    from erofs_mount_oci import open_reference
+
+    reference = chunked[0]
+    source = open_reference(reference, {"insecure": ""})
+    expected = source.pread(source.size, 0)
+    state = source.state()
+    source.close()
+    proxy = FaultProxy(registry.host)
+    try:
+        via = {**state, "registry": proxy.host}
+        from erofs_mount_oci import reopen
+
+        source = reopen(via)  # the TOCs are in the cache: nothing fetched yet
+        try:
+            proxy.inject("blob", *["corrupt"] * 10_000)
+            errors, checked = [], 0
+            for offset in range(0, source.size, 256 << 10):
+                n = min(256 << 10, source.size - offset)
+                try:
+                    assert source.pread(n, offset) == expected[offset:offset + n], "a wrong byte reached a reader"
+                    checked += 1
+                except SourceError as exc:
+                    errors.append(str(exc))
+            assert any("is not the one its TOC pins" in e for e in errors), errors[:3]
+            proxy.faults.clear()
+            assert source.pread(source.size, 0) == expected, "a bad chunk was kept"
+            assert source.counters()["toc_chunks_rejected"] > 0
+        finally:
+            source.close()
+    finally:
+        proxy.stop()
+
+
+def test_a_toc_that_is_not_the_one_the_manifest_pins_is_refused(registry: Registry, chunked: tuple[str, Path]) -> None:
+    from erofs_mount_oci import open_reference
+
+    doc = manifest(registry, chunked[0])
+    doc["layers"][0]["annotations"][CHECKSUM] = "sha256:" + "0" * 64
+    registry.put_manifest("chunked/app", "wrong-pin", doc, doc["mediaType"])
+    with pytest.raises(SourceChangedError, match="layer 0 .*its TOC's bytes are not the ones its manifest pins"):
+        open_reference(f"{registry.host}/chunked/app:wrong-pin", {"insecure": ""})
+
+
+def _rewritten(blob: bytes, position: str, change) -> tuple[bytes, str, str]:  # noqa: ANN001 - a callable
+    """The blob with its TOC changed by ``change`` (a new skippable frame in the old one's place) and the
+    annotations that pin the new TOC."""
+    offset, length, _raw, _ = (int(f) for f in position.split(":"))
+    document = json.loads(zstandard.ZstdDecompressor().stream_reader(io.BytesIO(blob[offset:offset + length]),
+                                                                     read_across_frames=True).read())
+    change(document)
+    raw = json.dumps(document).encode()
+    compressed = zstandard.ZstdCompressor().compress(raw)
+    head = blob[:offset - 8]
+    frame = b"\x50\x2a\x4d\x18" + len(compressed).to_bytes(4, "little") + compressed
+    return head + frame, f"{len(head) + 8}:{len(compressed)}:{len(raw)}:1", \
+        "sha256:" + hashlib.sha256(compressed).hexdigest()
+
+
+def test_a_toc_that_lacks_a_digest_sends_its_layer_to_the_index_pass(registry: Registry, chunked: tuple[str, Path],
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    import httpx
+    from erofs_mount_oci import open_reference
+
+    doc = manifest(registry, chunked[0])
+    last = doc["layers"][-1]
+    blob = httpx.get(f"http://{registry.host}/v2/chunked/app/blobs/{last['digest']}").content
+
+    def drop_a_digest(document: dict) -> None:
+        next(e for e in document["entries"] if e.get("type") == "reg" and e.get("size")).pop("digest")
+
+    new, position, checksum = _rewritten(blob, last["annotations"][POSITION], drop_a_digest)
+    stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(new), read_across_frames=True).read()
+    config = json.loads(httpx.get(f"http://{registry.host}/v2/chunked/app/blobs/{doc['config']['digest']}").content)
+    layers = [httpx.get(f"http://{registry.host}/v2/chunked/app/blobs/{d['digest']}").content
+              for d in doc["layers"][:-1]]
+    diff_ids = [*config["rootfs"]["diff_ids"][:-1], "sha256:" + hashlib.sha256(stream).hexdigest()]
+    registry.push_image("chunked/lacking", "t", [*((b, ZSTD) for b in layers), (new, ZSTD)], diff_ids=diff_ids)
+    pinned = manifest(registry, f"{registry.host}/chunked/lacking:t")
+    for d, original in zip(pinned["layers"], doc["layers"], strict=True):
+        d["annotations"] = original["annotations"]
+    pinned["layers"][-1]["annotations"] = {POSITION: position, CHECKSUM: checksum}
+    registry.put_manifest("chunked/lacking", "t", pinned, pinned["mediaType"])
+    with caplog.at_level("WARNING", logger="erofs_mount.oci"):
+        source = open_reference(f"{registry.host}/chunked/lacking:t", {"insecure": ""})
+    source.close()
+    assert any("the TOC gives no sha256 for" in r.getMessage() and "indexing the layer instead" in r.getMessage()
+               for r in caplog.records), [r.getMessage() for r in caplog.records]
