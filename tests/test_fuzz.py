@@ -2,8 +2,9 @@
 
 Parsers: the NBD handshake and transmission requests (from any client of
 ``serve``), recovery records, OCI references, manifests and indexes (from a
-registry), WWW-Authenticate headers. The default run tries 1,000 examples
-per parser; ``EROFS_MOUNT_FUZZ_EXAMPLES=20000 scripts/test -m fuzz`` runs the
+registry), WWW-Authenticate headers, tar archives, cached indexes,
+hosts.toml, zstd:chunked TOCs. The default run tries 1,000 examples per
+parser; ``EROFS_MOUNT_FUZZ_EXAMPLES=20000 scripts/test -m fuzz`` runs the
 full count.
 """
 
@@ -384,3 +385,61 @@ def test_hosts_toml(doc: Any) -> None:
         except UsageError:
             return
     assert hosts and all(h.scheme in ("http", "https") for h in hosts)
+
+
+_TOC_TYPES = st.sampled_from(["reg", "dir", "symlink", "hardlink", "char", "block", "fifo", "chunk", "sock", ""])
+_TOC_VALUES = st.one_of(st.integers(-3, 1 << 64), st.text(max_size=6), st.none(), st.booleans(),
+                        st.sampled_from(["sha256:" + "a" * 64, "1969-12-31T23:59:59.5Z", "2024-02-30T00:00:00Z",
+                                         "0001-01-01T00:00:00Z", "2024-01-01T00:00:00+25:99", "AAAA", "!!"]))
+_TOC_ENTRY = st.fixed_dictionaries(
+    {"type": _TOC_TYPES, "name": st.sampled_from(["a", "a/b", "../x", "", ".wh.a", "a/.wh..wh..opq", "b"])},
+    optional={k: _TOC_VALUES for k in ("mode", "size", "uid", "gid", "modtime", "linkName", "digest", "offset",
+                                       "endOffset", "chunkSize", "chunkOffset", "chunkDigest", "chunkType",
+                                       "devMajor", "devMinor")}
+    | {"xattrs": st.dictionaries(st.text(max_size=8), _TOC_VALUES, max_size=2)})
+
+
+@FUZZ
+@given(st.one_of(st.lists(_TOC_ENTRY, max_size=8).map(lambda e: {"version": 1, "entries": e}),
+                 st.dictionaries(st.text(max_size=4), _TOC_VALUES, max_size=3), st.binary(max_size=40).map(list)),
+       st.dictionaries(st.sampled_from(["io.containers.zstd-chunked.manifest-position",
+                                        "io.containers.zstd-chunked.manifest-checksum",
+                                        "io.github.containers.zstd-chunked.manifest-position"]),
+                       st.one_of(st.text(max_size=30), st.sampled_from(["100:20:300:1", "0:0:0:1", "5:5:5:2"])),
+                       max_size=3),
+       st.binary(max_size=64))
+def test_zstd_chunked_tocs(document: Any, annotations: dict[str, str], blob_tail: bytes) -> None:
+    """A TOC whose sha256 matches its pin (as a hostile writer's would) gives an index whose every read is
+    checked bytes or a SourceError; its annotations are a position or an ArchiveError."""
+    import hashlib
+
+    import zstandard
+    from erofs_mount_tar import toc
+
+    try:
+        toc.TocPosition.of(annotations, 1000)
+    except SourceError:
+        pass
+    raw = json.dumps(document).encode()
+    compressed = zstandard.ZstdCompressor().compress(raw)
+    blob = blob_tail + compressed
+    position = toc.TocPosition(len(blob_tail), len(compressed), len(raw),
+                               "sha256:" + hashlib.sha256(compressed).hexdigest())
+    try:
+        index = toc.load_toc(compressed, position, len(blob_tail), "layer")
+    except SourceError:
+        return
+
+    class Blob(Source):
+        size = len(blob)
+
+        def pread(self, length: int, offset: int) -> bytes:
+            return blob[offset:offset + length]
+
+    stream = index.open_stream(Blob(), 1 << 20, "layer")
+    for offset in range(0, index.stream_size, max(1, index.stream_size // 4)):
+        try:
+            stream.pread(min(4096, index.stream_size - offset), offset)
+        except SourceError:
+            pass
+    index.image_layout()
