@@ -417,16 +417,16 @@ def test_zstd_chunked_tocs(document: Any, annotations: dict[str, str], blob_tail
     from erofs_mount_tar import toc
 
     try:
-        toc.TocPosition.of(annotations, 1000)
+        toc.TocPosition.of(annotations, 1000, "application/vnd.oci.image.layer.v1.tar+zstd")
     except SourceError:
         pass
     raw = json.dumps(document).encode()
     compressed = zstandard.ZstdCompressor().compress(raw)
     blob = blob_tail + compressed
-    position = toc.TocPosition(len(blob_tail), len(compressed), len(raw),
-                               "sha256:" + hashlib.sha256(compressed).hexdigest())
+    position = toc.TocPosition("sha256:" + hashlib.sha256(compressed).hexdigest(), len(blob_tail), len(compressed),
+                               len(raw))
     try:
-        index = toc.load_toc(compressed, position, len(blob_tail), "layer")
+        index = toc.load_toc(toc.FoundToc(compressed, len(blob_tail)), position, "layer")
     except SourceError:
         return
 

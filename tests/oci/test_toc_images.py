@@ -217,3 +217,140 @@ def test_a_toc_that_lacks_a_digest_sends_its_layer_to_the_index_pass(registry: R
     source.close()
     assert any("the TOC gives no sha256 for" in r.getMessage() and "indexing the layer instead" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+# -- eStargz ---------------------------------------------------------------------------------------------------
+
+
+def estargz_layer(seed: int = 5) -> tuple[bytes, str, str, list[tuple[str, bytes]]]:
+    """(blob, TOC digest, diff_id, its files) of a layer with directories, files of one and of many 64 KiB
+    chunks, a symlink, a hardlink, an xattr, a whiteout and a time with a fraction."""
+    import random
+
+    from tests.oci.estargz import Writer
+
+    rng = random.Random(seed)
+    writer = Writer(chunk_size=64 << 10)
+    files = []
+
+    def add(name: str, kind: bytes, data: bytes = b"", **fields: object) -> None:
+        info = tarfile.TarInfo(name)
+        info.type, info.mode, info.mtime = kind, 0o755 if kind == tarfile.DIRTYPE else 0o644, 1_700_000_000.25
+        for key, value in fields.items():
+            setattr(info, key, value)
+        writer.add(info, data)
+        if kind == tarfile.REGTYPE:
+            files.append((name, data))
+
+    add("srv", tarfile.DIRTYPE)
+    add("srv/data", tarfile.DIRTYPE, uid=1000, gid=1000)
+    for i, size in enumerate((0, 1, 4095, 65536, 65537, 300_000, 1 << 20)):
+        add(f"srv/data/f{i}", tarfile.REGTYPE, rng.randbytes(size))
+    add("srv/tagged", tarfile.REGTYPE, b"tagged\n", pax_headers={"SCHILY.xattr.user.origin": "estargz"})
+    add("srv/link", tarfile.SYMTYPE, linkname="data/f1")
+    add("srv/hard", tarfile.LNKTYPE, linkname="srv/data/f5")
+    add("srv/.wh.gone", tarfile.REGTYPE)
+    blob, toc_digest, diff_id = writer.finish()
+    return blob, toc_digest, diff_id, files
+
+
+@pytest.fixture(scope="module")
+def estargz_image(registry: Registry) -> tuple[str, bytes, list[tuple[str, bytes]]]:
+    blob, toc_digest, diff_id, files = estargz_layer()
+    digest = registry.push_image("estargz/app", "t", [(blob, "application/vnd.oci.image.layer.v1.tar+gzip")],
+                                 diff_ids=[diff_id])
+    doc = manifest(registry, f"{registry.host}/estargz/app:t")
+    doc["layers"][0]["annotations"] = {"containerd.io/snapshot/stargz/toc.digest": toc_digest}
+    registry.put_manifest("estargz/app", "t", doc, doc["mediaType"])
+    assert digest
+    return f"{registry.host}/estargz/app:t", blob, files
+
+
+def test_an_estargz_layer_mounts_from_its_footer_and_toc_and_reads_right(
+        registry: Registry, estargz_image: tuple[str, bytes, list[tuple[str, bytes]]], tmp_path: Path,
+        mounts: Mounts) -> None:
+    reference, blob, files = estargz_image
+    proxy = FaultProxy(registry.host)
+    try:
+        via = reference.replace(registry.host, proxy.host)
+        from erofs_mount_oci import open_reference
+
+        source = open_reference(via, {"insecure": ""})
+        state = source.state()
+        source.close()
+        doc = manifest(registry, reference)
+        assert whole_gets(proxy) == [doc["config"]["digest"].removeprefix("sha256:")], "the layer was downloaded"
+        toc_offset = int(blob[-51:][16:32], 16)
+        asked = [tuple(map(int, r.removeprefix("bytes=").split("-"))) for r in proxy.ranges if r]
+        assert asked == [(len(blob) - 51, len(blob) - 1), (toc_offset, len(blob) - 52)], asked
+        assert state["layers"][0]["toc"]["kind"] == "estargz"
+        image = materialize(via, tmp_path / "image.erofs")
+    finally:
+        proxy.stop()
+    extracted, mnt = tmp_path / "extracted", tmp_path / "mnt"
+    extracted.mkdir()
+    mnt.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xzf", "-", "-C", str(extracted),
+                    "--exclude=stargz.index.json", "--exclude=.wh.*"], input=blob, check=True)
+    mounts.mount("-t", "erofs", "-o", "ro,loop", str(image), str(mnt))
+    assert assert_same_tree(extracted, mnt) >= 12  # the whiteout deletes nothing below and is gone, as unpacked
+    for name, data in files:
+        if not name.endswith(".wh.gone"):
+            assert (mnt / name).read_bytes() == data, name
+    assert os.getxattr(mnt / "srv/tagged", "user.origin") == b"estargz"
+    assert os.lstat(mnt / "srv/data/f0").st_mtime_ns == 1_700_000_000_250_000_000
+    assert (mnt / "srv/hard").stat().st_ino == (mnt / "srv/data/f5").stat().st_ino
+    assert not (mnt / "stargz.index.json").exists() and not (mnt / "srv" / "gone").exists()
+
+
+def test_an_estargz_layer_whose_chunks_are_flipped_gives_errors_never_other_bytes(
+        registry: Registry, estargz_image: tuple[str, bytes, list[tuple[str, bytes]]]) -> None:
+    from erofs_mount_oci import open_reference, reopen
+
+    reference = estargz_image[0]
+    source = open_reference(reference, {"insecure": ""})
+    expected, state = source.pread(source.size, 0), source.state()
+    source.close()
+    proxy = FaultProxy(registry.host)
+    try:
+        source = reopen({**state, "registry": proxy.host})
+        try:
+            proxy.inject("blob", *["corrupt"] * 10_000)
+            errors = []
+            for offset in range(0, source.size, 64 << 10):
+                n = min(64 << 10, source.size - offset)
+                try:
+                    assert source.pread(n, offset) == expected[offset:offset + n], "a wrong byte reached a reader"
+                except SourceError as exc:
+                    errors.append(str(exc))
+            assert any("is not the one its TOC pins" in e for e in errors), errors[:3]
+        finally:
+            source.close()
+    finally:
+        proxy.stop()
+
+
+def test_an_estargz_annotation_on_a_layer_without_a_footer_indexes_the_layer(
+        registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    import gzip
+
+    from erofs_mount_oci import open_reference
+
+    stream = io.BytesIO()
+    with tarfile.open(fileobj=stream, mode="w") as tar:
+        info = tarfile.TarInfo("plain")
+        info.size = 6
+        tar.addfile(info, io.BytesIO(b"plain\n"))
+    blob = gzip.compress(stream.getvalue(), mtime=0)
+    registry.push_image("estargz/none", "t", [(blob, "application/vnd.oci.image.layer.v1.tar+gzip")],
+                        diff_ids=["sha256:" + hashlib.sha256(stream.getvalue()).hexdigest()])
+    doc = manifest(registry, f"{registry.host}/estargz/none:t")
+    doc["layers"][0]["annotations"] = {"containerd.io/snapshot/stargz/toc.digest": "sha256:" + "1" * 64}
+    registry.put_manifest("estargz/none", "t", doc, doc["mediaType"])
+    with caplog.at_level("WARNING", logger="erofs_mount.oci"):
+        source = open_reference(f"{registry.host}/estargz/none:t", {"insecure": ""})
+    try:
+        assert source.size > 0
+    finally:
+        source.close()
+    assert any("has no eStargz footer" in r.getMessage() for r in caplog.records), caplog.records

@@ -36,6 +36,7 @@ from erofs_mount_tar import (
     TocIndex,
     build_index,
     cached_toc,
+    fetch_toc,
     load_index,
     load_toc,
     store_index,
@@ -83,24 +84,28 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
     position = layer.toc
     assert position is not None
     what = f"oci: {registry.ref}: layer {layer.index} ({layer.digest[:19]}…)"
-    compressed = cached_toc(position)
+    found = cached_toc(position)
     for attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
-        if compressed is None:
+        if found is None:
             blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                               description=what, state={}, digest_along=False, owns_client=False)
-            compressed = RetryPolicy(quiet=True).call(
-                lambda blob=blob: bytes(blob.pread(position.length, position.offset)), f"{what}: its TOC")
+            try:
+                found = RetryPolicy(quiet=True).call(
+                    lambda blob=blob: fetch_toc(position, blob.pread, layer.size, what), f"{what}: its TOC")
+            except ArchiveError as exc:  # no footer, a TOC member that is none: the layer is indexed
+                log.warning("%s; indexing the layer instead", exc)
+                return None
         try:
-            index = load_toc(compressed, position, position.offset, what)
+            index = load_toc(found, position, what)
         except ArchiveError as exc:  # authentic (its sha256 is pinned) but not enough: the layer is indexed
             log.warning("%s; indexing the layer instead", exc)
             return None
         except SourceError as exc:  # bytes other than the pinned TOC
             if attempt == 2 or not distrust_served(str(exc)):
                 raise SourceChangedError(str(exc)) from None
-            compressed = None
+            found = None
             continue
-        store_toc(position, compressed)
+        store_toc(position, found)
         return index
     raise AssertionError("unreachable")
 

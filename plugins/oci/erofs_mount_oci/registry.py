@@ -214,12 +214,10 @@ class Registry:
 
 
 def _toc_position(descriptor: dict[str, Any], name: str) -> TocPosition | None:
-    """The TOC a zstd layer's annotations place, None if they place none or place it wrongly (the layer is
-    then indexed as any other, and the log says why)."""
-    if not str(descriptor.get("mediaType", "")).endswith("+zstd"):
-        return None
+    """The TOC a layer's annotations place (zstd:chunked, eStargz), None if they place none or place it wrongly
+    (the layer is then indexed as any other, and the log says why)."""
     try:
-        return TocPosition.of(descriptor.get("annotations"), descriptor["size"])
+        return TocPosition.of(descriptor.get("annotations"), descriptor["size"], str(descriptor.get("mediaType")))
     except ArchiveError as exc:
         log.warning("%s: %s; indexing the layer instead", name, exc)
         return None

@@ -32,9 +32,9 @@ way when its bytes changed.
 The image assembly is public, for plugins that read tar layers (oci):
 ``TarImage`` and ``verified_stream`` (see ``erofs_mount_tar.assembly``),
 with the index's ``build_index``, ``load_index`` and ``store_index``, and
-for layers that carry a table of contents (zstd:chunked) ``TocPosition``,
-``load_toc``, ``cached_toc``, ``store_toc`` and ``TocIndex`` (see
-``erofs_mount_tar.toc``).
+for layers that carry a table of contents (zstd:chunked, eStargz)
+``TocPosition``, ``fetch_toc``, ``load_toc``, ``cached_toc``, ``store_toc``
+and ``TocIndex`` (see ``erofs_mount_tar.toc``).
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ _EXPORTS = {
     "TocPosition": ("toc", "TocPosition"),
     "build_index": ("index", "build"),
     "cached_toc": ("toc", "cached_toc"),
+    "fetch_toc": ("toc", "fetch_toc"),
     "load_toc": ("toc", "load_toc"),
     "store_toc": ("toc", "store_toc"),
     "load_index": ("index", "load"),

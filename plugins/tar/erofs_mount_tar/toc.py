@@ -1,4 +1,4 @@
-"""Layers that carry their own table of contents (zstd:chunked): the tree and each file's chunks, no index pass.
+"""Layers that carry their own table of contents (zstd:chunked, eStargz): the tree and each file's chunks, no index pass.
 
 A zstd:chunked layer (written by podman, buildah and skopeo) is an
 ordinary tar+zstd blob whose files' payloads sit in zstd frames of their
@@ -13,6 +13,13 @@ bytes (``chunkDigest``). The layer descriptor's annotations give the TOC's
 position and the sha256 of its compressed bytes, so a TOC is checked
 against the pinned manifest before a field of it is read
 (``erofs_mount_core`` and c/storage: ``pkg/chunked``).
+
+An eStargz layer (stargz-snapshotter's ``docs/estargz.md``) is a tar+gzip
+blob of gzip members, each file's payload (each chunk of it) starting one;
+its TOC, of the same entries, is the tar entry ``stargz.index.json`` in a
+member of its own, placed by a 51-byte footer, and the annotation
+``containerd.io/snapshot/stargz/toc.digest`` is the sha256 of its JSON. A
+chunk is its member (``offset``) inflated from ``innerOffset``.
 
 The tree is made by the same reader as an archive's (``entries``), so a
 TOC's names, modes, owners, times, xattrs, hardlinks and whiteouts get
@@ -36,6 +43,7 @@ import os
 import re
 import tarfile
 import threading
+import zlib
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
@@ -76,20 +84,42 @@ class TocLacks(ArchiveError):
     """The TOC does not give what the image needs: the layer is indexed instead (the message says what)."""
 
 
+ZSTD_CHUNKED, ESTARGZ = "zstd:chunked", "estargz"
+ESTARGZ_DIGEST = "containerd.io/snapshot/stargz/toc.digest"
+FOOTER = 51  # eStargz's footer: an empty gzip member whose extra field holds the TOC's offset
+TOC_NAME = "stargz.index.json"
+
+
 @attrs.frozen
 class TocPosition:
-    """Where a layer's TOC is and what it must hash to, from the layer descriptor's annotations."""
+    """Where a layer's TOC is and what it must hash to, from the layer descriptor's annotations.
 
-    offset: int
-    length: int
-    raw_length: int
+    zstd:chunked: the TOC's compressed bytes are ``blob[offset:offset+length]`` and ``checksum`` is
+    their sha256. eStargz: the footer gives the offset, and ``checksum`` is the sha256 of the TOC's JSON.
+    """
+
     checksum: str
-    """``sha256:<hex>`` of the TOC's compressed bytes, ``blob[offset:offset+length]``"""
+    offset: int = 0
+    length: int = 0
+    raw_length: int = 0
+    kind: str = ZSTD_CHUNKED
 
     @classmethod
-    def of(cls, annotations: Any, blob_size: int) -> TocPosition | None:
-        """The position the annotations give, None when they give none; ArchiveError when they are bad."""
+    def of(cls, annotations: Any, blob_size: int, media_type: str) -> TocPosition | None:
+        """The position the annotations give a layer of ``media_type``, None when they give none;
+        ArchiveError when they are bad."""
         if not isinstance(annotations, Mapping):
+            return None
+        if media_type.endswith(("gzip", "+gzip")):
+            digest = annotations.get(ESTARGZ_DIGEST)
+            if digest is None:
+                return None
+            if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+                raise ArchiveError(f"its {ESTARGZ_DIGEST} annotation is not a sha256")
+            if blob_size <= FOOTER:
+                raise ArchiveError(f"it is {blob_size} bytes: no eStargz footer fits")
+            return cls(digest, kind=ESTARGZ)
+        if not media_type.endswith("+zstd"):
             return None
         for position_key, checksum_key in ANNOTATIONS.values():
             position, checksum = annotations.get(position_key), annotations.get(checksum_key)
@@ -106,7 +136,7 @@ class TocPosition:
             if not 0 < length <= MAX_TOC or offset + length > blob_size or not 0 < raw <= MAX_TOC:
                 raise ArchiveError(f"its TOC ({length} bytes at {offset}, {raw} uncompressed) does not fit the "
                                    f"blob's {blob_size} bytes or the {MAX_TOC >> 20} MiB a TOC may have")
-            return cls(offset, length, raw, checksum)
+            return cls(checksum, offset, length, raw)
         return None
 
     def to_state(self) -> dict[str, Any]:
@@ -114,7 +144,17 @@ class TocPosition:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> TocPosition:
-        return cls(int(state["offset"]), int(state["length"]), int(state["raw_length"]), str(state["checksum"]))
+        return cls(str(state["checksum"]), int(state.get("offset", 0)), int(state.get("length", 0)),
+                   int(state.get("raw_length", 0)), str(state.get("kind", ZSTD_CHUNKED)))
+
+
+@attrs.frozen
+class FoundToc:
+    """A TOC's pinned bytes as fetched (zstd:chunked: compressed; eStargz: its JSON), and where it starts in
+    the blob: every chunk lies before it."""
+
+    pinned: bytes = attrs.field(repr=False)
+    toc_offset: int
 
 
 @attrs.frozen
@@ -127,6 +167,8 @@ class Chunk:
     blob_end: int
     sha256: bytes
     zeros: bool = False
+    inner_offset: int = 0
+    """eStargz: where the chunk starts in what its gzip member inflates to (members may hold several)"""
 
 
 @attrs.frozen
@@ -137,6 +179,8 @@ class TocIndex:
     chunks: tuple[Chunk, ...] = attrs.field(repr=False)
     stream_size: int
     entries: int
+    codec: str = "zstd"
+    """what a chunk's blob bytes are: zstd frames, or a gzip member (eStargz)"""
 
     def read_tree(self, base: int = 0) -> Tree:
         """A copy of the tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
@@ -147,35 +191,78 @@ class TocIndex:
 
     def open_stream(self, blob: Source, cache_bytes: int, what: str, *,
                     rejected: Callable[[str], object] | None = None) -> ChunkedFiles:
-        return ChunkedFiles(blob, self.chunks, self.stream_size, cache_bytes, what, rejected)
+        return ChunkedFiles(blob, self.chunks, self.stream_size, cache_bytes, what, rejected, codec=self.codec)
 
 
 TOC_DIR = "tar-toc"
 
 
-def cached_toc(position: TocPosition) -> bytes | None:
-    """The TOC's compressed bytes, if the cache holds them whole (checked by ``load_toc`` against the pin)."""
+def cached_toc(position: TocPosition) -> FoundToc | None:
+    """The TOC as fetched before, if the cache holds it whole (checked by ``load_toc`` against the pin)."""
     fd = open_cache_file(_toc_path(position))
     if fd is None:
         return None
     with os.fdopen(fd, "rb") as f:
-        return f.read(position.length + 1)
+        data = f.read(8 + MAX_TOC + 1)
+    if len(data) < 8:
+        return None
+    return FoundToc(data[8:], int.from_bytes(data[:8], "little"))
 
 
-def store_toc(position: TocPosition, compressed: bytes) -> None:
-    write_cache_file(_toc_path(position), compressed)
+def store_toc(position: TocPosition, found: FoundToc) -> None:
+    write_cache_file(_toc_path(position), found.toc_offset.to_bytes(8, "little") + found.pinned)
 
 
 def _toc_path(position: TocPosition):  # noqa: ANN202 - a Path
     return cache_directory(TOC_DIR) / f"{position.checksum.removeprefix('sha256:')}.toc"
 
 
-def load_toc(compressed: bytes, position: TocPosition, toc_end: int, where: str) -> TocIndex:
-    """The TOC's index, from its compressed bytes: checked against ``position.checksum`` first; every
-    chunk must lie before ``toc_end`` (where the TOC starts in the blob)."""
-    if "sha256:" + hashlib.sha256(compressed).hexdigest() != position.checksum:
+def fetch_toc(position: TocPosition, read: Callable[[int, int], bytes], blob_size: int, where: str) -> FoundToc:
+    """The TOC's pinned bytes, read from the blob with ``read(length, offset)`` (not yet checked)."""
+    if position.kind == ZSTD_CHUNKED:
+        return FoundToc(bytes(read(position.length, position.offset)), position.offset)
+    footer = bytes(read(FOOTER, blob_size - FOOTER))
+    if footer[:4] != b"\x1f\x8b\x08\x04" or footer[12:14] != b"SG" or footer[32:38] != b"STARGZ" or \
+            not all(c in b"0123456789abcdef" for c in footer[16:32]):
+        raise TocLacks(f"{where}: it has no eStargz footer")
+    offset = int(footer[16:32], 16)
+    if not 0 <= offset < blob_size - FOOTER or blob_size - FOOTER - offset > MAX_TOC:
+        raise TocLacks(f"{where}: its eStargz footer places the TOC at {offset}, outside the blob or too large")
+    member = bytes(read(blob_size - FOOTER - offset, offset))
+    inflater = zlib.decompressobj(wbits=31)
+    try:
+        tar = inflater.decompress(member, MAX_TOC + (64 << 10))
+    except zlib.error as exc:
+        raise TocLacks(f"{where}: its eStargz TOC does not inflate: {exc}") from None
+    try:
+        with tarfile.open(fileobj=io.BytesIO(tar), mode="r:") as archive:
+            entry = archive.next()
+            if entry is None or entry.name != TOC_NAME or not entry.isreg() or entry.size > MAX_TOC:
+                raise TocLacks(f"{where}: its eStargz TOC member holds no {TOC_NAME}")
+            extracted = archive.extractfile(entry)
+            assert extracted is not None
+            return FoundToc(extracted.read(), offset)
+    except (tarfile.TarError, EOFError):
+        raise TocLacks(f"{where}: its eStargz TOC member is not a tar entry") from None
+
+
+def load_toc(found: FoundToc, position: TocPosition, where: str) -> TocIndex:
+    """The TOC's index: its bytes checked against ``position.checksum`` first (SourceError: other bytes than
+    the manifest pins), then read; TocLacks or ArchiveError when it cannot give the image."""
+    if "sha256:" + hashlib.sha256(found.pinned).hexdigest() != position.checksum:
         raise SourceError(f"{where}: its TOC's bytes are not the ones its manifest pins ({position.checksum})",
                           transient=True)
+    raw = found.pinned if position.kind == ESTARGZ else _inflated(found.pinned, position, where)
+    try:
+        document = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise ArchiveError(f"{where}: its TOC is not JSON") from None
+    if not isinstance(document, dict) or document.get("version") != 1 or not isinstance(document.get("entries"), list):
+        raise TocLacks(f"{where}: its TOC is not version 1 with a list of entries")
+    return _index(document["entries"], found.toc_offset, where, position.kind)
+
+
+def _inflated(compressed: bytes, position: TocPosition, where: str) -> bytes:
     import zstandard
 
     try:
@@ -186,24 +273,24 @@ def load_toc(compressed: bytes, position: TocPosition, toc_end: int, where: str)
     if len(raw) != position.raw_length:
         raise ArchiveError(f"{where}: its TOC inflates to {len(raw)} bytes, not the {position.raw_length} "
                            "its annotation says")
-    try:
-        document = json.loads(raw)
-    except (ValueError, RecursionError):
-        raise ArchiveError(f"{where}: its TOC is not JSON") from None
-    if not isinstance(document, dict) or document.get("version") != 1 or not isinstance(document.get("entries"), list):
-        raise TocLacks(f"{where}: its TOC is not version 1 with a list of entries")
-    return _index(document["entries"], toc_end, where)
+    return raw
 
 
-def _index(entries: list[Any], toc_end: int, where: str) -> TocIndex:
+def _index(entries: list[Any], toc_end: int, where: str, kind: str) -> TocIndex:
     chunks: list[Chunk] = []
-    members = list(_members(entries, chunks, toc_end, where))
+    chunks_of = _zstd_chunks_of if kind == ZSTD_CHUNKED else _estargz_chunks_of
+    members = list(_members(entries, chunks, lambda pending, base: chunks_of(pending, base, chunks, toc_end, where),
+                            where))
     tree = tree_of(members, where)
+    if kind == ESTARGZ:
+        chunks = _members_ended(chunks, toc_end, where)
     stream_size = chunks[-1].start + chunks[-1].size if chunks else 0
-    return TocIndex(packed_tree.dump(tree), tuple(chunks), stream_size, tree.entries)
+    return TocIndex(packed_tree.dump(tree), tuple(chunks), stream_size, tree.entries,
+                    "zstd" if kind == ZSTD_CHUNKED else "gzip")
 
 
-def _members(entries: list[Any], chunks: list[Chunk], toc_end: int, where: str) -> Iterator[tarfile.TarInfo]:
+def _members(entries: list[Any], chunks: list[Chunk], chunks_of: Callable[[list[dict[str, Any]], int], int],
+             where: str) -> Iterator[tarfile.TarInfo]:
     """Each entry as the TarInfo an archive would have held, its payload's chunks appended to ``chunks``."""
     base = 0
     pending: list[dict[str, Any]] = []  # the chunk entries of the file before, and that file
@@ -217,7 +304,7 @@ def _members(entries: list[Any], chunks: list[Chunk], toc_end: int, where: str) 
             pending.append(entry)
             continue
         if pending:
-            base = _chunks_of(pending, base, chunks, toc_end, where)
+            base = chunks_of(pending, base)
             pending = []
         member = _member(entry, number, where)
         if member.isreg() and member.size:
@@ -225,7 +312,7 @@ def _members(entries: list[Any], chunks: list[Chunk], toc_end: int, where: str) 
             pending = [entry]
         yield member
     if pending:
-        _chunks_of(pending, base, chunks, toc_end, where)
+        chunks_of(pending, base)
 
 
 def _member(entry: dict[str, Any], number: int, where: str) -> tarfile.TarInfo:
@@ -262,7 +349,7 @@ def _member(entry: dict[str, Any], number: int, where: str) -> tarfile.TarInfo:
     return member
 
 
-def _chunks_of(entries: list[dict[str, Any]], base: int, chunks: list[Chunk], toc_end: int, where: str) -> int:
+def _zstd_chunks_of(entries: list[dict[str, Any]], base: int, chunks: list[Chunk], toc_end: int, where: str) -> int:
     """The chunks of one regular file (its ``reg`` entry, then its ``chunk`` entries), checked to add up to
     its size and to lie in order inside the blob; the next file's base."""
     file, name = entries[0], str(entries[0]["name"])[:200]
@@ -297,6 +384,52 @@ def _chunks_of(entries: list[dict[str, Any]], base: int, chunks: list[Chunk], to
     if into != size:
         raise TocLacks(f"{where}: the chunks of {name!r} add up to {into:,} bytes, not its {size:,}")
     return base + size
+
+
+def _estargz_chunks_of(entries: list[dict[str, Any]], base: int, chunks: list[Chunk], toc_end: int,
+                       where: str) -> int:
+    """As ``_zstd_chunks_of``, for eStargz: each chunk names the gzip member it starts (``offset``) and where
+    in what the member inflates to (``innerOffset``); its member ends where the next one starts, found
+    once every chunk is known (``_members_ended``)."""
+    file, name = entries[0], str(entries[0]["name"])[:200]
+    size = int(file["size"])
+    digest = file.get("digest")
+    into = 0
+    for i, entry in enumerate(entries):
+        last = i == len(entries) - 1
+        chunk_size = entry.get("chunkSize") or (size - into if last else None)  # 0 or none: to the file's end
+        chunk_digest = entry.get("chunkDigest", digest if len(entries) == 1 else None)
+        inner = entry.get("innerOffset", 0)
+        if entry.get("chunkOffset", 0) != into:
+            raise TocLacks(f"{where}: the chunks of {name!r} do not follow each other")
+        if not _is_count(chunk_size) or not chunk_size or not _is_count(entry.get("offset")) or not _is_count(inner):
+            raise TocLacks(f"{where}: a chunk of {name!r} has no size or position")
+        if inner + chunk_size > MAX_CHUNK:
+            raise TocLacks(f"{where}: {name!r} has a chunk that ends {inner + chunk_size:,} bytes into its gzip "
+                           f"member (more than {MAX_CHUNK >> 20} MiB)")
+        if not isinstance(chunk_digest, str) or not _SHA256.fullmatch(chunk_digest):
+            raise TocLacks(f"{where}: the TOC gives no sha256 for a chunk of {name!r}")
+        if not entry["offset"] < toc_end:
+            raise ArchiveError(f"{where}: a chunk of {name!r} lies outside the blob's files")
+        chunks.append(Chunk(base + into, chunk_size, entry["offset"], toc_end, bytes.fromhex(chunk_digest[7:]),
+                            inner_offset=inner))
+        into += chunk_size
+    if into != size:
+        raise TocLacks(f"{where}: the chunks of {name!r} add up to {into:,} bytes, not its {size:,}")
+    return base + size
+
+
+def _members_ended(chunks: list[Chunk], toc_end: int, where: str) -> list[Chunk]:
+    """Each eStargz chunk with the end of its gzip member: the next member's start, or the TOC's."""
+    starts = sorted({c.blob_start for c in chunks} | {toc_end})
+    ended = []
+    for chunk in chunks:
+        end = starts[bisect.bisect_right(starts, chunk.blob_start)]
+        if end - chunk.blob_start > MAX_CHUNK + (MAX_CHUNK >> 7) + (64 << 10):
+            raise TocLacks(f"{where}: a gzip member at byte {chunk.blob_start} runs {end - chunk.blob_start:,} "
+                           f"bytes (more than a chunk of {MAX_CHUNK >> 20} MiB needs)")
+        ended.append(attrs.evolve(chunk, blob_end=end))
+    return ended
 
 
 def _is_count(value: Any) -> bool:
@@ -343,8 +476,9 @@ class ChunkedFiles(Source):
     """
 
     def __init__(self, blob: Source, chunks: tuple[Chunk, ...], size: int, cache_bytes: int, what: str,
-                 rejected: Callable[[str], object] | None = None) -> None:
+                 rejected: Callable[[str], object] | None = None, *, codec: str = "zstd") -> None:
         self.blob, self.chunks, self._size, self.what = blob, chunks, size, what
+        self._inflate = _inflate_zstd if codec == "zstd" else _inflate_gzip
         self._starts = [c.start for c in chunks]
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cached, self._limit = 0, max(cache_bytes, MAX_CHUNK)
@@ -385,8 +519,6 @@ class ChunkedFiles(Source):
             return found
 
     def _fetch(self, group: list[int]) -> dict[int, bytes]:
-        import zstandard
-
         first, last = self.chunks[group[0]], self.chunks[group[-1]]
         fetched = {}
         span = b""
@@ -399,12 +531,8 @@ class ChunkedFiles(Source):
             if chunk.zeros:
                 data = bytes(chunk.size)
             else:
-                frames = span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start]
-                try:
-                    reader = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frames), read_across_frames=True)
-                    data = reader.read(chunk.size + 1)
-                except zstandard.ZstdError:
-                    data = b""
+                data = self._inflate(span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start],
+                                     chunk)
             if len(data) != chunk.size or hashlib.sha256(data).digest() != chunk.sha256:
                 message = (f"{self.what}: the chunk at byte {chunk.blob_start} of the blob is not the one its "
                            "TOC pins")
@@ -431,6 +559,27 @@ class ChunkedFiles(Source):
 
     def close(self) -> None:
         self.blob.close()
+
+
+def _inflate_zstd(frames: bytes, chunk: Chunk) -> bytes:
+    """The chunk's bytes from its zstd frames (one more byte asked for than it should have: a longer one is
+    caught); b"" for frames that do not inflate."""
+    import zstandard
+
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frames), read_across_frames=True) \
+            .read(chunk.size + 1)
+    except zstandard.ZstdError:
+        return b""
+
+
+def _inflate_gzip(member: bytes, chunk: Chunk) -> bytes:
+    """The chunk's bytes: ``chunk.size`` of what its gzip member inflates to, from ``chunk.inner_offset``."""
+    try:
+        data = zlib.decompressobj(wbits=31).decompress(member, chunk.inner_offset + chunk.size)
+    except zlib.error:
+        return b""
+    return data[chunk.inner_offset:]
 
 
 def _groups(chunks: tuple[Chunk, ...], wanted: list[int]) -> Iterator[list[int]]:
