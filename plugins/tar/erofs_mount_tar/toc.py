@@ -1,4 +1,4 @@
-"""Layers that carry their own table of contents (zstd:chunked, eStargz): the tree and each file's chunks, no index pass.
+"""Layers that carry their own table of contents (zstd:chunked, eStargz): the tree and every chunk, no index pass.
 
 A zstd:chunked layer (written by podman, buildah and skopeo) is an
 ordinary tar+zstd blob whose files' payloads sit in zstd frames of their
