@@ -2,8 +2,8 @@
 """Reattach and re-mount of a registry image of thousands of files, against a local image of the same files.
 
 The image is real files from this machine (/usr, --mib MiB, a few thousand
-entries, as a Debian root filesystem has) in three layers (gzip, gzip,
-zstd) on Debian's docker-registry on loopback; the peer is the same files
+entries, as a Debian root filesystem has) in --layers layers (gzip, the
+last one zstd; default 3) on Debian's docker-registry on loopback; the peer is the same files
 made into one EROFS image by mkfs.erofs and mounted with ``local:``. Once
 the registry image's layers are indexed (a first mount, not timed), runs
 alternate, and each prints its median:
@@ -19,7 +19,7 @@ alternate, and each prints its median:
 Needs the nbd driver: where this machine's kernel has none, the benchmark
 runs itself in the test VM (tests/vm/vm-run, emulated: expect seconds).
 
-    .venv/bin/python benches/reattach_images.py [--runs 5] [--mib 60]
+    .venv/bin/python benches/reattach_images.py [--runs 5] [--mib 64] [--layers 3]
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def open_and_reopen(reference: str) -> tuple[float, float]:
     return opened, time.perf_counter() - start
 
 
-def bench(runs: int, mib: int) -> None:
+def bench(runs: int, mib: int, count: int) -> None:
     work = Path(tempfile.mkdtemp(prefix="erofs-mount-bench-"))
     os.environ["EROFS_MOUNT_CACHE_DIR"] = str(work / "cache")
     registry = Registry(work / "registry")
@@ -84,9 +84,9 @@ def bench(runs: int, mib: int) -> None:
         files = real_files(mib)
         probe = max((f for f in files if os.path.isfile("/" + f) and not os.path.islink("/" + f)
                      and os.path.getsize("/" + f) <= 4 << 20), key=lambda f: os.path.getsize("/" + f))
-        a, b = len(files) * 60 // 100, len(files) * 85 // 100
-        layers = [layer(work, "base", files[:a], "gzip"), layer(work, "mid", files[a:b], "gzip"),
-                  layer(work, "top", files[b:], "zstd")]
+        cuts = [0, *(len(files) * (100 - 40 // 2 ** i) // 100 for i in range(count - 1)), len(files)]
+        layers = [layer(work, f"l{i}", files[cuts[i]:cuts[i + 1]], "zstd" if i == count - 1 else "gzip")
+                  for i in range(count)]
         push(registry, "bench/rootfs", layers)
         reference = f"{registry.host}/bench/rootfs:v1"
         tree = work / "tree"
@@ -95,8 +95,8 @@ def bench(runs: int, mib: int) -> None:
             how = "zstd -dc" if media.endswith("zstd") else "gzip -dc"
             subprocess.run(f"{how} | tar -x -C {tree}", shell=True, input=blob, check=True)
         subprocess.run(["mkfs.erofs", "--quiet", str(work / "local.erofs"), str(tree)], check=True)
-        print(f"{len(files)} files, {mib} MiB, 3 layers ({', '.join(f'{len(b) >> 20} MiB' for b, _, _ in layers)} "
-              f"compressed); probe {probe} ({os.path.getsize('/' + probe) >> 10} KiB); kernel {os.uname().release}",
+        sizes = ", ".join(f"{len(b) / 2**20:.1f} MiB" for b, _, _ in layers)
+        print(f"{len(files)} files, {mib} MiB, {count} layers ({sizes} compressed); probe {probe} ({os.path.getsize('/' + probe) >> 10} KiB); kernel {os.uname().release}",
               flush=True)
 
         local_mnt, oci_mnt = work / "local", work / "oci"
@@ -144,7 +144,8 @@ def bench(runs: int, mib: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--mib", type=int, default=60, help="uncompressed size of the image (default 60)")
+    parser.add_argument("--mib", type=int, default=64, help="uncompressed size of the image (default 64)")
+    parser.add_argument("--layers", type=int, default=3, help="how many layers (default 3)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         raise SystemExit("run it as root: it mounts")
@@ -153,8 +154,9 @@ def main() -> None:
             raise SystemExit("no nbd driver in the guest either")
         print("this kernel has no nbd driver: running in the test VM (emulated)", file=sys.stderr)
         sys.exit(subprocess.run([str(VM_RUN), "--mem", "3G", "--timeout", "3000", "--", sys.executable, __file__,
-                                 "--runs", str(args.runs), "--mib", str(args.mib)]).returncode)
-    bench(args.runs, args.mib)
+                                 "--runs", str(args.runs), "--mib", str(args.mib), "--layers",
+                                 str(args.layers)]).returncode)
+    bench(args.runs, args.mib, args.layers)
 
 
 if __name__ == "__main__":
