@@ -96,8 +96,8 @@ def bench(runs: int, mib: int, count: int) -> None:
             subprocess.run(f"{how} | tar -x -C {tree}", shell=True, input=blob, check=True)
         subprocess.run(["mkfs.erofs", "--quiet", str(work / "local.erofs"), str(tree)], check=True)
         sizes = ", ".join(f"{len(b) / 2**20:.1f} MiB" for b, _, _ in layers)
-        print(f"{len(files)} files, {mib} MiB, {count} layers ({sizes} compressed); probe {probe} ({os.path.getsize('/' + probe) >> 10} KiB); kernel {os.uname().release}",
-              flush=True)
+        print(f"{len(files)} files, {mib} MiB, {count} layers ({sizes} compressed); probe {probe} "
+              f"({os.path.getsize('/' + probe) >> 10} KiB); kernel {os.uname().release}", flush=True)
 
         local_mnt, oci_mnt = work / "local", work / "oci"
         local_mnt.mkdir()
