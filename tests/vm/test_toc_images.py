@@ -28,7 +28,9 @@ def test_a_zstd_chunked_image_mounts_from_its_tocs_and_survives_kill_9(tmp_path:
 
     from tests.oci.faultproxy import FaultProxy
     from tests.oci.registry import Registry
-    from tests.oci.test_tar_images import DOCKER_LAYER, diff_id, whole_gets
+    from tests.oci.test_tar_images import diff_id, whole_gets
+
+    gzip_layer = "application/vnd.oci.image.layer.v1.tar+gzip"
 
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
     sums = make_tree(tmp_path / "tree", files=24, max_size=768 << 10)
@@ -41,16 +43,17 @@ def test_a_zstd_chunked_image_mounts_from_its_tocs_and_survives_kill_9(tmp_path:
     registry = Registry(tmp_path / "registry")
     proxy = FaultProxy(registry.host)
     try:
-        registry.push_image("team/app", "gzip", [(base, DOCKER_LAYER), (upper, DOCKER_LAYER)],
+        registry.push_image("team/app", "gzip", [(base, gzip_layer), (upper, gzip_layer)],
                             diff_ids=[diff_id(base), diff_id(upper)])
-        subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false",
+        # to another repository: skopeo reuses a blob the destination repository has, leaving the layer as it is
+        subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", "oci",
                         "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/team/app:gzip",
-                        f"docker://{registry.host}/team/app:chunked"], check=True, capture_output=True)
-        manifest = httpx.get(f"http://{registry.host}/v2/team/app/manifests/chunked",
+                        f"docker://{registry.host}/team/chunked:t"], check=True, capture_output=True)
+        manifest = httpx.get(f"http://{registry.host}/v2/team/chunked/manifests/t",
                              headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
         tocs = sum(int(d["annotations"][POSITION].split(":")[1]) for d in manifest["layers"])
 
-        device = cli("mount", "--source", f"oci:{proxy.host}/team/app:chunked", "-o", "insecure",
+        device = cli("mount", "--source", f"oci:{proxy.host}/team/chunked:t", "-o", "insecure",
                      str(mountpoint)).out.strip()
         try:
             config = manifest["config"]["digest"].removeprefix("sha256:")

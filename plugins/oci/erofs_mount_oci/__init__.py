@@ -12,7 +12,12 @@ checked); the index is kept in the cache under the layer's digest, so
 layers shared with an image mounted before are not downloaded again.
 Reads then fetch only the compressed spans they need, one range request
 each, and every span is checked against the hash taken when its layer
-was indexed. An image whose layers are EROFS images is served as the
+was indexed. A layer that carries a table of contents (zstd:chunked,
+eStargz) is not downloaded at all: its TOC, checked against the pinned
+manifest, gives the tree and each chunk's sha256. A host with an empty
+cache can take the layers' indexes from an artifact that another host
+published to the registry (``erofs-mount index push``), when it is signed
+by a key given with ``index-key``. An image whose layers are EROFS images is served as the
 layer blob itself.
 
 Options (``-o key=value``, comma-separated or repeated):
@@ -40,6 +45,10 @@ Options (``-o key=value``, comma-separated or repeated):
                          reattached daemon starts warm; the least recently used spans go first
     fill                 after mount, read every layer into the span store in the background, so that a
                          registry outage later cannot stall reads (the layers must fit disk-cache-mib)
+    index=MODE           (tar layers not in the cache) auto (default): use an index published to the
+                         registry (erofs-mount index push) when one is signed by an index-key, else
+                         index the layers here; off: never look; required: fail unless one is found
+    index-key=PATH       a PEM ed25519 public key that published indexes are signed with
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
     readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
@@ -82,6 +91,8 @@ class Options:
     verify: str = "lazy"
     disk_cache_mib: int = 2048
     fill: bool = False
+    index: str = "auto"
+    index_key: str | None = None
     cache: CacheSettings = CacheSettings()
 
     @classmethod
@@ -105,6 +116,8 @@ class Options:
                 values[name] = int(value)
             else:
                 values[name] = value
+        if values.get("index", "auto") not in ("auto", "off", "required"):
+            raise UsageError(f"oci: index={values['index']!r}: use auto, off or required")
         if values.get("verify", "lazy") not in ("lazy", "full"):
             raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
         if values.get("fill") and values.get("disk_cache_mib") == 0:
@@ -202,12 +215,22 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
                           f"{len(manifest['layers'])}")
     if not whole:
         diff_ids = [diff_ids[layers[0].index]]
-    found = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty())
-    state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids)}
+    found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(),
+                          published=published_policy(opts.index, opts.index_key or ""))
+    state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
+             "index": opts.index, "index_key": opts.index_key or "", **({"published_index": used} if used else {})}
     store = _span_store(state)
     image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
                         description=_image_description(state), store=store)
     return image.filling() if opts.fill else image
+
+
+def published_policy(mode: str, key: str, pinned: str | None = None) -> Any:
+    """How layers missing from the cache may come from a published index: ``mode`` (index=), the key file."""
+    from .layers import PublishedPolicy
+    from .published import TrustedKeys
+
+    return PublishedPolicy(mode, TrustedKeys.load([key]) if key else TrustedKeys(), pinned)
 
 
 def _image_description(state: Mapping[str, Any]) -> str:

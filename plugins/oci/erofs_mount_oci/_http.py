@@ -134,7 +134,8 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 
 def attempt(client: httpx.Client, method: str, url: str, *, what: str,
-            headers: dict[str, str] | None = None, stream: bool = False, body_limit: int = 0) -> httpx.Response:
+            headers: dict[str, str] | None = None, stream: bool = False, body_limit: int = 0,
+            content: bytes | None = None) -> httpx.Response:
     """One request; the caller closes a streamed response.
 
     429, 5xx, resets and timeouts raise SourceError(transient=True), with the
@@ -142,7 +143,7 @@ def attempt(client: httpx.Client, method: str, url: str, *, what: str,
     ``body_limit``: a whole blob's size, when its body may be larger than ``MAX_BODY``.
     """
     try:
-        request = client.build_request(method, url, headers=headers,
+        request = client.build_request(method, url, headers=headers, content=content,
                                        extensions={BODY_LIMIT: body_limit} if body_limit else None)
         response = client.send(request, stream=stream)
     except (InsecureRedirect, NoHost) as exc:
@@ -175,11 +176,12 @@ def _beyond_retries(exc: Exception, host: str) -> str | None:
 
 
 def fetch(client: httpx.Client, method: str, url: str, *, what: str, headers: dict[str, str] | None = None,
-          cap: int = 0) -> tuple[httpx.Response, bytes]:
+          cap: int = 0, content: bytes | None = None) -> tuple[httpx.Response, bytes]:
     """A request made while opening, retried by ``RETRY``: the (closed) response and, for a 200,
-    its body, read up to ``cap`` bytes: a larger one is refused, never read whole."""
+    its body, read up to ``cap`` bytes: a larger one is refused, never read whole. ``content``: the body
+    a push sends."""
     def once() -> tuple[httpx.Response, bytes]:
-        response = attempt(client, method, url, what=what, headers=headers, stream=True)
+        response = attempt(client, method, url, what=what, headers=headers, stream=True, content=content)
         try:
             body = read_capped(response, cap, what) if response.status_code == 200 and cap else b""
         finally:

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import attrs
 from erofs_mount_tar import (
     ArchiveError,
     ArchiveIndex,
@@ -47,6 +48,7 @@ from erofs_mount_core import RetryPolicy, SourceChangedError, SourceError, cache
 
 from .blob import BlobSource
 from .download import DOWNLOAD_DIR, Download, DownloadStopped
+from .published import TrustedKeys
 from .registry import Layer, Registry
 from .routing import distrust_served, distrusted
 
@@ -64,19 +66,31 @@ def passes(layers: int) -> tuple[int, int]:
     return at_once, max(1, min(4, cpus // at_once))
 
 
-def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
-            progress: bool = False) -> list[ArchiveIndex | TocIndex]:
-    """Each layer's index, in order: its TOC's, or its archive index checked against its ``diff_ids`` entry."""
+@attrs.frozen
+class PublishedPolicy:
+    """Whether and how layers missing from the cache are taken from an index published to the registry."""
+
+    mode: str = "auto"  # auto | off | required
+    keys: TrustedKeys = attrs.field(factory=TrustedKeys)
+    pinned: str | None = None
+    """the artifact a record pins: reattach uses exactly that one"""
+
+
+def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
+            published: PublishedPolicy | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
+    """Each layer's index, in order: its TOC's, or its archive index checked against its ``diff_ids`` entry;
+    and the digest of the published artifact that gave some of them, if one did."""
     by_toc: dict[int, TocIndex] = {}
     for layer in layers:
         toc = _toc_index(registry, layer) if layer.toc is not None else None
         if toc is not None:
             by_toc[layer.index] = toc
     rest = [(layer, diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True) if layer.index not in by_toc]
-    archives = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest], progress=progress)
+    archives, used = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest],
+                                      progress=progress, published=published)
     found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
                                                               in zip(rest, archives, strict=True)}}
-    return [found[layer.index] for layer in layers]
+    return [found[layer.index] for layer in layers], used
 
 
 def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
@@ -110,9 +124,10 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
     raise AssertionError("unreachable")
 
 
-def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *,
-                     progress: bool = False) -> list[ArchiveIndex]:
-    """Each layer's archive index, in order, checked against ``diff_ids`` (one per layer)."""
+def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
+                     published: PublishedPolicy | None = None) -> tuple[list[ArchiveIndex], str | None]:
+    """Each layer's archive index, in order, checked against ``diff_ids`` (one per layer): from the cache, a
+    published artifact, or a download."""
     found: dict[int, ArchiveIndex] = {}
     missing = []
     for layer in layers:
@@ -132,6 +147,26 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
     for layer in layers:
         if layer.index in found:
             check(layer, found[layer.index])
+    used = None
+    if missing and published is not None and published.mode != "off":
+        from . import published as publication
+
+        artifact = publication.find(registry, missing[0].manifest_digest, missing,
+                                    [expected[layer.index] for layer in missing], published.keys, published.pinned)
+        if artifact is not None:
+            for layer in missing:
+                index = artifact.indexes.get(layer.index)
+                if index is not None:
+                    check(layer, index)
+                    store_index(index)
+                    found[layer.index] = index
+            missing = [layer for layer in missing if layer.index not in found]
+            used = artifact.digest
+            log.info("%s: %d layer index(es) from the published index %s", registry.ref, len(artifact.indexes),
+                     artifact.digest)
+        elif published.mode == "required" or published.pinned is not None:
+            raise SourceError(f"oci: {registry.ref}: no published index signed by a key given with index-key "
+                              f"(index=required){'' if published.keys.keys else ': no index-key was given'}")
     if missing:
         total = sum(layer.size for layer in missing)
         before = distrusted()
@@ -147,7 +182,7 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
                 log.warning("%s; indexing again from the next host", exc)
             finally:
                 parts.close()
-    return [found[layer.index] for layer in layers]
+    return [found[layer.index] for layer in layers], used
 
 
 def _index_all(registry: Registry, layers: list[Layer], parts: Parts,

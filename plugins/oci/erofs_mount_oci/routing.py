@@ -109,6 +109,8 @@ class HostsTransport(httpx.BaseTransport):
         rest = url[len(self.api_root):]
         resolving = _TAG_MANIFEST.search(rest.split("?", 1)[0]) is not None
         routes = [(h, t) for h, t in self.routes if (h.resolve if resolving else h.pull)]
+        if request.method not in ("GET", "HEAD"):
+            routes = self.routes[-1:]  # a push (index push) goes to the registry alone
         if not routes:
             raise NoHost(f"no host for {self.registry} in hosts.toml may "
                          f"{'resolve a tag' if resolving else 'serve blobs'}")
@@ -154,7 +156,7 @@ class HostsTransport(httpx.BaseTransport):
             timeout = dict(extensions.get("timeout", {}))
             timeout["connect"] = host.dial_timeout
             extensions["timeout"] = timeout
-        return httpx.Request(request.method, url, headers=headers, extensions=extensions)
+        return httpx.Request(request.method, url, headers=headers, extensions=extensions, stream=request.stream)
 
     def _skipping(self, host: Host) -> bool:
         with self._lock:

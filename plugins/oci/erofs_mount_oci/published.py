@@ -1,0 +1,244 @@
+"""Indexes published to the registry: one OCI artifact per image, found by other hosts through its referrers.
+
+``erofs-mount index push`` indexes an image's tar layers (from the cache
+when they are there) and pushes an image manifest of its own
+``artifactType`` whose ``subject`` is the image's manifest, with one blob
+per layer: the tar index file as the cache keeps it (entries, gzip
+checkpoints or zstd frames, the sha256 of every 1 MiB span). A mount with
+an empty cache then fetches those blobs instead of downloading the layers.
+
+Anyone with push rights to a repository can attach a referrer, so a
+published index is used only when it is signed by a key the user trusts
+(``-o index-key=PUBKEY``): the signature (ed25519) covers a statement that
+binds each layer's digest and diff_id to its index blob's digest, for the
+subject's digest. Span hashes keep the bytes honest (a span that does not
+match its hash is never served), but the index's tree says which bytes
+make which file, with which mode: only the signature makes that the
+publisher's word. An unsigned index, or one signed by another key, is not
+used (the layers are indexed here, and the log says so). Every field of a
+fetched artifact and of each index blob is bounded and checked as the
+cache's own are, and an index must name its layer's digest, size and
+diff_id, or it is refused.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import attrs
+from erofs_mount_tar import ArchiveIndex
+
+from erofs_mount_core import SourceError, UsageError
+
+from . import _http
+from .referrers import add_to_tag, push_blob, push_manifest, referrers
+from .registry import MAX_MANIFEST, OCI_MANIFEST, Layer, Registry, _descriptors
+
+log = logging.getLogger("erofs_mount.oci")
+
+ARTIFACT_TYPE = "application/vnd.erofs-mount.tar-index.v1"
+INDEX_MEDIA_TYPE = "application/vnd.erofs-mount.tar-index.v1.index"
+LAYER_ANNOTATION = "io.erofs-mount.layer.digest"
+SIGNATURE_ANNOTATION = "io.erofs-mount.signature.ed25519"
+KEY_ANNOTATION = "io.erofs-mount.signature.key"
+EMPTY_CONFIG = {"mediaType": "application/vnd.oci.empty.v1+json",
+                "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
+MAX_INDEX_BLOB = 256 << 20  # one layer's index; an index of a million entries is far below
+MAX_CANDIDATES = 8  # artifacts tried, newest first
+
+
+@attrs.frozen
+class TrustedKeys:
+    """The public keys a published index must be signed by, by key id (the sha256 of the raw key)."""
+
+    keys: dict[str, Any] = attrs.field(factory=dict)
+
+    @classmethod
+    def load(cls, paths: Sequence[str]) -> TrustedKeys:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+        keys = {}
+        for path in paths:
+            try:
+                key = serialization.load_pem_public_key(Path(path).read_bytes())
+            except (OSError, ValueError) as exc:
+                raise UsageError(f"oci: index-key={path}: not a PEM public key ({exc})") from None
+            if not isinstance(key, Ed25519PublicKey):
+                raise UsageError(f"oci: index-key={path}: not an ed25519 key")
+            keys[key_id(key)] = key
+        return cls(keys)
+
+    def verify(self, statement: bytes, annotations: dict[str, Any]) -> bool:
+        """Whether ``annotations`` carry a signature of ``statement`` by one of these keys."""
+        from cryptography.exceptions import InvalidSignature
+
+        key = self.keys.get(str(annotations.get(KEY_ANNOTATION, "")))
+        signature = annotations.get(SIGNATURE_ANNOTATION)
+        if key is None or not isinstance(signature, str):
+            return False
+        try:
+            key.verify(base64.b64decode(signature, validate=True), statement)
+        except (InvalidSignature, ValueError):
+            return False
+        return True
+
+
+def key_id(public_key: Any) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return hashlib.sha256(raw).hexdigest()
+
+
+def load_signing_key(path: str) -> Any:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    try:
+        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as exc:
+        raise UsageError(f"index push: --sign {path}: not an unencrypted PEM private key ({exc})") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise UsageError(f"index push: --sign {path}: not an ed25519 key (openssl genpkey -algorithm ed25519)")
+    return key
+
+
+def statement(subject: str, bound: Sequence[tuple[str, str, str]]) -> bytes:
+    """What a signature covers: the image manifest's digest, and for each layer (digest, diff_id, the digest of
+    its index blob)."""
+    return json.dumps({"artifactType": ARTIFACT_TYPE, "subject": subject,
+                       "layers": [{"digest": d, "diff_id": i, "index": b} for d, i, b in bound]},
+                      separators=(",", ":"), sort_keys=True).encode()
+
+
+# -- push -----------------------------------------------------------------------------------------------------
+
+
+def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], diff_ids: Sequence[str],
+         indexes: Sequence[ArchiveIndex], signing_key: Any | None) -> tuple[str, int]:
+    """Push the artifact of ``indexes`` (one per layer of ``layers``) with ``subject`` (the image manifest's
+    descriptor); (its digest, the number of layers it holds)."""
+    what = f"oci: {registry.ref}: index push"
+    blobs, bound = [], []
+    for layer, diff_id, index in zip(layers, diff_ids, indexes, strict=True):
+        if index.unpacked:  # its stream is a file on this host: another host indexes that layer itself
+            log.warning("%s: layer %d is one zstd frame, unpacked on this host: not published", what, layer.index)
+            continue
+        blob = push_blob(registry, index.to_bytes(), f"{what}: layer {layer.index}'s index")
+        blobs.append({"mediaType": INDEX_MEDIA_TYPE, **blob, "annotations": {LAYER_ANNOTATION: layer.digest}})
+        bound.append((layer.digest, diff_id, blob["digest"]))
+    if not blobs:
+        raise SourceError(f"{what}: no layer of the image has an index another host can use")
+    annotations = {}
+    if signing_key is not None:
+        signature = signing_key.sign(statement(subject["digest"], bound))
+        annotations = {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode(),
+                       KEY_ANNOTATION: key_id(signing_key.public_key())}
+    push_blob(registry, b"{}", f"{what}: the empty config")
+    doc = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "artifactType": ARTIFACT_TYPE, "config": EMPTY_CONFIG,
+           "layers": blobs, "subject": subject, **({"annotations": annotations} if annotations else {})}
+    digest, taken = push_manifest(registry, doc, OCI_MANIFEST, what)
+    if not taken:  # no Referrers API: the tag schema, by the client
+        size = len(json.dumps(doc, separators=(",", ":"), sort_keys=True).encode())
+        add_to_tag(registry, subject["digest"], {"mediaType": OCI_MANIFEST, "digest": digest, "size": size,
+                                                  "artifactType": ARTIFACT_TYPE,
+                                                  **({"annotations": annotations} if annotations else {})}, what)
+    return digest, len(blobs)
+
+
+# -- find -----------------------------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class Found:
+    """A published artifact whose signature checked out: its digest, and the indexes it gave, by layer index."""
+
+    digest: str
+    indexes: dict[int, ArchiveIndex]
+
+
+def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
+         pinned: str | None = None) -> Found | None:
+    """The indexes of ``layers`` from the newest artifact signed by a trusted key (or exactly the ``pinned``
+    one, at reattach); None when there is none."""
+    what = f"oci: {registry.ref}: published index"
+    if pinned is not None:
+        candidates = [pinned]
+    else:
+        found = referrers(registry, subject, ARTIFACT_TYPE)
+        candidates = [d["digest"] for d in reversed(found)][:MAX_CANDIDATES]  # the last added first
+    unsigned = 0
+    for digest in candidates:
+        doc = _artifact(registry, digest, subject, what)
+        if doc is None:
+            continue
+        rows = {str(d.get("annotations", {}).get(LAYER_ANNOTATION)): d for d in doc["layers"]
+                if isinstance(d.get("annotations"), dict)}
+        wanted = [(layer, diff_id, rows.get(layer.digest)) for layer, diff_id in zip(layers, diff_ids, strict=True)]
+        bound = [(layer.digest, diff_id, row["digest"]) for layer, diff_id, row in wanted if row is not None]
+        signed = _signed_statement(doc, bound)
+        if not keys.verify(signed, doc.get("annotations") or {}):
+            unsigned += 1
+            continue
+        indexes = {}
+        for layer, diff_id, row in wanted:
+            if row is not None:
+                indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
+        return Found(digest, indexes)
+    if unsigned:
+        log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used",
+                    what, unsigned)
+    return None
+
+
+def _signed_statement(doc: dict[str, Any], bound: list[tuple[str, str, str]]) -> bytes:
+    """The statement for every layer the artifact holds (a signature covers all of them, or none)."""
+    if len(bound) != len(doc["layers"]):
+        return b""  # it holds layers this image does not have: no statement of ours matches it
+    return statement(doc["subject"]["digest"], bound)
+
+
+def _artifact(registry: Registry, digest: str, subject: str, what: str) -> dict[str, Any] | None:
+    """The artifact manifest ``digest``, checked (its digest, its type, its subject), or None if it is none."""
+    response, body = _http.fetch(registry.client, "GET", f"{registry.base}/manifests/{digest}", what=what,
+                                 headers={"Accept": OCI_MANIFEST}, cap=MAX_MANIFEST)
+    if response.status_code != 200:
+        raise _http.status_error(response, f"{what} {digest}")
+    if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+        raise SourceError(f"{what} {digest}: the registry sent a manifest of another digest")
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(doc, dict) or doc.get("artifactType") != ARTIFACT_TYPE or \
+            not isinstance(doc.get("subject"), dict) or doc["subject"].get("digest") != subject:
+        return None
+    _descriptors(doc.get("layers"), f"{what} {digest}")
+    return doc
+
+
+def _index_blob(registry: Registry, row: dict[str, Any], layer: Layer, diff_id: str, what: str) -> ArchiveIndex:
+    name = f"{what}: layer {layer.index}'s index {row['digest']}"
+    if row["size"] > MAX_INDEX_BLOB:
+        raise SourceError(f"{name} is {row['size']} bytes, more than the {MAX_INDEX_BLOB >> 20} MiB allowed")
+    response, body = _http.fetch(registry.client, "GET", registry.blob_url(row["digest"]), what=name,
+                                 cap=row["size"])
+    if response.status_code != 200:
+        raise _http.status_error(response, name)
+    if "sha256:" + hashlib.sha256(body).hexdigest() != row["digest"]:
+        raise SourceError(f"{name}: the registry sent bytes of another digest")
+    try:
+        index = ArchiveIndex.from_bytes(body)
+    except ValueError as exc:
+        raise SourceError(f"{name} is not an index erofs-mount can read ({exc})") from None
+    if f"sha256:{index.archive_sha256}" != layer.digest or index.archive_size != layer.size or \
+            f"sha256:{index.stream_sha256}" != diff_id or index.unpacked:
+        raise SourceError(f"{name} does not describe that layer (its digest, size or diff_id differ)")
+    return index
