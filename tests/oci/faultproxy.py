@@ -10,6 +10,7 @@ records the Authorization headers it sees.
 from __future__ import annotations
 
 import http.server
+import json
 import socket
 import struct
 import threading
@@ -31,6 +32,7 @@ class FaultProxy:
         self.upstream = upstream
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
         self.outage = False  # True: every request is answered 503, as by a registry that is down
+        self.referrers_api = False  # True: GET /v2/NAME/referrers/DIGEST is answered, as distribution-spec 1.1 says
         self.stopped = threading.Event()
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self.ranges: list[str | None] = []  # the Range header of each blob GET
@@ -77,6 +79,17 @@ class FaultProxy:
             s.server_close()
         self._client.close()
 
+    def referrers(self, path: str) -> bytes:
+        """The Referrers API's answer for ``/v2/NAME/referrers/DIGEST``, from the referrers tag upstream (as a
+        registry that has the API keeps it: docker-registry 2.8 has not)."""
+        repository, _, digest = path.split("?")[0].removeprefix("/v2/").partition("/referrers/")
+        upstream = self._client.get(f"/v2/{repository}/manifests/{digest.replace(':', '-')}",
+                                    headers={"Accept": "application/vnd.oci.image.index.v1+json"})
+        if upstream.status_code == 200:
+            return upstream.content
+        return json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                           "manifests": []}).encode()
+
     def _forward(self, method: str, path: str, headers: dict[str, str]) -> httpx.Response:
         keep = {k: v for k, v in headers.items() if k.lower() in ("authorization", "range", "accept")}
         return self._client.request(method, path, headers=keep)
@@ -105,6 +118,8 @@ class FaultProxy:
                 if kind == "blob" and method == "GET":
                     proxy.ranges.append(self.headers.get("Range"))
                 headers = dict(self.headers.items())
+                if proxy.referrers_api and "/referrers/" in self.path:  # as a registry of distribution-spec 1.1
+                    return self._referrers()
                 if fault in ("429", "503"):
                     extra = {"Retry-After": "1"} if fault == "429" else {}
                     return self._reply(int(fault), b"", extra)
@@ -161,6 +176,10 @@ class FaultProxy:
                     return
                 self._reply(upstream.status_code, body if method == "GET" else b"", passed,
                             length=int(upstream.headers.get("Content-Length", len(body))))
+
+            def _referrers(self) -> None:
+                index = "application/vnd.oci.image.index.v1+json"
+                self._reply(200, proxy.referrers(self.path), {"Content-Type": index})
 
             def _reply(self, code: int, body: bytes, headers: dict[str, str], length: int | None = None) -> None:
                 self.send_response(code)

@@ -1,0 +1,193 @@
+"""Indexes published to the registry: pushed by one host, found by another through the referrers, trusted by key.
+
+The registry is Debian's docker-registry 2.8, which has no Referrers API:
+discovery goes through the referrers tag schema there, and through the API
+when the proxy in front answers it as a distribution-spec 1.1 registry does.
+Keys are made by openssl, as a user would make them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+import httpx
+import pytest
+
+from erofs_mount_core import SourceError, UsageError
+from tests.oci.faultproxy import FaultProxy
+from tests.oci.registry import Registry
+from tests.oci.test_tar_images import image as image  # noqa: F401 - the fixtures: an image of four tar layers
+from tests.oci.test_tar_images import layers as layers  # noqa: F401
+from tests.oci.test_tar_images import whole_gets
+
+EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("keys")
+    for name in ("trusted", "other"):
+        subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(base / f"{name}.pem")], check=True)
+        subprocess.run(["openssl", "pkey", "-in", str(base / f"{name}.pem"), "-pubout", "-out",
+                        str(base / f"{name}.pub")], check=True)
+    return {"private": base / "trusted.pem", "public": base / "trusted.pub", "other": base / "other.pem"}
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "publisher-cache"))
+    return tmp_path
+
+
+def push_cli(reference: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EROFS_MOUNT, "index", "push", f"oci:{reference}", "-o", "insecure", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def layer_digests(registry: Registry, reference: str) -> list[str]:
+    repo, _, tag = reference.removeprefix(registry.host + "/").partition(":")
+    doc = httpx.get(f"http://{registry.host}/v2/{repo}/manifests/{tag}",
+                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    return [d["digest"].removeprefix("sha256:") for d in doc["layers"]]
+
+
+def fresh_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / name))
+
+
+def test_a_signed_index_pushed_by_one_host_mounts_on_another_without_downloading_a_layer(
+        registry: Registry, image: str, keys: dict[str, Path], cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from erofs_mount_oci import open_reference
+
+    pushed = push_cli(image, "--sign", str(keys["private"]))
+    assert pushed.returncode == 0, pushed.stderr
+    artifact = pushed.stdout.strip()
+    assert artifact.startswith("sha256:") and "signed" in pushed.stderr
+    expected_source = open_reference(image, {"insecure": ""})
+    expected = expected_source.pread(expected_source.size, 0)
+    expected_source.close()
+
+    for api in (False, True):  # the referrers tag schema (docker-registry 2.8), then the Referrers API
+        fresh_host(monkeypatch, cache, f"host-{api}")
+        proxy = FaultProxy(registry.host)
+        proxy.referrers_api = api
+        try:
+            source = open_reference(image.replace(registry.host, proxy.host),
+                                    {"insecure": "", "index-key": str(keys["public"])})
+            try:
+                state = source.state()
+                assert source.pread(source.size, 0) == expected
+            finally:
+                source.close()
+            layers = layer_digests(registry, image)
+            assert not set(whole_gets(proxy)) & set(layers), "a layer was downloaded"
+            asked = [path for method, path, _ in proxy.log if "/referrers/" in path]
+            assert bool(asked) == api, proxy.log
+            assert state["published_index"] == artifact
+        finally:
+            proxy.stop()
+
+    from erofs_mount_oci import reopen  # a reattach on a host whose cache lost the indexes: the pinned artifact
+
+    fresh_host(monkeypatch, cache, "host-reattach")
+    again = reopen(state)
+    try:
+        assert again.pread(again.size, 0) == expected
+    finally:
+        again.close()
+
+
+def test_index_off_required_and_keys(registry: Registry, image: str, keys: dict[str, Path], cache: Path,
+                                     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from erofs_mount_oci import open_reference
+
+    unsigned = push_cli(image)  # no --sign: other hosts do not use it
+    assert unsigned.returncode == 0, unsigned.stderr
+    layers = layer_digests(registry, image)
+
+    fresh_host(monkeypatch, cache, "off")
+    proxy = FaultProxy(registry.host)
+    try:
+        via = image.replace(registry.host, proxy.host)
+        open_reference(via, {"insecure": "", "index": "off", "index-key": str(keys["public"])}).close()
+        assert not [p for _, p, _ in proxy.log if "referrers" in p or "sha256-" in p], "index=off looked"
+        assert set(layers) <= set(whole_gets(proxy)), "index=off indexes the layers here"
+    finally:
+        proxy.stop()
+
+    fresh_host(monkeypatch, cache, "required-without-key")
+    with pytest.raises(SourceError, match="no published index signed by a key given with index-key .*no index-key"):
+        open_reference(image, {"insecure": "", "index": "required"})
+    with pytest.raises(UsageError, match="index=sometimes"):
+        open_reference(image, {"insecure": "", "index": "sometimes"})
+    with pytest.raises(UsageError, match="not a PEM public key"):
+        open_reference(image, {"insecure": "", "index-key": str(keys["private"].with_name("missing.pub"))})
+
+    fresh_host(monkeypatch, cache, "other-key")  # signed, but by a key this host was not given
+    other = push_cli(image, "--sign", str(keys["other"]))
+    assert other.returncode == 0, other.stderr
+    with caplog.at_level("WARNING", logger="erofs_mount.oci"):
+        source = open_reference(image, {"insecure": "", "index-key": str(keys["public"])})
+    assert "published_index" not in source.state() or source.state()["published_index"] != other.stdout.strip()
+    source.close()
+
+
+def test_a_forged_index_changes_no_byte_a_reader_gets(registry: Registry, image: str, keys: dict[str, Path],
+                                                     cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Signed by the trusted key (as by a publisher whose indexer was fooled): span hashes that are not the
+    layer's fail the first read of them; a tree changed and signed by a key not trusted is never used."""
+    from erofs_mount_oci import open_reference
+    from erofs_mount_oci.layers import indexed
+    from erofs_mount_oci.published import load_signing_key, push
+    from erofs_mount_oci.registry import Registry as Api
+
+    source = open_reference(image, {"insecure": ""})
+    expected = source.pread(source.size, 0)
+    source.close()
+    from erofs_mount_oci import _client
+    from erofs_mount_oci.credentials import CredentialSource
+    from erofs_mount_oci.platform import Platform
+    from erofs_mount_oci.reference import parse
+
+    ref = parse(image)
+    client = _client(ref, insecure=True, ca=None, credentials=CredentialSource("anonymous"), hosts_dir="")
+    try:
+        api = Api(client, ref, insecure=True)
+        manifest, digest, chosen = api.image_manifest(Platform.host())
+        layers = api.tar_layers(manifest, digest, chosen)
+        diff_ids = api.diff_ids(manifest)
+        found, _ = indexed(api, layers, diff_ids)
+        size = int(httpx.head(f"http://{registry.host}/v2/{ref.repository}/manifests/{digest}",
+                              headers={"Accept": manifest["mediaType"]}).headers["Content-Length"])
+        subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": size}
+        flipped = bytearray(found[0].spans.hashes)
+        flipped[0] ^= 1
+        forged_data = [attrs.evolve(found[0], spans=attrs.evolve(found[0].spans, hashes=bytes(flipped))), *found[1:]]
+        tree = json.loads(found[0].tree)
+        for row in tree:
+            if row[0] & 0o170000 == 0o100000:
+                row[0] |= 0o4000  # a setuid bit on every file
+        forged_tree = [attrs.evolve(found[0], tree=json.dumps(tree).encode()), *found[1:]]
+        forged, _ = push(api, subject, layers, diff_ids, forged_data, load_signing_key(str(keys["private"])))
+        push(api, subject, layers, diff_ids, forged_tree, load_signing_key(str(keys["other"])))
+    finally:
+        client.close()
+
+    fresh_host(monkeypatch, cache, "forged")
+    source = open_reference(image, {"insecure": "", "index-key": str(keys["public"])})
+    try:
+        assert source.state()["published_index"] == forged, "the newest signed by the trusted key is the one used"
+        errors = []
+        for offset in range(0, source.size, 1 << 20):
+            n = min(1 << 20, source.size - offset)
+            try:
+                assert source.pread(n, offset) == expected[offset:offset + n], "a wrong byte reached a reader"
+            except SourceError as exc:
+                errors.append(str(exc))
+        assert any("is not the bytes measured when it was first read" in e for e in errors), errors
+    finally:
+        source.close()
