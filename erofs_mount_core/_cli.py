@@ -117,7 +117,33 @@ def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> N
     ctx.exit()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_codes_epilog())
+class _WithPluginCommands(click.Group):
+    """The core's commands, and the ones plugins add (``erofs_mount_register_commands``), which load only when
+    a name is not the core's or every command is listed."""
+
+    _loaded = False
+
+    def _load_plugins(self) -> None:
+        if not self._loaded:
+            self._loaded = True
+            from ._plugins import PluginHost
+
+            PluginHost().register_commands(self, _errors_as_lines)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and not self._loaded:
+            self._load_plugins()
+            command = super().get_command(ctx, cmd_name)
+        return command
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        self._load_plugins()
+        return super().list_commands(ctx)
+
+
+@click.group(cls=_WithPluginCommands, context_settings={"help_option_names": ["-h", "--help"]},
+             epilog=_exit_codes_epilog())
 @click.option("-V", "--version", is_flag=True, expose_value=False, is_eager=True, callback=_show_version,
               help="Show the version of erofs-mount and of each installed plugin, and exit.")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")

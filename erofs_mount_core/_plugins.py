@@ -163,6 +163,30 @@ class PluginHost:
             return f"{scheme}: {info.schemes[scheme]} (the plugin has no further documentation)"
         return doc.replace("``", "")  # reStructuredText's inline literals, as a terminal shows them
 
+    def register_commands(self, group: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+        """Each loaded plugin's commands added to ``group``, their callbacks wrapped by ``wrap`` (one-line
+        errors). A plugin that fails, or replaces a command already there, is warned about, and the rest go on."""
+        import warnings
+
+        for info in self._infos:
+            if info.error is not None:
+                continue
+            before = dict(group.commands)
+            try:
+                self._call_one(info.name, "erofs_mount_register_commands", cli=group)
+            except Exception as exc:  # noqa: BLE001 - one plugin's failure must not take the others' away
+                group.commands = before
+                warnings.warn(f"plugin {info.name!r} failed to add its commands: {type(exc).__name__}: {exc}",
+                              stacklevel=2)
+                continue
+            for name, command in list(group.commands.items()):
+                if name in before and before[name] is not command:
+                    group.commands[name] = before[name]
+                    warnings.warn(f"plugin {info.name!r} tried to replace the command {name!r}: kept the first",
+                                  stacklevel=2)
+                elif name not in before:
+                    _wrap_callbacks(command, wrap)
+
     # -- the source hooks, routed to the scheme's owner --------------------
 
     def open_source(self, scheme: str, location: str, options: Mapping[str, str], *, _depth: int = 0) -> Source:
@@ -248,6 +272,15 @@ class PluginHost:
         if isinstance(result, list):  # a collecting hook: one plugin, one result
             return result[0] if result else None
         return result
+
+
+def _wrap_callbacks(command: Any, wrap: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    stack = [command]
+    while stack:
+        command = stack.pop()
+        if command.callback is not None:
+            command.callback = wrap(command.callback)
+        stack.extend(getattr(command, "commands", {}).values())
 
 
 def check_options(scheme: str, options: Mapping[str, str], declared: Iterable[str]) -> None:

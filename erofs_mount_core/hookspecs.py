@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    import click
+
     from ._source import InnerSource, Source
 
 PROJECT = "erofs_mount"
@@ -67,6 +69,23 @@ def erofs_mount_wrapping_schemes() -> Iterable[str]:
     inner source from then on: it closes it, also when its own open fails.
     A location that names no installed scheme reaches the plugin as it is,
     with ``inner`` None.
+    """
+
+
+@hookspec
+def erofs_mount_register_commands(cli: click.Group) -> None:
+    """Add commands to ``erofs-mount`` (optional hook), as llm's ``register_commands`` does::
+
+        @hookimpl
+        def erofs_mount_register_commands(cli):
+            cli.add_command(my_group)  # erofs-mount my-group ...
+
+    The host calls it only when a command that is not the core's is asked
+    for, or when all are listed (``--help``, the manual page), so a plugin
+    with commands costs the core's own commands nothing. A command may not
+    replace one of the core's (the host keeps the core's and warns), and an
+    ``ErofsMountError`` it raises is one line on stderr with its exit code,
+    as the core's own commands do.
     """
 
 

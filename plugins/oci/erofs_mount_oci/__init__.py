@@ -199,6 +199,40 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
         raise
 
 
+def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, progress: bool) -> tuple[str, int]:
+    """``erofs-mount index push``: index the image's tar layers (those with a TOC need none) and push the
+    indexes as one artifact whose subject is the image manifest; (its digest, how many layers it holds)."""
+    from .credentials import CredentialSource
+    from .layers import indexed
+    from .platform import Platform
+    from .published import push
+    from .registry import Registry
+
+    check_options(SCHEME, options, Options.names())
+    ref = references.parse(location)
+    opts = Options.parse(options)
+    if opts.layer is not None or opts.blob is not None:
+        raise UsageError("index push: an index is pushed for the whole image: layer= and blob= do not apply")
+    credentials = CredentialSource.parse(opts.credentials, ref.registry)
+    platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
+    client = _client(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials,
+                     hosts_dir=_hosts_dir(opts.hosts_dir))
+    try:
+        registry = Registry(client, ref, insecure=opts.insecure)
+        manifest, digest, chosen = registry.image_manifest(platform)
+        layers = [layer for layer in registry.tar_layers(manifest, digest, chosen) if layer.toc is None]
+        if not layers:
+            raise UsageError(f"index push: every layer of {ref} carries a table of contents: it needs no index")
+        diff_ids = registry.diff_ids(manifest)
+        ids = [diff_ids[layer.index] for layer in layers]
+        found, _ = indexed(registry, layers, ids, progress=progress)
+        subject = {"mediaType": manifest.get("mediaType") or registry.OCI_MANIFEST, "digest": digest,
+                   "size": registry.manifest_size(digest)}
+        return push(registry, subject, layers, ids, found, signing_key)
+    finally:
+        client.close()
+
+
 def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], common: dict[str, Any],
                 opts: Options, *, whole: bool) -> Source:
     """Tar layers: the whole image merged, or one layer as it is, from the layers' indexes."""
@@ -358,6 +392,13 @@ def _verified_spans(client: Any, url: str, digest: str, size: int, state: Mappin
             raise SourceChangedError(f"oci: blob {digest} no longer gives the span hashes measured at mount")
         spans.store(digest, found)
     return found
+
+
+@hookimpl
+def erofs_mount_register_commands(cli: Any) -> None:
+    from .commands import index  # click commands: loaded only when a command not the core's is asked for
+
+    cli.add_command(index)
 
 
 @hookimpl

@@ -25,7 +25,7 @@ def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None) -> None
     """Index every tar layer of an image (from the cache, or downloading it) and push the indexes to its
     repository as one OCI artifact whose subject is the image, for hosts with an empty cache to mount
     it without downloading its layers. Prints the artifact's digest."""
-    from . import open_registry
+    from . import push_index
     from .published import load_signing_key
 
     scheme, _, location = spec.partition(":")
@@ -37,6 +37,6 @@ def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None) -> None
         for item in filter(None, pair.split(",")):
             key, _, value = item.partition("=")
             options[key] = value
-    digest, count = open_registry(location, options).push_index(signing_key, progress=sys.stderr.isatty())
+    digest, count = push_index(location, options, signing_key, progress=sys.stderr.isatty())
     click.echo(digest)
     click.echo(f"{count} layer index(es) pushed{', signed' if signing_key else ', unsigned'}", err=True)

@@ -200,6 +200,18 @@ class Registry:
             raise SourceError(f"{what}: its rootfs.diff_ids are not a list of digests")
         return ids
 
+    OCI_MANIFEST = OCI_MANIFEST
+
+    def manifest_size(self, digest: str) -> int:
+        """The size of manifest ``digest`` (for a descriptor of it: a referrer's subject)."""
+        what = f"manifest {self.ref.repository}@{digest}"
+        response, _ = _http.fetch(self.client, "HEAD", f"{self.base}/manifests/{digest}", what=what,
+                                  headers={"Accept": ACCEPT})
+        length = response.headers.get("Content-Length")
+        if response.status_code != 200 or length is None or not length.isdigit():
+            raise _http.status_error(response, what)
+        return int(length)
+
     def blob_size(self, digest: str) -> int:
         what = f"blob {self.ref.repository}@{digest}"
         response, _ = _http.fetch(self.client, "HEAD", self.blob_url(digest), what=what)
