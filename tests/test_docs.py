@@ -69,6 +69,7 @@ def test_command_lines_name_real_commands_and_options(line: str) -> None:
 
 
 def _commands(group: click.Group, path: tuple[str, ...] = ()) -> list[tuple[str, click.Command]]:
+    group.list_commands(click.Context(group))  # the root: the installed plugins' commands too
     found: list[tuple[str, click.Command]] = [(" ".join(path) or "erofs-mount", group)]
     for name, command in group.commands.items():
         if isinstance(command, click.Group):
