@@ -33,6 +33,10 @@ class FaultProxy:
         self.faults: list[tuple[str, str]] = []  # (kind of request, fault)
         self.outage = False  # True: every request is answered 503, as by a registry that is down
         self.referrers_api = False  # True: GET /v2/NAME/referrers/DIGEST is answered, as distribution-spec 1.1 says
+        self.latency = 0.0  # seconds added to every request, as by a registry far away
+        self.rate = 0  # bytes per second of one link that every answer's body shares (0: no cap)
+        self.sent_bytes = 0  # bodies sent, all answers
+        self._link_free = 0.0
         self.stopped = threading.Event()
         self.log: list[tuple[str, str, str]] = []  # (method, path, what happened)
         self.ranges: list[str | None] = []  # the Range header of each blob GET
@@ -79,6 +83,17 @@ class FaultProxy:
             s.server_close()
         self._client.close()
 
+    def throttle(self, n: int) -> None:
+        """Hold an answer of ``n`` bytes as long as the shared link of ``rate`` bytes per second would."""
+        with self._lock:
+            self.sent_bytes += n
+            if not self.rate:
+                return
+            now = time.monotonic()
+            self._link_free = max(now, self._link_free) + n / self.rate
+            wait = self._link_free - now
+        time.sleep(wait)
+
     def referrers(self, path: str) -> bytes:
         """The Referrers API's answer for ``/v2/NAME/referrers/DIGEST``, from the referrers tag upstream (as a
         registry that has the API keeps it: docker-registry 2.8 has not)."""
@@ -107,6 +122,8 @@ class FaultProxy:
                 self._handle("GET")
 
             def _handle(self, method: str) -> None:
+                if proxy.latency:
+                    time.sleep(proxy.latency)
                 kind = "blob" if "/blobs/" in self.path else "manifest" if "/manifests/" in self.path else "other"
                 name = self.path.split("?")[0].rsplit("/", 1)[-1]  # a blob's digest: faults for it alone
                 fault = (proxy._take(name) or proxy._take(kind)) if method == "GET" else None
@@ -190,6 +207,7 @@ class FaultProxy:
                 self.send_header("Content-Length", str(len(body) if length is None else length))
                 self.end_headers()
                 if body:
+                    proxy.throttle(len(body))
                     self.wfile.write(body)
 
             def log_message(self, *args: Any) -> None:

@@ -148,13 +148,13 @@ def test_a_forged_index_changes_no_byte_a_reader_gets(registry: Registry, image:
     source = open_reference(image, {"insecure": ""})
     expected = source.pread(source.size, 0)
     source.close()
-    from erofs_mount_oci import _client
     from erofs_mount_oci.credentials import CredentialSource
+    from erofs_mount_oci.options import client_for
     from erofs_mount_oci.platform import Platform
     from erofs_mount_oci.reference import parse
 
     ref = parse(image)
-    client = _client(ref, insecure=True, ca=None, credentials=CredentialSource("anonymous"), hosts_dir="")
+    client = client_for(ref, insecure=True, ca=None, credentials=CredentialSource("anonymous"), hosts_dir="")
     try:
         api = Api(client, ref, insecure=True)
         manifest, digest, chosen = api.image_manifest(Platform.host())

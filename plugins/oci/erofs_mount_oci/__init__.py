@@ -67,98 +67,14 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-import attrs
-
 from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, check_options, hookimpl
 
 from . import reference as references
+from .options import SCHEME, Options, client_for, hosts_dir_of
 
 __all__ = ["open_reference", "reopen"]  # a registry's image or blob as a Source, without the plugin host
 
-SCHEME = "oci"
 log = logging.getLogger("erofs_mount.oci")
-
-
-@attrs.frozen
-class Options:
-    layer: int | None = None
-    blob: str | None = None
-    platform: str | None = None
-    insecure: bool = False
-    ca: str | None = None
-    credentials: str | None = None
-    hosts_dir: str | None = None
-    verify: str = "lazy"
-    disk_cache_mib: int = 2048
-    fill: bool = False
-    index: str = "auto"
-    index_key: str | None = None
-    cache: CacheSettings = CacheSettings()
-
-    @classmethod
-    def names(cls) -> set[str]:
-        return {f.name.replace("_", "-") for f in attrs.fields(cls) if f.name != "cache"} | set(CacheSettings.OPTIONS)
-
-    @classmethod
-    def parse(cls, options: Mapping[str, str]) -> Options:
-        """From ``-o``: only the names ``names()`` declares reach it (the host refuses others)."""
-        values: dict[str, Any] = {"cache": CacheSettings.parse(options, SCHEME)}
-        for key, value in options.items():
-            name = key.replace("-", "_")
-            if key in CacheSettings.OPTIONS:
-                continue
-            if name in ("insecure", "fill"):
-                values[name] = value.lower() not in ("0", "no", "false")
-            elif name in ("layer", "disk_cache_mib"):
-                if not value.isdigit():
-                    what = "a layer's index: 0 for the first" if name == "layer" else "a whole number of MiB"
-                    raise UsageError(f"oci: {key}={value!r}: give {what}")
-                values[name] = int(value)
-            else:
-                values[name] = value
-        if values.get("index", "auto") not in ("auto", "off", "required"):
-            raise UsageError(f"oci: index={values['index']!r}: use auto, off or required")
-        if values.get("verify", "lazy") not in ("lazy", "full"):
-            raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
-        if values.get("fill") and values.get("disk_cache_mib") == 0:
-            raise UsageError("oci: fill keeps the layers in the span store: it needs disk-cache-mib above 0")
-        if "layer" in values and "blob" in values:
-            raise UsageError("oci: give layer= or blob=, not both")
-        if "blob" in values:
-            if not values["blob"].startswith("sha"):
-                values["blob"] = "sha256:" + values["blob"]
-            if not references.DIGEST.fullmatch(values["blob"]):
-                raise UsageError(f"oci: blob={options['blob']!r} is not a sha256 digest")
-        return cls(**values)
-
-
-def _client(ref: Any, *, insecure: bool, ca: str | None, credentials: Any, hosts_dir: str) -> Any:
-    """The registry's client; its requests go through the hosts of ``hosts_dir`` ("": the registry alone)."""
-    from . import _http
-    from .routing import route
-
-    registry = ref.api_host
-    creds = credentials.lookup(registry)
-    auth = _http.RegistryAuth(registry, insecure=insecure, username=creds.username, password=creds.password,
-                              identity_token=creds.identity_token)
-    api_root = f"{'http' if insecure else 'https'}://{registry}/v2"
-    hosts = route(ref.registry, api_root, hosts_dir, insecure=insecure, ca_bundle=ca)
-    return _http.make_client(insecure=insecure, ca_bundle=ca, auth=auth, route=hosts)
-
-
-def _hosts_dir(option: str | None) -> str:
-    """The hosts directory a mount uses ("" for none), as the record keeps it."""
-    import os
-
-    from .hosts import DEFAULT_DIR
-
-    if option is None:
-        return DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else ""
-    if option.lower() == "none":
-        return ""
-    if not os.path.isdir(option):
-        raise UsageError(f"oci: hosts-dir={option!r} is not a directory")
-    return os.path.abspath(option)
 
 
 def open_reference(location: str, options: Mapping[str, str]) -> Source:
@@ -175,8 +91,8 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
         raise UsageError("oci: insecure (plain HTTP) is refused for Docker Hub")
     credentials = CredentialSource.parse(opts.credentials, ref.registry)
     platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
-    hosts_dir = _hosts_dir(opts.hosts_dir)
-    client = _client(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials, hosts_dir=hosts_dir)
+    hosts_dir = hosts_dir_of(opts.hosts_dir)
+    client = client_for(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials, hosts_dir=hosts_dir)
     try:
         registry = Registry(client, ref, insecure=opts.insecure)
         manifest, digest, chosen = registry.image_manifest(platform)
@@ -199,46 +115,12 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
         raise
 
 
-def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, progress: bool) -> tuple[str, int]:
-    """``erofs-mount index push``: index the image's tar layers (those with a TOC need none) and push the
-    indexes as one artifact whose subject is the image manifest; (its digest, how many layers it holds)."""
-    from .credentials import CredentialSource
-    from .layers import indexed
-    from .platform import Platform
-    from .published import push
-    from .registry import Registry
-
-    check_options(SCHEME, options, Options.names())
-    ref = references.parse(location)
-    opts = Options.parse(options)
-    if opts.layer is not None or opts.blob is not None:
-        raise UsageError("index push: an index is pushed for the whole image: layer= and blob= do not apply")
-    credentials = CredentialSource.parse(opts.credentials, ref.registry)
-    platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
-    client = _client(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials,
-                     hosts_dir=_hosts_dir(opts.hosts_dir))
-    try:
-        registry = Registry(client, ref, insecure=opts.insecure)
-        manifest, digest, chosen = registry.image_manifest(platform)
-        layers = [layer for layer in registry.tar_layers(manifest, digest, chosen) if layer.toc is None]
-        if not layers:
-            raise UsageError(f"index push: every layer of {ref} carries a table of contents: it needs no index")
-        diff_ids = registry.diff_ids(manifest)
-        ids = [diff_ids[layer.index] for layer in layers]
-        found, _ = indexed(registry, layers, ids, progress=progress)
-        subject = {"mediaType": manifest.get("mediaType") or registry.OCI_MANIFEST, "digest": digest,
-                   "size": registry.manifest_size(digest)}
-        return push(registry, subject, layers, ids, found, signing_key)
-    finally:
-        client.close()
-
-
 def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], common: dict[str, Any],
                 opts: Options, *, whole: bool) -> Source:
     """Tar layers: the whole image merged, or one layer as it is, from the layers' indexes."""
     import sys
 
-    from .layers import indexed
+    from .layers import PublishedPolicy, indexed
     from .layers_image import LayersImage, layer_state
 
     if opts.verify != "lazy":
@@ -250,21 +132,13 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
     if not whole:
         diff_ids = [diff_ids[layers[0].index]]
     found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(),
-                          published=published_policy(opts.index, opts.index_key or ""))
+                          published=PublishedPolicy.of(opts.index, opts.index_key or ""))
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
              "index": opts.index, "index_key": opts.index_key or "", **({"published_index": used} if used else {})}
     store = _span_store(state)
     image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
                         description=_image_description(state), store=store)
     return image.filling() if opts.fill else image
-
-
-def published_policy(mode: str, key: str, pinned: str | None = None) -> Any:
-    """How layers missing from the cache may come from a published index: ``mode`` (index=), the key file."""
-    from .layers import PublishedPolicy
-    from .published import TrustedKeys
-
-    return PublishedPolicy(mode, TrustedKeys.load([key]) if key else TrustedKeys(), pinned)
 
 
 def _image_description(state: Mapping[str, Any]) -> str:
@@ -321,7 +195,7 @@ def reopen(state: Mapping[str, Any]) -> Source:
         hosts_dir = str(state.get("hosts_dir", ""))  # records made before hosts.toml: the registry alone
     except (KeyError, TypeError, ValueError) as exc:
         raise SourceError(f"oci: record state is incomplete ({exc})") from exc
-    client = _client(ref, insecure=insecure, ca=ca, credentials=credentials, hosts_dir=hosts_dir)
+    client = client_for(ref, insecure=insecure, ca=ca, credentials=credentials, hosts_dir=hosts_dir)
     try:
         registry = Registry(client, ref, insecure=insecure)
         if kind in ("image", "tar-layer"):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import click
 
@@ -25,7 +27,6 @@ def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None) -> None
     """Index every tar layer of an image (from the cache, or downloading it) and push the indexes to its
     repository as one OCI artifact whose subject is the image, for hosts with an empty cache to mount
     it without downloading its layers. Prints the artifact's digest."""
-    from . import push_index
     from .published import load_signing_key
 
     scheme, _, location = spec.partition(":")
@@ -40,3 +41,41 @@ def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None) -> None
     digest, count = push_index(location, options, signing_key, progress=sys.stderr.isatty())
     click.echo(digest)
     click.echo(f"{count} layer index(es) pushed{', signed' if signing_key else ', unsigned'}", err=True)
+
+
+def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, progress: bool) -> tuple[str, int]:
+    """``erofs-mount index push``: index the image's tar layers (those with a TOC need none) and push the
+    indexes as one artifact whose subject is the image manifest; (its digest, how many layers it holds)."""
+    from erofs_mount_core import check_options
+
+    from . import reference as references
+    from .credentials import CredentialSource
+    from .layers import indexed
+    from .options import SCHEME, Options, client_for, hosts_dir_of
+    from .platform import Platform
+    from .published import push
+    from .registry import Registry
+
+    check_options(SCHEME, options, Options.names())
+    ref = references.parse(location)
+    opts = Options.parse(options)
+    if opts.layer is not None or opts.blob is not None:
+        raise UsageError("index push: an index is pushed for the whole image: layer= and blob= do not apply")
+    credentials = CredentialSource.parse(opts.credentials, ref.registry)
+    platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
+    client = client_for(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials,
+                     hosts_dir=hosts_dir_of(opts.hosts_dir))
+    try:
+        registry = Registry(client, ref, insecure=opts.insecure)
+        manifest, digest, chosen = registry.image_manifest(platform)
+        layers = [layer for layer in registry.tar_layers(manifest, digest, chosen) if layer.toc is None]
+        if not layers:
+            raise UsageError(f"index push: every layer of {ref} carries a table of contents: it needs no index")
+        diff_ids = registry.diff_ids(manifest)
+        ids = [diff_ids[layer.index] for layer in layers]
+        found, _ = indexed(registry, layers, ids, progress=progress)
+        subject = {"mediaType": manifest.get("mediaType") or registry.OCI_MANIFEST, "digest": digest,
+                   "size": registry.manifest_size(digest)}
+        return push(registry, subject, layers, ids, found, signing_key)
+    finally:
+        client.close()

@@ -75,6 +75,11 @@ class PublishedPolicy:
     pinned: str | None = None
     """the artifact a record pins: reattach uses exactly that one"""
 
+    @classmethod
+    def of(cls, mode: str, key: str, pinned: str | None = None) -> PublishedPolicy:
+        """From ``index=`` and ``index-key=`` (a key file's path, "" for none)."""
+        return cls(mode, TrustedKeys.load([key]) if key else TrustedKeys(), pinned)
+
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
             published: PublishedPolicy | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:

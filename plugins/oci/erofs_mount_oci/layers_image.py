@@ -252,11 +252,10 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
         if found != layer.size:
             raise SourceChangedError(f"oci: layer {layer.index} ({layer.digest}) is {found} bytes now, "
                                      f"{layer.size} when mounted")
-    from . import published_policy
-    from .layers import indexed
+    from .layers import PublishedPolicy, indexed
 
     pinned = state.get("published_index")
-    found_indexes, _ = indexed(registry, layers, diff_ids, published=published_policy(
+    found_indexes, _ = indexed(registry, layers, diff_ids, published=PublishedPolicy.of(
         str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None))
     for n, exc in unreachable.items():
         index = found_indexes[n]

@@ -156,7 +156,8 @@ class HostsTransport(httpx.BaseTransport):
             timeout = dict(extensions.get("timeout", {}))
             timeout["connect"] = host.dial_timeout
             extensions["timeout"] = timeout
-        return httpx.Request(request.method, url, headers=headers, extensions=extensions, stream=request.stream)
+        body = request.read() if request.method not in ("GET", "HEAD") else None  # a push's (bytes, in memory)
+        return httpx.Request(request.method, url, headers=headers, extensions=extensions, content=body)
 
     def _skipping(self, host: Host) -> bool:
         with self._lock:

@@ -1,0 +1,96 @@
+"""The ``oci:`` source's options (``-o``), and the registry client they make: what mounting and ``index push`` share."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from erofs_mount_core import CacheSettings, UsageError
+
+from . import reference as references
+
+SCHEME = "oci"
+
+
+@attrs.frozen
+class Options:
+    layer: int | None = None
+    blob: str | None = None
+    platform: str | None = None
+    insecure: bool = False
+    ca: str | None = None
+    credentials: str | None = None
+    hosts_dir: str | None = None
+    verify: str = "lazy"
+    disk_cache_mib: int = 2048
+    fill: bool = False
+    index: str = "auto"
+    index_key: str | None = None
+    cache: CacheSettings = CacheSettings()
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name.replace("_", "-") for f in attrs.fields(cls) if f.name != "cache"} | set(CacheSettings.OPTIONS)
+
+    @classmethod
+    def parse(cls, options: Mapping[str, str]) -> Options:
+        """From ``-o``: only the names ``names()`` declares reach it (the host refuses others)."""
+        values: dict[str, Any] = {"cache": CacheSettings.parse(options, SCHEME)}
+        for key, value in options.items():
+            name = key.replace("-", "_")
+            if key in CacheSettings.OPTIONS:
+                continue
+            if name in ("insecure", "fill"):
+                values[name] = value.lower() not in ("0", "no", "false")
+            elif name in ("layer", "disk_cache_mib"):
+                if not value.isdigit():
+                    what = "a layer's index: 0 for the first" if name == "layer" else "a whole number of MiB"
+                    raise UsageError(f"oci: {key}={value!r}: give {what}")
+                values[name] = int(value)
+            else:
+                values[name] = value
+        if values.get("index", "auto") not in ("auto", "off", "required"):
+            raise UsageError(f"oci: index={values['index']!r}: use auto, off or required")
+        if values.get("verify", "lazy") not in ("lazy", "full"):
+            raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
+        if values.get("fill") and values.get("disk_cache_mib") == 0:
+            raise UsageError("oci: fill keeps the layers in the span store: it needs disk-cache-mib above 0")
+        if "layer" in values and "blob" in values:
+            raise UsageError("oci: give layer= or blob=, not both")
+        if "blob" in values:
+            if not values["blob"].startswith("sha"):
+                values["blob"] = "sha256:" + values["blob"]
+            if not references.DIGEST.fullmatch(values["blob"]):
+                raise UsageError(f"oci: blob={options['blob']!r} is not a sha256 digest")
+        return cls(**values)
+
+
+def client_for(ref: Any, *, insecure: bool, ca: str | None, credentials: Any, hosts_dir: str) -> Any:
+    """The registry's client; its requests go through the hosts of ``hosts_dir`` ("": the registry alone)."""
+    from . import _http
+    from .routing import route
+
+    registry = ref.api_host
+    creds = credentials.lookup(registry)
+    auth = _http.RegistryAuth(registry, insecure=insecure, username=creds.username, password=creds.password,
+                              identity_token=creds.identity_token)
+    api_root = f"{'http' if insecure else 'https'}://{registry}/v2"
+    hosts = route(ref.registry, api_root, hosts_dir, insecure=insecure, ca_bundle=ca)
+    return _http.make_client(insecure=insecure, ca_bundle=ca, auth=auth, route=hosts)
+
+
+def hosts_dir_of(option: str | None) -> str:
+    """The hosts directory a mount uses ("" for none), as the record keeps it."""
+    import os
+
+    from .hosts import DEFAULT_DIR
+
+    if option is None:
+        return DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else ""
+    if option.lower() == "none":
+        return ""
+    if not os.path.isdir(option):
+        raise UsageError(f"oci: hosts-dir={option!r} is not a directory")
+    return os.path.abspath(option)
