@@ -1,0 +1,172 @@
+"""A layer's files' bytes end to end, served chunk by chunk from its blob, each chunk checked before it is served.
+
+What a table of contents (``toc``) gives for each regular file is a list of
+chunks: a stretch of the file's bytes, the blob bytes that inflate to it
+(zstd frames, or a gzip member from an inner offset) and its sha256.
+``ChunkedFiles`` lays the files end to end (a file's ``data_offset`` is
+where its bytes start) and serves any range of that: the chunks it needs
+are fetched with range requests (neighbours in the blob in one), inflated
+with the output bounded by the chunk's size, and checked; a chunk that does
+not match is never served.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+
+import attrs
+
+from erofs_mount_core import Counters, Source, SourceError
+
+MAX_CHUNK = 32 << 20  # one chunk inflated and held to be checked; the writers' chunks are ~64 KiB
+MERGE_GAP = 16 << 10  # chunks this close in the blob (tar headers between files) are fetched in one request
+
+
+@attrs.frozen
+class Chunk:
+    """``size`` bytes at ``start`` of the virtual stream: blob bytes [blob_start, blob_end) inflated, or zeros."""
+
+    start: int
+    size: int
+    blob_start: int
+    blob_end: int
+    sha256: bytes
+    zeros: bool = False
+    inner_offset: int = 0
+    """eStargz: where the chunk starts in what its gzip member inflates to (members may hold several)"""
+
+
+
+class ChunkedFiles(Source):
+    """The files' bytes end to end, each chunk fetched from the blob, inflated and checked before it is served.
+
+    Chunks a read needs that lie close together in the blob are fetched in
+    one range request; checked chunks are kept, least recently used first
+    out, up to ``cache_bytes``. A chunk that does not match its sha256 fails
+    the read (transient: the retry fetches it again), after ``rejected``
+    hears of it.
+    """
+
+    def __init__(self, blob: Source, chunks: tuple[Chunk, ...], size: int, cache_bytes: int, what: str,
+                 rejected: Callable[[str], object] | None = None, *, codec: str = "zstd") -> None:
+        self.blob, self.chunks, self._size, self.what = blob, chunks, size, what
+        self._inflate = _inflate_zstd if codec == "zstd" else _inflate_gzip
+        self._starts = [c.start for c in chunks]
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._cached, self._limit = 0, max(cache_bytes, MAX_CHUNK)
+        self._lock = threading.Lock()
+        self._rejected = rejected
+        self._counters = Counters()
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self._size:
+            raise SourceError(f"{self.what}: a read of {length} bytes at {offset} is outside its files' "
+                              f"{self._size} bytes")
+        first = bisect.bisect_right(self._starts, offset) - 1
+        last = bisect.bisect_right(self._starts, offset + length - 1) - 1 if length else first
+        wanted = range(first, last + 1)
+        found = self._cached_chunks(wanted)
+        missing = [i for i in wanted if i not in found]
+        for group in _groups(self.chunks, missing):
+            found.update(self._fetch(group))
+        out = bytearray()
+        for i in wanted:
+            chunk = self.chunks[i]
+            lo, hi = max(offset, chunk.start), min(offset + length, chunk.start + chunk.size)
+            out += found[i][lo - chunk.start:hi - chunk.start]
+        return bytes(out)
+
+    def _cached_chunks(self, wanted: range) -> dict[int, bytes]:
+        with self._lock:
+            found = {}
+            for i in wanted:
+                data = self._cache.get(i)
+                if data is not None:
+                    self._cache.move_to_end(i)
+                    found[i] = data
+            return found
+
+    def _fetch(self, group: list[int]) -> dict[int, bytes]:
+        first, last = self.chunks[group[0]], self.chunks[group[-1]]
+        fetched = {}
+        span = b""
+        if any(not self.chunks[i].zeros for i in group):
+            span = bytes(self.blob.pread(last.blob_end - first.blob_start, first.blob_start))
+            self._counters.add("toc_chunk_fetches")
+            self._counters.add("toc_chunk_fetched_bytes", len(span))
+        for i in group:
+            chunk = self.chunks[i]
+            if chunk.zeros:
+                data = bytes(chunk.size)
+            else:
+                data = self._inflate(span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start],
+                                     chunk)
+            if len(data) != chunk.size or hashlib.sha256(data).digest() != chunk.sha256:
+                message = (f"{self.what}: the chunk at byte {chunk.blob_start} of the blob is not the one its "
+                           "TOC pins")
+                self._counters.add("toc_chunks_rejected")
+                if self._rejected is not None:
+                    self._rejected(message)
+                raise SourceError(message, transient=True)
+            fetched[i] = data
+        self._keep(fetched)
+        return fetched
+
+    def _keep(self, fetched: dict[int, bytes]) -> None:
+        with self._lock:
+            for i, data in fetched.items():
+                if i not in self._cache:
+                    self._cache[i] = data
+                    self._cached += len(data)
+            while self._cached > self._limit and self._cache:
+                _, old = self._cache.popitem(last=False)
+                self._cached -= len(old)
+
+    def counters(self) -> Mapping[str, int]:
+        return self._counters.snapshot(self.blob.counters())
+
+    def close(self) -> None:
+        self.blob.close()
+
+
+def _inflate_zstd(frames: bytes, chunk: Chunk) -> bytes:
+    """The chunk's bytes from its zstd frames (one more byte asked for than it should have: a longer one is
+    caught); b"" for frames that do not inflate."""
+    import zstandard
+
+    try:
+        return zstandard.ZstdDecompressor().stream_reader(io.BytesIO(frames), read_across_frames=True) \
+            .read(chunk.size + 1)
+    except zstandard.ZstdError:
+        return b""
+
+
+def _inflate_gzip(member: bytes, chunk: Chunk) -> bytes:
+    """The chunk's bytes: ``chunk.size`` of what its gzip member inflates to, from ``chunk.inner_offset``."""
+    try:
+        data = zlib.decompressobj(wbits=31).decompress(member, chunk.inner_offset + chunk.size)
+    except zlib.error:
+        return b""
+    return data[chunk.inner_offset:]
+
+
+def _groups(chunks: tuple[Chunk, ...], wanted: list[int]) -> Iterator[list[int]]:
+    """``wanted`` (in order) cut where the next chunk lies more than ``MERGE_GAP`` further into the blob."""
+    group: list[int] = []
+    for i in wanted:
+        if group and chunks[i].blob_start - chunks[group[-1]].blob_end > MERGE_GAP:
+            yield group
+            group = []
+        group.append(i)
+    if group:
+        yield group
