@@ -191,3 +191,33 @@ def test_a_forged_index_changes_no_byte_a_reader_gets(registry: Registry, image:
         assert any("is not the bytes measured when it was first read" in e for e in errors), errors
     finally:
         source.close()
+
+
+def test_publish_index_at_mount_lets_the_next_host_skip_the_download(
+        registry: Registry, layers: list[tuple[bytes, str]], keys: dict[str, Path], cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from erofs_mount_oci import open_reference
+
+    from tests.oci.test_tar_images import diff_id
+
+    registry.push_image("images/at-mount", "v1", layers, diff_ids=[diff_id(b) for b, _ in layers])
+    reference = f"{registry.host}/images/at-mount:v1"
+    fresh_host(monkeypatch, cache, "first")
+    first = open_reference(reference, {"insecure": "", "publish-index": str(keys["private"])})
+    expected = first.pread(first.size, 0)
+    assert "publish_index" not in str(first.state()), "a one-time action: not for the record"
+    first.close()
+    fresh_host(monkeypatch, cache, "second")
+    proxy = FaultProxy(registry.host)
+    try:
+        source = open_reference(reference.replace(registry.host, proxy.host),
+                                {"insecure": "", "index-key": str(keys["public"])})
+        try:
+            assert source.state().get("published_index") and source.pread(source.size, 0) == expected
+        finally:
+            source.close()
+        assert not set(whole_gets(proxy)) & set(layer_digests(registry, reference)), "a layer was downloaded"
+    finally:
+        proxy.stop()
+    with pytest.raises(UsageError, match="publish-index is for the whole image"):
+        open_reference(reference, {"insecure": "", "layer": "0", "publish-index": ""})

@@ -49,6 +49,8 @@ Options (``-o key=value``, comma-separated or repeated):
                          registry (erofs-mount index push) when one is signed by an index-key, else
                          index the layers here; off: never look; required: fail unless one is found
     index-key=PATH       a PEM ed25519 public key that published indexes are signed with
+    publish-index[=KEY]  after the layers are indexed here, push their indexes for other hosts
+                         (as erofs-mount index push does), signed with the PEM private key KEY
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
     readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
@@ -131,14 +133,45 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
                           f"{len(manifest['layers'])}")
     if not whole:
         diff_ids = [diff_ids[layers[0].index]]
+    signing_key = None
+    if opts.publish_index is not None:
+        from .published import load_signing_key
+
+        if not whole:
+            raise UsageError("oci: publish-index is for the whole image, not layer= or blob=")
+        signing_key = load_signing_key(opts.publish_index) if opts.publish_index else None
     found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(),
                           published=PublishedPolicy.of(opts.index, opts.index_key or ""))
+    if opts.publish_index is not None and used is None:
+        _publish(registry, manifest, common["manifest_digest"], layers, diff_ids, found, signing_key)
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
              "index": opts.index, "index_key": opts.index_key or "", **({"published_index": used} if used else {})}
     store = _span_store(state)
     image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
                         description=_image_description(state), store=store)
     return image.filling() if opts.fill else image
+
+
+def _publish(registry: Any, manifest: dict[str, Any], digest: str, layers: list[Any], diff_ids: list[str],
+             found: list[Any], signing_key: Any) -> None:
+    """``-o publish-index``: push the indexes this mount made or found in the cache, for other hosts; a push
+    that fails (no push rights, a registry that refuses) is one warning, and the mount goes on."""
+    from erofs_mount_tar import ArchiveIndex
+
+    from .published import push
+
+    kept = [(layer, diff_id, index) for layer, diff_id, index in zip(layers, diff_ids, found, strict=True)
+            if isinstance(index, ArchiveIndex)]
+    if not kept:
+        return
+    try:
+        subject = {"mediaType": manifest.get("mediaType") or registry.OCI_MANIFEST, "digest": digest,
+                   "size": registry.manifest_size(digest)}
+        artifact, count = push(registry, subject, *map(list, zip(*kept, strict=True)), signing_key)
+    except SourceError as exc:
+        log.warning("oci: publish-index: %s: the mount goes on without publishing", exc)
+        return
+    log.info("oci: published the index of %d layer(s) of %s as %s", count, registry.ref, artifact)
 
 
 def _image_description(state: Mapping[str, Any]) -> str:

@@ -156,8 +156,8 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
     if missing and published is not None and published.mode != "off":
         from . import published as publication
 
-        artifact = publication.find(registry, missing[0].manifest_digest, missing,
-                                    [expected[layer.index] for layer in missing], published.keys, published.pinned)
+        artifact = publication.find(registry, missing[0].manifest_digest, layers, diff_ids, published.keys,
+                                    published.pinned, needed={layer.index for layer in missing})
         if artifact is not None:
             for layer in missing:
                 index = artifact.indexes.get(layer.index)

@@ -28,6 +28,7 @@ class Options:
     fill: bool = False
     index: str = "auto"
     index_key: str | None = None
+    publish_index: str | None = None
     cache: CacheSettings = CacheSettings()
 
     @classmethod

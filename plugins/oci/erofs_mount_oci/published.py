@@ -165,9 +165,10 @@ class Found:
 
 
 def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
-         pinned: str | None = None) -> Found | None:
-    """The indexes of ``layers`` from the newest artifact signed by a trusted key (or exactly the ``pinned``
-    one, at reattach); None when there is none."""
+         pinned: str | None = None, needed: set[int] | None = None) -> Found | None:
+    """The indexes of the ``needed`` layers (by index; default all) of the image's tar ``layers`` from the
+    newest artifact signed by a trusted key (or exactly the ``pinned`` one, at reattach); None when there is
+    none. The signature is checked over every layer the artifact holds, needed or not."""
     what = f"oci: {registry.ref}: published index"
     if pinned is not None:
         candidates = [pinned]
@@ -189,7 +190,7 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
             continue
         indexes = {}
         for layer, diff_id, row in wanted:
-            if row is not None:
+            if row is not None and (needed is None or layer.index in needed):
                 indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
         return Found(digest, indexes)
     if unsigned:
