@@ -192,7 +192,8 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
         for layer, diff_id, row in wanted:
             if row is not None and (needed is None or layer.index in needed):
                 indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
-        return Found(digest, indexes)
+        if indexes:  # an artifact with none of the layers this host lacks gives nothing to pin
+            return Found(digest, indexes)
     if unsigned:
         log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used",
                     what, unsigned)
