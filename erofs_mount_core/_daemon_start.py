@@ -148,6 +148,9 @@ def spawn(mode: str, record_path: Path, starter: Starter | None = None, lock_fd:
     if lock_fd is not None:
         return starter.start(mode, record_path, lock_fd)
     with locked(record_path) as held:
+        if not record_path.exists():  # removed (umount) before we took the lock: the lock is one we made
+            rec.lock_path(record_path).unlink(missing_ok=True)
+            raise errors.DeviceStateError("its record was removed meanwhile (the device was disconnected)")
         return starter.start(mode, record_path, held)
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from erofs_mount_core import _backoff as backoff
 from erofs_mount_core import _daemon_start as protocol
 from erofs_mount_core import _errors as errors
 from erofs_mount_core import _record as rec
@@ -98,6 +99,27 @@ def test_a_held_lock_means_alive_and_spawn_refuses(tmp_path: Path) -> None:
         with pytest.raises(errors.DeviceStateError, match="alive and serving"):
             protocol.spawn("reattach", path)
     assert not protocol.daemon_alive(path)
+
+
+def test_a_reattach_that_loses_to_umount_leaves_nothing_behind(tmp_path: Path) -> None:
+    """``reattach --all`` listed the device, then ``umount`` removed its record and lock: the reattach
+    starts no daemon, and neither its lock nor a log nor a failure note outlives the record."""
+    image = tmp_path / "app.erofs"
+    image.write_bytes(os.urandom(4096))
+    path = _record_for(tmp_path, image)
+    rec.RecordStore.remove(path)  # umount, between the listing and the reattach
+    with pytest.raises(errors.DeviceStateError, match="removed meanwhile"):
+        protocol.spawn("reattach", path)
+    backoff.note_failure(path, errors.RecordError(f"record {path} does not exist"), now=0.0)
+    assert sorted(p.name for p in path.parent.iterdir()) == []
+
+
+def test_a_failure_is_noted_beside_a_record_that_is_there(tmp_path: Path) -> None:
+    path = tmp_path / "nbd-z.toml"
+    path.write_text("")
+    backoff.note_failure(path, errors.SourceChangedError("changed"), now=100.0)
+    failure = backoff.last_failure(path)
+    assert failure is not None and failure.count == 1 and failure.why == "changed"
 
 
 def test_a_daemon_given_another_lock_refuses_to_serve(tmp_path: Path) -> None:
