@@ -5,9 +5,10 @@ Both sides live here, so they cannot drift apart:
 - the record's lock (``<record>.lock``, flock): taken by the command, inherited
   by the daemon, held for the daemon's life. A held lock means a live daemon,
   whatever its pid; ``daemon_alive`` is the probe.
-- ``spawn``: the command's side. Starts ``python -I -m erofs_mount_core._daemon``
-  in its own session, in ``/``, with the lock and the write end of the ready
-  pipe, and waits for its one line. When systemd runs the machine, the
+- ``spawn``: the command's side. Starts the daemon (a fork of the command,
+  which has its code and plugins loaded, or ``python -I -m
+  erofs_mount_core._daemon``) in its own session, in ``/``, with the lock and
+  the write end of the ready pipe, and waits for its one line. When systemd runs the machine, the
   daemon is started by systemd instead, as a transient service of its own
   (``_systemd``), so it inherits nothing: it connects to a channel socket
   the command made beside the record, and receives the environment and the
@@ -140,8 +141,8 @@ def spawn(mode: str, record_path: Path, starter: Starter | None = None, lock_fd:
 
     Raises DeviceStateError if a daemon already holds the lock, or whatever
     the daemon reported (the same class). ``starter``: how (by default a
-    service of its own under systemd, else a new interpreter; ``watch`` forks
-    itself: ``ForkStarter``). ``lock_fd``: the caller holds the lock already
+    service of its own under systemd, else a new interpreter; commands that
+    have their plugins loaded fork themselves: ``ForkStarter``). ``lock_fd``: the caller holds the lock already
     (``mount``, from before its record exists).
     """
     starter = starter or default_starter()
@@ -154,23 +155,26 @@ def spawn(mode: str, record_path: Path, starter: Starter | None = None, lock_fd:
         return starter.start(mode, record_path, held)
 
 
-def default_starter() -> Starter:
-    """A service of its own when systemd runs this machine, else a new interpreter."""
+def default_starter(fork: ForkStarter | None = None) -> Starter:
+    """A service of its own when systemd runs this machine, else ``fork`` (a command that has its code and
+    plugins loaded forks the daemon) or a new interpreter."""
     run = systemd.systemd_run(SYSTEM_PATH)
-    return ServiceStarter(run) if run is not None else ExecStarter()
+    if run is not None:
+        return ServiceStarter(run)
+    return fork or ExecStarter()
 
 
 @attrs.frozen
 class ForkStarter:
-    """How ``watch`` starts daemons: as forks of itself, which has the code and plugins loaded,
-    so a reattach does not wait seconds for an interpreter to start and import (on a slow machine)."""
+    """How ``mount``, ``reattach`` and ``watch`` start daemons outside systemd: as forks of themselves,
+    which have the code and plugins loaded, so a reattach's held reads do not wait seconds for an
+    interpreter to start and import (on a small machine). The fork keeps none of the command's
+    descriptors, environment or import path (``_become_daemon``)."""
 
     host: Any
     """The loaded ``PluginHost``."""
     serve: Any
     """The daemon: ``serve(mode, record_path, ready_fd, lock_fd, host)`` -> exit code (``_daemon.serve``)."""
-    hidden_fds: tuple[int, ...] = ()
-    """This process's descriptors the daemon must not keep (the event socket): /dev/null takes their place."""
 
     def start(self, mode: str, record_path: Path, lock_fd: int | None) -> int:
         assert lock_fd is not None, "a fork takes the lock its parent holds"
@@ -179,7 +183,8 @@ class ForkStarter:
 
 @attrs.frozen
 class ExecStarter:
-    """A new interpreter (``-I``, in ``/``, in a session of its own), its log beside the record."""
+    """A new interpreter (``-I``, in ``/``, in a session of its own), its log beside the record: how
+    ``restart`` brings in the installed code."""
 
     def start(self, mode: str, record_path: Path, lock_fd: int | None) -> int:
         return _exec(mode, record_path, lock_fd)
@@ -201,13 +206,16 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: ForkStarter) -> in
     ready_r, ready_w = os.pipe()
     logf = os.open(rec.log_path(record_path),
                    os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    for stream in (sys.stdout, sys.stderr):  # what the command has not written yet is not the daemon's
+        with contextlib.suppress(Exception):
+            stream.flush()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the fork; the kernel tests cover it
         code = 1
         try:
             os.close(ready_r)
             if os.fork() == 0:
-                _become_daemon(logf, forked.hidden_fds)
+                _become_daemon(logf, keep=(ready_w, lock_fd))
                 code = forked.serve(mode, record_path, ready_w, lock_fd, forked.host)
             else:
                 code = 0
@@ -216,24 +224,63 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: ForkStarter) -> in
     os.close(ready_w)
     os.close(logf)
     os.waitpid(child, 0)
+    kill_point(f"spawn-{mode}:started")
     return _answer(ready_r, ForkedDaemon(record_path))
 
 
-def _become_daemon(logf: int, hidden_fds: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
-    """What ``_start`` gives a new daemon, given to a fork: own session, ``/``, the log, a clean environment."""
+def _become_daemon(logf: int, keep: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
+    """What ``_exec`` gives a new daemon, given to a fork: its own session, ``/``, the log, none of the
+    command's descriptors, an environment with nothing that changes what runs, and ``-I``'s import path."""
     os.setsid()
     os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in hidden_fds:
-        os.dup2(null, fd)
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    for fd in _open_descriptors():
+        if fd > 2 and fd not in (*keep, logf, null):
+            # the command's (the mountpoint's flock, watch's event socket, a caller's pipe): /dev/null takes
+            # the number, which an object of the command may hold and close one day
+            os.dup2(null, fd, inheritable=False)
     os.dup2(null, 0)
     os.dup2(logf, 1)
     os.dup2(logf, 2)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_DFL)
+    sys.path[:] = isolated_import_path(sys.path, os.environ.get("PYTHONPATH", ""))
     environment = {**passed_environment(), **exec_environment()}  # what a spawned daemon's memory holds
     os.environ.clear()
     os.environ.update(environment)
+    erase_initial_environment()
+
+
+def _open_descriptors() -> list[int]:
+    fds = [int(name) for name in os.listdir("/proc/self/fd")]
+    return [fd for fd in fds if _is_open(fd)]  # (the listing's own descriptor is closed by now)
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
+
+
+def isolated_import_path(path: list[str], pythonpath: str) -> list[str]:
+    """``path`` as ``python -I`` would have it: not the script's directory nor the working directory
+    (the first entry of a command's path), nor ``PYTHONPATH``'s, nor relative entries."""
+    from_env = {os.path.abspath(p) for p in pythonpath.split(os.pathsep) if p}
+    return [p for p in path[1:] if p and os.path.isabs(p) and os.path.abspath(p) not in from_env]
+
+
+def erase_initial_environment() -> None:
+    """Overwrite the environment the command was executed with, which ``/proc/PID/environ`` shows for the
+    life of the process (a fork's too), with NULs: the caller's credentials live in ``os.environ`` only.
+    The daemon ends if it cannot: it would otherwise show them."""
+    stat = Path("/proc/self/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()
+    start, end = int(fields[47]), int(fields[48])  # env_start and env_end, proc(5)'s fields 50 and 51
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        mem.write(b"\0" * (end - start))
 
 
 def spawn_taker(record_path: Path) -> int:

@@ -31,7 +31,7 @@ from . import _liveness as liveness
 from . import _mounts as mounts
 from . import _record as rec
 from ._control import ask_stats
-from ._daemon_start import daemon_alive, locked, spawn, spawn_taker
+from ._daemon_start import ForkStarter, Starter, daemon_alive, default_starter, locked, spawn, spawn_taker
 from ._devices import (
     attached,
     dead_devices,
@@ -157,7 +157,7 @@ def _mount(spec: str, mountpoint: str, mount_options: mounts.MountOptions, optio
         store.write(path, record)
         kill_point("mount:record-written")
         try:
-            index = spawn("connect", path, lock_fd=lock_fd)
+            index = spawn("connect", path, forked(host), lock_fd=lock_fd)
         except BaseException:
             _disconnect_named(path)  # a daemon that died after CONNECT leaves a device naming the record
             store.remove(path)
@@ -297,15 +297,18 @@ def _attempt(index: int, record_path: Path, start: Callable[[Path], int] | None 
 
 def _reattach(index: int, record_path: Path, start: Callable[[Path], int] | None, host: PluginHost | None,
               force: bool, stuck_after: float) -> int:
+    from ._plugins import PluginHost
+
     record = rec.RecordStore.read(record_path)
     link_named(record.device.interface).check_reattach(index)
+    host = host or PluginHost()
     _check_plugin(record, host)
     kill_point("reattach:before-spawn")
     if force and daemon_alive(record_path) and end_if_hung(index, record_path, stuck_after) is None:
         raise AlreadyServing(f"nbd{index}: its daemon (pid {record.daemon_pid}) answers and serves: "
                              "--force ends only a daemon that fails its liveness probe; nothing to do")
     try:
-        return start(record_path) if start else spawn("reattach", record_path)
+        return start(record_path) if start else spawn("reattach", record_path, forked(host))
     except DeviceStateError as exc:
         raise type(exc)(f"nbd{index}: {exc}") from None
 
@@ -351,11 +354,17 @@ def reattach_when_due(index: int, record_path: Path, now: float | None = None,
     return Reattached(index)
 
 
-def _check_plugin(record: rec.Record, host: PluginHost | None = None) -> None:
-    from ._plugins import PluginHost
+def forked(host: PluginHost) -> Starter:
+    """How this command starts a daemon: a service of its own under systemd, else a fork of itself
+    (its code and ``host``'s plugins are loaded: no new interpreter to wait for)."""
+    from ._daemon import serve
 
+    return default_starter(ForkStarter(host, serve))
+
+
+def _check_plugin(record: rec.Record, host: PluginHost) -> None:
     try:
-        (host or PluginHost()).owner(record.source.scheme)
+        host.owner(record.source.scheme)
     except UnknownSchemeError:
         dist = record.source.distribution or f"the plugin providing {record.source.scheme!r}"
         raise PluginError(
@@ -404,9 +413,11 @@ def restart(target: str) -> Restarted:
         link_named(record.device.interface).check_reattach(index)
     except DeviceStateError as exc:
         raise DeviceStateError(f"{exc} (so it cannot be restarted either)") from None
-    _check_plugin(record)
+    from ._plugins import PluginHost
+
+    _check_plugin(record, PluginHost())
     try:
-        spawn_taker(record_path)
+        spawn_taker(record_path)  # a new interpreter: a restart is how new code takes over
     except DeviceStateError as exc:
         raise DeviceStateError(f"nbd{index}: {exc}") from None
     return Restarted(index, record.daemon_pid, rec.RecordStore.read(record_path).daemon_pid)

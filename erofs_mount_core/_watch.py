@@ -56,7 +56,7 @@ class Watcher:
         self.stuck_after = stuck_after  # 0: live daemons are not probed
         self.clock = time.monotonic
         self.host = PluginHost()
-        self.forked = ForkStarter(self.host, _daemon.serve, hidden_fds=(events.fileno(),))
+        self.forked = ForkStarter(self.host, _daemon.serve)
         self.in_services = systemd.systemd_run(SYSTEM_PATH) is not None
         self.moving: dict[int, subprocess.Popen[bytes]] = {}  # device index -> its ``restart`` into a service
         self.due: dict[int, float] = {}  # device index -> when to look at it next

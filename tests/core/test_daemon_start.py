@@ -122,6 +122,58 @@ def test_a_failure_is_noted_beside_a_record_that_is_there(tmp_path: Path) -> Non
     assert failure is not None and failure.count == 1 and failure.why == "changed"
 
 
+FORKING_COMMAND = """
+import fcntl, json, os, sys
+from pathlib import Path
+from erofs_mount_core import _daemon_start as protocol
+
+record, report, held = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+mountpoint = os.open(held, os.O_RDONLY | os.O_CLOEXEC)  # as mount holds the mountpoint's flock while it spawns
+fcntl.flock(mountpoint, fcntl.LOCK_EX)
+stray = os.open(held, os.O_RDONLY)  # a descriptor the command inherited (not close-on-exec)
+os.set_inheritable(stray, True)
+
+def serve(mode, record_path, ready_fd, lock_fd, host):
+    fds = {n: os.readlink(f"/proc/self/fd/{n}") for n in os.listdir("/proc/self/fd")
+           if os.path.exists(f"/proc/self/fd/{n}")}
+    report.write_text(json.dumps({"environ": Path("/proc/self/environ").read_bytes().decode(errors="replace"),
+                                  "os_environ": dict(os.environ), "path": sys.path, "fds": fds,
+                                  "cwd": os.getcwd(), "lock_fd": lock_fd}))
+    protocol.ReadyPipe(ready_fd).ready(3)
+    return 0
+
+with protocol.locked(record) as lock:
+    print(protocol.ForkStarter(None, serve).start("connect", record, lock))
+"""
+
+
+def test_a_forked_daemon_keeps_none_of_the_command_s_descriptors_environment_or_import_path(tmp_path: Path) -> None:
+    """mount and reattach fork their daemon: it must hold what an executed one holds, and no more."""
+    secret = "pw-" + os.urandom(6).hex()
+    record, report, held = tmp_path / "nbd-f.toml", tmp_path / "report.json", tmp_path / "mountpoint"
+    record.write_text("")
+    held.mkdir()
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    env = {**os.environ, "EROFS_MOUNT_OCI_PASSWORD": secret, "PYTHONPATH": str(evil)}
+    out = subprocess.run([sys.executable, "-c", FORKING_COMMAND, str(record), str(report), str(held)],
+                         capture_output=True, text=True, env=env, timeout=60, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "3", out
+    seen = json.loads(report.read_text())
+    assert secret not in seen["environ"], "/proc/PID/environ shows the command's credentials"
+    assert seen["os_environ"]["EROFS_MOUNT_OCI_PASSWORD"] == secret, "the source needs them, in memory"
+    assert "PYTHONPATH" not in seen["os_environ"] and seen["os_environ"]["PATH"] == protocol.SYSTEM_PATH
+    assert str(evil) not in seen["path"] and "" not in seen["path"] and str(tmp_path) not in seen["path"]
+    assert seen["cwd"] == "/"
+    assert str(held) not in seen["fds"].values(), "the mountpoint's flock and the stray descriptor went along"
+    assert seen["fds"][str(seen["lock_fd"])] == str(rec.lock_path(record))
+    fd = os.open(held, os.O_RDONLY)
+    try:  # the command has exited: nothing holds the mountpoint's flock any more
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    finally:
+        os.close(fd)
+
+
 def test_a_daemon_given_another_lock_refuses_to_serve(tmp_path: Path) -> None:
     path = tmp_path / "nbd-y.toml"
     rec.lock_path(path).write_text("")

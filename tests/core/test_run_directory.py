@@ -138,7 +138,7 @@ def test_a_mount_whose_last_step_fails_stays_mounted(store: rec.RecordStore, tmp
 
     torn_down: list[int] = []
     monkeypatch.setattr(lifecycle, "choose_link", Link)
-    monkeypatch.setattr(lifecycle, "spawn", lambda mode, path, lock_fd=None: 7)
+    monkeypatch.setattr(lifecycle, "spawn", lambda mode, path, starter=None, lock_fd=None: 7)
     monkeypatch.setattr(lifecycle.mounts, "mount_erofs", lambda device, mountpoint, flags: None)
     monkeypatch.setattr(lifecycle, "_disconnect_and_wait", lambda index, path: torn_down.append(index))
     assert lifecycle.mount(f"local:{image}", str(tmp_path / "mnt")) == "/dev/nbd7"
@@ -150,6 +150,8 @@ def test_reattach_all_backs_off_a_device_that_keeps_failing(store: rec.RecordSto
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """As a timer runs it every 10 s: a refused device is tried after 10, 20, 40 s..., a good one every time."""
     bad, good = store.new_path(), store.new_path()
+    for path in (bad, good):
+        store.write(path, sample_record())
     attempts: list[int] = []
 
     def reattach(index: int, record_path: Path, *_args: object) -> int:

@@ -58,8 +58,8 @@ def devices() -> list[dict[str, object]]:
 
 
 def daemon_pids() -> list[int]:
-    """Live daemons: started as ``python -m erofs_mount_core._daemon``, or forked by ``watch``
-    (named erofs-mountd, with watch's command line)."""
+    """Live daemons: started as ``python -m erofs_mount_core._daemon`` (``restart``), or forked by
+    ``mount``, ``reattach`` or ``watch`` (named erofs-mountd, with the command's command line)."""
     pids = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
