@@ -416,8 +416,8 @@ def test_a_second_image_sharing_the_base_layer_downloads_only_its_own(registry: 
 # -- bad inputs: one clear line each, nothing left ---------------------------------------------------
 
 
-def _serve(reference: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([EROFS_MOUNT, "serve", "--source", f"oci:{reference}", "-o", "insecure", "--run", "true"],
+def _serve(reference: str, options: str = "insecure") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([EROFS_MOUNT, "serve", "--source", f"oci:{reference}", "-o", options, "--run", "true"],
                           capture_output=True, text=True, timeout=120)
 
 
@@ -452,12 +452,50 @@ def test_bad_images_are_one_clear_line_and_leave_nothing(registry: Registry, lay
         "diffid": r"layer 0 \(sha256:[0-9a-f]{64}\) unpacks to a stream whose sha256 is not the config's diff_id",
     }
     for repo, message in cases.items():
-        result = _serve(f"{registry.host}/bad/{repo}:v1")
+        result = _serve(f"{registry.host}/bad/{repo}:v1", "insecure,diff-id=strict")
         assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, (repo, result.stderr)
         assert re.search(message, result.stderr) and "Traceback" not in result.stderr, (repo, result.stderr)
     left = [p for p in cache.rglob("*") if p.is_file() and "bad" not in p.name]
     indexed_good = [p for p in left if hashlib.sha256(good[0]).hexdigest() in p.name]
     assert sorted(set(left) - set(indexed_good)) == [], "a failed mount left files in the cache"
+
+
+def test_a_stream_that_is_not_the_diff_id_is_said_counted_and_served_as_pinned_and_strict_refuses_it(
+        registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mounts: Mounts,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """As skopeo's zstd:chunked rewrites a layer's stream: the manifest pins the blob, every span served is
+    checked against it, so the config's claim is reported, not a reason to refuse, unless asked."""
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
+    layer = (gzip.compress(Layer(1_700_000_014).add("etc/os-release", data=b"ID=debian\n")
+                           .add("bin/tool", data=os.urandom(300_000), mode=0o755).bytes()), GZIP_LAYER)
+    reference = f"{registry.host}/odd/diffid:v1"
+    registry.push_image("odd/diffid", "v1", [layer], diff_ids=["sha256:" + "4" * 64])
+    with caplog.at_level("WARNING", logger="erofs_mount.oci"):
+        source = open_reference(reference, {"insecure": ""})
+    try:
+        state = source.state()
+        assert source.counters()["diff_id_mismatches"] == 1
+    finally:
+        source.close()
+    said = [r.getMessage() for r in caplog.records if "diff_id" in r.getMessage()]
+    assert len(said) == 1 and "served as the manifest pins it" in said[0], said
+    assert state["diff_id"] == "report"
+    again = reopen(state)  # the daemon's open and every reattach: the same, from the cached index
+    try:
+        assert again.counters()["diff_id_mismatches"] == 1
+    finally:
+        again.close()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    mounts.mount("-t", "erofs", "-o", "ro,loop", str(materialize(reference, tmp_path / "image.erofs")), str(mnt))
+    assert assert_same_tree(flatten([layer], tmp_path / "flattened"), mnt) == 4
+    with pytest.raises(SourceChangedError, match=r"not the config's diff_id sha256:4{64} \(diff-id=strict\)"):
+        reopen({**state, "diff_id": "strict"})
+    refused = _serve(reference, "insecure,diff-id=strict")
+    assert refused.returncode != 0 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+    assert "not the config's diff_id" in refused.stderr and "diff-id=strict" in refused.stderr
+    bad = _serve(reference, "insecure,diff-id=maybe")
+    assert bad.returncode == 2 and "use report or strict" in bad.stderr, bad.stderr
 
 
 def test_reattach_refuses_when_a_layer_blob_is_gone(registry: Registry, tmp_path: Path,

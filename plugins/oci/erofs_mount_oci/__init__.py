@@ -51,6 +51,9 @@ Options (``-o key=value``, comma-separated or repeated):
     index-key=PATH       a PEM ed25519 public key that published indexes are signed with
     publish-index[=KEY]  after the layers are indexed here, push their indexes for other hosts
                          (as erofs-mount index push does), signed with the PEM private key KEY
+    diff-id=MODE         (tar layers) report (default): a layer whose uncompressed stream is not the
+                         config's diff_id is said and counted, and served as the manifest pins it
+                         (every span checked); strict: such a layer is refused
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
     readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
@@ -141,11 +144,13 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
             raise UsageError("oci: publish-index is for the whole image, not layer= or blob=")
         signing_key = load_signing_key(opts.publish_index) if opts.publish_index else None
     found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(),
-                          published=PublishedPolicy.of(opts.index, opts.index_key or ""))
+                          published=PublishedPolicy.of(opts.index, opts.index_key or ""),
+                          strict_diff_id=opts.diff_id == "strict")
     if opts.publish_index is not None and used is None:
         _publish(registry, manifest, common["manifest_digest"], layers, diff_ids, found, signing_key)
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
-             "index": opts.index, "index_key": opts.index_key or "", **({"published_index": used} if used else {})}
+             "index": opts.index, "index_key": opts.index_key or "", "diff_id": opts.diff_id,
+             **({"published_index": used} if used else {})}
     store = _span_store(state)
     image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
                         description=_image_description(state), store=store)

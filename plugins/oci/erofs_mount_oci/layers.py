@@ -12,9 +12,13 @@ that lacks what the image needs sends its layer down the index path below.
 The index of a layer is the tar library's (``erofs_mount_tar.index``),
 kept under the layer's sha256, so an image that shares a base layer with
 one mounted before indexes only its own layers, and ``tar:`` mounts of
-the same blob share it too. Each index is checked against the image
+the same blob share it too. Each index is compared with the image
 config's ``diff_id`` (the sha256 of the layer's uncompressed stream), the
-one a cached index recorded included.
+one a cached index recorded included. A stream that is not the
+``diff_id`` is said in one line and served (``diff-id=report``): the
+manifest pins the blob, every span served is checked against the hashes
+taken from it, and some writers (skopeo's zstd:chunked) rewrite the stream
+without changing its entries; ``diff-id=strict`` refuses such a layer.
 """
 
 from __future__ import annotations
@@ -82,9 +86,11 @@ class PublishedPolicy:
 
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
-            published: PublishedPolicy | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
-    """Each layer's index, in order: its TOC's, or its archive index checked against its ``diff_ids`` entry;
-    and the digest of the published artifact that gave some of them, if one did."""
+            published: PublishedPolicy | None = None,
+            strict_diff_id: bool = False) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
+    """Each layer's index, in order: its TOC's, or its archive index compared with its ``diff_ids`` entry
+    (a mismatch refused when ``strict_diff_id``, else said); and the digest of the published artifact that
+    gave some of them, if one did."""
     by_toc: dict[int, TocIndex] = {}
     for layer in layers:
         toc = _toc_index(registry, layer) if layer.toc is not None else None
@@ -92,7 +98,7 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, pro
             by_toc[layer.index] = toc
     rest = [(layer, diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True) if layer.index not in by_toc]
     archives, used = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest],
-                                      progress=progress, published=published)
+                                      progress=progress, published=published, strict_diff_id=strict_diff_id)
     found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
                                                               in zip(rest, archives, strict=True)}}
     return [found[layer.index] for layer in layers], used
@@ -130,8 +136,9 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
 
 
 def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
-                     published: PublishedPolicy | None = None) -> tuple[list[ArchiveIndex], str | None]:
-    """Each layer's archive index, in order, checked against ``diff_ids`` (one per layer): from the cache, a
+                     published: PublishedPolicy | None = None,
+                     strict_diff_id: bool = False) -> tuple[list[ArchiveIndex], str | None]:
+    """Each layer's archive index, in order, compared with ``diff_ids`` (one per layer): from the cache, a
     published artifact, or a download."""
     found: dict[int, ArchiveIndex] = {}
     missing = []
@@ -145,9 +152,13 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
 
     def check(layer: Layer, index: ArchiveIndex) -> None:
         diff_id = expected[layer.index]
-        if f"sha256:{index.stream_sha256}" != diff_id:
-            raise SourceChangedError(f"oci: {registry.ref}: layer {layer.index} ({layer.digest}) unpacks to a "
-                                     f"stream whose sha256 is not the config's diff_id {diff_id}")
+        if f"sha256:{index.stream_sha256}" == diff_id:
+            return
+        said = (f"oci: {registry.ref}: layer {layer.index} ({layer.digest}) unpacks to a stream whose sha256 is "
+                f"not the config's diff_id {diff_id}")
+        if strict_diff_id:
+            raise SourceChangedError(f"{said} (diff-id=strict)")
+        log.warning("%s: served as the manifest pins it, every span checked (diff-id=strict refuses it)", said)
 
     for layer in layers:
         if layer.index in found:
@@ -216,7 +227,8 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
                 except SourceError:
                     download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
                     raise
-                check(layer, index)  # before the index is kept: a layer that is not the config's is not cached
+                check(layer, index)  # before the index is kept: under diff-id=strict, a layer that is not the
+                # config's is not cached
                 store_index(index)
                 return index
             except BaseException:

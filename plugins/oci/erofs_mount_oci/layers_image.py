@@ -142,6 +142,11 @@ class LayersImage(TarImage):
         self.fill_jobs: list[FillJob] = []
         self.store = store
         self.registry = registry
+        claimed = {int(row["index"]): str(row["diff_id"]) for row in state.get("layers", ())}
+        #: layers served although their stream is not the config's diff_id (diff-id=report): ``stats`` counts them
+        self.diff_id_mismatches = sum(1 for layer, index in zip(layers, found, strict=True)
+                                      if isinstance(index, ArchiveIndex)
+                                      and claimed.get(layer.index) not in (None, f"sha256:{index.stream_sha256}"))
         try:
             for layer, index in zip(layers, found, strict=True):
                 if isinstance(index, TocIndex):  # its chunks fetched and checked one by one: no decoder, no store
@@ -195,6 +200,10 @@ class LayersImage(TarImage):
             raise SourceError(f"oci: fill: the layers' {total >> 20} MiB do not fit the span store's "
                               f"{self.store.max_bytes >> 20} MiB (disk-cache-mib)")
         return self.store.filling(self, self.fill_jobs)
+
+    def counters(self) -> Mapping[str, int]:
+        counted = super().counters()
+        return {**counted, "diff_id_mismatches": self.diff_id_mismatches} if self.diff_id_mismatches else counted
 
     def close(self) -> None:
         try:
@@ -256,7 +265,8 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
 
     pinned = state.get("published_index")
     found_indexes, _ = indexed(registry, layers, diff_ids, published=PublishedPolicy.of(
-        str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None))
+        str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None),
+        strict_diff_id=state.get("diff_id") == "strict")
     for n, exc in unreachable.items():
         index = found_indexes[n]
         if store is None or isinstance(index, TocIndex) or index.unpacked or \

@@ -29,6 +29,7 @@ class Options:
     index: str = "auto"
     index_key: str | None = None
     publish_index: str | None = None
+    diff_id: str = "report"
     cache: CacheSettings = CacheSettings()
 
     @classmethod
@@ -54,6 +55,8 @@ class Options:
                 values[name] = value
         if values.get("index", "auto") not in ("auto", "off", "required"):
             raise UsageError(f"oci: index={values['index']!r}: use auto, off or required")
+        if values.get("diff_id", "report") not in ("report", "strict"):
+            raise UsageError(f"oci: diff-id={values['diff_id']!r}: use report or strict")
         if values.get("verify", "lazy") not in ("lazy", "full"):
             raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
         if values.get("fill") and values.get("disk_cache_mib") == 0:
