@@ -12,6 +12,7 @@ The public API for source plugins is what this module exports::
     from erofs_mount_core import SpanHashes, SpanHasher  # reads checked against hashes taken once
     from erofs_mount_core import SpanStore, FillJob  # checked spans kept on disk, shared, kept across reattach
     from erofs_mount_core import cache_directory, cache_room, open_cache_file, write_cache_file  # kept between mounts
+    from erofs_mount_core import mounted_source  # what a mounted device serves, for a plugin's commands
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
 contract kit in ``erofs_mount_core.testing``. Every other module is private
@@ -51,6 +52,7 @@ _EXPORTS = {
     "check_options": "_plugins",
     "final_network_error": "_network",
     "hookimpl": "hookspecs",
+    "mounted_source": "_devices",
     "open_cache_file": "_cache",
     "read_capped": "_network",
     "write_cache_file": "_cache",
@@ -80,6 +82,7 @@ __all__ = [
     "check_options",
     "final_network_error",
     "hookimpl",
+    "mounted_source",
     "open_cache_file",
     "read_capped",
     "write_cache_file",
@@ -87,6 +90,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from ._cache import cache_directory, cache_room, open_cache_file, write_cache_file
+    from ._devices import mounted_source
     from ._erofs.build import ImageLayout, ImageNode
     from ._erofs.synthesized import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError

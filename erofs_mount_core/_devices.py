@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +108,14 @@ def dead_devices() -> list[tuple[int, Path]]:
 def live_devices() -> list[tuple[int, Path]]:
     """Devices attached by erofs-mount whose daemon holds its lock, with their records."""
     return [(index, path) for index, path in ours() if daemon_alive(path)]
+
+
+def mounted_source(target: str) -> tuple[str, Mapping[str, Any]]:
+    """What the erofs-mount device ``target`` (a mountpoint, ``/dev/nbdN`` or ``nbdN``) serves, as its record
+    keeps it: (the source's scheme, its state). For a plugin's command about a mount (``index push
+    --prefetch-from``); one clear error (UsageError, DeviceStateError, RecordError) otherwise."""
+    record = rec.RecordStore.read(record_of(device_index(target), "it serves nothing"))
+    return record.source.scheme, record.source.state
 
 
 def live_record(index: int, otherwise: str) -> Path:

@@ -3,7 +3,7 @@
 Parsers: the NBD handshake and transmission requests (from any client of
 ``serve``), recovery records, OCI references, manifests and indexes (from a
 registry), WWW-Authenticate headers, tar archives, cached indexes,
-hosts.toml, zstd:chunked TOCs. The default run tries 1,000 examples per
+hosts.toml, zstd:chunked TOCs, prefetch lists. The default run tries 1,000 examples per
 parser; ``EROFS_MOUNT_FUZZ_EXAMPLES=20000 scripts/test -m fuzz`` runs the
 full count.
 """
@@ -443,3 +443,32 @@ def test_zstd_chunked_tocs(document: Any, annotations: dict[str, str], blob_tail
         except SourceError:
             pass
     index.image_layout()
+
+
+_UNITS = st.fixed_dictionaries({"digest": st.one_of(st.just("sha256:" + "a" * 64), st.text(max_size=80)),
+                                "kind": st.sampled_from(["archive", "toc", "other", 1]),
+                                "unit": st.one_of(st.just(1 << 20), st.integers(-1, 1 << 30), st.booleans())})
+_PAIRS = st.lists(st.one_of(st.tuples(st.integers(-2, 4), st.integers(-2, 1 << 41)).map(list),
+                            st.lists(st.one_of(st.integers(), st.text(max_size=3), st.none()), max_size=3)),
+                  max_size=20)
+
+
+@FUZZ
+@given(st.one_of(
+    st.fixed_dictionaries({"version": st.sampled_from([1, 2, "1"]), "layers": st.lists(_UNITS, max_size=4),
+                           "entries": _PAIRS}).map(lambda d: json.dumps(d).encode()),
+    st.binary(max_size=200),
+))
+def test_prefetch_lists(data: bytes) -> None:
+    """A published or cached prefetch list is a list of units of this image's layers, or a ValueError."""
+    from erofs_mount_oci.prefetch import KINDS, LayerUnits, PrefetchList
+
+    try:
+        found = PrefetchList.from_bytes(data)
+    except ValueError:
+        return
+    assert all(layer.kind in KINDS and 4096 <= layer.unit <= 64 << 20 for layer in found.layers)
+    assert all(0 <= at < len(found.layers) and unit >= 0 for at, unit in found.entries)
+    assert len(set(found.entries)) == len(found.entries)
+    assert PrefetchList.from_bytes(found.to_bytes()) == found
+    found.for_layers([LayerUnits("sha256:" + "a" * 64, "archive", 1 << 20)])

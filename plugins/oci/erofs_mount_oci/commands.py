@@ -23,7 +23,10 @@ def index() -> None:
 @click.option("--sign", "key_file", metavar="KEYFILE",
               help="Sign the index with this ed25519 private key (PEM): hosts that mount with "
                    "-o index-key=PUBKEY then use it.")
-def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None) -> None:
+@click.option("--prefetch-from", "prefetch_from", metavar="MOUNTPOINT",
+              help="Add the order in which the mount of this image at MOUNTPOINT first read it (as its daemon "
+                   "kept it a few seconds ago): hosts that use the index prefetch in that order.")
+def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None, prefetch_from: str | None) -> None:
     """Index every tar layer of an image (from the cache, or downloading it) and push the indexes to its
     repository as one OCI artifact whose subject is the image, for hosts with an empty cache to mount
     it without downloading its layers. Prints the artifact's digest."""
@@ -38,14 +41,37 @@ def push(spec: str, option_pairs: tuple[str, ...], key_file: str | None) -> None
         for item in filter(None, pair.split(",")):
             key, _, value = item.partition("=")
             options[key] = value
-    digest, count = push_index(location, options, signing_key, progress=sys.stderr.isatty())
+    digest, count = push_index(location, options, signing_key, progress=sys.stderr.isatty(),
+                               prefetch_from=prefetch_from)
     click.echo(digest)
-    click.echo(f"{count} layer index(es) pushed{', signed' if signing_key else ', unsigned'}", err=True)
+    click.echo(f"{count} layer index(es) pushed{', with a prefetch list' if prefetch_from else ''}"
+               f"{', signed' if signing_key else ', unsigned'}", err=True)
 
 
-def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, progress: bool) -> tuple[str, int]:
+def prefetch_list_of(mountpoint: str, manifest_digest: str) -> Any:
+    """The order in which the whole-image mount at ``mountpoint`` first read the image ``manifest_digest``."""
+    from erofs_mount_core import mounted_source
+
+    from .prefetch import cached, list_name
+
+    scheme, state = mounted_source(mountpoint)
+    if scheme != "oci" or state.get("kind") != "image":
+        raise UsageError(f"index push: --prefetch-from {mountpoint}: not a mount of a whole oci: image")
+    if state.get("manifest_digest") != manifest_digest:
+        raise UsageError(f"index push: --prefetch-from {mountpoint}: it serves image {state.get('manifest_digest')}, "
+                         f"not {manifest_digest}")
+    found = cached(list_name(manifest_digest))
+    if found is None or not found.entries:
+        raise UsageError(f"index push: --prefetch-from {mountpoint}: its daemon has kept no reads yet "
+                         "(it keeps them every few seconds): read what the image is for first")
+    return found
+
+
+def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, progress: bool,
+               prefetch_from: str | None = None) -> tuple[str, int]:
     """``erofs-mount index push``: index the image's tar layers (those with a TOC need none) and push the
-    indexes as one artifact whose subject is the image manifest; (its digest, how many layers it holds)."""
+    indexes as one artifact whose subject is the image manifest, with the order in which the mount at
+    ``prefetch_from`` read it; (its digest, how many layers it holds)."""
     from erofs_mount_core import check_options
 
     from . import reference as references
@@ -73,9 +99,10 @@ def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, p
             raise UsageError(f"index push: every layer of {ref} carries a table of contents: it needs no index")
         diff_ids = registry.diff_ids(manifest)
         ids = [diff_ids[layer.index] for layer in layers]
+        listed = prefetch_list_of(prefetch_from, digest) if prefetch_from else None
         found, _ = indexed(registry, layers, ids, progress=progress)
         subject = {"mediaType": manifest.get("mediaType") or registry.OCI_MANIFEST, "digest": digest,
                    "size": registry.manifest_size(digest)}
-        return push(registry, subject, layers, ids, found, signing_key)
+        return push(registry, subject, layers, ids, found, signing_key, listed)
     finally:
         client.close()

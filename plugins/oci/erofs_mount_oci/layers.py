@@ -50,6 +50,7 @@ from erofs_mount_tar import (
 
 from erofs_mount_core import RetryPolicy, SourceChangedError, SourceError, cache_directory, cache_room
 
+from . import prefetch
 from .blob import BlobSource
 from .download import DOWNLOAD_DIR, Download, DownloadStopped
 from .published import TrustedKeys
@@ -178,6 +179,9 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
                     found[layer.index] = index
             missing = [layer for layer in missing if layer.index not in found]
             used = artifact.digest
+            image = prefetch.list_name(layers[0].manifest_digest)
+            if artifact.prefetch is not None and prefetch.cached(image) is None:
+                prefetch.keep(image, artifact.prefetch)  # what the serving daemon replays
             log.info("%s: %d layer index(es) from the published index %s", registry.ref, len(artifact.indexes),
                      artifact.digest)
         elif published.mode == "required" or published.pinned is not None:

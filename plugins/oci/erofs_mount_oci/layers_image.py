@@ -22,6 +22,7 @@ from erofs_mount_tar import ArchiveIndex, TarImage, TocIndex, TocPosition, verif
 from erofs_mount_core import (
     BlockCache,
     CacheSettings,
+    Counters,
     FillJob,
     Filter,
     Source,
@@ -31,6 +32,7 @@ from erofs_mount_core import (
 )
 
 from .blob import BlobSource
+from .prefetch import TOC_UNIT, Fetcher, LayerUnits, ReadOrder, cached, list_name
 from .registry import Layer, Registry
 from .routing import distrust_served
 
@@ -142,6 +144,10 @@ class LayersImage(TarImage):
         self.fill_jobs: list[FillJob] = []
         self.store = store
         self.registry = registry
+        units: list[LayerUnits] = []
+        fetchers: list[Fetcher | None] = []
+        budgets: list[int] = []
+        self._prefetching: list[Source] = []  # the prefetch's own decoders: closed with the image
         claimed = {int(row["index"]): str(row["diff_id"]) for row in state.get("layers", ())}
         #: layers served although their stream is not the config's diff_id (diff-id=report): ``stats`` counts them
         self.diff_id_mismatches = sum(1 for layer, index in zip(layers, found, strict=True)
@@ -156,6 +162,9 @@ class LayersImage(TarImage):
                     chunks = index.open_stream(blob, share << 18, f"oci: layer {layer.index} ({layer.digest[:19]}…)",
                                                rejected=distrust_served)
                     streams.append(per_layer.wrap(chunks))  # checked bytes kept, read ahead when sequential
+                    units.append(LayerUnits(layer.digest, "toc", TOC_UNIT))
+                    fetchers.append(_units_of(chunks, TOC_UNIT))  # no lock held while it fetches
+                    budgets.append((share << 18) // 2)
                     continue
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                                   description=f"{registry.ref} layer {layer.index}", state={},
@@ -173,11 +182,31 @@ class LayersImage(TarImage):
                     return verified_stream(index, stream, per_layer, what, transient=True, store=kept)
 
                 streams.append(_Forgetting(open_verified, compressed))
+                units.append(LayerUnits(layer.digest, "archive", index.spans.span_size))
                 if kept is not None:
                     job = FillJob(_fill_from(index, registry, layer, what), index.spans, index.stream_sha256, what)
                     self.fill_jobs.append(job)
+                    own = BlockCache(BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest,
+                                                layer.size, description=what, state={}, digest_along=False,
+                                                owns_client=False),
+                                     block_size=COMPRESSED_BLOCK, cache_bytes=4 << 20, readahead=0)
+                    prefetching = verified_stream(  # a decoder of its own: the kernel's reads never wait on it
+                        index, _Deferred(lambda index=index, own=own, what=what: _open_stream(index, own, what),
+                                         index.stream_size),
+                        CacheSettings(1, cache.block_kib, 0), what, transient=True, store=kept)
+                    self._prefetching.append(prefetching)
+                    fetchers.append(_units_of(prefetching, index.spans.span_size))  # into the span store
+                    budgets.append(kept.max_bytes // 2)
+                else:
+                    fetchers.append(None)  # nowhere the kernel's reads would find what it fetched
+                    budgets.append(0)
+            # the order a daemon of this image read it in, here or (with its index) on the host that published it
+            image = list_name(str(state.get("manifest_digest", "")))
+            name = image if whole else list_name(str(state["manifest_digest"]), layers[0].index)
+            self.order = ReadOrder(name, units, cached(name) or cached(image), fetchers, budgets)
+            streams = [self.order.recorded(n, stream) for n, stream in enumerate(streams)]
         except BaseException:
-            for stream in streams:
+            for stream in [*streams, *self._prefetching]:
                 stream.close()
             registry.client.close()
             raise
@@ -187,6 +216,8 @@ class LayersImage(TarImage):
             super().__init__(found, streams, description=description, merged=whole, state=own,
                              pinned=pinned if isinstance(pinned, str) else None)
         except BaseException:
+            for stream in self._prefetching:
+                stream.close()
             registry.client.close()
             raise
 
@@ -201,15 +232,33 @@ class LayersImage(TarImage):
                               f"{self.store.max_bytes >> 20} MiB (disk-cache-mib)")
         return self.store.filling(self, self.fill_jobs)
 
+    def start_background(self) -> None:
+        super().start_background()
+        self.order.start()
+
     def counters(self) -> Mapping[str, int]:
-        counted = super().counters()
+        counted = Counters().snapshot(super().counters(), self.order.counters(),
+                                      *(stream.counters() for stream in self._prefetching))
         return {**counted, "diff_id_mismatches": self.diff_id_mismatches} if self.diff_id_mismatches else counted
 
     def close(self) -> None:
         try:
+            self.order.close()
+            for stream in self._prefetching:
+                stream.close()
             super().close()
         finally:
             self.registry.client.close()
+
+
+def _units_of(stream: Source, unit: int) -> Fetcher:
+    """Prefetch of unit n of ``stream``: read through it, which keeps what it checked where reads look."""
+    def fetch(n: int) -> int:
+        start = n * unit
+        if start >= stream.size:
+            return 0
+        return len(stream.pread(min(unit, stream.size - start), start))
+    return fetch
 
 
 def _fill_from(index: ArchiveIndex, registry: Registry, layer: Layer, what: str) -> Callable[[], Source]:

@@ -4,15 +4,18 @@
 when they are there) and pushes an image manifest of its own
 ``artifactType`` whose ``subject`` is the image's manifest, with one blob
 per layer: the tar index file as the cache keeps it (entries, gzip
-checkpoints or zstd frames, the sha256 of every 1 MiB span). A mount with
-an empty cache then fetches those blobs instead of downloading the layers.
+checkpoints or zstd frames, the sha256 of every 1 MiB span), and with
+``--prefetch-from`` the order in which a mount of the image first read it
+(``prefetch``). A mount with an empty cache then fetches those blobs
+instead of downloading the layers, and prefetches in that order.
 
 Anyone with push rights to a repository can attach a referrer, so a
 published index is used only when it is signed by a key the user trusts
 (``-o index-key=PUBKEY``): the signature (ed25519) covers a statement that
-binds each layer's digest and diff_id to its index blob's digest, for the
-subject's digest. Span hashes keep the bytes honest (a span that does not
-match its hash is never served), but the index's tree says which bytes
+binds each layer's digest and diff_id to its index blob's digest (and the
+prefetch list's digest, when there is one), for the subject's digest.
+Span hashes keep the bytes honest (a span that does not match its hash is
+never served), but the index's tree says which bytes
 make which file, with which mode: only the signature makes that the
 publisher's word. An unsigned index, or one signed by another key, is not
 used (the layers are indexed here, and the log says so). Every field of a
@@ -37,6 +40,8 @@ from erofs_mount_tar import ArchiveIndex
 from erofs_mount_core import SourceError, UsageError
 
 from . import _http
+from .prefetch import MAX_LIST_BYTES, PrefetchList
+from .prefetch import MEDIA_TYPE as PREFETCH_MEDIA_TYPE
 from .referrers import add_to_tag, push_blob, push_manifest, referrers
 from .registry import MAX_MANIFEST, OCI_MANIFEST, Layer, Registry, _descriptors
 
@@ -110,11 +115,12 @@ def load_signing_key(path: str) -> Any:
     return key
 
 
-def statement(subject: str, bound: Sequence[tuple[str, str, str]]) -> bytes:
-    """What a signature covers: the image manifest's digest, and for each layer (digest, diff_id, the digest of
-    its index blob)."""
+def statement(subject: str, bound: Sequence[tuple[str, str, str]], prefetch: str | None = None) -> bytes:
+    """What a signature covers: the image manifest's digest, for each layer (digest, diff_id, the digest of
+    its index blob), and the prefetch list's digest if there is one."""
     return json.dumps({"artifactType": ARTIFACT_TYPE, "subject": subject,
-                       "layers": [{"digest": d, "diff_id": i, "index": b} for d, i, b in bound]},
+                       "layers": [{"digest": d, "diff_id": i, "index": b} for d, i, b in bound],
+                       **({"prefetch": prefetch} if prefetch is not None else {})},
                       separators=(",", ":"), sort_keys=True).encode()
 
 
@@ -122,9 +128,10 @@ def statement(subject: str, bound: Sequence[tuple[str, str, str]]) -> bytes:
 
 
 def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], diff_ids: Sequence[str],
-         indexes: Sequence[ArchiveIndex], signing_key: Any | None) -> tuple[str, int]:
-    """Push the artifact of ``indexes`` (one per layer of ``layers``) with ``subject`` (the image manifest's
-    descriptor); (its digest, the number of layers it holds)."""
+         indexes: Sequence[ArchiveIndex], signing_key: Any | None,
+         prefetch: PrefetchList | None = None) -> tuple[str, int]:
+    """Push the artifact of ``indexes`` (one per layer of ``layers``) and ``prefetch`` with ``subject`` (the
+    image manifest's descriptor); (its digest, the number of layers it holds)."""
     what = f"oci: {registry.ref}: index push"
     blobs, bound = [], []
     for layer, diff_id, index in zip(layers, diff_ids, indexes, strict=True):
@@ -134,11 +141,16 @@ def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], d
         blob = push_blob(registry, index.to_bytes(), f"{what}: layer {layer.index}'s index")
         blobs.append({"mediaType": INDEX_MEDIA_TYPE, **blob, "annotations": {LAYER_ANNOTATION: layer.digest}})
         bound.append((layer.digest, diff_id, blob["digest"]))
+    listed = None
+    if prefetch is not None:
+        listed = {"mediaType": PREFETCH_MEDIA_TYPE,
+                  **push_blob(registry, prefetch.to_bytes(), f"{what}: the prefetch list")}
+        blobs.append(listed)
     if not blobs:
         raise SourceError(f"{what}: no layer of the image has an index another host can use")
     annotations = {}
     if signing_key is not None:
-        signature = signing_key.sign(statement(subject["digest"], bound))
+        signature = signing_key.sign(statement(subject["digest"], bound, listed["digest"] if listed else None))
         annotations = {SIGNATURE_ANNOTATION: base64.b64encode(signature).decode(),
                        KEY_ANNOTATION: key_id(signing_key.public_key())}
     push_blob(registry, b"{}", f"{what}: the empty config")
@@ -162,6 +174,7 @@ class Found:
 
     digest: str
     indexes: dict[int, ArchiveIndex]
+    prefetch: PrefetchList | None = None
 
 
 def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
@@ -181,10 +194,11 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
         if doc is None:
             continue
         rows = {str(d.get("annotations", {}).get(LAYER_ANNOTATION)): d for d in doc["layers"]
-                if isinstance(d.get("annotations"), dict)}
+                if isinstance(d.get("annotations"), dict) and d.get("mediaType") == INDEX_MEDIA_TYPE}
+        listed = [d for d in doc["layers"] if d.get("mediaType") == PREFETCH_MEDIA_TYPE]
         wanted = [(layer, diff_id, rows.get(layer.digest)) for layer, diff_id in zip(layers, diff_ids, strict=True)]
         bound = [(layer.digest, diff_id, row["digest"]) for layer, diff_id, row in wanted if row is not None]
-        signed = _signed_statement(doc, bound)
+        signed = _signed_statement(doc, bound, listed)
         if not keys.verify(signed, doc.get("annotations") or {}):
             unsigned += 1
             continue
@@ -193,18 +207,36 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
             if row is not None and (needed is None or layer.index in needed):
                 indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
         if indexes:  # an artifact with none of the layers this host lacks gives nothing to pin
-            return Found(digest, indexes)
+            return Found(digest, indexes, _prefetch_blob(registry, listed[0], what) if listed else None)
     if unsigned:
         log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used",
                     what, unsigned)
     return None
 
 
-def _signed_statement(doc: dict[str, Any], bound: list[tuple[str, str, str]]) -> bytes:
-    """The statement for every layer the artifact holds (a signature covers all of them, or none)."""
-    if len(bound) != len(doc["layers"]):
-        return b""  # it holds layers this image does not have: no statement of ours matches it
-    return statement(doc["subject"]["digest"], bound)
+def _signed_statement(doc: dict[str, Any], bound: list[tuple[str, str, str]], listed: list[dict[str, Any]]) -> bytes:
+    """The statement for every blob the artifact holds (a signature covers all of them, or none)."""
+    if len(bound) + len(listed) != len(doc["layers"]) or len(listed) > 1:
+        return b""  # it holds layers this image does not have, or blobs of no kind of ours: no statement matches
+    return statement(doc["subject"]["digest"], bound, listed[0]["digest"] if listed else None)
+
+
+def _prefetch_blob(registry: Registry, row: dict[str, Any], what: str) -> PrefetchList | None:
+    """The published prefetch list; None (and a line that says why) if it is not one: it only saves time."""
+    name = f"{what}: prefetch list {row['digest']}"
+    try:
+        if row["size"] > MAX_LIST_BYTES:
+            raise SourceError(f"{name} is {row['size']} bytes, more than the {MAX_LIST_BYTES >> 20} MiB allowed")
+        response, body = _http.fetch(registry.client, "GET", registry.blob_url(row["digest"]), what=name,
+                                     cap=row["size"])
+        if response.status_code != 200:
+            raise _http.status_error(response, name)
+        if "sha256:" + hashlib.sha256(body).hexdigest() != row["digest"]:
+            raise SourceError(f"{name}: the registry sent bytes of another digest")
+        return PrefetchList.from_bytes(body)
+    except (SourceError, ValueError) as exc:
+        log.warning("%s; no prefetch", exc)
+        return None
 
 
 def _artifact(registry: Registry, digest: str, subject: str, what: str) -> dict[str, Any] | None:
