@@ -216,7 +216,8 @@ def test_an_image_of_tar_layers_is_prefetched_into_the_span_store(proxy: FaultPr
 
 
 def _push_with(registry: Registry, reference: str, key: Path, listed: PrefetchList) -> str:
-    """What ``index push --sign KEY --prefetch-from MOUNTPOINT`` pushes (the mountpoint's list is ``listed``)."""
+    """What ``index push --sign KEY --prefetch-from MOUNTPOINT`` pushes (the mountpoint's list is ``listed``):
+    the indexes of the layers without a TOC, and the list."""
     from erofs_mount_oci.credentials import CredentialSource
     from erofs_mount_oci.layers import indexed
     from erofs_mount_oci.options import client_for
@@ -230,8 +231,8 @@ def _push_with(registry: Registry, reference: str, key: Path, listed: PrefetchLi
     try:
         api = Api(client, ref, insecure=True)
         manifest, digest, chosen = api.image_manifest(Platform.host())
-        layers = api.tar_layers(manifest, digest, chosen)
-        diff_ids = api.diff_ids(manifest)
+        layers = [layer for layer in api.tar_layers(manifest, digest, chosen) if layer.toc is None]
+        diff_ids = [api.diff_ids(manifest)[layer.index] for layer in layers]
         found, _ = indexed(api, layers, diff_ids)
         subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": api.manifest_size(digest)}
         artifact, _ = push(api, subject, layers, diff_ids, found, load_signing_key(str(key)), listed)
@@ -321,3 +322,33 @@ def test_prefetch_from_what_is_not_a_mount_of_the_image_is_one_line(registry: Re
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and result.stderr.strip().count("\n") == 0, result.stderr
     assert f"{tmp_path} is not an erofs-mount mountpoint" in result.stderr
+
+
+def test_a_toc_image_s_published_list_reaches_a_host_that_trusts_its_key_and_others_do_not_look(
+        registry: Registry, chunked: tuple[str, Path], signing: tuple[Path, Path], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    reference = chunked[0]
+    monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "publisher"))
+    first = open_reference(reference, {"insecure": ""})
+    try:
+        first.start_background()
+        _read(first, _sample(first.size))
+        digest = first.state()["manifest_digest"]
+    finally:
+        first.close()
+    listed = cached(list_name(digest))
+    assert listed is not None and {layer.kind for layer in listed.layers} == {"toc"}
+    _push_with(registry, reference, signing[0], listed)  # no index in it: a TOC image needs none
+
+    proxy = FaultProxy(registry.host)
+    try:
+        via = reference.replace(registry.host, proxy.host)
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "no-key"))
+        open_reference(via, {"insecure": ""}).close()
+        assert not [p for _, p, _ in proxy.log if "referrers" in p or "/manifests/sha256-" in p], \
+            "a host that trusts no key looked for a list it would not use"
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "trusting"))
+        open_reference(via, {"insecure": "", "index-key": str(signing[1])}).close()
+        assert cached(list_name(digest)) == listed
+    finally:
+        proxy.stop()

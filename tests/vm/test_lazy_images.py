@@ -10,7 +10,10 @@ Each from an empty cache, through a proxy that logs every request:
 - an ordinary image after ``index push`` from another cache directory: no
   layer downloaded, the files right, kill -9 and reattach read right; then
   a registry that flips bytes in blob bodies gives I/O errors, never a
-  wrong byte.
+  wrong byte;
+- the same with the publisher's prefetch list (``--prefetch-from`` its live
+  mount): the fresh host fetches what the publisher read before the kernel
+  asks for it.
 """
 
 from __future__ import annotations
@@ -159,6 +162,70 @@ def test_an_image_whose_index_another_host_pushed_mounts_without_its_layers_and_
             evict(mountpoint, device)
             for rel in names[:2]:
                 assert file_sha256(mountpoint / rel) == sums[rel], rel
+        finally:
+            cli("umount", str(mountpoint))
+    finally:
+        proxy.stop()
+        registry.stop()
+    assert_clean()
+
+
+def test_a_fresh_host_prefetches_what_the_publisher_s_mount_read_before_the_kernel_asks(
+        tmp_path: Path, mountpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """index push --prefetch-from the publisher's live mount: a fresh host that uses the index fetches those
+    files' spans in the background, and the kernel's reads of them then fetch nothing."""
+    import json
+    import time
+
+    from tests.oci.faultproxy import FaultProxy
+    from tests.oci.registry import Registry
+    from tests.oci.test_tar_images import diff_id
+
+    sums = make_tree(tmp_path / "tree", files=24, max_size=2 << 20)
+    names = sorted(sums)
+    layers = [subprocess.run(["tar", "--numeric-owner", "-C", str(tmp_path / "tree"), "-czf", "-", *part],
+                             check=True, capture_output=True).stdout for part in (names[:12], names[12:])]
+    subprocess.run(["openssl", "genpkey", "-algorithm", "ed25519", "-out", str(tmp_path / "index.key")], check=True)
+    subprocess.run(["openssl", "pkey", "-in", str(tmp_path / "index.key"), "-pubout", "-out",
+                    str(tmp_path / "index.pub")], check=True)
+    workload = names[3:5] + names[15:17]  # what the image is for: a few of its files
+    registry = Registry(tmp_path / "registry")
+    proxy = FaultProxy(registry.host)
+    publisher = tmp_path / "publisher-mnt"
+    publisher.mkdir()
+    try:
+        registry.push_image("team/app", "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "publisher"))
+        cli("mount", "--source", f"oci:{registry.host}/team/app:t", "-o", "insecure", str(publisher))
+        try:
+            for rel in workload:
+                assert file_sha256(publisher / rel) == sums[rel], rel
+            time.sleep(6)  # the daemon keeps its reads every 5 s
+            cli("index", "push", f"oci:{registry.host}/team/app:t", "-o", "insecure", "--sign",
+                str(tmp_path / "index.key"), "--prefetch-from", str(publisher))
+        finally:
+            cli("umount", str(publisher))
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "fresh-host"))
+        device = cli("mount", "--source", f"oci:{proxy.host}/team/app:t", "-o",
+                     f"insecure,index-key={tmp_path / 'index.pub'}", str(mountpoint)).out.strip()
+        try:
+            deadline = time.monotonic() + 240
+            while True:
+                counts = json.loads(cli("stats", device, "--json").out)["result"][device.removeprefix("/dev/")]
+                counts = counts["source"]
+                done = sum(counts.get(k, 0) for k in ("prefetch_units", "prefetch_skipped", "prefetch_passed"))
+                if counts.get("prefetch_planned") and done >= counts["prefetch_planned"]:
+                    break
+                assert time.monotonic() < deadline, counts
+                time.sleep(0.5)
+            assert counts["prefetch_units"] > 0, counts
+            before = len(proxy.log)
+            for rel in workload:
+                assert file_sha256(mountpoint / rel) == sums[rel], rel
+            fetched = [path for _, path, _ in proxy.log[before:] if "/blobs/" in path]
+            assert fetched == [], "the kernel's reads fetched what the prefetch had fetched"
+            after = json.loads(cli("stats", device, "--json").out)["result"][device.removeprefix("/dev/")]
+            assert after["source"]["prefetch_hits"] > 0, after["source"]
         finally:
             cli("umount", str(mountpoint))
     finally:

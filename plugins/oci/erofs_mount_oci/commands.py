@@ -95,8 +95,9 @@ def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, p
         registry = Registry(client, ref, insecure=opts.insecure)
         manifest, digest, chosen = registry.image_manifest(platform)
         layers = [layer for layer in registry.tar_layers(manifest, digest, chosen) if layer.toc is None]
-        if not layers:
-            raise UsageError(f"index push: every layer of {ref} carries a table of contents: it needs no index")
+        if not layers and not prefetch_from:
+            raise UsageError(f"index push: every layer of {ref} carries a table of contents: it needs no index "
+                             "(--prefetch-from publishes its prefetch list alone)")
         diff_ids = registry.diff_ids(manifest)
         ids = [diff_ids[layer.index] for layer in layers]
         listed = prefetch_list_of(prefetch_from, digest) if prefetch_from else None

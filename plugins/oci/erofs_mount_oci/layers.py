@@ -102,7 +102,29 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, pro
                                       progress=progress, published=published, strict_diff_id=strict_diff_id)
     found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
                                                               in zip(rest, archives, strict=True)}}
+    if used is None and published is not None and layers:
+        _published_prefetch(registry, layers, diff_ids, published)
     return [found[layer.index] for layer in layers], used
+
+
+def _published_prefetch(registry: Registry, layers: list[Layer], diff_ids: list[str],
+                        published: PublishedPolicy) -> None:
+    """An image that needed no published index (every layer has a TOC, or is indexed here) and has no prefetch
+    list here takes the one published for it, signed by a trusted key, if there is one: it only saves time,
+    so a failure to find it is one line."""
+    image = prefetch.list_name(layers[0].manifest_digest)
+    if published.mode == "off" or not published.keys.keys or published.pinned is not None or \
+            prefetch.cached(image) is not None:
+        return
+    from . import published as publication
+
+    try:
+        listed = publication.find_prefetch(registry, layers[0].manifest_digest, layers, diff_ids, published.keys)
+    except SourceError as exc:
+        log.warning("%s; no published prefetch list", exc)
+        return
+    if listed is not None:
+        prefetch.keep(image, listed)
 
 
 def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:

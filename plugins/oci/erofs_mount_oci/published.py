@@ -30,7 +30,7 @@ import base64
 import hashlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,35 +183,57 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
     newest artifact signed by a trusted key (or exactly the ``pinned`` one, at reattach); None when there is
     none. The signature is checked over every layer the artifact holds, needed or not."""
     what = f"oci: {registry.ref}: published index"
-    if pinned is not None:
-        candidates = [pinned]
-    else:
-        found = referrers(registry, subject, ARTIFACT_TYPE)
-        candidates = [d["digest"] for d in reversed(found)][:MAX_CANDIDATES]  # the last added first
-    unsigned = 0
-    for digest in candidates:
-        doc = _artifact(registry, digest, subject, what)
-        if doc is None:
-            continue
-        rows = {str(d.get("annotations", {}).get(LAYER_ANNOTATION)): d for d in doc["layers"]
-                if isinstance(d.get("annotations"), dict) and d.get("mediaType") == INDEX_MEDIA_TYPE}
-        listed = [d for d in doc["layers"] if d.get("mediaType") == PREFETCH_MEDIA_TYPE]
-        wanted = [(layer, diff_id, rows.get(layer.digest)) for layer, diff_id in zip(layers, diff_ids, strict=True)]
-        bound = [(layer.digest, diff_id, row["digest"]) for layer, diff_id, row in wanted if row is not None]
-        signed = _signed_statement(doc, bound, listed)
-        if not keys.verify(signed, doc.get("annotations") or {}):
-            unsigned += 1
-            continue
+    for digest, wanted, listed in _trusted(registry, subject, layers, diff_ids, keys, pinned, what):
         indexes = {}
         for layer, diff_id, row in wanted:
             if row is not None and (needed is None or layer.index in needed):
                 indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
         if indexes:  # an artifact with none of the layers this host lacks gives nothing to pin
             return Found(digest, indexes, _prefetch_blob(registry, listed[0], what) if listed else None)
-    if unsigned:
-        log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used",
-                    what, unsigned)
     return None
+
+
+def find_prefetch(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str],
+                  keys: TrustedKeys) -> PrefetchList | None:
+    """The prefetch list of the newest artifact signed by a trusted key that has one, for an image that needs
+    no index (every layer has a TOC); None when there is none."""
+    what = f"oci: {registry.ref}: published prefetch list"
+    for _digest, _wanted, listed in _trusted(registry, subject, layers, diff_ids, keys, None, what):
+        if listed:
+            return _prefetch_blob(registry, listed[0], what)
+    return None
+
+
+def _trusted(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
+             pinned: str | None, what: str) -> Iterator[tuple[str, list[tuple[Layer, str, Any]], list[Any]]]:
+    """The artifacts of ``subject`` whose signature by a trusted key covers every blob they hold, newest first
+    (or exactly ``pinned``): (digest, (layer, diff_id, its index's descriptor or None) for each of ``layers``,
+    the prefetch list's descriptor or none). Says once how many were not signed so."""
+    if pinned is not None:
+        candidates = [pinned]
+    else:
+        found = referrers(registry, subject, ARTIFACT_TYPE)
+        candidates = [d["digest"] for d in reversed(found)][:MAX_CANDIDATES]  # the last added first
+    unsigned = 0
+    try:
+        for digest in candidates:
+            doc = _artifact(registry, digest, subject, what)
+            if doc is None:
+                continue
+            rows = {str(d.get("annotations", {}).get(LAYER_ANNOTATION)): d for d in doc["layers"]
+                    if isinstance(d.get("annotations"), dict) and d.get("mediaType") == INDEX_MEDIA_TYPE}
+            listed = [d for d in doc["layers"] if d.get("mediaType") == PREFETCH_MEDIA_TYPE]
+            wanted = [(layer, diff_id, rows.get(layer.digest))
+                      for layer, diff_id in zip(layers, diff_ids, strict=True)]
+            bound = [(layer.digest, diff_id, row["digest"]) for layer, diff_id, row in wanted if row is not None]
+            if not keys.verify(_signed_statement(doc, bound, listed), doc.get("annotations") or {}):
+                unsigned += 1
+                continue
+            yield digest, wanted, listed
+    finally:
+        if unsigned:
+            log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used",
+                        what, unsigned)
 
 
 def _signed_statement(doc: dict[str, Any], bound: list[tuple[str, str, str]], listed: list[dict[str, Any]]) -> bytes:
