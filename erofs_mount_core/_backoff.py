@@ -55,8 +55,6 @@ def note_failure(record_path: Path, exc: ErofsMountError, now: float) -> None:
                      | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(f"{count} {due} {why}\n")
-    if not record_path.exists():  # removed meanwhile (umount): its remover may have missed this file
-        clear(record_path)
 
 
 def clear(record_path: Path) -> None:

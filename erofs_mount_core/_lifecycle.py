@@ -289,10 +289,18 @@ def _attempt(index: int, record_path: Path, start: Callable[[Path], int] | None 
     except AlreadyServing:
         raise
     except ErofsMountError as exc:
-        backoff.note_failure(record_path, exc, time.time() if now is None else now)
+        if record_path.exists() or _names(index, record_path):  # not a device umount took away meanwhile
+            backoff.note_failure(record_path, exc, time.time() if now is None else now)
         raise
     backoff.clear(record_path)
     return started
+
+
+def _names(index: int, record_path: Path) -> bool:
+    """Whether device ``index`` is still connected with ``record_path`` for its record (umount disconnects a
+    device before it removes the record: a record gone from a device that names it is lost, not taken away)."""
+    info = sysfs.device(index)
+    return info is not None and info.configured and record_path_of(info) == record_path
 
 
 def _reattach(index: int, record_path: Path, start: Callable[[Path], int] | None, host: PluginHost | None,
