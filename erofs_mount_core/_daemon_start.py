@@ -248,7 +248,7 @@ def _become_daemon(logf: int, keep: tuple[int, ...]) -> None:  # pragma: no cove
     environment = {**passed_environment(), **exec_environment()}  # what a spawned daemon's memory holds
     os.environ.clear()
     os.environ.update(environment)
-    erase_initial_environment()
+    rewrite_initial_environment(exec_environment())
 
 
 def _open_descriptors() -> list[int]:
@@ -271,16 +271,20 @@ def isolated_import_path(path: list[str], pythonpath: str) -> list[str]:
     return [p for p in path[1:] if p and os.path.isabs(p) and os.path.abspath(p) not in from_env]
 
 
-def erase_initial_environment() -> None:
+def rewrite_initial_environment(shown: dict[str, str]) -> None:
     """Overwrite the environment the command was executed with, which ``/proc/PID/environ`` shows for the
-    life of the process (a fork's too), with NULs: the caller's credentials live in ``os.environ`` only.
-    The daemon ends if it cannot: it would otherwise show them."""
+    life of the process (a fork's too), with ``shown`` (what an executed daemon's shows: the system PATH,
+    the locale) and NULs: the caller's credentials live in ``os.environ`` only. The daemon ends if it
+    cannot: it would otherwise show them."""
     stat = Path("/proc/self/stat").read_text()
     fields = stat[stat.rindex(")") + 2:].split()
     start, end = int(fields[47]), int(fields[48])  # env_start and env_end, proc(5)'s fields 50 and 51
+    text = b"".join(f"{name}={value}".encode() + b"\0" for name, value in shown.items())
+    if len(text) > end - start:
+        text = b""  # (a command executed with less than that: NULs alone)
     with open("/proc/self/mem", "r+b", buffering=0) as mem:
         mem.seek(start)
-        mem.write(b"\0" * (end - start))
+        mem.write(text + b"\0" * (end - start - len(text)))
 
 
 def spawn_taker(record_path: Path) -> int:

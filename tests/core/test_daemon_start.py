@@ -163,6 +163,8 @@ def test_a_forked_daemon_keeps_none_of_the_command_s_descriptors_environment_or_
     assert out.returncode == 0 and out.stdout.strip() == "3", out
     seen = json.loads(report.read_text())
     assert secret not in seen["environ"], "/proc/PID/environ shows the command's credentials"
+    shown = [f"PATH={protocol.SYSTEM_PATH}", *(f"{n}={env[n]}" for n in ("LANG", "LC_ALL", "TZ") if n in env)]
+    assert seen["environ"].rstrip("\0").split("\0") == shown, "what an executed daemon's shows"
     assert seen["os_environ"]["EROFS_MOUNT_OCI_PASSWORD"] == secret, "the source needs them, in memory"
     assert "PYTHONPATH" not in seen["os_environ"] and seen["os_environ"]["PATH"] == protocol.SYSTEM_PATH
     assert str(evil) not in seen["path"] and "" not in seen["path"] and str(tmp_path) not in seen["path"]
