@@ -5,8 +5,9 @@ A read of a file whose blocks are not cached is started as soon as the
 killed daemon is gone, so it waits in the kernel for a new daemon. ``watch``
 reattaches on the kernel's LINK_DEAD event with a daemon forked from itself;
 the peer is what an operator's script or the timer unit runs, ``erofs-mount
-reattach DEVICE`` started at the moment of the kill (a new interpreter). Runs
-of the two alternate; prints each one's median and the ratio.
+reattach DEVICE`` started at the moment of the kill (a new interpreter that
+loads the plugins, then forks the daemon). Runs of the two alternate; prints
+each one's median and the ratio.
 
 Needs the nbd driver: where this machine's kernel has none, the benchmark
 runs itself in the test VM (tests/vm/vm-run, emulated: expect seconds, not

@@ -247,18 +247,23 @@ def _prefetch_blob(registry: Registry, row: dict[str, Any], what: str) -> Prefet
     """The published prefetch list; None (and a line that says why) if it is not one: it only saves time."""
     name = f"{what}: prefetch list {row['digest']}"
     try:
-        if row["size"] > MAX_LIST_BYTES:
-            raise SourceError(f"{name} is {row['size']} bytes, more than the {MAX_LIST_BYTES >> 20} MiB allowed")
-        response, body = _http.fetch(registry.client, "GET", registry.blob_url(row["digest"]), what=name,
-                                     cap=row["size"])
-        if response.status_code != 200:
-            raise _http.status_error(response, name)
-        if "sha256:" + hashlib.sha256(body).hexdigest() != row["digest"]:
-            raise SourceError(f"{name}: the registry sent bytes of another digest")
-        return PrefetchList.from_bytes(body)
+        return PrefetchList.from_bytes(_blob(registry, row, MAX_LIST_BYTES, name))
     except (SourceError, ValueError) as exc:
         log.warning("%s; no prefetch", exc)
         return None
+
+
+def _blob(registry: Registry, row: dict[str, Any], most: int, name: str) -> bytes:
+    """The artifact's blob ``row`` (a checked descriptor), of at most ``most`` bytes and of its digest."""
+    if row["size"] > most:
+        raise SourceError(f"{name} is {row['size']} bytes, more than the {most >> 20} MiB allowed")
+    response, body = _http.fetch(registry.client, "GET", registry.blob_url(row["digest"]), what=name,
+                                 cap=row["size"])
+    if response.status_code != 200:
+        raise _http.status_error(response, name)
+    if "sha256:" + hashlib.sha256(body).hexdigest() != row["digest"]:
+        raise SourceError(f"{name}: the registry sent bytes of another digest")
+    return body
 
 
 def _artifact(registry: Registry, digest: str, subject: str, what: str) -> dict[str, Any] | None:
@@ -282,14 +287,7 @@ def _artifact(registry: Registry, digest: str, subject: str, what: str) -> dict[
 
 def _index_blob(registry: Registry, row: dict[str, Any], layer: Layer, diff_id: str, what: str) -> ArchiveIndex:
     name = f"{what}: layer {layer.index}'s index {row['digest']}"
-    if row["size"] > MAX_INDEX_BLOB:
-        raise SourceError(f"{name} is {row['size']} bytes, more than the {MAX_INDEX_BLOB >> 20} MiB allowed")
-    response, body = _http.fetch(registry.client, "GET", registry.blob_url(row["digest"]), what=name,
-                                 cap=row["size"])
-    if response.status_code != 200:
-        raise _http.status_error(response, name)
-    if "sha256:" + hashlib.sha256(body).hexdigest() != row["digest"]:
-        raise SourceError(f"{name}: the registry sent bytes of another digest")
+    body = _blob(registry, row, MAX_INDEX_BLOB, name)
     try:
         index = ArchiveIndex.from_bytes(body)
     except ValueError as exc:
