@@ -164,52 +164,48 @@ def _blob_gets(proxy: FaultProxy) -> int:
     return sum(1 for method, path, _ in proxy.log if method == "GET" and "/blobs/" in path)
 
 
-def test_a_toc_image_mounted_again_has_what_the_first_mount_read_fetched_before_it_is_read(
-        proxy: FaultProxy, chunked: tuple[str, Path]) -> None:
-    reference = chunked[0].replace(chunked[0].split("/")[0], proxy.host)
+def _served_and_read(reference: str) -> tuple[list[tuple[int, int]], list[bytes], str]:
+    """A daemon's life on the first host: it serves, the workload reads (``_sample``), it ends; (the reads,
+    what they gave, the image's manifest digest)."""
     first = open_reference(reference, {"insecure": ""})
     try:
         first.start_background()
         ranges = _sample(first.size)
-        expected = _read(first, ranges)
+        return ranges, _read(first, ranges), first.state()["manifest_digest"]
     finally:
         first.close()
-    again = open_reference(reference, {"insecure": ""})
+
+
+def _replayed_and_read(proxy: FaultProxy, source: Source, ranges: list[tuple[int, int]],
+                       expected: list[bytes]) -> dict[str, int]:
+    """``source`` serves; once its prefetch is done, the workload's reads fetch nothing. Its counters then."""
     try:
-        again.start_background()
-        counts = _wait_for_prefetch(again)
+        source.start_background()
+        counts = _wait_for_prefetch(source)
         assert counts["prefetch_units"] > 0, counts
         before = _blob_gets(proxy)
-        assert _read(again, ranges) == expected
+        assert _read(source, ranges) == expected
         assert _blob_gets(proxy) == before, "a read fetched what the prefetch should have"
-        assert again.counters()["prefetch_hits"] >= counts["prefetch_units"] - 1
+        return dict(source.counters())
     finally:
-        again.close()
+        source.close()
+
+
+def test_a_toc_image_mounted_again_has_what_the_first_mount_read_fetched_before_it_is_read(
+        proxy: FaultProxy, chunked: tuple[str, Path]) -> None:
+    reference = chunked[0].replace(chunked[0].split("/")[0], proxy.host)
+    ranges, expected, _ = _served_and_read(reference)
+    counts = _replayed_and_read(proxy, open_reference(reference, {"insecure": ""}), ranges, expected)
+    assert counts["prefetch_hits"] >= counts["prefetch_units"] - 1, counts
 
 
 def test_an_image_of_tar_layers_is_prefetched_into_the_span_store(proxy: FaultProxy, image: str,
                                                                    tmp_path: Path) -> None:
     reference = f"{proxy.host}/{image}"
-    first = open_reference(reference, {"insecure": ""})
-    try:
-        first.start_background()
-        ranges = _sample(first.size)
-        expected = _read(first, ranges)
-    finally:
-        first.close()
+    ranges, expected, _ = _served_and_read(reference)
     shutil.rmtree(tmp_path / "cache" / "spans")  # nothing read before is on this host any more
-    again = open_reference(reference, {"insecure": ""})
-    try:
-        again.start_background()
-        counts = _wait_for_prefetch(again)
-        assert counts["prefetch_units"] > 0, counts
-        before = _blob_gets(proxy)
-        assert _read(again, ranges) == expected
-        assert _blob_gets(proxy) == before, "a read fetched what the prefetch should have"
-        after = again.counters()
-        assert after["prefetch_hits"] > 0 and after.get("span_store_hits", 0) > 0, after
-    finally:
-        again.close()
+    counts = _replayed_and_read(proxy, open_reference(reference, {"insecure": ""}), ranges, expected)
+    assert counts["prefetch_hits"] > 0 and counts.get("span_store_hits", 0) > 0, counts
 
 
 # -- published with the index: a fresh host prefetches what the publisher's workload read ----------------------
@@ -255,14 +251,7 @@ def test_a_fresh_host_that_uses_a_published_index_prefetches_the_publisher_s_rea
         monkeypatch: pytest.MonkeyPatch) -> None:
     reference = f"{registry.host}/{image}"
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "publisher"))
-    first = open_reference(reference, {"insecure": ""})
-    try:
-        first.start_background()  # the publisher's mount, serving its workload
-        ranges = _sample(first.size)
-        expected = _read(first, ranges)
-        digest = first.state()["manifest_digest"]
-    finally:
-        first.close()
+    ranges, expected, digest = _served_and_read(reference)  # the publisher's mount, serving its workload
     listed = cached(list_name(digest))
     assert listed is not None and listed.entries
     artifact = _push_with(registry, reference, signing[0], listed)
@@ -276,16 +265,8 @@ def test_a_fresh_host_that_uses_a_published_index_prefetches_the_publisher_s_rea
         state = command.state()
         command.close()
         assert state["published_index"] == artifact and cached(list_name(digest)) == listed
-        served = reopen(state)  # the daemon's
-        try:
-            served.start_background()
-            counts = _wait_for_prefetch(served)
-            assert counts["prefetch_units"] > 0 and counts["prefetch_planned"] == len(listed.entries), counts
-            before = _blob_gets(proxy)
-            assert _read(served, ranges) == expected
-            assert _blob_gets(proxy) == before, "a read fetched what the prefetch should have"
-        finally:
-            served.close()
+        counts = _replayed_and_read(proxy, reopen(state), ranges, expected)  # the daemon's open
+        assert counts["prefetch_planned"] == len(listed.entries), counts
         assert not set(whole_gets(proxy)) & {d.digest.removeprefix("sha256:") for d in listed.layers}, \
             "a layer was downloaded"
     finally:
@@ -329,13 +310,7 @@ def test_a_toc_image_s_published_list_reaches_a_host_that_trusts_its_key_and_oth
         monkeypatch: pytest.MonkeyPatch) -> None:
     reference = chunked[0]
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "publisher"))
-    first = open_reference(reference, {"insecure": ""})
-    try:
-        first.start_background()
-        _read(first, _sample(first.size))
-        digest = first.state()["manifest_digest"]
-    finally:
-        first.close()
+    _, _, digest = _served_and_read(reference)
     listed = cached(list_name(digest))
     assert listed is not None and {layer.kind for layer in listed.layers} == {"toc"}
     _push_with(registry, reference, signing[0], listed)  # no index in it: a TOC image needs none
