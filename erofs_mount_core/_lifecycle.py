@@ -365,8 +365,12 @@ def reattach_when_due(index: int, record_path: Path, now: float | None = None,
 def forked(host: PluginHost) -> Starter:
     """How this command starts a daemon: a service of its own under systemd, else a fork of itself
     (its code and ``host``'s plugins are loaded: no new interpreter to wait for)."""
+    import threading
+
     from ._daemon import serve
 
+    if threading.active_count() > 1:  # a fork has this thread alone: a lock another one holds would stay held
+        return default_starter()
     return default_starter(ForkStarter(host, serve))
 
 
