@@ -32,7 +32,6 @@ import fcntl
 import json
 import os
 import select
-import signal
 import socket
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from . import _errors as errors
 from . import _record as rec
 from . import _systemd as systemd
 from ._control import peer_uid
+from ._detach import detach
 from ._kill_points import kill_point
 
 READY = "READY"
@@ -169,7 +169,7 @@ class ForkStarter:
     """How ``mount``, ``reattach`` and ``watch`` start daemons outside systemd: as forks of themselves,
     which have the code and plugins loaded, so a reattach's held reads do not wait seconds for an
     interpreter to start and import (on a small machine). The fork keeps none of the command's
-    descriptors, environment or import path (``_become_daemon``)."""
+    descriptors, environment or import path (``_detach``)."""
 
     host: Any
     """The loaded ``PluginHost``."""
@@ -215,7 +215,8 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: ForkStarter) -> in
         try:
             os.close(ready_r)
             if os.fork() == 0:
-                _become_daemon(logf, keep=(ready_w, lock_fd))
+                environment = {**passed_environment(), **exec_environment()}  # what an executed one holds
+                detach(logf, (ready_w, lock_fd), environment, shown=exec_environment())
                 code = forked.serve(mode, record_path, ready_w, lock_fd, forked.host)
             else:
                 code = 0
@@ -226,65 +227,6 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: ForkStarter) -> in
     os.waitpid(child, 0)
     kill_point(f"spawn-{mode}:started")
     return _answer(ready_r, ForkedDaemon(record_path))
-
-
-def _become_daemon(logf: int, keep: tuple[int, ...]) -> None:  # pragma: no cover - in the fork
-    """What ``_exec`` gives a new daemon, given to a fork: its own session, ``/``, the log, none of the
-    command's descriptors, an environment with nothing that changes what runs, and ``-I``'s import path."""
-    os.setsid()
-    os.chdir("/")
-    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-    for fd in _open_descriptors():
-        if fd > 2 and fd not in (*keep, logf, null):
-            # the command's (the mountpoint's flock, watch's event socket, a caller's pipe): /dev/null takes
-            # the number, which an object of the command may hold and close one day
-            os.dup2(null, fd, inheritable=False)
-    os.dup2(null, 0)
-    os.dup2(logf, 1)
-    os.dup2(logf, 2)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, signal.SIG_DFL)
-    sys.path[:] = isolated_import_path(sys.path, os.environ.get("PYTHONPATH", ""))
-    environment = {**passed_environment(), **exec_environment()}  # what a spawned daemon's memory holds
-    os.environ.clear()
-    os.environ.update(environment)
-    rewrite_initial_environment(exec_environment())
-
-
-def _open_descriptors() -> list[int]:
-    fds = [int(name) for name in os.listdir("/proc/self/fd")]
-    return [fd for fd in fds if _is_open(fd)]  # (the listing's own descriptor is closed by now)
-
-
-def _is_open(fd: int) -> bool:
-    try:
-        fcntl.fcntl(fd, fcntl.F_GETFD)
-    except OSError:
-        return False
-    return True
-
-
-def isolated_import_path(path: list[str], pythonpath: str) -> list[str]:
-    """``path`` as ``python -I`` would have it: not the script's directory nor the working directory
-    (the first entry of a command's path), nor ``PYTHONPATH``'s, nor relative entries."""
-    from_env = {os.path.abspath(p) for p in pythonpath.split(os.pathsep) if p}
-    return [p for p in path[1:] if p and os.path.isabs(p) and os.path.abspath(p) not in from_env]
-
-
-def rewrite_initial_environment(shown: dict[str, str]) -> None:
-    """Overwrite the environment the command was executed with, which ``/proc/PID/environ`` shows for the
-    life of the process (a fork's too), with ``shown`` (what an executed daemon's shows: the system PATH,
-    the locale) and NULs: the caller's credentials live in ``os.environ`` only. The daemon ends if it
-    cannot: it would otherwise show them."""
-    stat = Path("/proc/self/stat").read_text()
-    fields = stat[stat.rindex(")") + 2:].split()
-    start, end = int(fields[47]), int(fields[48])  # env_start and env_end, proc(5)'s fields 50 and 51
-    text = b"".join(f"{name}={value}".encode() + b"\0" for name, value in shown.items())
-    if len(text) > end - start:
-        text = b""  # (a command executed with less than that: NULs alone)
-    with open("/proc/self/mem", "r+b", buffering=0) as mem:
-        mem.seek(start)
-        mem.write(text + b"\0" * (end - start - len(text)))
 
 
 def spawn_taker(record_path: Path) -> int:
