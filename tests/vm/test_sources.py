@@ -330,16 +330,12 @@ def test_mount_kill_reattach_reads_the_same_bytes(publisher: Publisher, images: 
             assert publisher.whole_gets() == [], publisher.proxy.log
             assert (mountpoint / "extra" / "marker").read_bytes() == b"the upper layer\n"
         if publisher.name == "tar":  # the index is in the cache: the new daemon reads none of the archive
-            from erofs_mount_core._cache import cache_root
-
             archive = publisher.path.stat().st_size  # indexing it again would read it twice (pass, sha256)
-            # the mount's daemon, a fork of the command that opened the source, has the index in memory; the
-            # reattach's reads it from the cache
-            name = hashlib.sha256(publisher.path.read_bytes()).hexdigest()
-            index = (cache_root() / "tar-index" / f"{name}.idx").stat().st_size
             print(f"bytes read by the daemon before any file read: at mount {started}, at reattach {reattached}; "
-                  f"the archive is {archive}, its index {index}")
-            assert reattached < started + index + archive // 4, (started, reattached, index, archive)
+                  f"the archive is {archive}")
+            # the reattach's daemon loads the tar plugin's code (1.6 MB here), which the mount's, a fork of the
+            # command that opened the source, had in memory: one more read of the archive would pass the bound
+            assert reattached < started + archive, (started, reattached, archive)
         assert_files(mountpoint, sums)
         assert_no_secret_in_the_daemon_s_environ(publisher)
         if publisher.name in ("tar", "oci-image"):  # killed again under readers: every read they make is right
