@@ -221,3 +221,38 @@ def test_publish_index_at_mount_lets_the_next_host_skip_the_download(
         proxy.stop()
     with pytest.raises(UsageError, match="publish-index is for the whole image"):
         open_reference(reference, {"insecure": "", "layer": "0", "publish-index": ""})
+
+
+def test_a_layer_mount_uses_the_published_index_whose_signature_covers_the_whole_image(
+        registry: Registry, image: str, keys: dict[str, Path], cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-o layer=N (a containerd snapshotter's mount): the signature covers every layer of the artifact, so the
+    host checks it over the whole image, then takes its layer's index; a reattach whose cache lost it fetches
+    the manifest by its digest to check the pinned artifact again."""
+    from erofs_mount_oci import open_reference, reopen
+
+    pushed = push_cli(image, "--sign", str(keys["private"]))
+    assert pushed.returncode == 0, pushed.stderr
+    expected_source = open_reference(image, {"insecure": "", "layer": "1"})
+    expected = expected_source.pread(expected_source.size, 0)
+    expected_source.close()
+    layers = layer_digests(registry, image)
+    fresh_host(monkeypatch, cache, "layer-host")
+    proxy = FaultProxy(registry.host)
+    try:
+        source = open_reference(image.replace(registry.host, proxy.host),
+                                {"insecure": "", "layer": "1", "index-key": str(keys["public"])})
+        try:
+            state = source.state()
+            assert source.pread(source.size, 0) == expected
+        finally:
+            source.close()
+        assert not set(whole_gets(proxy)) & set(layers), "a layer was downloaded"
+        assert state["kind"] == "tar-layer" and state["published_index"] == pushed.stdout.strip()
+    finally:
+        proxy.stop()
+    fresh_host(monkeypatch, cache, "layer-reattach")
+    again = reopen({**state, "registry": registry.host})  # (the proxy is gone)
+    try:
+        assert again.pread(again.size, 0) == expected
+    finally:
+        again.close()

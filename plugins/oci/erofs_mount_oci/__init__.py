@@ -125,7 +125,7 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
     """Tar layers: the whole image merged, or one layer as it is, from the layers' indexes."""
     import sys
 
-    from .layers import PublishedPolicy, indexed
+    from .layers import PublishedPolicy, image_layers, indexed
     from .layers_image import LayersImage, layer_state
 
     if opts.verify != "lazy":
@@ -145,7 +145,9 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
         signing_key = load_signing_key(opts.publish_index) if opts.publish_index else None
     found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(),
                           published=PublishedPolicy.of(opts.index, opts.index_key or ""),
-                          strict_diff_id=opts.diff_id == "strict")
+                          strict_diff_id=opts.diff_id == "strict",
+                          image=None if whole else image_layers(registry, manifest, common["manifest_digest"],
+                                                                common["platform"]))
     if opts.publish_index is not None and used is None:
         _publish(registry, manifest, common["manifest_digest"], layers, diff_ids, found, signing_key)
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),

@@ -86,12 +86,25 @@ class PublishedPolicy:
         return cls(mode, TrustedKeys.load([key]) if key else TrustedKeys(), pinned)
 
 
+#: the whole image's tar layers and their diff_ids, fetched when needed
+ImageLayers = Callable[[], tuple[list[Layer], list[str]]]
+
+
+def image_layers(registry: Registry, manifest: dict[str, Any] | None, digest: str, platform: str) -> ImageLayers:
+    """The image's every tar layer and diff_id, from ``manifest`` or (a reattach) its manifest fetched by
+    ``digest``: what a layer mount needs to check a published index's signature, which covers them all."""
+    def layers() -> tuple[list[Layer], list[str]]:
+        doc = manifest if manifest is not None else registry.manifest(digest)[1]
+        return registry.tar_layers(doc, digest, platform), registry.diff_ids(doc)
+    return layers
+
+
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
-            published: PublishedPolicy | None = None,
-            strict_diff_id: bool = False) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
+            published: PublishedPolicy | None = None, strict_diff_id: bool = False,
+            image: ImageLayers | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
     """Each layer's index, in order: its TOC's, or its archive index compared with its ``diff_ids`` entry
     (a mismatch refused when ``strict_diff_id``, else said); and the digest of the published artifact that
-    gave some of them, if one did."""
+    gave some of them, if one did. ``image``: the whole image's layers, when ``layers`` are some of them."""
     by_toc: dict[int, TocIndex] = {}
     for layer in layers:
         toc = _toc_index(registry, layer) if layer.toc is not None else None
@@ -99,32 +112,34 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, pro
             by_toc[layer.index] = toc
     rest = [(layer, diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True) if layer.index not in by_toc]
     archives, used = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest],
-                                      progress=progress, published=published, strict_diff_id=strict_diff_id)
+                                      progress=progress, published=published, strict_diff_id=strict_diff_id,
+                                      image=image)
     found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
                                                               in zip(rest, archives, strict=True)}}
     if used is None and published is not None and layers:
-        _published_prefetch(registry, layers, diff_ids, published)
+        _published_prefetch(registry, layers, diff_ids, published, image)
     return [found[layer.index] for layer in layers], used
 
 
 def _published_prefetch(registry: Registry, layers: list[Layer], diff_ids: list[str],
-                        published: PublishedPolicy) -> None:
+                        published: PublishedPolicy, image: ImageLayers | None) -> None:
     """An image that needed no published index (every layer has a TOC, or is indexed here) and has no prefetch
     list here takes the one published for it, signed by a trusted key, if there is one: it only saves time,
     so a failure to find it is one line."""
-    image = prefetch.list_name(layers[0].manifest_digest)
+    name = prefetch.list_name(layers[0].manifest_digest)
     if published.mode == "off" or not published.keys.keys or published.pinned is not None or \
-            prefetch.cached(image) is not None:
+            prefetch.cached(name) is not None:
         return
     from . import published as publication
 
     try:
-        listed = publication.find_prefetch(registry, layers[0].manifest_digest, layers, diff_ids, published.keys)
+        signed = image() if image is not None else (layers, diff_ids)
+        listed = publication.find_prefetch(registry, layers[0].manifest_digest, *signed, published.keys)
     except SourceError as exc:
         log.warning("%s; no published prefetch list", exc)
         return
     if listed is not None:
-        prefetch.keep(image, listed)
+        prefetch.keep(name, listed)
 
 
 def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
@@ -159,8 +174,8 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
 
 
 def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
-                     published: PublishedPolicy | None = None,
-                     strict_diff_id: bool = False) -> tuple[list[ArchiveIndex], str | None]:
+                     published: PublishedPolicy | None = None, strict_diff_id: bool = False,
+                     image: ImageLayers | None = None) -> tuple[list[ArchiveIndex], str | None]:
     """Each layer's archive index, in order, compared with ``diff_ids`` (one per layer): from the cache, a
     published artifact, or a download."""
     found: dict[int, ArchiveIndex] = {}
@@ -190,7 +205,13 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
     if missing and published is not None and published.mode != "off":
         from . import published as publication
 
-        artifact = publication.find(registry, missing[0].manifest_digest, layers, diff_ids, published.keys,
+        signed = (layers, diff_ids)
+        if image is not None:
+            try:
+                signed = image()
+            except SourceError as exc:  # a layer mount of an image with layers of other kinds: no index fits it
+                log.warning("%s; no published index for its layer", exc)
+        artifact = publication.find(registry, missing[0].manifest_digest, *signed, published.keys,
                                     published.pinned, needed={layer.index for layer in missing})
         if artifact is not None:
             for layer in missing:

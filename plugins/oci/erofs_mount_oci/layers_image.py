@@ -310,12 +310,13 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
         if found != layer.size:
             raise SourceChangedError(f"oci: layer {layer.index} ({layer.digest}) is {found} bytes now, "
                                      f"{layer.size} when mounted")
-    from .layers import PublishedPolicy, indexed
+    from .layers import PublishedPolicy, image_layers, indexed
 
     pinned = state.get("published_index")
     found_indexes, _ = indexed(registry, layers, diff_ids, published=PublishedPolicy.of(
         str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None),
-        strict_diff_id=state.get("diff_id") == "strict")
+        strict_diff_id=state.get("diff_id") == "strict",
+        image=None if whole else image_layers(registry, None, layers[0].manifest_digest, layers[0].platform))
     for n, exc in unreachable.items():
         index = found_indexes[n]
         if store is None or isinstance(index, TocIndex) or index.unpacked or \
