@@ -44,39 +44,44 @@ class Stream(Source):
 
 def test_a_read_the_kernel_waits_for_never_queues_behind_prefetch_and_the_plan_runs_in_order() -> None:
     layers = [LayerUnits("sha256:" + "cd" * 32, "toc", 1 << 20)]
-    plan = PrefetchList(tuple(layers), ((0, 5), (0, 1), (0, 2), (0, 7)))
-    entered: list[int] = []
+    plan = PrefetchList(tuple(layers), ((0, 5), (0, 1), (0, 3), (0, 8), (0, 9)))
+    calls: list[tuple[int, int]] = []
     inside = threading.Semaphore(0)
     release = threading.Event()
 
-    def fetch(unit: int) -> int:  # the network, stalled until released
-        entered.append(unit)
+    def fetch(unit: int, count: int) -> int:  # the network, stalled until released
+        calls.append((unit, count))
         inside.release()
         assert release.wait(60)
-        return 1 << 20
+        return count << 20
 
     order = ReadOrder(NAME, layers, plan, [fetch], [1 << 30])
-    stream = order.recorded(0, Stream(8 << 20))
+    stream = order.recorded(0, Stream(16 << 20))
     try:
         order.start()
         for _ in range(2):  # both workers are inside a fetch, and stay there
             assert inside.acquire(timeout=60)
-        assert sorted(entered) == [1, 5], "the plan's first two units, one per worker"
+        assert sorted(calls) == [(1, 1), (5, 1)], "the plan's first two units, one per worker"
         done = threading.Event()
-        reader = threading.Thread(target=lambda: (stream.pread(4096, (2 << 20) + 10), done.set()))
+        reader = threading.Thread(target=lambda: (stream.pread(4096, (3 << 20) + 10), done.set()))
         reader.start()
-        assert done.wait(60), "the kernel's read waited for a prefetch"
-        assert not release.is_set() and len(entered) == 2, "... while both prefetches were still under way"
+        assert done.wait(60), "the kernel's read waited for a prefetch of other bytes"
+        assert not release.is_set() and len(calls) == 2, "... while both prefetches were still under way"
+        same = threading.Event()
+        waiting = threading.Thread(target=lambda: (stream.pread(4096, 1 << 20), same.set()))
+        waiting.start()  # unit 1, which a prefetch is fetching: it waits for that fetch, and makes no other
+        assert not same.wait(0.5) and len(calls) == 2
         release.set()
+        assert same.wait(60)
         deadline = time.monotonic() + 60
-        while order.counters().get("prefetch_units", 0) < 3:
+        while order.counters().get("prefetch_units", 0) < 4:
             assert time.monotonic() < deadline, order.counters()
             time.sleep(0.01)
         stream.pread(10, 5 << 20)  # unit 5: prefetched, then read: a hit
         counts = order.counters()
-        assert sorted(entered) == [1, 5, 7], "unit 2 was read by the kernel first: not fetched again"
-        assert counts["prefetch_skipped"] == 1 and counts["prefetch_hits"] == 1, counts
-        assert counts["prefetch_waste"] == 2 and counts["prefetch_planned"] == 4, "units 1 and 7, never read"
+        assert sorted(calls) == [(1, 1), (5, 1), (8, 2)], "unit 3 was read first; 8 and 9 in one fetch"
+        assert counts["prefetch_skipped"] == 1 and counts["prefetch_hits"] == 2, "units 1 and 5"
+        assert counts["prefetch_waste"] == 2 and counts["prefetch_planned"] == 5, "units 8 and 9, never read"
     finally:
         release.set()
         order.close()

@@ -164,7 +164,7 @@ class LayersImage(TarImage):
                     streams.append(per_layer.wrap(chunks))  # checked bytes kept, read ahead when sequential
                     units.append(LayerUnits(layer.digest, "toc", TOC_UNIT))
                     fetchers.append(_units_of(chunks, TOC_UNIT))  # no lock held while it fetches
-                    budgets.append((share << 18) // 2)
+                    budgets.append(share << 18)  # what its chunk cache holds
                     continue
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                                   description=f"{registry.ref} layer {layer.index}", state={},
@@ -186,13 +186,11 @@ class LayersImage(TarImage):
                 if kept is not None:
                     job = FillJob(_fill_from(index, registry, layer, what), index.spans, index.stream_sha256, what)
                     self.fill_jobs.append(job)
-                    own = BlockCache(BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest,
-                                                layer.size, description=what, state={}, digest_along=False,
-                                                owns_client=False),
-                                     block_size=COMPRESSED_BLOCK, cache_bytes=4 << 20, readahead=0)
-                    prefetching = verified_stream(  # a decoder of its own: the kernel's reads never wait on it
-                        index, _Deferred(lambda index=index, own=own, what=what: _open_stream(index, own, what),
-                                         index.stream_size),
+                    # a decoder of its own (the kernel's reads never wait on it) over the same compressed bytes
+                    # (fetched once, whichever decoder asks first; the cache fetches without holding its lock)
+                    prefetching = verified_stream(
+                        index, _Deferred(lambda index=index, compressed=compressed, what=what:
+                                         _open_stream(index, compressed, what), index.stream_size),
                         CacheSettings(1, cache.block_kib, 0), what, transient=True, store=kept)
                     self._prefetching.append(prefetching)
                     fetchers.append(_units_of(prefetching, index.spans.span_size))  # into the span store
@@ -237,8 +235,8 @@ class LayersImage(TarImage):
         self.order.start()
 
     def counters(self) -> Mapping[str, int]:
-        counted = Counters().snapshot(super().counters(), self.order.counters(),
-                                      *(stream.counters() for stream in self._prefetching))
+        # (the prefetch's decoders read the same compressed bytes: their traffic is counted there already)
+        counted = Counters().snapshot(super().counters(), self.order.counters())
         return {**counted, "diff_id_mismatches": self.diff_id_mismatches} if self.diff_id_mismatches else counted
 
     def close(self) -> None:
@@ -252,12 +250,13 @@ class LayersImage(TarImage):
 
 
 def _units_of(stream: Source, unit: int) -> Fetcher:
-    """Prefetch of unit n of ``stream``: read through it, which keeps what it checked where reads look."""
-    def fetch(n: int) -> int:
-        start = n * unit
+    """Prefetch of ``count`` units of ``stream`` from unit ``first`` on, in one read through it, which keeps
+    what it checked where reads look."""
+    def fetch(first: int, count: int) -> int:
+        start = first * unit
         if start >= stream.size:
             return 0
-        return len(stream.pread(min(unit, stream.size - start), start))
+        return len(stream.pread(min(count * unit, stream.size - start), start))
     return fetch
 
 

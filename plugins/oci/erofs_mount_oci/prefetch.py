@@ -2,7 +2,7 @@
 in the background by the next mount of that image, behind the kernel's own reads.
 
 A unit is a piece of one layer's stream: a span of an archive layer (the
-span its index hashes, 1 MiB) or 1 MiB of a TOC layer's files. The daemon
+span its index hashes, 1 MiB) or 256 KiB of a TOC layer's files. The daemon
 notes each unit the kernel reads for the first time, in order, up to
 ``MAX_ENTRIES``, and keeps the list in the cache under the image manifest's
 digest (``prefetch/<hex>.json``), written every few seconds and when it ends;
@@ -11,12 +11,14 @@ image's indexes, so a fresh host gets it too.
 
 A mount that finds a list (its own in the cache, else the published one)
 fetches its units in order, ``WORKERS`` at a time, once it serves. A read
-the kernel waits for never queues behind one: an archive layer's units are
+the kernel waits for never queues behind a fetch of other bytes (one that
+needs a unit being prefetched waits for that fetch instead of making a
+second one): an archive layer's units are
 fetched by a decoder of their own and land in the span store, where the
 kernel's reads find them (without a span store there is nowhere to put them,
 and such layers are not prefetched); a TOC layer's through its chunk
 reader, which fetches without holding a lock, into its memory cache, up to
-half of that cache. A unit the kernel read first is skipped. Every unit is
+what that cache holds. A unit the kernel read first is skipped. Every unit is
 checked against its hash like any other read, so a list can waste bytes
 but never change one; its size is bounded and every field checked.
 """
@@ -47,8 +49,10 @@ log = logging.getLogger("erofs_mount.oci")
 
 PREFETCH_DIR = "prefetch"
 MEDIA_TYPE = "application/vnd.erofs-mount.prefetch.v1+json"
-#: a TOC layer's unit (an archive layer's is its index's span)
-TOC_UNIT = 1 << 20
+#: a TOC layer's unit (an archive layer's is its index's span): its files are small, read whole
+TOC_UNIT = 256 << 10
+#: the most one prefetch fetches at once: units the plan names one after another, in one request
+RUN_BYTES = 4 << 20
 MAX_ENTRIES = 1 << 16
 MAX_LIST_BYTES = 4 << 20
 MAX_LAYERS = 1024
@@ -56,6 +60,8 @@ MAX_LAYERS = 1024
 WORKERS = 2
 #: how often a serving daemon writes its list when it grew
 FLUSH_EVERY = 5.0
+#: the longest a read waits for a prefetch of its own bytes (one fetch and its retries); then it fetches them
+UNDER_WAY_WAIT = 30.0
 KINDS = ("archive", "toc")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -147,8 +153,8 @@ def keep(name: str, found: PrefetchList) -> None:
     write_cache_file(cache_directory(PREFETCH_DIR) / f"{name}.json", found.to_bytes())
 
 
-#: fetches unit n of a layer into where the kernel's reads look first; the bytes it fetched (0: held already)
-Fetcher = Callable[[int], int]
+#: fetches ``count`` units of a layer from unit ``first`` on into where the kernel's reads look first; the bytes
+Fetcher = Callable[[int, int], int]
 
 
 class ReadOrder:
@@ -164,6 +170,7 @@ class ReadOrder:
         self._order: list[tuple[int, int]] = []
         self._read: set[tuple[int, int]] = set()
         self._prefetched: set[tuple[int, int]] = set()
+        self._fetching: dict[tuple[int, int], threading.Event] = {}
         self._spent = [0] * len(self.layers)
         self._lock = threading.Lock()
         self._next = 0
@@ -178,19 +185,27 @@ class ReadOrder:
         return _Recorded(stream, self, position, self.layers[position].unit)
 
     def noted(self, position: int, first: int, last: int) -> None:
+        """The kernel reads units ``first`` to ``last`` of layer ``position``; returns once none of them is
+        being prefetched (a read waits for a fetch of its own bytes under way, never for other bytes)."""
         if not self._started:
             return  # the command's own open: only a serving daemon's reads are the image's use
+        under_way = []
         with self._lock:
             for unit in range(first, last + 1):
                 key = (position, unit)
+                fetching = self._fetching.get(key)
+                if fetching is not None:
+                    under_way.append(fetching)
                 if key in self._read:
                     continue
                 self._read.add(key)
-                if key in self._prefetched:
+                if key in self._prefetched or fetching is not None:
                     self._counters.add("prefetch_hits")
                 if len(self._order) < MAX_ENTRIES:
                     self._order.append(key)
                     self._dirty = True
+        for fetching in under_way:
+            fetching.wait(UNDER_WAY_WAIT)
 
     def start(self) -> None:
         """Once the image serves: replay the plan, and keep the order of reads in the cache."""
@@ -207,39 +222,56 @@ class ReadOrder:
         self._threads.append(thread)
         thread.start()
 
-    def _take(self) -> tuple[int, int] | None:
+    def _take(self) -> tuple[int, int, int] | None:
+        """The next run of the plan to fetch: (layer position, first unit, how many), the run being units the
+        plan names one after another, in one layer, up to ``RUN_BYTES`` (one request, one decoder pass)."""
         with self._lock:
             while self._next < len(self.plan):
                 key = self.plan[self._next]
                 self._next += 1
-                position = key[0]
-                if key in self._read or key in self._prefetched:
+                position, unit = key
+                if key in self._read or key in self._prefetched or key in self._fetching:
                     self._counters.add("prefetch_skipped")  # the kernel was there first
                 elif self.fetchers[position] is not None and self._spent[position] < self.budgets[position]:
-                    self._prefetched.add(key)
-                    return key
+                    count = 1
+                    self._fetching[key] = threading.Event()
+                    while count * self.layers[position].unit < RUN_BYTES and self._next < len(self.plan):
+                        after = (position, unit + count)
+                        if self.plan[self._next] != after or after in self._read or after in self._fetching \
+                                or after in self._prefetched:
+                            break
+                        self._fetching[after] = threading.Event()
+                        self._next += 1
+                        count += 1
+                    return position, unit, count
                 else:
                     self._counters.add("prefetch_passed")  # a layer not prefetched, or past its budget
             return None
 
     def _replay(self) -> None:
-        while not self._stop.is_set() and (key := self._take()) is not None:
-            position, unit = key
+        while not self._stop.is_set() and (run := self._take()) is not None:
+            position, first, count = run
             fetch = self.fetchers[position]
             assert fetch is not None
+            keys = [(position, unit) for unit in range(first, first + count)]
             try:
-                fetched = RetryPolicy(quiet=True).call(lambda fetch=fetch, unit=unit: fetch(unit),
+                fetched = RetryPolicy(quiet=True).call(lambda: fetch(first, count),  # noqa: B023 - called here
                                                        f"prefetch of layer {position}")
             except SourceError as exc:
                 log.warning("oci: prefetch of layer %s stopped: %s; reads fetch what they need",
                             self.layers[position].digest[:19], exc)
-                self._counters.add("prefetch_passed")
+                self._counters.add("prefetch_passed", count)
                 with self._lock:
                     self.fetchers[position] = None
+                    for key in keys:
+                        self._fetching.pop(key).set()
                 continue
             with self._lock:
                 self._spent[position] += fetched
-            self._counters.add("prefetch_units")
+                for key in keys:
+                    self._prefetched.add(key)
+                    self._fetching.pop(key).set()
+            self._counters.add("prefetch_units", count)
             self._counters.add("prefetch_bytes", fetched)
 
     def _flush_now_and_then(self) -> None:
