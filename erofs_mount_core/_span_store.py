@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -167,6 +168,31 @@ class SpanStore:
                             self.directory, exc)
             return False
         return True
+
+    def passing(self, what: str) -> Path:
+        """A place for the spans of a stream whose sha256 is not known yet (an index pass): ``adopt`` names
+        them by it once it is, ``drop`` forgets them. Its files are spans like any other until then (pruned
+        least recently used first, so a place a dead pass left goes in time)."""
+        return self.directory / f".pass-{os.getpid()}-{threading.get_ident()}-{what}"
+
+    def adopt(self, passing: Path, stream: str, span_size: int) -> None:
+        """The spans at ``passing`` are the stream ``stream``'s: each goes to its place, unless one is there."""
+        where = self.place(stream, span_size)
+        try:
+            names = os.listdir(passing)
+        except FileNotFoundError:
+            return
+        with contextlib.suppress(FileExistsError):
+            where.mkdir(mode=0o700)
+        for name in names:
+            with contextlib.suppress(OSError):
+                if not (where / name).exists():
+                    os.rename(passing / name, where / name)
+        self.drop(passing)
+
+    def drop(self, passing: Path) -> None:
+        """Forget the spans at ``passing`` (the pass failed, or its stream is kept otherwise)."""
+        shutil.rmtree(passing, ignore_errors=True)
 
     def holds(self, stream: str, spans: SpanHashes) -> bool:
         """Whether every span of the stream is stored (each is still checked when it is read)."""

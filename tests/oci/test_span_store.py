@@ -16,7 +16,7 @@ from erofs_mount_core import Source, SourceError, UsageError
 from erofs_mount_core._filters import Retrying, RetryPolicy
 from tests.oci.faultproxy import FaultProxy
 from tests.oci.registry import EROFS_LAYER, Registry
-from tests.oci.test_tar_images import diff_id, upper_layers, zstd_tool
+from tests.oci.test_tar_images import diff_id, upper_layers, whole_gets, zstd_tool
 
 TAR_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -95,12 +95,11 @@ def test_a_filled_image_reads_on_through_a_registry_outage(proxy: FaultProxy, im
     source = Retrying(open_reference(f"{proxy.host}/{image}", {"insecure": "", "fill": ""}),
                       RetryPolicy(attempts=2, base_delay=0.01))
     try:
-        assert not span_files(tmp_path), "nothing is filled before the source serves"
+        assert not _filling(source), "the fill starts once the source serves"
         source.start_background()
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if source.counters().get("span_store_filled_bytes", 0) and not _filling(source):
-                break
+        while _filling(source):  # what the index pass left in the store, it has nothing to fill
+            assert time.monotonic() < deadline
             time.sleep(0.05)
         proxy.inject("blob", *["503"] * 10_000)  # the registry is down for blobs from now on
         proxy.ranges.clear()
@@ -194,9 +193,11 @@ def test_a_reattach_while_the_registry_is_down_serves_a_filled_image_from_the_st
 
 
 def test_a_reattach_while_the_registry_is_down_refuses_a_layer_the_store_holds_only_part_of(
-        proxy: FaultProxy, image: str, quick_retries: None) -> None:
+        proxy: FaultProxy, image: str, quick_retries: None, tmp_path: Path) -> None:
     source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
     state = source.state()
+    for span in span_files(tmp_path):  # what the index pass left: the store has lost it since
+        span.unlink()
     try:
         source.pread(4096, 0)  # one span of the first layer: the others are not stored
     finally:
@@ -222,3 +223,32 @@ def test_a_reattach_while_the_registry_is_down_serves_a_filled_erofs_layer(
         assert read_all(again) == layer[0]
     finally:
         again.close()
+
+
+def test_a_first_host_downloads_each_layer_once_for_the_mount_and_every_read_after_it(
+        proxy: FaultProxy, image: str, tmp_path: Path) -> None:
+    """The index pass leaves each layer's stream in the span store: reading the whole image after the mount
+    fetches nothing more (before, every byte came down twice: the pass, then the reads)."""
+    source = open_reference(f"{proxy.host}/{image}", {"insecure": ""})
+    try:
+        downloads = whole_gets(proxy)
+        assert len(downloads) == len(set(downloads)) == 4, "three layers and the config, once each"
+        assert not list((tmp_path / "cache" / "spans").glob(".pass-*")), "a pass's spans left under their pass"
+        proxy.ranges.clear()
+        read_all(source)
+        assert proxy.ranges == [], "a read fetched what the index pass had downloaded"
+        assert source.counters()["span_store_hits"] > 0
+    finally:
+        source.close()
+
+
+def test_an_index_pass_keeps_at_most_half_the_store_and_a_stream_from_its_start(
+        proxy: FaultProxy, image: str, tmp_path: Path) -> None:
+    source = open_reference(f"{proxy.host}/{image}", {"insecure": "", "disk-cache-mib": "2"})
+    try:
+        kept = span_files(tmp_path)
+        assert sum(p.stat().st_size for p in kept) <= 1 << 20, "more than half of a 2 MiB store"
+        assert all(p.name == "0" for p in kept), "a stream's spans from its first, without a gap"
+        assert read_all(source)  # the rest is fetched as it is read
+    finally:
+        source.close()

@@ -143,7 +143,8 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
         if not whole:
             raise UsageError("oci: publish-index is for the whole image, not layer= or blob=")
         signing_key = load_signing_key(opts.publish_index) if opts.publish_index else None
-    found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(),
+    store = _span_store(common)
+    found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(), store=store,
                           published=PublishedPolicy.of(opts.index, opts.index_key or ""),
                           strict_diff_id=opts.diff_id == "strict",
                           image=None if whole else image_layers(registry, manifest, common["manifest_digest"],
@@ -153,7 +154,6 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
              "index": opts.index, "index_key": opts.index_key or "", "diff_id": opts.diff_id,
              **({"published_index": used} if used else {})}
-    store = _span_store(state)
     image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
                         description=_image_description(state), store=store)
     return image.filling() if opts.fill else image

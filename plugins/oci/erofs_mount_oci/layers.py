@@ -48,7 +48,14 @@ from erofs_mount_tar import (
     store_toc,
 )
 
-from erofs_mount_core import RetryPolicy, SourceChangedError, SourceError, cache_directory, cache_room
+from erofs_mount_core import (
+    RetryPolicy,
+    SourceChangedError,
+    SourceError,
+    SpanStore,
+    cache_directory,
+    cache_room,
+)
 
 from . import prefetch
 from .blob import BlobSource
@@ -101,10 +108,13 @@ def image_layers(registry: Registry, manifest: dict[str, Any] | None, digest: st
 
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
             published: PublishedPolicy | None = None, strict_diff_id: bool = False,
-            image: ImageLayers | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
+            image: ImageLayers | None = None,
+            store: SpanStore | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
     """Each layer's index, in order: its TOC's, or its archive index compared with its ``diff_ids`` entry
     (a mismatch refused when ``strict_diff_id``, else said); and the digest of the published artifact that
-    gave some of them, if one did. ``image``: the whole image's layers, when ``layers`` are some of them."""
+    gave some of them, if one did. ``image``: the whole image's layers, when ``layers`` are some of them.
+    ``store``: where a layer downloaded to be indexed leaves its stream's spans (within half its bound), so
+    that the reads after the mount do not download them again."""
     by_toc: dict[int, TocIndex] = {}
     for layer in layers:
         toc = _toc_index(registry, layer) if layer.toc is not None else None
@@ -113,7 +123,7 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, pro
     rest = [(layer, diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True) if layer.index not in by_toc]
     archives, used = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest],
                                       progress=progress, published=published, strict_diff_id=strict_diff_id,
-                                      image=image)
+                                      image=image, store=store)
     found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
                                                               in zip(rest, archives, strict=True)}}
     if used is None and published is not None and layers:
@@ -175,7 +185,8 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
 
 def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
                      published: PublishedPolicy | None = None, strict_diff_id: bool = False,
-                     image: ImageLayers | None = None) -> tuple[list[ArchiveIndex], str | None]:
+                     image: ImageLayers | None = None,
+                     store: SpanStore | None = None) -> tuple[list[ArchiveIndex], str | None]:
     """Each layer's archive index, in order, compared with ``diff_ids`` (one per layer): from the cache, a
     published artifact, or a download."""
     found: dict[int, ArchiveIndex] = {}
@@ -237,7 +248,7 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
             parts = Parts(Progress(f"indexing {len(missing)} layer(s) of {registry.ref}", total,
                                    enabled=progress and sys.stderr.isatty()))
             try:
-                found.update(_index_all(registry, missing, parts, check))
+                found.update(_index_all(registry, missing, parts, check, store))
                 break
             except SourceChangedError as exc:
                 if attempt == 2 or distrusted() == before:
@@ -249,9 +260,10 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
 
 
 def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
-               check: Callable[[Layer, ArchiveIndex], None]) -> dict[int, ArchiveIndex]:
+               check: Callable[[Layer, ArchiveIndex], None], store: SpanStore | None) -> dict[int, ArchiveIndex]:
     """Every layer's download starts at once (``DOWNLOADS`` transfer at a time); the index passes read them
-    as they arrive, ``passes()`` at once. The first failure stops the others, and is the one reported."""
+    as they arrive, ``passes()`` at once. The first failure stops the others, and is the one reported. With
+    ``store``, each pass leaves its stream's spans there (``_Kept``)."""
     what = {layer.index: f"oci: layer {layer.index} ({layer.digest[:19]}…)" for layer in layers}
     total, directory = sum(layer.size for layer in layers), cache_directory(DOWNLOAD_DIR)
     if total > cache_room(directory):
@@ -264,25 +276,32 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
             downloads[layer.index] = Download(registry.client, registry.blob_url(layer.digest), layer.digest,
                                               layer.size, what[layer.index], slots=slots)
 
+        kept = _Kept(store) if store is not None else None
+
         def one(layer: Layer, meter: Meter) -> ArchiveIndex:
             download = downloads[layer.index]
+            passing = kept.passing(layer) if kept is not None else None
             try:
                 try:
                     index = build_index(download, what[layer.index], progress=meter, digest=download.sha256,
                                           layout=False,  # merged with the others: its own image is made if asked
-                                          threads=threads)
+                                          threads=threads, spans_to=passing)
                 except SourceError:
                     download.sha256()  # bytes other than the layer's are the better reason, when they are the cause
                     raise
                 check(layer, index)  # before the index is kept: under diff-id=strict, a layer that is not the
                 # config's is not cached
                 store_index(index)
+                if passing is not None:
+                    passing.done(index)
                 return index
             except BaseException:
                 for other in downloads.values():
                     other.stop()
                 raise
             finally:
+                if passing is not None:
+                    passing.drop()
                 download.close()
 
         at_once, threads = passes(len(layers))
@@ -304,3 +323,45 @@ def _index_all(registry: Registry, layers: list[Layer], parts: Parts,
         raise first
     return results
 
+
+
+class _Kept:
+    """The spans index passes leave in the span store: at most half its bound in all, so that a large image
+    does not push out what the store held for every other mount."""
+
+    def __init__(self, store: SpanStore) -> None:
+        self.store = store
+        self.room = store.max_bytes // 2
+        self._lock = threading.Lock()
+
+    def passing(self, layer: Layer) -> _Passing:
+        return _Passing(self, self.store.passing(layer.digest.removeprefix("sha256:")[:16]))
+
+    def take(self, size: int) -> bool:
+        with self._lock:
+            if size > self.room:
+                return False
+            self.room -= size
+            return True
+
+
+class _Passing:
+    """One pass's spans, under a temporary name until the pass is done and its stream's sha256 known."""
+
+    def __init__(self, kept: _Kept, where: Any) -> None:
+        self.kept, self.where = kept, where
+        self.full = False
+
+    def __call__(self, n: int, data: bytes) -> None:
+        if not self.full and self.kept.take(len(data)):
+            self.kept.store.put(self.where, n, data)
+        else:
+            self.full = True  # a stream's spans are kept from its start, without a gap, or not at all
+
+    def done(self, index: ArchiveIndex) -> None:
+        """The pass is done: its spans are its stream's (not kept twice for a zstd layer unpacked on disk)."""
+        if not index.unpacked:
+            self.kept.store.adopt(self.where, index.stream_sha256, index.spans.span_size)
+
+    def drop(self) -> None:
+        self.kept.store.drop(self.where)

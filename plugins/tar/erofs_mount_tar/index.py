@@ -181,7 +181,8 @@ def _inflate(data: bytes) -> bytes:
 
 
 def build(archive: Source, where: str, *, progress: bool | Meter = False,
-          digest: Callable[[], str] | None = None, layout: bool = True, threads: int | None = None) -> ArchiveIndex:
+          digest: Callable[[], str] | None = None, layout: bool = True, threads: int | None = None,
+          spans_to: Callable[[int, bytes], object] | None = None) -> ArchiveIndex:
     """Read ``archive`` once: its tree, its stream's span hashes and sha256, random-access data and the
     archive's own sha256.
 
@@ -190,16 +191,19 @@ def build(archive: Source, where: str, *, progress: bool | Meter = False,
     not read a second time for it); called once the pass is done.
     ``layout``: keep the archive's own image in the index (an image's layers are merged instead).
     ``threads``: how many threads decompress a gzip archive (fewer when several passes run at once).
+    ``spans_to``: given each span of the stream as it is hashed, ``(n, its bytes)`` (a span store keeps
+    them, so the reads after the pass need not fetch them again).
     """
     compression = streams.compression_of(bytes(archive.pread(min(8, archive.size), 0)), where)
     try:
-        return _build(archive, where, compression, progress, digest, layout, threads, unpack=False)
+        return _build(archive, where, compression, progress, digest, layout, threads, spans_to, unpack=False)
     except streams.LargeFrame:  # a zstd frame larger than it declared: once more, unpacking the stream
-        return _build(archive, where, compression, progress, digest, layout, threads, unpack=True)
+        return _build(archive, where, compression, progress, digest, layout, threads, spans_to, unpack=True)
 
 
 def _build(archive: Source, where: str, compression: str, progress: bool | Meter,
-           digest: Callable[[], str] | None, layout: bool, threads: int | None, *, unpack: bool) -> ArchiveIndex:
+           digest: Callable[[], str] | None, layout: bool, threads: int | None,
+           spans_to: Callable[[int, bytes], object] | None, *, unpack: bool) -> ArchiveIndex:
     if compression == "gzip":
         one_pass: streams.Pass = streams.GzipPass(archive, where, threads)
     elif compression == "zstd":
@@ -210,7 +214,7 @@ def _build(archive: Source, where: str, compression: str, progress: bool | Meter
     beside = None if digest is not None or one_pass.sha256 is not None else _Digest(archive)
     meter = progress if isinstance(progress, Meter) else Progress(f"indexing {where}", archive.size,
                                                                    enabled=progress)
-    hashes = _Hashes(whole=compression != "tar")
+    hashes = _Hashes(whole=compression != "tar", spans_to=spans_to)
     try:
         with streams.native_stderr_kept():
             stream = _Tee(one_pass, hashes, meter)
@@ -306,11 +310,15 @@ class _Tee:
 
 class _Hashes:
     """The stream's span hashes and (``whole``) its sha256, taken in a thread of their own: hashing
-    releases the GIL, so it runs beside the tar reader and the decompressor instead of after them."""
+    releases the GIL, so it runs beside the tar reader and the decompressor instead of after them.
+    ``spans_to`` is given each whole span there too."""
 
-    def __init__(self, *, whole: bool) -> None:
+    def __init__(self, *, whole: bool, spans_to: Callable[[int, bytes], object] | None = None) -> None:
         self.spans = SpanHasher(SPAN_SIZE)
         self.sha256 = hashlib.sha256() if whole else None  # of the whole stream: an OCI layer's diff_id
+        self.spans_to = spans_to
+        self._span = bytearray()  # the span being filled, for spans_to
+        self._given = 0
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=8)  # a few MiB ahead at most
         self._thread = threading.Thread(target=self._run, name="stream-hashes", daemon=True)
         self._thread.start()
@@ -320,6 +328,12 @@ class _Hashes:
             self.spans.update(chunk)
             if self.sha256 is not None:
                 self.sha256.update(chunk)
+            if self.spans_to is not None:
+                self._span += chunk
+                while len(self._span) >= SPAN_SIZE:
+                    self.spans_to(self._given, bytes(self._span[:SPAN_SIZE]))
+                    del self._span[:SPAN_SIZE]
+                    self._given += 1
 
     def update(self, chunk: bytes) -> None:
         self._queue.put(chunk)
@@ -327,6 +341,8 @@ class _Hashes:
     def result(self) -> tuple[SpanHashes, str | None]:
         """The span hashes and the stream's sha256 (None if not taken), once every chunk is hashed."""
         self.close()
+        if self.spans_to is not None and self._span:
+            self.spans_to(self._given, bytes(self._span))  # the stream's last, shorter span
         return self.spans.finish(), self.sha256.hexdigest() if self.sha256 is not None else None
 
     def close(self) -> None:
