@@ -256,3 +256,47 @@ def test_a_layer_mount_uses_the_published_index_whose_signature_covers_the_whole
         assert again.pread(again.size, 0) == expected
     finally:
         again.close()
+
+
+def test_trusted_keys_per_registry_in_a_directory(registry: Registry, image: str, keys: dict[str, Path],
+                                                  cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-o index-keys-dir (by default /etc/erofs-mount/index-keys): each registry's keys in a directory named as
+    in containerd's hosts directory, so a fleet's hosts trust a publisher without -o index-key on every mount;
+    as root, a key anyone else can write is refused, since it decides whose tree root serves."""
+    import os
+    import shutil
+
+    from erofs_mount_oci import open_reference, reopen
+
+    pushed = push_cli(image, "--sign", str(keys["private"]))
+    assert pushed.returncode == 0, pushed.stderr
+    trusted = cache / "index-keys"
+    for name in (registry.host, "_default"):
+        (trusted / name).mkdir(parents=True)
+    shutil.copy(keys["public"], trusted / registry.host / "publisher.pub")
+    layers = layer_digests(registry, image)
+    fresh_host(monkeypatch, cache, "keys-dir")
+    proxy = FaultProxy(registry.host)
+    try:
+        via = image.replace(registry.host, proxy.host)
+        (trusted / proxy.host).symlink_to(trusted / registry.host)  # (the proxy stands for the registry)
+        source = open_reference(via, {"insecure": "", "index-keys-dir": str(trusted)})
+        state = source.state()
+        source.close()
+        assert not set(whole_gets(proxy)) & set(layers), "a layer was downloaded"
+        assert state["published_index"] == pushed.stdout.strip() and state["index_keys_dir"] == str(trusted)
+    finally:
+        proxy.stop()
+    fresh_host(monkeypatch, cache, "keys-dir-reattach")
+    shutil.copy(keys["public"], trusted / "_default" / "any.pub")
+    shutil.rmtree(trusted / registry.host)  # a registry without a directory of its own: _default's keys
+    again = reopen({**state, "registry": registry.host})  # the pinned artifact, checked by the _default key
+    again.close()
+
+    os.chmod(trusted / "_default" / "any.pub", 0o666)
+    fresh_host(monkeypatch, cache, "keys-dir-writable")
+    result = subprocess.run([EROFS_MOUNT, "serve", "--source", f"oci:{image}", "-o",
+                             f"insecure,index-keys-dir={trusted}", "--run", "true"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "any.pub must belong to root and be writable by no one else" in result.stderr

@@ -49,6 +49,9 @@ Options (``-o key=value``, comma-separated or repeated):
                          registry (erofs-mount index push) when one is signed by an index-key, else
                          index the layers here; off: never look; required: fail unless one is found
     index-key=PATH       a PEM ed25519 public key that published indexes are signed with
+    index-keys-dir=PATH  more such keys, each registry's *.pub in a directory named as in
+                         hosts-dir (default /etc/erofs-mount/index-keys when it exists; none: no
+                         directory); as root, root's alone
     publish-index[=KEY]  after the layers are indexed here, push their indexes for other hosts
                          (as erofs-mount index push does), signed with the PEM private key KEY
     diff-id=MODE         (tar layers) report (default): a layer whose uncompressed stream is not the
@@ -127,6 +130,7 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
 
     from .layers import PublishedPolicy, image_layers, indexed
     from .layers_image import LayersImage, layer_state
+    from .options import index_keys_dir_of
 
     if opts.verify != "lazy":
         raise UsageError("oci: verify= is for EROFS layers: every span of a tar layer is always checked")
@@ -144,15 +148,18 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
             raise UsageError("oci: publish-index is for the whole image, not layer= or blob=")
         signing_key = load_signing_key(opts.publish_index) if opts.publish_index else None
     store = _span_store(common)
+    keys_dir = index_keys_dir_of(opts.index_keys_dir)
     found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(), store=store,
-                          published=PublishedPolicy.of(opts.index, opts.index_key or ""),
+                          published=PublishedPolicy.of(opts.index, opts.index_key or "", keys_dir=keys_dir,
+                                                       registry=common["registry"]),
                           strict_diff_id=opts.diff_id == "strict",
                           image=None if whole else image_layers(registry, manifest, common["manifest_digest"],
                                                                 common["platform"]))
     if opts.publish_index is not None and used is None:
         _publish(registry, manifest, common["manifest_digest"], layers, diff_ids, found, signing_key)
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
-             "index": opts.index, "index_key": opts.index_key or "", "diff_id": opts.diff_id,
+             "index": opts.index, "index_key": opts.index_key or "", "index_keys_dir": keys_dir,
+             "diff_id": opts.diff_id,
              **({"published_index": used} if used else {})}
     image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
                         description=_image_description(state), store=store)

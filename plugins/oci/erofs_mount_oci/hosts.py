@@ -109,6 +109,20 @@ def _host_directory(root: Path, registry: str) -> Path | None:
     return None
 
 
+def trusted_files(root: Path, registry: str, suffix: str, what: str) -> list[Path]:
+    """The files ending in ``suffix`` in ``registry``'s directory under ``root`` (named as in containerd's
+    hosts directory: ``host_port_``, the registry, or ``_default``); as root, the directory and each file
+    must be root's alone (``what`` says why)."""
+    directory = _host_directory(root, registry)
+    if directory is None:
+        return []
+    _root_only(directory, directory.stat(), what)
+    found = sorted(p for p in directory.iterdir() if p.name.endswith(suffix) and p.is_file())
+    for path in found:
+        _root_only(path, path.lstat(), what)
+    return found
+
+
 def _root_only(path: Path, st: os.stat_result, what: str) -> None:
     """As root, ``path`` must be root's and writable by no one else: it decides what root trusts."""
     if os.geteuid() == 0 and (st.st_uid != 0 or st.st_mode & 0o022):

@@ -29,6 +29,7 @@ import sys
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -88,9 +89,17 @@ class PublishedPolicy:
     """the artifact a record pins: reattach uses exactly that one"""
 
     @classmethod
-    def of(cls, mode: str, key: str, pinned: str | None = None) -> PublishedPolicy:
-        """From ``index=`` and ``index-key=`` (a key file's path, "" for none)."""
-        return cls(mode, TrustedKeys.load([key]) if key else TrustedKeys(), pinned)
+    def of(cls, mode: str, key: str, pinned: str | None = None, keys_dir: str = "",
+           registry: str = "") -> PublishedPolicy:
+        """From ``index=``, ``index-key=`` (a key file's path, "" for none) and ``index-keys-dir=`` (the
+        registry's ``*.pub`` there, "" for none)."""
+        from .hosts import trusted_files
+
+        paths = [key] if key else []
+        if keys_dir and mode != "off":
+            paths += [str(p) for p in trusted_files(Path(keys_dir), registry, ".pub",
+                                                     "its keys decide whose index root trusts")]
+        return cls(mode, TrustedKeys.load(paths) if paths else TrustedKeys(), pinned)
 
 
 #: the whole image's tar layers and their diff_ids, fetched when needed

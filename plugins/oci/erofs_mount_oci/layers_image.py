@@ -313,7 +313,8 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
 
     pinned = state.get("published_index")
     found_indexes, _ = indexed(registry, layers, diff_ids, published=PublishedPolicy.of(
-        str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None),
+        str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None,
+        keys_dir=str(state.get("index_keys_dir", "")), registry=str(state.get("registry", ""))),
         strict_diff_id=state.get("diff_id") == "strict", store=store,
         image=None if whole else image_layers(registry, None, layers[0].manifest_digest, layers[0].platform))
     for n, exc in unreachable.items():

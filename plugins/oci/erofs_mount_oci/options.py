@@ -28,6 +28,7 @@ class Options:
     fill: bool = False
     index: str = "auto"
     index_key: str | None = None
+    index_keys_dir: str | None = None
     publish_index: str | None = None
     diff_id: str = "report"
     cache: CacheSettings = CacheSettings()
@@ -97,4 +98,21 @@ def hosts_dir_of(option: str | None) -> str:
         return ""
     if not os.path.isdir(option):
         raise UsageError(f"oci: hosts-dir={option!r} is not a directory")
+    return os.path.abspath(option)
+
+
+KEYS_DIR = "/etc/erofs-mount/index-keys"
+
+
+def index_keys_dir_of(option: str | None) -> str:
+    """The directory of trusted index keys a mount uses ("" for none), as the record keeps it: each
+    registry's ``*.pub`` in a directory named as in containerd's hosts directory."""
+    import os
+
+    if option is None:
+        return KEYS_DIR if os.path.isdir(KEYS_DIR) else ""
+    if option.lower() == "none":
+        return ""
+    if not os.path.isdir(option):
+        raise UsageError(f"oci: index-keys-dir={option!r} is not a directory")
     return os.path.abspath(option)
