@@ -235,8 +235,11 @@ class LayersImage(TarImage):
         self.order.start()
 
     def counters(self) -> Mapping[str, int]:
-        # (the prefetch's decoders read the same compressed bytes: their traffic is counted there already)
-        counted = Counters().snapshot(super().counters(), self.order.counters())
+        # what the prefetch found in the span store (a span changed on disk, say); its decoders read the same
+        # compressed bytes as the kernel's reads, whose traffic is counted there already
+        stored = [{k: v for k, v in stream.counters().items() if k.startswith("span_store_")}
+                  for stream in self._prefetching]
+        counted = Counters().snapshot(super().counters(), self.order.counters(), *stored)
         return {**counted, "diff_id_mismatches": self.diff_id_mismatches} if self.diff_id_mismatches else counted
 
     def close(self) -> None:
