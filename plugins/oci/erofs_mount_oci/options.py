@@ -88,17 +88,9 @@ def client_for(ref: Any, *, insecure: bool, ca: str | None, credentials: Any, ho
 
 def hosts_dir_of(option: str | None) -> str:
     """The hosts directory a mount uses ("" for none), as the record keeps it."""
-    import os
-
     from .hosts import DEFAULT_DIR
 
-    if option is None:
-        return DEFAULT_DIR if os.path.isdir(DEFAULT_DIR) else ""
-    if option.lower() == "none":
-        return ""
-    if not os.path.isdir(option):
-        raise UsageError(f"oci: hosts-dir={option!r} is not a directory")
-    return os.path.abspath(option)
+    return _directory_option(option, DEFAULT_DIR, "hosts-dir")
 
 
 KEYS_DIR = "/etc/erofs-mount/index-keys"
@@ -107,12 +99,18 @@ KEYS_DIR = "/etc/erofs-mount/index-keys"
 def index_keys_dir_of(option: str | None) -> str:
     """The directory of trusted index keys a mount uses ("" for none), as the record keeps it: each
     registry's ``*.pub`` in a directory named as in containerd's hosts directory."""
+    return _directory_option(option, KEYS_DIR, "index-keys-dir")
+
+
+def _directory_option(option: str | None, default: str, name: str) -> str:
+    """A directory option's value as a record keeps it: ``default`` when it exists and none is given, "" for
+    ``none``, else the directory given, which must be one."""
     import os
 
     if option is None:
-        return KEYS_DIR if os.path.isdir(KEYS_DIR) else ""
+        return default if os.path.isdir(default) else ""
     if option.lower() == "none":
         return ""
     if not os.path.isdir(option):
-        raise UsageError(f"oci: index-keys-dir={option!r} is not a directory")
+        raise UsageError(f"oci: {name}={option!r} is not a directory")
     return os.path.abspath(option)

@@ -53,15 +53,8 @@ MEDIA_TYPE = "application/vnd.erofs-mount.prefetch.v1+json"
 TOC_UNIT = 256 << 10
 #: the most one prefetch fetches at once: units the plan names one after another, in one request
 RUN_BYTES = 4 << 20
-MAX_ENTRIES = 1 << 16
-MAX_LIST_BYTES = 4 << 20
-MAX_LAYERS = 1024
-#: units fetched at once
-WORKERS = 2
-#: how often a serving daemon writes its list when it grew
-FLUSH_EVERY = 5.0
-#: the longest a read waits for a prefetch of its own bytes (one fetch and its retries); then it fetches them
-UNDER_WAY_WAIT = 30.0
+#: a list's bounds: units, bytes, layers
+MAX_ENTRIES, MAX_LIST_BYTES, MAX_LAYERS = 1 << 16, 4 << 20, 1024
 KINDS = ("archive", "toc")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -155,6 +148,14 @@ def keep(name: str, found: PrefetchList) -> None:
 
 #: fetches ``count`` units of a layer from unit ``first`` on into where the kernel's reads look first; the bytes
 Fetcher = Callable[[int, int], int]
+
+
+#: units fetched at once
+WORKERS = 2
+#: how often a serving daemon writes its list when it grew
+FLUSH_EVERY = 5.0
+#: the longest a read waits for a prefetch of its own bytes (one fetch and its retries); then it fetches them
+UNDER_WAY_WAIT = 30.0
 
 
 class ReadOrder:
