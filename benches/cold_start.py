@@ -151,7 +151,7 @@ def published_with_prefetch(reference: str, work: Path, count: int) -> None:
         assert listed is not None and listed.entries, "the publisher's run kept no reads"
         layers = [layer for layer in api.tar_layers(manifest, digest, chosen) if layer.toc is None]
         diff_ids = [api.diff_ids(manifest)[layer.index] for layer in layers]
-        found, _ = indexed(api, layers, diff_ids)
+        found = indexed(api, layers, diff_ids).indexes
         subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": api.manifest_size(digest)}
         push(api, subject, layers, diff_ids, found, load_signing_key(str(work / "kd")), listed)
         print(f"prefetch list of {reference}: {len(listed.entries)} units, from the publisher's run of the workload",

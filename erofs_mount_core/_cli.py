@@ -374,7 +374,8 @@ def list_(as_json: bool, wide: bool) -> None:
     States:
       serving   a daemon serves it
       dead      its daemon is gone; reads wait until 'erofs-mount reattach'
-      refused   its last reattach failed (the line below says why)
+      refused   its last reattach failed, or its daemon found bytes that are
+                not the pinned ones and fails every read (the line below says why)
       expired   past its dead-connection timeout the kernel fails its reads;
                 'erofs-mount reattach' restores it
       detached  the device was disconnected; only its record is left

@@ -224,7 +224,9 @@ class Daemon:
         assert self.source is not None
         now = time.monotonic_ns()
         oldest = max((now - c.started for c in self.stats.connections if c.started > 0), default=0)
-        return {"pid": os.getpid(), "device": f"nbd{self.index}", "connections": self._live,
+        refused = self.source.refusal()
+        return {**({"refused": refused} if refused else {}), "pid": os.getpid(), "device": f"nbd{self.index}",
+                "connections": self._live,
                 "unit": systemd.unit_of_this_process(), "oldest_request_seconds": round(oldest / 1e9, 3),
                 **self.stats.snapshot(self.source.counters())}
 

@@ -60,6 +60,9 @@ class Filter(Source):
     def counters(self) -> Mapping[str, int]:
         return self.inner.counters()
 
+    def refusal(self) -> str | None:
+        return self.inner.refusal()
+
     def start_background(self) -> None:
         self.inner.start_background()
 

@@ -27,9 +27,9 @@ def list_devices() -> list[dict[str, Any]]:
     """One row per attached nbd device, then one per record whose device was detached.
 
     Each row's ``state``: ``serving``; ``dead`` (its daemon is gone and reads wait: reattach);
-    ``refused`` (its last reattach failed, ``why`` says how); ``expired`` (past its dead-connection
-    timeout the kernel fails its reads until a reattach); ``detached`` (the device was disconnected,
-    only the record is left); ``other`` (not attached by erofs-mount).
+    ``refused`` (its last reattach failed, or its daemon refuses every read: ``why`` says how); ``expired``
+    (past its dead-connection timeout the kernel fails its reads until a reattach); ``detached`` (the device
+    was disconnected, only the record is left); ``other`` (not attached by erofs-mount).
     """
     said = kernel_log.said()
     rows = [_row(info, said) for info in sysfs.devices() if info.configured]
@@ -91,6 +91,8 @@ def _row(info: sysfs.DeviceInfo, said: Mapping[int, kernel_log.Said]) -> dict[st
     if daemon_alive(path):
         stats = stats_or_nothing(path)
         row.update(state=SERVING, read_bytes=stats.get("read_bytes"), last_error=stats.get("last_error"))
+        if stats.get("refused"):  # its daemon found its bytes are not the pinned ones: every read fails
+            row.update(state=REFUSED, why=str(stats["refused"]))
         return row
     row["reattach_command"] = f"erofs-mount reattach {info.path}"
     row["daemon_pid"] = None  # the record's pid is a dead daemon's: no process to look for

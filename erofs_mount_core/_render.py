@@ -36,6 +36,8 @@ def stats_text(counts: dict[str, Any]) -> str:
         lines.append("  source: " + ", ".join(f"{k} {v}" for k, v in sorted(counts["source"].items())))
     if counts["last_error"]:
         lines.append(f"  last error: {counts['last_error']}")
+    if counts.get("refused"):
+        lines.append(f"  refused: {counts['refused']}")
     return "\n".join(lines)
 
 

@@ -69,6 +69,12 @@ class Source(abc.ABC):
         """
         return {}
 
+    def refusal(self) -> str | None:
+        """Why every read fails from now on, or None (the default): a check beside serving found bytes that are
+        not the ones pinned (an index whose tree the layer does not hold, say). ``list`` then shows the device
+        as ``refused``, with this line."""
+        return None
+
     def start_background(self) -> None:  # noqa: B027 - optional hook, default does nothing
         """Start work that runs beside serving (filling a cache), on threads of the source's own.
 

@@ -234,7 +234,7 @@ def _push_with(registry: Registry, reference: str, key: Path, listed: PrefetchLi
         manifest, digest, chosen = api.image_manifest(Platform.host())
         layers = [layer for layer in api.tar_layers(manifest, digest, chosen) if layer.toc is None]
         diff_ids = [api.diff_ids(manifest)[layer.index] for layer in layers]
-        found, _ = indexed(api, layers, diff_ids)
+        found = indexed(api, layers, diff_ids).indexes
         subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": api.manifest_size(digest)}
         artifact, _ = push(api, subject, layers, diff_ids, found, load_signing_key(str(key)), listed)
         return artifact

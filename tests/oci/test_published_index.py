@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import attrs
 import httpx
@@ -23,6 +25,7 @@ from tests.oci.registry import Registry
 from tests.oci.test_tar_images import image as image  # noqa: F401 - the fixtures: an image of four tar layers
 from tests.oci.test_tar_images import layers as layers  # noqa: F401
 from tests.oci.test_tar_images import whole_gets
+from tests.test_serve import Server
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 
@@ -160,7 +163,7 @@ def test_a_forged_index_changes_no_byte_a_reader_gets(registry: Registry, image:
         manifest, digest, chosen = api.image_manifest(Platform.host())
         layers = api.tar_layers(manifest, digest, chosen)
         diff_ids = api.diff_ids(manifest)
-        found, _ = indexed(api, layers, diff_ids)
+        found = indexed(api, layers, diff_ids).indexes
         size = int(httpx.head(f"http://{registry.host}/v2/{ref.repository}/manifests/{digest}",
                               headers={"Accept": manifest["mediaType"]}).headers["Content-Length"])
         subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": size}
@@ -300,3 +303,130 @@ def test_trusted_keys_per_registry_in_a_directory(registry: Registry, image: str
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "any.pub must belong to root and be writable by no one else" in result.stderr
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def test_an_unsigned_index_is_used_under_verify_background_and_proven_beside_serving(
+        registry: Registry, image: str, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify=background: an index no trusted key signed mounts at once (no layer downloaded before the mount
+    returns); the serving side streams each layer once, indexes it and compares; proven, it is this host's own
+    (kept in the cache), and the reads were right all along."""
+    from erofs_mount_oci import open_reference
+    from erofs_mount_tar import load_index
+
+    expected_source = open_reference(image, {"insecure": ""})
+    expected = expected_source.pread(expected_source.size, 0)
+    expected_source.close()
+    pushed = push_cli(image)  # no --sign
+    assert pushed.returncode == 0, pushed.stderr
+    layers = layer_digests(registry, image)
+    fresh_host(monkeypatch, cache, "background")
+    proxy = FaultProxy(registry.host)
+    try:
+        source = open_reference(image.replace(registry.host, proxy.host),
+                                {"insecure": "", "verify": "background", "verify-rate-mib": "1000"})
+        try:
+            state = source.state()
+            assert state["published_index"] == pushed.stdout.strip() and state["verify"] == "background"
+            assert not set(whole_gets(proxy)) & set(layers), "a layer was downloaded before the mount returned"
+            assert not any(load_index(digest) for digest in layers), "an unproven index was kept as this host's"
+            source.start_background()
+            assert source.pread(source.size, 0) == expected
+            wait_for(lambda: source.counters().get("background_proven_layers") == len(layers), "the pass")
+            assert source.refusal() is None and source.pread(source.size, 0) == expected
+        finally:
+            source.close()
+        assert sorted(whole_gets(proxy)).count(layers[0]) == 1, "each layer streamed once"
+        assert all(load_index(digest) for digest in layers), "a proven index is kept as this host's own"
+    finally:
+        proxy.stop()
+
+
+def test_an_index_forged_in_its_tree_alone_is_refused_by_the_background_pass(
+        registry: Registry, layers: list[tuple[bytes, str]], keys: dict[str, Path], cache: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its span hashes are the layer's, so no read fails on them; its tree gives every file a setuid bit. Not
+    signed by a trusted key, it is used under verify=background only, and the pass finds it: every read fails
+    from then on, one line names the layer and the artifact, stats count it, a reattach that pins it is
+    refused and no later mount uses it. An NBD client of ``erofs-mount serve`` sees the same."""
+    from erofs_mount_oci import open_reference, reopen
+
+    from tests.oci.test_tar_images import diff_id
+
+    registry.push_image("images/forged", "v1", layers, diff_ids=[diff_id(b) for b, _ in layers])
+    reference = f"{registry.host}/images/forged:v1"
+    forged, first_layer = push_forged_tree(reference)
+
+    fresh_host(monkeypatch, cache, "forged-tree")
+    with pytest.raises(SourceError, match="no published index signed by a key"):  # not without the pass
+        open_reference(reference, {"insecure": "", "index": "required", "index-key": str(keys["public"])})
+    source = open_reference(reference, {"insecure": "", "verify": "background", "verify-rate-mib": "1000"})
+    try:
+        state = source.state()
+        assert state["published_index"] == forged
+        source.pread(source.size, 0)  # its span hashes are the layer's: only the pass finds it out
+        source.start_background()
+        wait_for(lambda: source.refusal() is not None, "the refusal")
+        line = source.refusal()
+        assert first_layer in line and forged in line and "the tree" in line, line
+        with pytest.raises(SourceError, match="refused: a background pass found what the image was made from false"):
+            source.pread(4096, 0)
+        assert source.counters()["background_refused_layers"] == 1
+    finally:
+        source.close()
+    with pytest.raises(SourceError, match="found false by a background pass"):
+        reopen({**state, "registry": registry.host})
+    again = open_reference(reference, {"insecure": "", "verify": "background"})
+    try:
+        assert again.state().get("published_index") != forged, "a refused artifact was used again"
+    finally:
+        again.close()
+
+    fresh_host(monkeypatch, cache, "forged-tree-serve")  # a host that never refused it: the daemon finds it out
+    sock = cache / "nbd.sock"
+    server = Server(f"oci:{reference}", sock, "-o", "insecure,verify=background,verify-rate-mib=1000")
+    try:
+        wait_for(lambda: (cache / "forged-tree-serve" / "oci-refused" / forged.replace(":", "-")).exists(),
+                 "the daemon's refusal")
+        late = subprocess.run(["nbdcopy", server.uri, str(cache / "late.img")], capture_output=True, text=True)
+        assert late.returncode != 0 and "Input/output error" in late.stderr, late.stderr
+    finally:
+        said = server.stop()
+    assert sum(1 for line in said.splitlines() if "differ from the layer's own" in line) == 1, said
+
+
+def push_forged_tree(reference: str) -> tuple[str, str]:
+    """An unsigned artifact for the image ``reference`` whose first layer's index is the true one but for its
+    tree, which gives every file a setuid bit (its span hashes are the layer's: no read fails on them);
+    (its digest, that layer's digest)."""
+    from erofs_mount_oci.credentials import CredentialSource
+    from erofs_mount_oci.layers import indexed
+    from erofs_mount_oci.options import client_for
+    from erofs_mount_oci.platform import Platform
+    from erofs_mount_oci.published import push
+    from erofs_mount_oci.reference import parse
+    from erofs_mount_oci.registry import Registry as Api
+
+    ref = parse(reference)
+    client = client_for(ref, insecure=True, ca=None, credentials=CredentialSource("anonymous"), hosts_dir="")
+    try:
+        api = Api(client, ref, insecure=True)
+        manifest, digest, chosen = api.image_manifest(Platform.host())
+        layers, diff_ids = api.tar_layers(manifest, digest, chosen), api.diff_ids(manifest)
+        found = indexed(api, layers, diff_ids).indexes
+        tree = json.loads(found[0].tree)
+        for row in tree:
+            if row[0] & 0o170000 == 0o100000:
+                row[0] |= 0o4000
+        forged_tree = [attrs.evolve(found[0], tree=json.dumps(tree).encode()), *found[1:]]
+        subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": api.manifest_size(digest)}
+        forged, _ = push(api, subject, layers, diff_ids, forged_tree, None)
+    finally:
+        client.close()
+    return forged, layers[0].digest

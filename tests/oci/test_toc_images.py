@@ -188,35 +188,101 @@ def _rewritten(blob: bytes, position: str, change) -> tuple[bytes, str, str]:  #
         "sha256:" + hashlib.sha256(compressed).hexdigest()
 
 
+def push_rewritten(registry: Registry, reference: str, name: str, change) -> str:  # noqa: ANN001 - a callable
+    """The image ``reference`` with its last layer's TOC changed by ``change`` and pinned by the manifest (as
+    its builder would have written it), pushed as ``name``: its reference."""
+    import httpx
+
+    doc = manifest(registry, reference)
+    repository = reference.removeprefix(registry.host + "/").partition(":")[0]
+    last = doc["layers"][-1]
+    blob = httpx.get(f"http://{registry.host}/v2/{repository}/blobs/{last['digest']}").content
+    new, position, checksum = _rewritten(blob, last["annotations"][POSITION], change)
+    stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(new), read_across_frames=True).read()
+    config = json.loads(httpx.get(f"http://{registry.host}/v2/{repository}/blobs/{doc['config']['digest']}").content)
+    layers = [httpx.get(f"http://{registry.host}/v2/{repository}/blobs/{d['digest']}").content
+              for d in doc["layers"][:-1]]
+    diff_ids = [*config["rootfs"]["diff_ids"][:-1], "sha256:" + hashlib.sha256(stream).hexdigest()]
+    registry.push_image(name, "t", [*((b, ZSTD) for b in layers), (new, ZSTD)], diff_ids=diff_ids)
+    pinned = manifest(registry, f"{registry.host}/{name}:t")
+    for d, original in zip(pinned["layers"], doc["layers"], strict=True):
+        d["annotations"] = original["annotations"]
+    pinned["layers"][-1]["annotations"] = {POSITION: position, CHECKSUM: checksum}
+    registry.put_manifest(name, "t", pinned, pinned["mediaType"])
+    return f"{registry.host}/{name}:t"
+
+
 def test_a_toc_that_lacks_a_digest_sends_its_layer_to_the_index_pass(registry: Registry, chunked: tuple[str, Path],
                                                                      caplog: pytest.LogCaptureFixture) -> None:
-    import httpx
     from erofs_mount_oci import open_reference
-
-    doc = manifest(registry, chunked[0])
-    last = doc["layers"][-1]
-    blob = httpx.get(f"http://{registry.host}/v2/chunked/app/blobs/{last['digest']}").content
 
     def drop_a_digest(document: dict) -> None:
         next(e for e in document["entries"] if e.get("type") == "reg" and e.get("size")).pop("digest")
 
-    new, position, checksum = _rewritten(blob, last["annotations"][POSITION], drop_a_digest)
-    stream = zstandard.ZstdDecompressor().stream_reader(io.BytesIO(new), read_across_frames=True).read()
-    config = json.loads(httpx.get(f"http://{registry.host}/v2/chunked/app/blobs/{doc['config']['digest']}").content)
-    layers = [httpx.get(f"http://{registry.host}/v2/chunked/app/blobs/{d['digest']}").content
-              for d in doc["layers"][:-1]]
-    diff_ids = [*config["rootfs"]["diff_ids"][:-1], "sha256:" + hashlib.sha256(stream).hexdigest()]
-    registry.push_image("chunked/lacking", "t", [*((b, ZSTD) for b in layers), (new, ZSTD)], diff_ids=diff_ids)
-    pinned = manifest(registry, f"{registry.host}/chunked/lacking:t")
-    for d, original in zip(pinned["layers"], doc["layers"], strict=True):
-        d["annotations"] = original["annotations"]
-    pinned["layers"][-1]["annotations"] = {POSITION: position, CHECKSUM: checksum}
-    registry.put_manifest("chunked/lacking", "t", pinned, pinned["mediaType"])
+    reference = push_rewritten(registry, chunked[0], "chunked/lacking", drop_a_digest)
     with caplog.at_level("WARNING", logger="erofs_mount.oci"):
-        source = open_reference(f"{registry.host}/chunked/lacking:t", {"insecure": ""})
+        source = open_reference(reference, {"insecure": ""})
     source.close()
     assert any("the TOC gives no sha256 for" in r.getMessage() and "indexing the layer instead" in r.getMessage()
                for r in caplog.records), [r.getMessage() for r in caplog.records]
+
+
+def wait_for(predicate, what: str, timeout: float = 120.0) -> None:  # noqa: ANN001 - a callable
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(0.1)
+
+
+def test_verify_background_finds_every_toc_skopeo_wrote_true_to_its_stream(registry: Registry,
+                                                                            chunked: tuple[str, Path]) -> None:
+    """Every entry and chunk of Debian's skopeo's TOCs, compared with the tar stream the same blob holds."""
+    from erofs_mount_oci import open_reference
+
+    layers = len(manifest(registry, chunked[0])["layers"])
+    source = open_reference(chunked[0], {"insecure": "", "verify": "background", "verify-rate-mib": "1000"})
+    try:
+        source.start_background()
+        wait_for(lambda: source.counters().get("background_proven_layers") == layers or source.refusal(),
+                 "the pass")
+        assert source.refusal() is None
+    finally:
+        source.close()
+
+
+def test_a_toc_that_says_other_than_its_stream_is_refused_by_the_background_pass(
+        registry: Registry, chunked: tuple[str, Path], caplog: pytest.LogCaptureFixture) -> None:
+    """A TOC pinned by the manifest that gives a file a setuid bit its tar entry lacks (an image that shows one
+    tree to erofs-mount and another to docker): the daemon's pass refuses the image; a later mount indexes that
+    layer instead (the stream's tree), and a reattach of the first is refused, since it would come out
+    otherwise."""
+    from erofs_mount_oci import open_reference, reopen
+
+    def setuid(document: dict) -> None:
+        entry = next(e for e in document["entries"] if e.get("type") == "reg" and e.get("size"))
+        entry["mode"] |= 0o4000
+
+    reference = push_rewritten(registry, chunked[0], "chunked/lying", setuid)
+    source = open_reference(reference, {"insecure": "", "verify": "background", "verify-rate-mib": "1000"})
+    try:
+        state = source.state()
+        source.pread(source.size, 0)  # every chunk is the one the TOC pins: no read fails
+        source.start_background()
+        wait_for(lambda: source.refusal() is not None, "the refusal")
+        line = source.refusal()
+        assert "its table of contents" in line and "mode differ" in line, line
+        with pytest.raises(SourceError, match="refused: a background pass"):
+            source.pread(4096, 0)
+    finally:
+        source.close()
+    with caplog.at_level("WARNING", logger="erofs_mount.oci"):
+        again = open_reference(reference, {"insecure": "", "verify": "background"})
+    again.close()
+    assert any("its TOC was found false by a background pass" in r.getMessage() for r in caplog.records)
+    with pytest.raises(SourceError):
+        reopen(state)
 
 
 # -- eStargz ---------------------------------------------------------------------------------------------------

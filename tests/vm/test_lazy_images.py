@@ -233,3 +233,57 @@ def test_a_fresh_host_prefetches_what_the_publisher_s_mount_read_before_the_kern
         proxy.stop()
         registry.stop()
     assert_clean()
+
+
+def test_an_unsigned_index_forged_in_its_tree_alone_is_refused_by_the_daemon_s_background_pass(
+        tmp_path: Path, mountpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """verify=background: the forged index mounts (its span hashes are the layer's); the daemon's pass finds
+    its tree false, and from then on every read fails, ``list`` says ``refused`` and why, ``stats`` and
+    ``metrics`` count it, and a reattach that pins the artifact is refused in one line."""
+    import errno
+    import json
+    import time
+
+    from tests.oci.registry import Registry
+    from tests.oci.test_published_index import push_forged_tree
+    from tests.oci.test_tar_images import diff_id
+
+    sums = make_tree(tmp_path / "tree", files=8, max_size=256 << 10)
+    names = sorted(sums)
+    layers = [subprocess.run(["tar", "--numeric-owner", "-C", str(tmp_path / "tree"), "-czf", "-", *part],
+                             check=True, capture_output=True).stdout for part in (names[:4], names[4:])]
+    registry = Registry(tmp_path / "registry")
+    try:
+        registry.push_image("team/forged", "t", [(b, GZIP_LAYER) for b in layers],
+                            diff_ids=[diff_id(b) for b in layers])
+        reference = f"{registry.host}/team/forged:t"
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "publisher"))
+        forged, first_layer = push_forged_tree(reference)
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "fresh-host"))
+        device = cli("mount", "--source", f"oci:{reference}", "-o",
+                     "insecure,verify=background,verify-rate-mib=1000,disk-cache-mib=0", str(mountpoint)).out.strip()
+        try:
+            deadline = time.monotonic() + 120
+            while (row := devices()[0])["state"] != "refused":
+                assert time.monotonic() < deadline, f"never refused: {row}"
+                time.sleep(0.5)
+            assert forged in row["why"] and first_layer in row["why"], row
+            failed = []
+            for rel in names:  # (what the kernel read before, it keeps: small files' bytes sit in metadata)
+                try:
+                    (mountpoint / rel).read_bytes()
+                except OSError as exc:
+                    failed.append(exc.errno)
+            assert failed and set(failed) == {errno.EIO}, failed
+            stats = json.loads(cli("stats", "--json").out)["result"]
+            assert stats[device.removeprefix("/dev/")]["source"]["background_refused_layers"] == 1
+            assert "background_refused_layers" in cli("metrics").out
+            kill_daemon(device)
+            again = cli("reattach", device, check=False)
+            assert again.code != 0 and len(again.err.strip().splitlines()) == 1, again
+            assert "found false by a background pass" in again.err, again
+        finally:
+            cli("umount", str(mountpoint))
+    finally:
+        registry.stop()
+    assert_clean()

@@ -38,7 +38,12 @@ Options (``-o key=value``, comma-separated or repeated):
                          full: the blob is streamed and checked against its digest before
                          any byte is served, and every later read is checked against the
                          sha256 of its spans (kept in $EROFS_MOUNT_CACHE_DIR, default
-                         /var/cache/erofs-mount)
+                         /var/cache/erofs-mount);
+                         (tar layers) background: a published index no index-key signed is used too,
+                         and the daemon proves it, and each layer's table of contents (zstd:chunked,
+                         eStargz): each such layer streamed once (at verify-rate-mib), indexed and
+                         compared; one found false fails every read from then on
+    verify-rate-mib=N    the pace of that pass, in MiB/s (default 20)
     disk-cache-mib=N     the span store's bound (default 2048; 0: off): every span checked against its hash
                          (tar layers; EROFS layers under verify=full) is also kept on disk, under
                          the sha256 of its stream, shared by every mount and kept across reattach, so a
@@ -129,11 +134,12 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
     import sys
 
     from .layers import PublishedPolicy, image_layers, indexed
-    from .layers_image import LayersImage, layer_state
+    from .layers_image import LayersImage, claims_of, layer_state
     from .options import index_keys_dir_of
 
-    if opts.verify != "lazy":
-        raise UsageError("oci: verify= is for EROFS layers: every span of a tar layer is always checked")
+    if opts.verify == "full":
+        raise UsageError("oci: verify=full is for EROFS layers: every span of a tar layer is always checked "
+                         "(verify=background proves published indexes and tables of contents)")
     diff_ids = registry.diff_ids(manifest)
     if len(diff_ids) != len(manifest["layers"]):
         raise SourceError(f"oci: {registry.ref}: its config names {len(diff_ids)} layer(s), its manifest "
@@ -149,20 +155,23 @@ def _open_image(registry: Any, layers: list[Any], manifest: dict[str, Any], comm
         signing_key = load_signing_key(opts.publish_index) if opts.publish_index else None
     store = _span_store(common)
     keys_dir = index_keys_dir_of(opts.index_keys_dir)
-    found, used = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(), store=store,
-                          published=PublishedPolicy.of(opts.index, opts.index_key or "", keys_dir=keys_dir,
-                                                       registry=common["registry"]),
-                          strict_diff_id=opts.diff_id == "strict",
-                          image=None if whole else image_layers(registry, manifest, common["manifest_digest"],
-                                                                common["platform"]))
-    if opts.publish_index is not None and used is None:
-        _publish(registry, manifest, common["manifest_digest"], layers, diff_ids, found, signing_key)
+    background = opts.verify == "background"
+    found = indexed(registry, layers, diff_ids, progress=sys.stderr.isatty(), store=store,
+                    published=PublishedPolicy.of(opts.index, opts.index_key or "", keys_dir=keys_dir,
+                                                 registry=common["registry"], unsigned=background),
+                    strict_diff_id=opts.diff_id == "strict",
+                    image=None if whole else image_layers(registry, manifest, common["manifest_digest"],
+                                                          common["platform"]))
+    if opts.publish_index is not None and found.published is None:
+        _publish(registry, manifest, common["manifest_digest"], layers, diff_ids, found.indexes, signing_key)
     state = {**common, "kind": "image" if whole else "tar-layer", "layers": layer_state(layers, diff_ids),
              "index": opts.index, "index_key": opts.index_key or "", "index_keys_dir": keys_dir,
              "diff_id": opts.diff_id,
-             **({"published_index": used} if used else {})}
-    image = LayersImage(registry, layers, found, opts.cache, state, whole=whole,
-                        description=_image_description(state), store=store)
+             **({"verify": "background", "verify_rate_mib": opts.verify_rate_mib} if background else {}),
+             **({"published_index": found.published} if found.published else {})}
+    image = LayersImage(registry, layers, found.indexes, opts.cache, state, whole=whole,
+                        description=_image_description(state), store=store,
+                        claims=claims_of(layers, found, background=background))
     return image.filling() if opts.fill else image
 
 
@@ -209,6 +218,9 @@ def _open_blob(registry: Any, layer: Any, common: dict[str, Any], opts: Options)
     from . import full_verify as spans
     from .blob import BlobSource
 
+    if opts.verify == "background":
+        raise UsageError("oci: verify=background proves what tar layers are mounted by (published indexes, "
+                         "tables of contents): an EROFS layer has neither (verify=full checks it whole)")
     if opts.fill and opts.verify != "full":
         raise UsageError("oci: fill keeps checked spans: for an EROFS layer it needs verify=full")
     ref, client = registry.ref, registry.client

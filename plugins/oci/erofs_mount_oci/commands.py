@@ -101,7 +101,7 @@ def push_index(location: str, options: Mapping[str, str], signing_key: Any, *, p
         diff_ids = registry.diff_ids(manifest)
         ids = [diff_ids[layer.index] for layer in layers]
         listed = prefetch_list_of(prefetch_from, digest) if prefetch_from else None
-        found, _ = indexed(registry, layers, ids, progress=progress)
+        found = indexed(registry, layers, ids, progress=progress).indexes
         subject = {"mediaType": manifest.get("mediaType") or registry.OCI_MANIFEST, "digest": digest,
                    "size": registry.manifest_size(digest)}
         return push(registry, subject, layers, ids, found, signing_key, listed)

@@ -16,6 +16,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from typing import Any
 
 from erofs_mount_core import Source, SourceChangedError, SourceError, cache_directory, cache_room
@@ -34,7 +35,8 @@ class DownloadStopped(SourceError):
 
 class Download(Source):
     def __init__(self, client: Any, url: str, digest: str, size: int, what: str, *,
-                 slots: threading.Semaphore | None = None) -> None:
+                 slots: threading.Semaphore | None = None, rate: int = 0) -> None:
+        """``rate``: at most this many bytes a second (0: as fast as they come), for a pass beside serving."""
         if not digest.startswith("sha256:"):
             raise SourceError(f"{what}: only sha256 blobs can be indexed, not {digest.split(':')[0]}")
         directory = cache_directory(DOWNLOAD_DIR)
@@ -55,6 +57,7 @@ class Download(Source):
         self._hex = ""
         self._cond = threading.Condition()
         self._slots = slots  # transfers that may run at once: this one waits for a slot
+        self._rate, self._paused = rate, threading.Event()  # set by stop(): a paced transfer wakes at once
         self._thread = threading.Thread(target=self._run, name=f"download {digest[7:19]}", daemon=True)
         self._thread.start()
 
@@ -97,6 +100,7 @@ class Download(Source):
                 self._cond.notify_all()
 
     def _transfer(self, whole: Any) -> None:
+        started, first = time.monotonic(), self._have
         if self._stop:
             raise DownloadStopped(f"{self.what}: download stopped")
         headers = {"Accept-Encoding": "identity"}
@@ -120,6 +124,8 @@ class Download(Source):
                 with self._cond:
                     self._have += len(chunk)
                     self._cond.notify_all()
+                if self._rate:  # no faster than the rate, on average since this transfer began
+                    self._paused.wait(max(0.0, (self._have - first) / self._rate - (time.monotonic() - started)))
         except _http.HTTPError as exc:
             message = f"{self.what}: {type(exc).__name__}: {exc}"
             distrust_served(message, lied=False)  # a mirror that breaks off: the rest is asked of the next host
@@ -159,8 +165,9 @@ class Download(Source):
     def stop(self) -> None:
         """Give up (another layer failed): readers then get this download's failure."""
         self._stop = True
+        self._paused.set()
 
     def close(self) -> None:
-        self._stop = True
+        self.stop()
         self._thread.join()
         self._file.close()

@@ -62,6 +62,7 @@ from . import prefetch
 from .blob import BlobSource
 from .download import DOWNLOAD_DIR, Download, DownloadStopped
 from .published import TrustedKeys
+from .refused import why_refused
 from .registry import Layer, Registry
 from .routing import distrust_served, distrusted
 
@@ -87,10 +88,12 @@ class PublishedPolicy:
     keys: TrustedKeys = attrs.field(factory=TrustedKeys)
     pinned: str | None = None
     """the artifact a record pins: reattach uses exactly that one"""
+    unsigned: bool = False
+    """an artifact no trusted key signed is used too, its indexes to be proven (``verify=background``)"""
 
     @classmethod
     def of(cls, mode: str, key: str, pinned: str | None = None, keys_dir: str = "",
-           registry: str = "") -> PublishedPolicy:
+           registry: str = "", *, unsigned: bool = False) -> PublishedPolicy:
         """From ``index=``, ``index-key=`` (a key file's path, "" for none) and ``index-keys-dir=`` (the
         registry's ``*.pub`` there, "" for none)."""
         from .hosts import trusted_files
@@ -99,7 +102,17 @@ class PublishedPolicy:
         if keys_dir and mode != "off":
             paths += [str(p) for p in trusted_files(Path(keys_dir), registry, ".pub",
                                                      "its keys decide whose index root trusts")]
-        return cls(mode, TrustedKeys.load(paths) if paths else TrustedKeys(), pinned)
+        return cls(mode, TrustedKeys.load(paths) if paths else TrustedKeys(), pinned, unsigned)
+
+
+@attrs.frozen
+class Indexed:
+    """Each layer's index, in order; the published artifact that gave some of them, if one did; and the
+    layers (by index in the manifest) whose index came from it unsigned: to be proven beside serving."""
+
+    indexes: list[ArchiveIndex | TocIndex]
+    published: str | None = None
+    unproven: frozenset[int] = frozenset()
 
 
 #: the whole image's tar layers and their diff_ids, fetched when needed
@@ -118,10 +131,10 @@ def image_layers(registry: Registry, manifest: dict[str, Any] | None, digest: st
 def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
             published: PublishedPolicy | None = None, strict_diff_id: bool = False,
             image: ImageLayers | None = None,
-            store: SpanStore | None = None) -> tuple[list[ArchiveIndex | TocIndex], str | None]:
+            store: SpanStore | None = None) -> Indexed:
     """Each layer's index, in order: its TOC's, or its archive index compared with its ``diff_ids`` entry
-    (a mismatch refused when ``strict_diff_id``, else said); and the digest of the published artifact that
-    gave some of them, if one did. ``image``: the whole image's layers, when ``layers`` are some of them.
+    (a mismatch refused when ``strict_diff_id``, else said); and what a published artifact gave, if one
+    did. ``image``: the whole image's layers, when ``layers`` are some of them.
     ``store``: where a layer downloaded to be indexed leaves its stream's spans (within half its bound), so
     that the reads after the mount do not download them again."""
     by_toc: dict[int, TocIndex] = {}
@@ -130,14 +143,14 @@ def indexed(registry: Registry, layers: list[Layer], diff_ids: list[str], *, pro
         if toc is not None:
             by_toc[layer.index] = toc
     rest = [(layer, diff_id) for layer, diff_id in zip(layers, diff_ids, strict=True) if layer.index not in by_toc]
-    archives, used = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest],
-                                      progress=progress, published=published, strict_diff_id=strict_diff_id,
-                                      image=image, store=store)
+    archives = _archive_indexes(registry, [layer for layer, _ in rest], [d for _, d in rest],
+                                progress=progress, published=published, strict_diff_id=strict_diff_id,
+                                image=image, store=store)
     found: dict[int, ArchiveIndex | TocIndex] = {**by_toc, **{layer.index: index for (layer, _), index
-                                                              in zip(rest, archives, strict=True)}}
-    if used is None and published is not None and layers:
+                                                              in zip(rest, archives.indexes, strict=True)}}
+    if archives.published is None and published is not None and layers:
         _published_prefetch(registry, layers, diff_ids, published, image)
-    return [found[layer.index] for layer in layers], used
+    return attrs.evolve(archives, indexes=[found[layer.index] for layer in layers])
 
 
 def _published_prefetch(registry: Registry, layers: list[Layer], diff_ids: list[str],
@@ -166,6 +179,10 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
     position = layer.toc
     assert position is not None
     what = f"oci: {registry.ref}: layer {layer.index} ({layer.digest[:19]}…)"
+    why = why_refused(position.checksum)
+    if why is not None:
+        log.warning("%s: its TOC was found false by a background pass (%s); indexing the layer instead", what, why)
+        return None
     found = cached_toc(position)
     for attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
         if found is None:
@@ -195,9 +212,10 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
 def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str], *, progress: bool = False,
                      published: PublishedPolicy | None = None, strict_diff_id: bool = False,
                      image: ImageLayers | None = None,
-                     store: SpanStore | None = None) -> tuple[list[ArchiveIndex], str | None]:
+                     store: SpanStore | None = None) -> Indexed:
     """Each layer's archive index, in order, compared with ``diff_ids`` (one per layer): from the cache, a
-    published artifact, or a download."""
+    published artifact, or a download. An index an artifact gave unsigned is not kept in the cache: it is
+    kept once a background pass has proven it."""
     found: dict[int, ArchiveIndex] = {}
     missing = []
     for layer in layers:
@@ -221,7 +239,7 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
     for layer in layers:
         if layer.index in found:
             check(layer, found[layer.index])
-    used = None
+    used, unproven = None, frozenset[int]()
     if missing and published is not None and published.mode != "off":
         from . import published as publication
 
@@ -232,24 +250,30 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
             except SourceError as exc:  # a layer mount of an image with layers of other kinds: no index fits it
                 log.warning("%s; no published index for its layer", exc)
         artifact = publication.find(registry, missing[0].manifest_digest, *signed, published.keys,
-                                    published.pinned, needed={layer.index for layer in missing})
+                                    published.pinned, needed={layer.index for layer in missing},
+                                    unsigned=published.unsigned)
         if artifact is not None:
             for layer in missing:
                 index = artifact.indexes.get(layer.index)
                 if index is not None:
                     check(layer, index)
-                    store_index(index)
+                    if artifact.signed:
+                        store_index(index)
                     found[layer.index] = index
+            if not artifact.signed:
+                unproven = frozenset(artifact.indexes)
             missing = [layer for layer in missing if layer.index not in found]
             used = artifact.digest
             image = prefetch.list_name(layers[0].manifest_digest)
             if artifact.prefetch is not None and prefetch.cached(image) is None:
                 prefetch.keep(image, artifact.prefetch)  # what the serving daemon replays
-            log.info("%s: %d layer index(es) from the published index %s", registry.ref, len(artifact.indexes),
-                     artifact.digest)
+            log.info("%s: %d layer index(es) from the published index %s%s", registry.ref, len(artifact.indexes),
+                     artifact.digest, "" if artifact.signed else ", signed by no trusted key: to be proven by a "
+                     "background pass (verify=background)")
         elif published.mode == "required" or published.pinned is not None:
-            raise SourceError(f"oci: {registry.ref}: no published index signed by a key given with index-key "
-                              f"(index=required){'' if published.keys.keys else ': no index-key was given'}")
+            whose = "" if published.unsigned else " signed by a key given with index-key"
+            lacking = "" if published.keys.keys or published.unsigned else ": no index-key was given"
+            raise SourceError(f"oci: {registry.ref}: no published index{whose} (index=required){lacking}")
     if missing:
         total = sum(layer.size for layer in missing)
         before = distrusted()
@@ -265,7 +289,7 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
                 log.warning("%s; indexing again from the next host", exc)
             finally:
                 parts.close()
-    return [found[layer.index] for layer in layers], used
+    return Indexed([found[layer.index] for layer in layers], used, unproven)
 
 
 def _index_all(registry: Registry, layers: list[Layer], parts: Parts,

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from erofs_mount_tar import ArchiveIndex, TarImage, TocIndex, TocPosition, verified_stream
 
@@ -31,10 +31,14 @@ from erofs_mount_core import (
     SpanStore,
 )
 
+from .background_check import RATE_MIB, BackgroundCheck, Claim
 from .blob import BlobSource
 from .prefetch import TOC_UNIT, Fetcher, LayerUnits, ReadOrder, cached, list_name
 from .registry import Layer, Registry
 from .routing import distrust_served
+
+if TYPE_CHECKING:
+    from .layers import Indexed
 
 log = logging.getLogger("erofs_mount.oci")
 
@@ -137,7 +141,9 @@ class LayersImage(TarImage):
 
     def __init__(self, registry: Registry, layers: list[Layer], found: list[ArchiveIndex | TocIndex],
                  cache: CacheSettings, state: Mapping[str, Any], *, whole: bool, description: str,
-                 store: SpanStore | None = None) -> None:
+                 store: SpanStore | None = None, claims: Sequence[Claim] = ()) -> None:
+        """``claims``: layers whose index an artifact gave unsigned, proven by a pass beside serving at the
+        record's ``verify_rate_mib``; one found false refuses every read."""
         share = max(16, cache.cache_mib // len(layers))  # of the memory cache-mib allows, per layer:
         per_layer = CacheSettings(share - share // 4, cache.block_kib, cache.readahead_kib)  # decompressed spans
         streams: list[Source] = []
@@ -208,6 +214,9 @@ class LayersImage(TarImage):
                 stream.close()
             registry.client.close()
             raise
+        self._refused: str | None = None
+        self.check = BackgroundCheck(registry, list(claims), int(state.get("verify_rate_mib", RATE_MIB)) << 20,
+                                     self._refuse)
         pinned = state.get("image_sha256")
         own = {k: v for k, v in state.items() if k != "image_sha256"}
         try:
@@ -230,20 +239,33 @@ class LayersImage(TarImage):
                               f"{self.store.max_bytes >> 20} MiB (disk-cache-mib)")
         return self.store.filling(self, self.fill_jobs)
 
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
+        if self._refused is not None:  # (the line that says why was logged once)
+            raise SourceError("refused: a background pass found what the image was made from false")
+        return super().pread(length, offset)
+
+    def _refuse(self, why: str) -> None:
+        self._refused = why
+
+    def refusal(self) -> str | None:
+        return self._refused
+
     def start_background(self) -> None:
         super().start_background()
         self.order.start()
+        self.check.start()
 
     def counters(self) -> Mapping[str, int]:
         # what the prefetch found in the span store (a span changed on disk, say); its decoders read the same
         # compressed bytes as the kernel's reads, whose traffic is counted there already
         stored = [{k: v for k, v in stream.counters().items() if k.startswith("span_store_")}
                   for stream in self._prefetching]
-        counted = Counters().snapshot(super().counters(), self.order.counters(), *stored)
+        counted = Counters().snapshot(super().counters(), self.order.counters(), self.check.counters(), *stored)
         return {**counted, "diff_id_mismatches": self.diff_id_mismatches} if self.diff_id_mismatches else counted
 
     def close(self) -> None:
         try:
+            self.check.close()
             self.order.close()
             for stream in self._prefetching:
                 stream.close()
@@ -315,13 +337,14 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
     from .layers import PublishedPolicy, image_layers, indexed
 
     pinned = state.get("published_index")
-    found_indexes, _ = indexed(registry, layers, diff_ids, published=PublishedPolicy.of(
+    found = indexed(registry, layers, diff_ids, published=PublishedPolicy.of(
         str(state.get("index", "auto")), str(state.get("index_key", "")), pinned if isinstance(pinned, str) else None,
-        keys_dir=str(state.get("index_keys_dir", "")), registry=str(state.get("registry", ""))),
+        keys_dir=str(state.get("index_keys_dir", "")), registry=str(state.get("registry", "")),
+        unsigned=state.get("verify") == "background"),
         strict_diff_id=state.get("diff_id") == "strict", store=store,
         image=None if whole else image_layers(registry, None, layers[0].manifest_digest, layers[0].platform))
     for n, exc in unreachable.items():
-        index = found_indexes[n]
+        index = found.indexes[n]
         if store is None or isinstance(index, TocIndex) or index.unpacked or \
                 not store.holds(index.stream_sha256, index.spans):
             raise exc
@@ -329,5 +352,19 @@ def reopen_layers(registry: Registry, state: Mapping[str, Any], cache: CacheSett
                     layers[n].index, exc)
     if not isinstance(state.get("image_sha256"), str):
         raise SourceError("oci: record state is incomplete (image_sha256)")
-    return LayersImage(registry, layers, found_indexes, cache, state, whole=whole, description=description,
-                       store=store)
+    return LayersImage(registry, layers, found.indexes, cache, state, whole=whole, description=description,
+                       store=store, claims=claims_of(layers, found, background=state.get("verify") == "background"))
+
+
+def claims_of(layers: list[Layer], found: Indexed, *, background: bool) -> list[Claim]:
+    """Under ``verify=background``, what is to be proven: the layers whose index ``found`` took from an
+    artifact no trusted key signed, and those mounted by their TOC."""
+    if not background:
+        return []
+    claims = []
+    for layer, index in zip(layers, found.indexes, strict=True):
+        if isinstance(index, TocIndex):
+            claims.append(Claim.toc(layer, index))
+        elif layer.index in found.unproven:
+            claims.append(Claim.published(layer, index, found.published or ""))
+    return claims

@@ -24,6 +24,7 @@ class Options:
     credentials: str | None = None
     hosts_dir: str | None = None
     verify: str = "lazy"
+    verify_rate_mib: int = 20
     disk_cache_mib: int = 2048
     fill: bool = False
     index: str = "auto"
@@ -47,9 +48,10 @@ class Options:
                 continue
             if name in ("insecure", "fill"):
                 values[name] = value.lower() not in ("0", "no", "false")
-            elif name in ("layer", "disk_cache_mib"):
-                if not value.isdigit():
-                    what = "a layer's index: 0 for the first" if name == "layer" else "a whole number of MiB"
+            elif name in ("layer", "disk_cache_mib", "verify_rate_mib"):
+                if not value.isdigit() or (name == "verify_rate_mib" and int(value) == 0):
+                    what = {"layer": "a layer's index: 0 for the first", "disk_cache_mib": "a whole number of MiB",
+                            "verify_rate_mib": "a whole number of MiB/s, above 0"}[name]
                     raise UsageError(f"oci: {key}={value!r}: give {what}")
                 values[name] = int(value)
             else:
@@ -58,8 +60,9 @@ class Options:
             raise UsageError(f"oci: index={values['index']!r}: use auto, off or required")
         if values.get("diff_id", "report") not in ("report", "strict"):
             raise UsageError(f"oci: diff-id={values['diff_id']!r}: use report or strict")
-        if values.get("verify", "lazy") not in ("lazy", "full"):
-            raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full")
+        if values.get("verify", "lazy") not in ("lazy", "full", "background"):
+            raise UsageError(f"oci: verify={values['verify']!r}: use lazy or full (EROFS layers), or background "
+                             "(tar layers)")
         if values.get("fill") and values.get("disk_cache_mib") == 0:
             raise UsageError("oci: fill keeps the layers in the span store: it needs disk-cache-mib above 0")
         if "layer" in values and "blob" in values:

@@ -18,7 +18,9 @@ Span hashes keep the bytes honest (a span that does not match its hash is
 never served), but the index's tree says which bytes
 make which file, with which mode: only the signature makes that the
 publisher's word. An unsigned index, or one signed by another key, is not
-used (the layers are indexed here, and the log says so). Every field of a
+used (the layers are indexed here, and the log says so), unless the mount
+asks for it to be proven instead (``-o verify=background``: see
+``background_check``); one found false is never used again. Every field of a
 fetched artifact and of each index blob is bounded and checked as the
 cache's own are, and an index must name its layer's digest, size and
 diff_id, or it is refused.
@@ -37,12 +39,13 @@ from typing import Any
 import attrs
 from erofs_mount_tar import ArchiveIndex
 
-from erofs_mount_core import SourceError, UsageError
+from erofs_mount_core import SourceChangedError, SourceError, UsageError
 
 from . import _http
 from .prefetch import MAX_LIST_BYTES, PrefetchList
 from .prefetch import MEDIA_TYPE as PREFETCH_MEDIA_TYPE
 from .referrers import add_to_tag, push_blob, push_manifest, referrers
+from .refused import why_refused
 from .registry import MAX_MANIFEST, OCI_MANIFEST, Layer, Registry, _descriptors
 
 log = logging.getLogger("erofs_mount.oci")
@@ -170,26 +173,30 @@ def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], d
 
 @attrs.frozen
 class Found:
-    """A published artifact whose signature checked out: its digest, and the indexes it gave, by layer index."""
+    """A published artifact: its digest, and the indexes it gave, by layer index; ``signed`` when a trusted key's
+    signature covers them (else they are to be proven by a background pass)."""
 
     digest: str
     indexes: dict[int, ArchiveIndex]
     prefetch: PrefetchList | None = None
+    signed: bool = True
 
 
 def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
-         pinned: str | None = None, needed: set[int] | None = None) -> Found | None:
+         pinned: str | None = None, needed: set[int] | None = None, *, unsigned: bool = False) -> Found | None:
     """The indexes of the ``needed`` layers (by index; default all) of the image's tar ``layers`` from the
     newest artifact signed by a trusted key (or exactly the ``pinned`` one, at reattach); None when there is
-    none. The signature is checked over every layer the artifact holds, needed or not."""
+    none. The signature is checked over every layer the artifact holds, needed or not. ``unsigned``: an
+    artifact no trusted key signed is taken too (``Found.signed`` says which it is)."""
     what = f"oci: {registry.ref}: published index"
-    for digest, wanted, listed in _trusted(registry, subject, layers, diff_ids, keys, pinned, what):
+    for digest, wanted, listed, signed in _trusted(registry, subject, layers, diff_ids, keys, pinned, what,
+                                                   unsigned=unsigned):
         indexes = {}
         for layer, diff_id, row in wanted:
             if row is not None and (needed is None or layer.index in needed):
                 indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
         if indexes:  # an artifact with none of the layers this host lacks gives nothing to pin
-            return Found(digest, indexes, _prefetch_blob(registry, listed[0], what) if listed else None)
+            return Found(digest, indexes, _prefetch_blob(registry, listed[0], what) if listed else None, signed)
     return None
 
 
@@ -198,23 +205,30 @@ def find_prefetch(registry: Registry, subject: str, layers: Sequence[Layer], dif
     """The prefetch list of the newest artifact signed by a trusted key that has one, for an image that needs
     no index (every layer has a TOC); None when there is none."""
     what = f"oci: {registry.ref}: published prefetch list"
-    for _digest, _wanted, listed in _trusted(registry, subject, layers, diff_ids, keys, None, what):
+    for _digest, _wanted, listed, _signed in _trusted(registry, subject, layers, diff_ids, keys, None, what):
         if listed:
             return _prefetch_blob(registry, listed[0], what)
     return None
 
 
 def _trusted(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
-             pinned: str | None, what: str) -> Iterator[tuple[str, list[tuple[Layer, str, Any]], list[Any]]]:
-    """The artifacts of ``subject`` whose signature by a trusted key covers every blob they hold, newest first
-    (or exactly ``pinned``): (digest, (layer, diff_id, its index's descriptor or None) for each of ``layers``,
-    the prefetch list's descriptor or none). Says once how many were not signed so."""
+             pinned: str | None, what: str, *,
+             unsigned: bool = False) -> Iterator[tuple[str, list[tuple[Layer, str, Any]], list[Any], bool]]:
+    """The artifacts of ``subject`` whose signature by a trusted key covers every blob they hold (with
+    ``unsigned``, the others too), newest first (or exactly ``pinned``): (digest, (layer, diff_id, its index's
+    descriptor or None) for each of ``layers``, the prefetch list's descriptor or none, whether it is signed so).
+    Says once how many were passed over for want of a signature; never yields one a background pass found
+    false (``refused``), and refuses a pinned one."""
     if pinned is not None:
         candidates = [pinned]
+        why = why_refused(pinned)
+        if why is not None:
+            raise SourceChangedError(f"{what} {pinned} was found false by a background pass: {why}")
     else:
         found = referrers(registry, subject, ARTIFACT_TYPE)
-        candidates = [d["digest"] for d in reversed(found)][:MAX_CANDIDATES]  # the last added first
-    unsigned = 0
+        candidates = [d["digest"] for d in reversed(found)  # the last added first
+                      if why_refused(d["digest"]) is None][:MAX_CANDIDATES]
+    passed_over = 0
     try:
         for digest in candidates:
             doc = _artifact(registry, digest, subject, what)
@@ -226,14 +240,15 @@ def _trusted(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids
             wanted = [(layer, diff_id, rows.get(layer.digest))
                       for layer, diff_id in zip(layers, diff_ids, strict=True)]
             bound = [(layer.digest, diff_id, row["digest"]) for layer, diff_id, row in wanted if row is not None]
-            if not keys.verify(_signed_statement(doc, bound, listed), doc.get("annotations") or {}):
-                unsigned += 1
+            signed = keys.verify(_signed_statement(doc, bound, listed), doc.get("annotations") or {})
+            if not signed and not unsigned:
+                passed_over += 1
                 continue
-            yield digest, wanted, listed
+            yield digest, wanted, listed, signed
     finally:
-        if unsigned:
-            log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used",
-                        what, unsigned)
+        if passed_over:
+            log.warning("%s: %d published index(es) not signed by a key given with -o index-key: not used "
+                        "(-o verify=background proves them instead)", what, passed_over)
 
 
 def _signed_statement(doc: dict[str, Any], bound: list[tuple[str, str, str]], listed: list[dict[str, Any]]) -> bytes:

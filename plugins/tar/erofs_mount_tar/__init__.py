@@ -64,6 +64,7 @@ _EXPORTS = {
     "store_toc": ("toc", "store_toc"),
     "load_index": ("index", "load"),
     "store_index": ("index", "store"),
+    "toc_differences": ("toc_check", "differences"),
     "verified_stream": ("assembly", "verified_stream"),
 }
 __all__ = sorted(_EXPORTS)

@@ -34,13 +34,16 @@ from erofs_mount_core import (
 
 from .entries import Tree
 from .index import ArchiveIndex
-from .layouts import load_layout, store_layout
+from .layouts import load_layout, made_from, store_layout
 from .merge import merge
 
 
 class LayerIndex(Protocol):
     """What the image needs of a layer: its tree (an ``ArchiveIndex``, or a ``TocIndex`` of a layer that
     carries a table of contents)."""
+
+    tree: bytes
+    """the tree, packed (what a merged layout is made from)"""
 
     def read_tree(self, base: int = 0) -> Tree: ...
 
@@ -139,9 +142,10 @@ class TarImage(SynthesizedImage):
 def _layout(indexes: Sequence[LayerIndex], backing: Source, merged: bool, pinned: str | None) -> ImageLayout:
     if not merged:
         return indexes[0].image_layout()
-    layout = load_layout(pinned) if pinned is not None else None
+    bases = backing.bases if isinstance(backing, Layered) else [0]
+    source = made_from((index.tree for index in indexes), bases)
+    layout = load_layout(pinned, source) if pinned is not None else None
     if layout is None:
-        bases = backing.bases if isinstance(backing, Layered) else [0]
         layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(indexes, bases, strict=True)]))
-        store_layout(layout)
+        store_layout(layout, source)
     return layout
