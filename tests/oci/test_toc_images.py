@@ -420,3 +420,17 @@ def test_an_estargz_annotation_on_a_layer_without_a_footer_indexes_the_layer(
     finally:
         source.close()
     assert any("has no eStargz footer" in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_verify_background_finds_an_estargz_toc_true_to_its_stream(
+        estargz_image: tuple[str, bytes, list[tuple[str, bytes]]]) -> None:
+    """The stream holds the TOC itself (``stargz.index.json``) beside the entries the TOC lists: passed over."""
+    from erofs_mount_oci import open_reference
+
+    source = open_reference(estargz_image[0], {"insecure": "", "verify": "background", "verify-rate-mib": "1000"})
+    try:
+        source.start_background()
+        wait_for(lambda: source.counters().get("background_proven_layers") == 1 or source.refusal(), "the pass")
+        assert source.refusal() is None
+    finally:
+        source.close()
