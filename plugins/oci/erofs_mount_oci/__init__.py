@@ -85,9 +85,39 @@ from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceEr
 from . import reference as references
 from .options import SCHEME, Options, client_for, hosts_dir_of
 
-__all__ = ["open_reference", "reopen"]  # a registry's image or blob as a Source, without the plugin host
+#: a registry's image or blob as a Source, without the plugin host; an image resolved as a mount resolves it
+__all__ = ["open_reference", "pinned_reference", "reopen", "resolve_image"]
 
 log = logging.getLogger("erofs_mount.oci")
+
+
+def resolve_image(location: str, options: Mapping[str, str]) -> tuple[dict[str, Any], str, bytes, bytes]:
+    """The image manifest ``location`` names for this host's platform (or ``-o platform=``), resolved as a
+    mount resolves it (credentials, hosts directory, ``insecure``): (the manifest, its digest, its bytes, the
+    config's bytes), every one checked against its digest."""
+    from .credentials import CredentialSource
+    from .platform import Platform
+    from .registry import Registry
+
+    check_options(SCHEME, options, Options.names())
+    ref = references.parse(location)
+    opts = Options.parse(options)
+    credentials = CredentialSource.parse(opts.credentials, ref.registry)
+    client = client_for(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials,
+                        hosts_dir=hosts_dir_of(opts.hosts_dir))
+    try:
+        registry = Registry(client, ref, insecure=opts.insecure)
+        manifest, digest, _ = registry.image_manifest(Platform.parse(opts.platform) if opts.platform
+                                                      else Platform.host())
+        return manifest, digest, registry.manifest_bytes(digest), registry.config(manifest)
+    finally:
+        client.close()
+
+
+def pinned_reference(location: str, digest: str) -> str:
+    """``location`` (a reference) by the manifest digest ``digest``: what it names whatever its tag names later."""
+    ref = references.parse(location)
+    return f"{ref.registry}/{ref.repository}@{digest}"
 
 
 def open_reference(location: str, options: Mapping[str, str]) -> Source:

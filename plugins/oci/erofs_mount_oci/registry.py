@@ -177,6 +177,18 @@ class Registry:
 
     def diff_ids(self, manifest: dict[str, Any]) -> list[str]:
         """The image config's ``rootfs.diff_ids``: the sha256 of each layer's uncompressed tar stream."""
+        what = f"oci: {self.ref}: config {manifest.get('config', {}).get('digest')}"
+        body = self.config(manifest)
+        try:
+            ids = json.loads(body)["rootfs"]["diff_ids"]
+        except (ValueError, KeyError, TypeError, RecursionError):
+            raise SourceError(f"{what} has no rootfs.diff_ids") from None
+        if not isinstance(ids, list) or not all(isinstance(i, str) and DIGEST.fullmatch(i) for i in ids):
+            raise SourceError(f"{what}: its rootfs.diff_ids are not a list of digests")
+        return ids
+
+    def config(self, manifest: dict[str, Any]) -> bytes:
+        """The image config's bytes, of the digest the manifest gives for them."""
         (config,) = _descriptors([manifest.get("config")], f"oci: {self.ref}: its manifest's config")
         what = f"oci: {self.ref}: config {config['digest']}"
         if config["size"] > MAX_CONFIG:
@@ -192,13 +204,18 @@ class Registry:
                 raise SourceChangedError(f"{what}: the registry served bytes of another digest")
         else:
             raise SourceChangedError(f"{what}: the registry served bytes of another digest")
-        try:
-            ids = json.loads(body)["rootfs"]["diff_ids"]
-        except (ValueError, KeyError, TypeError, RecursionError):
-            raise SourceError(f"{what} has no rootfs.diff_ids") from None
-        if not isinstance(ids, list) or not all(isinstance(i, str) and DIGEST.fullmatch(i) for i in ids):
-            raise SourceError(f"{what}: its rootfs.diff_ids are not a list of digests")
-        return ids
+        return body
+
+    def manifest_bytes(self, digest: str) -> bytes:
+        """Manifest ``digest`` as the registry holds it, byte for byte (what a content store keeps)."""
+        what = f"manifest {self.ref.repository}@{digest}"
+        response, body = _http.fetch(self.client, "GET", f"{self.base}/manifests/{digest}", what=what,
+                                     headers={"Accept": ACCEPT}, cap=MAX_MANIFEST)
+        if response.status_code != 200:
+            raise _http.status_error(response, what)
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            raise SourceChangedError(f"{what}: the registry sent a manifest of another digest")
+        return body
 
     OCI_MANIFEST = OCI_MANIFEST
 

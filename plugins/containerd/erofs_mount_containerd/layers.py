@@ -1,0 +1,105 @@
+"""Layers that erofs-mount serves: one device per layer digest, mounted in overlay form under ``<root>/layers``.
+
+Each is an ordinary ``erofs-mount mount`` of the image's layer (``oci:`` by
+the manifest's digest, ``-o blob=DIGEST``): a device with a record, so
+``watch`` and ``reattach`` keep it alive under a running container, and
+``list`` shows it. Every snapshot of the layer (in any namespace, under any
+parent) shares the one mount; the last one removed unmounts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger("erofs_mount.containerd")
+
+#: containerd's labels on a layer's Prepare (CRI, and ``snapshotter pull``): what to mount
+SNAPSHOT_REF = "containerd.io/snapshot.ref"
+IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
+LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
+MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+MOUNT_TIMEOUT = 600  # seconds: a layer with no index and no TOC is downloaded and indexed first
+
+
+class LayerError(Exception):
+    """A layer that erofs-mount could not mount: containerd applies it instead."""
+
+
+class Layers:
+    def __init__(self, root: Path, options: str) -> None:
+        """``options``: erofs-mount's ``-o`` for every layer (``insecure``, ``hosts-dir``, ``credentials``...)."""
+        self.root, self.options = root / "layers", options
+        self.root.mkdir(mode=0o700, exist_ok=True)
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def path(self, digest: str) -> Path:
+        algorithm, _, hexdigest = digest.partition(":")
+        if algorithm != "sha256" or len(hexdigest) != 64 or not all(c in "0123456789abcdef" for c in hexdigest):
+            raise LayerError(f"layer digest {digest[:80]!r} is not a sha256 digest")
+        return self.root / hexdigest
+
+    def _lock(self, digest: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(digest, threading.Lock())
+
+    def mount(self, labels: dict[str, str]) -> str:
+        """The layer the labels name, mounted (once: a layer mounted already is shared); its digest."""
+        digest, image = labels.get(LAYER_DIGEST, ""), labels.get(IMAGE_REF, "")
+        target = self.path(digest)
+        with self._lock(digest):
+            if os.path.ismount(target):
+                return digest
+            target.mkdir(mode=0o700, exist_ok=True)
+            source = f"oci:{pinned(image, labels.get(MANIFEST_DIGEST, ''))}"
+            options = ",".join(o for o in (f"blob={digest}", self.options) if o)
+            result = _erofs_mount("mount", "--source", source, "-o", options, str(target))
+            if result.returncode != 0:
+                with contextlib.suppress(OSError):
+                    target.rmdir()
+                said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
+                raise LayerError(f"layer {digest} of {image}: {said}")
+            log.info("layer %s of %s mounted at %s", digest, image, target)
+            return digest
+
+    def unmount(self, digest: str) -> None:
+        target = self.path(digest)
+        with self._lock(digest):
+            if os.path.ismount(target):
+                result = _erofs_mount("umount", str(target))
+                if result.returncode != 0:
+                    log.warning("layer %s: erofs-mount umount failed: %s", digest, result.stderr.strip())
+                    return
+            with contextlib.suppress(OSError):
+                target.rmdir()
+
+    def mounted(self) -> list[str]:
+        """The digests of the layers mounted here now."""
+        return [f"sha256:{p.name}" for p in sorted(self.root.iterdir()) if os.path.ismount(p)]
+
+
+def pinned(image: str, manifest: str) -> str:
+    """``image`` (a reference, as CRI labels it) by its manifest's digest when that is known: the layer comes
+    from exactly the image containerd resolved, whatever the tag names later."""
+    if not manifest:
+        return image
+    from erofs_mount_oci import pinned_reference
+
+    return pinned_reference(image, manifest)
+
+
+def _erofs_mount(*args: str) -> subprocess.CompletedProcess[str]:
+    """erofs-mount itself, the one installed beside this interpreter."""
+    command = [str(Path(sys.executable).with_name("erofs-mount")), *args]
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, 1, "", f"erofs-mount {args[0]} took more than {MOUNT_TIMEOUT} s")
+

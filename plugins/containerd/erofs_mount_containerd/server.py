@@ -1,0 +1,62 @@
+"""The snapshotter as a process: the gRPC server on a unix socket, ready told to systemd, stopped by a signal."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+
+from erofs_mount_core import ErofsMountError
+
+from ._api import snapshots_pb2_grpc
+from .layers import Layers
+from .service import Snapshotter
+
+log = logging.getLogger("erofs_mount.containerd")
+
+WORKERS = 8  # calls served at once: containerd unpacks one layer of an image at a time, images in parallel
+GRACE = 10.0  # seconds a call under way may take to finish at a stop
+
+
+def serve(address: Path, root: Path, options: str) -> None:
+    """Serve until SIGTERM or SIGINT."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    snapshotter = Snapshotter(root, Layers(root, options))
+    snapshotter.remount()
+    snapshotter.cleanup()
+    address.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    address.unlink(missing_ok=True)  # a socket left by a snapshotter that was killed
+    server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="snapshots"))
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(snapshotter, server)
+    old = os.umask(0o177)  # the socket is root's alone: it mounts and unmounts
+    try:
+        if server.add_insecure_port(f"unix:{address}") == 0:
+            raise ErofsMountError(f"snapshotter: cannot listen on {address}")
+        server.start()
+    finally:
+        os.umask(old)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    log.info("serving containerd's snapshots API on %s (root %s)", address, root)
+    _notify("READY=1", f"STATUS=serving on {address}")
+    stop.wait()
+    _notify("STOPPING=1")
+    server.stop(GRACE).wait()
+    snapshotter.close()
+    address.unlink(missing_ok=True)
+
+
+def _notify(*states: str) -> None:
+    """sd_notify(3), when systemd runs the snapshotter as a Type=notify service."""
+    where = os.environ.get("NOTIFY_SOCKET")
+    if not where:
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.sendto("\n".join(states).encode(), "\0" + where[1:] if where.startswith("@") else where)

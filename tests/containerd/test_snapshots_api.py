@@ -1,0 +1,167 @@
+"""The snapshotter's gRPC service, called as containerd calls it: containerd's overlay snapshotter's rules.
+
+These run the service in this process over a real unix socket with
+containerd's own API messages; containerd itself drives it in the VM
+(``tests/vm/test_containerd.py``).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import pytest
+from erofs_mount_containerd._api import snapshots_pb2, snapshots_pb2_grpc
+from erofs_mount_containerd.layers import IMAGE_REF, LAYER_DIGEST, SNAPSHOT_REF, Layers
+from erofs_mount_containerd.pull import chain_ids
+from erofs_mount_containerd.service import Snapshotter
+from google.protobuf import field_mask_pb2
+
+S = snapshots_pb2
+
+
+class Client:
+    def __init__(self, stub: snapshots_pb2_grpc.SnapshotsStub) -> None:
+        self.stub = stub
+
+    def __getattr__(self, name: str):  # noqa: ANN204 - each call of the stub, with the snapshotter's name
+        method = getattr(self.stub, name)
+        request = getattr(S, {"Prepare": "PrepareSnapshotRequest", "View": "ViewSnapshotRequest",
+                              "Mounts": "MountsRequest", "Commit": "CommitSnapshotRequest",
+                              "Remove": "RemoveSnapshotRequest", "Stat": "StatSnapshotRequest",
+                              "Update": "UpdateSnapshotRequest", "List": "ListSnapshotsRequest",
+                              "Usage": "UsageRequest", "Cleanup": "CleanupRequest"}[name])
+        return lambda **fields: method(request(snapshotter="erofs-mount", **fields))
+
+
+@pytest.fixture
+def served(tmp_path: Path) -> Iterator[tuple[Client, Snapshotter]]:
+    root = tmp_path / "root"
+    root.mkdir()
+    service = Snapshotter(root, Layers(root, "insecure"))
+    server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server)
+    server.add_insecure_port(f"unix:{tmp_path / 'sock'}")
+    server.start()
+    channel = grpc.insecure_channel(f"unix:{tmp_path / 'sock'}")
+    try:
+        yield Client(snapshots_pb2_grpc.SnapshotsStub(channel)), service
+    finally:
+        channel.close()
+        server.stop(None)
+        service.close()
+
+
+def code_of(call) -> grpc.StatusCode:  # noqa: ANN001 - a call that must fail
+    with pytest.raises(grpc.RpcError) as failed:
+        call()
+    assert len(failed.value.details().splitlines()) == 1, failed.value.details()
+    return failed.value.code()
+
+
+def test_the_life_of_an_image_s_snapshots_as_containerd_unpacks_and_runs_it(served: tuple[Client, Snapshotter],
+                                                                           tmp_path: Path) -> None:
+    client, service = served
+    first = client.Prepare(key="default/1/extract-a sha256:one", parent="").mounts
+    assert [(m.type, list(m.options)) for m in first] == [("bind", ["rw", "rbind"])]
+    (Path(first[0].source) / "hello").write_text("layer one\n")
+    client.Commit(name="default/2/sha256:one", key="default/1/extract-a sha256:one",
+                  labels={"containerd.io/snapshot.ref": "sha256:one"})
+    second = client.Prepare(key="default/3/extract-b sha256:two", parent="default/2/sha256:one").mounts
+    (mount,) = second
+    options = dict(o.split("=", 1) for o in mount.options)
+    assert mount.type == "overlay" and options["lowerdir"] == first[0].source
+    client.Commit(name="default/4/sha256:two", key="default/3/extract-b sha256:two")
+    rootfs = client.Prepare(key="default/5/container", parent="default/4/sha256:two").mounts[0]
+    lower = dict(o.split("=", 1) for o in rootfs.options)["lowerdir"].split(":")
+    assert lower[1] == first[0].source and len(lower) == 2, "the nearest parent first"
+
+    info = client.Stat(key="default/2/sha256:one").info
+    assert info.kind == S.COMMITTED and info.labels["containerd.io/snapshot.ref"] == "sha256:one"
+    assert client.Usage(key="default/2/sha256:one").size > 0
+    view = client.View(key="default/6/view", parent="default/2/sha256:one").mounts
+    assert [(m.type, m.source, list(m.options)) for m in view] == [("bind", first[0].source, ["ro", "rbind"])]
+
+    listed = [i.name for r in client.List(filters=[]) for i in r.info]
+    assert len(listed) == 4 and "default/5/container" in listed
+    wanted = [i.name for r in client.List(filters=['labels."containerd.io/snapshot.ref"==sha256:one,parent==""'])
+              for i in r.info]
+    assert wanted == ["default/2/sha256:one"]
+    assert [i.name for r in client.List(filters=["kind==active", "name~=view$"]) for i in r.info] == \
+        ["default/5/container", "default/6/view"]
+
+    updated = client.Update(info=S.Info(name="default/2/sha256:one", labels={"team": "a"}),
+                            update_mask=field_mask_pb2.FieldMask(paths=["labels.team"])).info
+    assert updated.labels["team"] == "a" and updated.labels["containerd.io/snapshot.ref"] == "sha256:one"
+
+    for key in ("default/6/view", "default/5/container", "default/4/sha256:two", "default/2/sha256:one"):
+        client.Remove(key=key)
+    assert [i for r in client.List(filters=[]) for i in r.info] == []
+    assert os.listdir(tmp_path / "root" / "snapshots") == [], "a removed snapshot's directory is gone"
+
+
+def test_bad_requests_are_one_clear_error_each_and_change_nothing(served: tuple[Client, Snapshotter],
+                                                                  tmp_path: Path) -> None:
+    client, _ = served
+    client.Prepare(key="a", parent="")
+    client.Commit(name="base", key="a")
+    client.View(key="v", parent="base")
+    client.Prepare(key="child", parent="base")
+    before = sorted((i.name, i.kind) for r in client.List(filters=[]) for i in r.info)
+    assert code_of(lambda: client.Stat(key="unknown")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.Mounts(key="unknown")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.Prepare(key="x", parent="missing")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.Prepare(key="y", parent="child")) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.Prepare(key="child", parent="")) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(lambda: client.Commit(name="c", key="v")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: client.Commit(name="base", key="child")) == grpc.StatusCode.ALREADY_EXISTS
+    assert code_of(lambda: client.Remove(key="base")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: client.Mounts(key="base")) == grpc.StatusCode.FAILED_PRECONDITION
+    assert code_of(lambda: client.Update(info=S.Info(name="base"), update_mask=field_mask_pb2.FieldMask(
+        paths=["parent"]))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: list(client.List(filters=["nosuchfield==1"]))) == grpc.StatusCode.INVALID_ARGUMENT
+    assert code_of(lambda: client.Prepare(key="z", parent="", labels={"k": "v" * 5000})) == \
+        grpc.StatusCode.INVALID_ARGUMENT
+    after = sorted((i.name, i.kind) for r in client.List(filters=[]) for i in r.info)
+    assert after == before
+
+
+def test_a_layer_erofs_mount_cannot_mount_is_prepared_for_containerd_to_apply(served: tuple[Client, Snapshotter],
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """The labels name a layer of an image no registry serves: the Prepare answers mounts, as an ordinary
+    snapshotter's, and says why in one line."""
+    client, _ = served
+    labels = {SNAPSHOT_REF: "sha256:" + "1" * 64, IMAGE_REF: "127.0.0.1:9/none/such:t",
+              LAYER_DIGEST: "sha256:" + "2" * 64}
+    with caplog.at_level("WARNING", logger="erofs_mount.containerd"):
+        mounts = client.Prepare(key="default/1/extract-x sha256:" + "1" * 64, parent="", labels=labels).mounts
+    assert [m.type for m in mounts] == ["bind"]
+    assert any("containerd applies the layer itself" in r.getMessage() for r in caplog.records)
+
+
+def test_a_store_killed_mid_change_is_as_before_or_after(tmp_path: Path) -> None:
+    """sqlite's transactions: a change that raised midway left nothing; the file is consistent."""
+    from erofs_mount_containerd.store import ACTIVE, Store
+
+    store = Store(tmp_path / "metadata.db")
+    with store.transaction() as db:
+        store.create(db, "a", "", ACTIVE, {})
+    with pytest.raises(RuntimeError), store.transaction() as db:
+        store.create(db, "b", "", ACTIVE, {})
+        raise RuntimeError("killed")
+    assert [s.key for s in store.all()] == ["a"]
+    store.close()
+    check = sqlite3.connect(tmp_path / "metadata.db")
+    assert check.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_chain_ids_are_containerd_s() -> None:
+    # identity.ChainID of two diff_ids: the second is sha256 of "<first> <second>"
+    one, two = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    import hashlib
+
+    assert chain_ids([one, two]) == [one, "sha256:" + hashlib.sha256(f"{one} {two}".encode()).hexdigest()]
