@@ -422,7 +422,7 @@ def list_(as_json: bool, wide: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_errors_as_lines
 def plugins(scheme: str | None, as_json: bool) -> None:
-    """List installed source plugins, their schemes, and plugins that failed to load.
+    """List installed plugins, the source types they provide, and plugins that failed to load.
 
     With SCHEME, show that source type's documentation: its location syntax
     and its -o options.
@@ -454,6 +454,8 @@ def plugins(scheme: str | None, as_json: bool) -> None:
             dist = f"{info.distribution} {info.version}" if info.distribution else "-"
             if info.error:
                 table.append(("-", info.name, dist, "failed", info.error))
+            elif not info.schemes:
+                table.append(("-", info.name, dist, "ok", "commands only (erofs-mount --help lists them)"))
             for scheme, description in info.schemes.items():
                 table.append((scheme, info.name, dist, "conflict" if scheme in conflicts else "ok", description))
         click.echo("\n".join(render.table_lines(table)))

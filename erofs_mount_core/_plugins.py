@@ -93,7 +93,9 @@ class PluginHost:
             if unknown:
                 raise PluginError(f"implements hooks that do not exist: {', '.join(unknown)}")
             schemes = self._call_one(name, "erofs_mount_schemes")
-            schemes = _check_schemes(schemes)
+            # a plugin of commands alone (a snapshotter, say) provides no source type
+            schemes = {} if schemes is None and self._implements(name, "erofs_mount_register_commands") \
+                else _check_schemes(schemes)
             options = {scheme: _check_options(scheme, self._call_one(name, "erofs_mount_source_options",
                                                                       scheme=scheme))
                        for scheme in schemes}
@@ -262,6 +264,10 @@ class PluginHost:
                 f"plugin {name!r} returned {type(source).__name__} from {hook}, not a Source"
             )
         return source
+
+    def _implements(self, name: str, hook: str) -> bool:
+        plugin = self._pm.get_plugin(name)
+        return any(impl.plugin is plugin for impl in getattr(self._pm.hook, hook).get_hookimpls())
 
     def _call_one(self, name: str, hook: str, **kwargs: Any) -> Any:
         """Call ``hook`` on the plugin called ``name`` only."""

@@ -1,0 +1,260 @@
+"""Containers from lazy layers: Debian's containerd 1.6 and runc, with erofs-mount's snapshotter as a proxy plugin.
+
+The image is real files (the guest's own dash, coreutils and findutils with
+the libraries they link, and data files) in four gzip layers, the last of
+which deletes a file of the one before (a whiteout) and makes a directory
+opaque, in docker-registry on loopback behind a proxy that logs every
+request, with an index published by another cache. Then, as a user would:
+``erofs-mount snapshotter pull``, ``ctr run --snapshotter erofs-mount``.
+
+containerd needs a tmpfs for its state (overlayfs cannot have its upper
+directory on the guest's overlay root), as the snapshotter's root does,
+and cgroup2 mounted for runc.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vm.conftest import cli, devices
+from tests.vm.test_local_mount import evict
+
+pytestmark = [pytest.mark.kernel, pytest.mark.usefixtures("clean_system")]
+
+CONTAINERD = Path("/var/cache/erofs-mount-test/containerd")
+EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
+GZIP_LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+TOOLS = ["/bin/dash", "/bin/cat", "/usr/bin/sha256sum", "/usr/bin/find", "/bin/rm", "/bin/ls", "/bin/sleep"]
+
+
+def _layer(entries: list[tuple[str, Path | None, bytes | None]]) -> bytes:
+    """A gzip tar layer: (name in the image, a file of this machine to copy, or bytes; neither: a directory)."""
+    import gzip
+    import io
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, path, data in entries:
+            if path is not None:
+                info = tar.gettarinfo(str(path), arcname=name)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                with open(path, "rb") as f:
+                    tar.addfile(info, f)
+            elif data is not None:
+                info = tarfile.TarInfo(name)
+                info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                info = tarfile.TarInfo(name)
+                info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+                tar.addfile(info)
+    return gzip.compress(out.getvalue(), mtime=0)
+
+
+def image_layers() -> list[bytes]:
+    """Four layers: the libraries, the tools, data files, and a layer that deletes and hides some of them."""
+    libraries: dict[str, Path] = {}  # the name each binary asks for (ldd's left side) -> the file
+    for tool in TOOLS:
+        for line in subprocess.run(["ldd", tool], capture_output=True, text=True, check=True).stdout.splitlines():
+            parts = line.split()
+            if "=>" in parts and parts[2].startswith("/"):
+                libraries[f"lib/x86_64-linux-gnu/{parts[0]}"] = Path(os.path.realpath(parts[2]))
+            elif parts and parts[0].startswith("/") and "ld-linux" in parts[0]:
+                libraries[parts[0].lstrip("/")] = Path(os.path.realpath(parts[0]))
+    lib_entries: list[tuple[str, Path | None, bytes | None]] = [(n, p, None) for n, p in sorted(libraries.items())]
+    dirs = sorted({str(Path(n).parent) for n, _, _ in lib_entries} | {"bin", "usr", "usr/bin"})
+    lib_layer = [(d, None, None) for d in dirs] + lib_entries
+    tool_layer = [(t.lstrip("/"), Path(os.path.realpath(t)), None) for t in TOOLS] + \
+        [("bin/sh", Path("/bin/dash"), None)]
+    data_files = sorted(p for p in Path("/usr/share/zoneinfo/Europe").iterdir() if p.is_file() and not p.is_symlink())
+    data_layer = [("data", None, None), ("data/keep", None, None), ("data/hidden", None, None)] + \
+        [(f"data/keep/{p.name}", p, None) for p in data_files[:40]] + \
+        [(f"data/hidden/{p.name}", p, None) for p in data_files[40:50]] + \
+        [("data/gone", None, b"deleted by the next layer\n"), ("data/big", Path(EROFS_MOUNT), None)]
+    big = bytes(range(256)) * (3 << 12)  # 3 MiB of this, read by a container while its layer's daemon is dead
+    changes = [("data", None, None), ("data/.wh.gone", None, b""), ("data/hidden", None, None),
+               ("data/hidden/.wh..wh..opq", None, b""), ("data/hidden/new", None, b"after the opaque dir\n"),
+               ("data/blob", None, big)]
+    return [_layer(lib_layer), _layer(tool_layer), _layer(data_layer), _layer(changes)]
+
+
+class Containerd:
+    """containerd (root and state on tmpfs) with the snapshotter as its proxy plugin ``erofs-mount``."""
+
+    def __init__(self, base: Path, options: str) -> None:
+        self.base, self.options = base, options
+        self.socket = Path("/run/containerd/containerd.sock")
+        self.snapshotter_socket = Path("/run/erofs-mount/snapshotter.sock")
+        self.root = base / "snapshotter"
+        for where in (Path("/var/lib/containerd"), self.root):
+            where.mkdir(parents=True, exist_ok=True)
+            subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(where)], check=True)
+        if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
+            subprocess.run(["mount", "-t", "cgroup2", "none", "/sys/fs/cgroup"], check=True)
+        config = base / "containerd.toml"
+        config.write_text(f'''version = 2
+root = "/var/lib/containerd"
+state = "/run/containerd"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+                    "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
+                    "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{self.socket}"
+[proxy_plugins.erofs-mount]
+  type = "snapshot"
+  address = "{self.snapshotter_socket}"
+''')
+        self.env = {**os.environ, "PATH": f"{CONTAINERD}/usr/bin:{CONTAINERD}/usr/sbin:{os.environ['PATH']}"}
+        self.snapshotter = self.start_snapshotter()
+        self.log = open(base / "containerd.log", "w")  # noqa: SIM115 - closed by stop()
+        self.daemon = subprocess.Popen([f"{CONTAINERD}/usr/bin/containerd", "--config", str(config)],
+                                       stdout=self.log, stderr=subprocess.STDOUT, env=self.env)
+        _wait_for(self.socket, "containerd")
+
+    def start_snapshotter(self) -> subprocess.Popen[str]:
+        self.snapshotter_socket.unlink(missing_ok=True)  # (a killed one leaves its socket: wait for the new one)
+        with open(self.base / "snapshotter.log", "a") as log:
+            proc = subprocess.Popen([EROFS_MOUNT, "snapshotter", "--address", str(self.snapshotter_socket),
+                                     "--root", str(self.root), "-o", self.options], stderr=log, env=self.env)
+        _wait_for(self.snapshotter_socket, "the snapshotter")
+        return proc
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run([f"{CONTAINERD}/usr/bin/ctr", "--address", str(self.socket), *args],
+                                capture_output=True, text=True, env=self.env, timeout=timeout)
+        if check and result.returncode != 0:
+            raise AssertionError(f"ctr {' '.join(args)}: {result.stderr}\n{self.logs()}")
+        return result
+
+    def logs(self) -> str:
+        return "".join(f"--- {n}\n{(self.base / n).read_text()[-3000:]}" for n in ("snapshotter.log", "containerd.log"))
+
+    def stop(self) -> None:
+        for proc in (self.daemon, self.snapshotter):
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.log.close()
+        self.snapshotter_socket.unlink(missing_ok=True)
+        for where in (Path("/var/lib/containerd"), self.root):
+            subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def _wait_for(path: Path, what: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{what} did not listen on {path}"
+        time.sleep(0.1)
+
+
+@contextlib.contextmanager
+def watching() -> Iterator[subprocess.Popen[str]]:
+    """``erofs-mount watch``, as a host runs it: a dead layer's device reattached on the kernel's word."""
+    proc = subprocess.Popen([EROFS_MOUNT, "watch"], stderr=subprocess.DEVNULL)
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def listing(text: str) -> list[str]:
+    return sorted(line for line in text.splitlines() if line.strip())
+
+
+def test_ctr_runs_an_image_whose_layers_erofs_mount_serves_and_survives_what_a_host_does_to_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.oci.faultproxy import FaultProxy
+    from tests.oci.registry import Registry
+    from tests.oci.test_tar_images import diff_id, flatten, whole_gets
+
+    layers = image_layers()
+    expected = flatten([(b, GZIP_LAYER) for b in layers], tmp_path / "flat")
+    dirs = "/bin /data /lib /usr"
+    find = f"find {dirs} -printf '%p|%y|%m|%l\\n'; find {dirs} -type f -exec sha256sum {{}} +"
+    flat = subprocess.run(["chroot", str(expected), "/bin/sh", "-c", find], capture_output=True, text=True,
+                          check=True).stdout  # the same tools, over the flattening
+    for name in ("index.key", "index.pub"):
+        args = ["genpkey", "-algorithm", "ed25519", "-out"] if name.endswith(".key") else \
+            ["pkey", "-in", str(tmp_path / "index.key"), "-pubout", "-out"]
+        subprocess.run(["openssl", *args, str(tmp_path / name)], check=True)
+
+    registry = Registry(tmp_path / "registry")
+    proxy = FaultProxy(registry.host)
+    containerd = None
+    try:
+        registry.push_image("team/app", "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
+        cli("index", "push", f"oci:{registry.host}/team/app:t", "-o", "insecure", "--sign",
+            str(tmp_path / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(tmp_path / "publisher")})
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "fresh-host"))
+        reference = f"{proxy.host}/team/app:t"
+        containerd = Containerd(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}")
+        pulled = cli("snapshotter", "pull", reference, "-o", "insecure")
+        assert pulled.out.strip() == reference, pulled
+        assert len(devices()) == len(layers), "one erofs-mount device per layer"
+        assert not set(whole_gets(proxy)) & {hashlib.sha256(b).hexdigest() for b in layers}, "a layer was downloaded"
+
+        # the container's output, and its rootfs seen from inside: the OCI flattening, entry by entry
+        run = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "first",
+                             "/bin/sh", "-c", "cat /data/hidden/new; " + find)
+        assert run.stdout.startswith("after the opaque dir\n"), run.stdout[:500]
+        assert listing(run.stdout.removeprefix("after the opaque dir\n")) == listing(flat)
+
+        # writes go to the container's own upper directory: a second container sees the image as it was
+        containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "writer", "/bin/sh", "-c",
+                       "echo new > /data/new && rm /data/keep/Paris && cat /data/new")
+        second = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "reader", "/bin/ls",
+                                "/data", "/data/keep/Paris")
+        assert "new" not in second.stdout.split() and "/data/keep/Paris" in second.stdout, second.stdout
+
+        # kill -9 of a layer's daemon while a container reads from it: its reads wait, then complete
+        where = str(containerd.root / "layers" / hashlib.sha256(layers[3]).hexdigest())
+        (row,) = [r for r in devices() if where in r["mountpoints"]]
+        evict(Path(row["mountpoints"][0]), row["device"])
+        with watching():
+            os.kill(int(row["daemon_pid"]), signal.SIGKILL)
+            reader = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "while-dead",
+                                    "/usr/bin/sha256sum", "/data/blob", timeout=600)
+        assert reader.stdout.split()[0] == hashlib.sha256(bytes(range(256)) * (3 << 12)).hexdigest()
+
+        # the snapshotter killed and started again: the same snapshots, and a new container runs
+        before = listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout)
+        containerd.snapshotter.kill()
+        containerd.snapshotter.wait()
+        containerd.snapshotter = containerd.start_snapshotter()
+        assert listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout) == before
+        again = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "after-restart",
+                               "/bin/cat", "/data/hidden/new")
+        assert again.stdout == "after the opaque dir\n"
+
+        # the image removed and collected: no device, mount, record or directory is left
+        containerd.ctr("image", "rm", "--sync", reference)
+        assert containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout.strip().splitlines()[1:] == []
+        assert devices() == []
+        assert os.listdir(containerd.root / "layers") == [] and os.listdir(containerd.root / "snapshots") == []
+    except BaseException:
+        if containerd is not None:
+            print(containerd.logs())
+        raise
+    finally:
+        if containerd is not None:
+            containerd.stop()
+        proxy.stop()
+        registry.stop()
+        shutil.rmtree(tmp_path / "flat", ignore_errors=True)
