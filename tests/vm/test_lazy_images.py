@@ -170,7 +170,6 @@ def test_an_image_whose_index_another_host_pushed_mounts_without_its_layers_and_
     assert_clean()
 
 
-@pytest.mark.kernel(newer="only")  # (no kernel series does it otherwise: it runs where the lanes have room)
 def test_a_fresh_host_prefetches_what_the_publisher_s_mount_read_before_the_kernel_asks(
         tmp_path: Path, mountpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """index push --prefetch-from the publisher's live mount: a fresh host that uses the index fetches those
