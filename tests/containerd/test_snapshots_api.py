@@ -165,3 +165,19 @@ def test_chain_ids_are_containerd_s() -> None:
     import hashlib
 
     assert chain_ids([one, two]) == [one, "sha256:" + hashlib.sha256(f"{one} {two}".encode()).hexdigest()]
+
+
+def test_labels_that_are_not_a_digest_mount_nothing(served: tuple[Client, Snapshotter], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer digest that would name another path, or carry an option, never reaches erofs-mount: the
+    snapshot is an ordinary one, and no directory is made outside the snapshotter's own."""
+    from erofs_mount_containerd import layers
+
+    ran: list[tuple[str, ...]] = []
+    monkeypatch.setattr(layers, "_erofs_mount", lambda *args: ran.append(args))
+    client, _ = served
+    for n, digest in enumerate(("sha256:../../../etc", "sha256:" + "a" * 64 + ",hosts-dir=/tmp", "md5:abc")):
+        labels = {SNAPSHOT_REF: f"sha256:{n}", IMAGE_REF: "127.0.0.1:9/a/b:c", LAYER_DIGEST: digest}
+        mounts = client.Prepare(key=f"default/{n}/extract", parent="", labels=labels).mounts
+        assert [m.type for m in mounts] == ["bind"] and str(tmp_path / "root" / "snapshots") in mounts[0].source
+    assert ran == [] and os.listdir(tmp_path / "root" / "layers") == []

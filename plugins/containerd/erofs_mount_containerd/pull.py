@@ -10,7 +10,12 @@ own API and under a lease (nothing is collected half made):
    top snapshot (containerd's garbage-collection references);
 2. prepares each layer's snapshot (its chain ID, as containerd names it)
    with the labels that name the layer, which the snapshotter answers by
-   mounting it through erofs-mount (ALREADY_EXISTS: nothing to unpack);
+   mounting it through erofs-mount (ALREADY_EXISTS: nothing to unpack); a
+   layer erofs-mount cannot mount is prepared as an ordinary snapshot, and
+   containerd applies it, as ``ctr image pull`` would: its blob is streamed
+   into the content store (collected with the lease: the snapshot is what
+   stays) and containerd's diff service unpacks it onto the snapshot, which
+   is then committed under the chain ID;
 3. creates (or moves) the image to that manifest.
 
 ``ctr run --snapshotter erofs-mount REF`` then finds the image unpacked.
@@ -22,7 +27,7 @@ import datetime
 import hashlib
 import json
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -34,6 +39,8 @@ from ._api import (
     content_pb2,
     content_pb2_grpc,
     descriptor_pb2,
+    diff_pb2,
+    diff_pb2_grpc,
     images_pb2,
     images_pb2_grpc,
     leases_pb2,
@@ -81,7 +88,8 @@ def pull_image(reference: str, options: Mapping[str, str], address: str, namespa
             for n, (layer, chain_id) in enumerate(zip(layers, chain, strict=True)):
                 labels = {SNAPSHOT_REF: chain_id, IMAGE_REF: reference, LAYER_DIGEST: layer["digest"],
                           MANIFEST_DIGEST: digest}
-                calls.prepare_layer(snapshotter, chain_id, parent, labels, f"layer {n} ({layer['digest']})")
+                calls.prepare_layer(snapshotter, chain_id, parent, labels, f"layer {n} ({layer['digest']})",
+                                    lambda layer=layer: _blob(reference, options, layer))
                 parent = chain_id
             target = descriptor_pb2.Descriptor(media_type=manifest.get("mediaType") or
                                                "application/vnd.oci.image.manifest.v1+json",
@@ -90,6 +98,14 @@ def pull_image(reference: str, options: Mapping[str, str], address: str, namespa
         finally:
             calls.release(lease)
     return reference
+
+
+def _blob(reference: str, options: Mapping[str, str], layer: dict[str, Any]) -> tuple[Any, Iterator[bytes]]:
+    """A layer's descriptor (as containerd's) and its bytes, for containerd to apply."""
+    from erofs_mount_oci import blob_chunks
+
+    descriptor = descriptor_pb2.Descriptor(media_type=layer["mediaType"], digest=layer["digest"], size=layer["size"])
+    return descriptor, blob_chunks(reference, options, layer["digest"], int(layer["size"]))
 
 
 class _Calls:
@@ -102,6 +118,7 @@ class _Calls:
         self.images = images_pb2_grpc.ImagesStub(channel)
         self.leases = leases_pb2_grpc.LeasesStub(channel)
         self.snapshots = snapshots_pb2_grpc.SnapshotsStub(channel)
+        self.diff = diff_pb2_grpc.DiffStub(channel)
 
     def _call(self, what: str, method: Any, request: Any, *, ok: tuple[grpc.StatusCode, ...] = ()) -> Any:
         try:
@@ -125,37 +142,61 @@ class _Calls:
         self._call("the lease", self.leases.Delete, leases_pb2.DeleteRequest(id=lease),
                    ok=(grpc.StatusCode.NOT_FOUND,))
 
-    def write(self, digest: str, body: bytes, labels: dict[str, str]) -> None:
-        """``body`` into the content store (kept as it is there already), with ``labels``."""
+    def write(self, digest: str, body: bytes | Iterator[bytes], labels: dict[str, str], size: int = -1) -> None:
+        """``body`` (bytes, or chunks of ``size`` bytes in all) into the content store (kept as it is there
+        already), with ``labels``; containerd checks it against ``digest`` as it commits it."""
+        chunks = iter([body]) if isinstance(body, bytes) else body
+        total = len(body) if isinstance(body, bytes) else size
+
+        failed: list[BaseException] = []  # what stopped the chunks (gRPC says only that the stream broke)
+
         def requests() -> Iterator[Any]:
-            ref = f"erofs-mount-pull-{digest}"
-            yield content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref=ref, total=len(body),
-                                                  expected=digest, offset=0, data=body)
-            yield content_pb2.WriteContentRequest(action=content_pb2.COMMIT, ref=ref, total=len(body),
-                                                  expected=digest, offset=len(body), labels=labels)
+            ref, offset = f"erofs-mount-pull-{digest}", 0
+            try:
+                for chunk in chunks:
+                    yield content_pb2.WriteContentRequest(action=content_pb2.WRITE, ref=ref, total=total,
+                                                          expected=digest, offset=offset, data=chunk)
+                    offset += len(chunk)
+            except Exception as exc:
+                failed.append(exc)
+                raise
+            yield content_pb2.WriteContentRequest(action=content_pb2.COMMIT, ref=ref, total=total,
+                                                  expected=digest, offset=offset, labels=labels)
         try:
-            for _ in self.content.Write(requests(), metadata=self.metadata, timeout=300):
+            for _ in self.content.Write(requests(), metadata=self.metadata, timeout=900):
                 pass
         except grpc.RpcError as exc:
+            if failed:
+                raise failed[0] from None
             if exc.code() != grpc.StatusCode.ALREADY_EXISTS:
                 raise PullError(f"snapshotter pull: content {digest}: {exc.details()}") from None
             info = content_pb2.Info(digest=digest, labels=labels)
             self._call(f"content {digest}", self.content.Update, content_pb2.UpdateRequest(
                 info=info, update_mask=field_mask_pb2.FieldMask(paths=[f"labels.{k}" for k in labels])))
 
-    def prepare_layer(self, snapshotter: str, chain_id: str, parent: str, labels: dict[str, str], what: str) -> None:
-        """The layer's snapshot, named ``chain_id``: there already, or mounted by the snapshotter now."""
+    def prepare_layer(self, snapshotter: str, chain_id: str, parent: str, labels: dict[str, str], what: str,
+                      blob: Callable[[], tuple[Any, Iterator[bytes]]]) -> None:
+        """The layer's snapshot, named ``chain_id``: there already, mounted by the snapshotter now, or (one
+        erofs-mount could not mount) applied by containerd from ``blob``."""
         if self._call(what, self.snapshots.Stat, snapshots_pb2.StatSnapshotRequest(
                 snapshotter=snapshotter, key=chain_id), ok=(grpc.StatusCode.NOT_FOUND,)) is not None:
             return
         key = f"extract-{uuid.uuid4().hex} {chain_id}"
         made = self._call(what, self.snapshots.Prepare, snapshots_pb2.PrepareSnapshotRequest(
             snapshotter=snapshotter, key=key, parent=parent, labels=labels), ok=(grpc.StatusCode.ALREADY_EXISTS,))
-        if made is not None:  # prepared as an ordinary snapshot: erofs-mount could not mount the layer
+        if made is None:
+            return
+        try:  # prepared as an ordinary snapshot: erofs-mount could not mount the layer (its log says why)
+            descriptor, chunks = blob()
+            self.write(descriptor.digest, chunks, {}, descriptor.size)
+            self._call(f"{what}: applying it", self.diff.Apply, diff_pb2.ApplyRequest(diff=descriptor,
+                                                                                       mounts=made.mounts))
+            self._call(what, self.snapshots.Commit, snapshots_pb2.CommitSnapshotRequest(
+                snapshotter=snapshotter, name=chain_id, key=key))
+        except BaseException:
             self._call(what, self.snapshots.Remove, snapshots_pb2.RemoveSnapshotRequest(
                 snapshotter=snapshotter, key=key), ok=(grpc.StatusCode.NOT_FOUND,))
-            raise PullError(f"snapshotter pull: {what}: erofs-mount could not mount it (the snapshotter's log says "
-                            "why); 'ctr image pull --snapshotter' applies it instead")
+            raise
 
     def image(self, name: str, target: Any) -> None:
         image = images_pb2.Image(name=name, target=target)

@@ -77,7 +77,7 @@ a moved tag cannot change the bytes; a layer that is gone refuses it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, check_options, hookimpl
@@ -86,7 +86,7 @@ from . import reference as references
 from .options import SCHEME, Options, client_for, hosts_dir_of
 
 #: a registry's image or blob as a Source, without the plugin host; an image resolved as a mount resolves it
-__all__ = ["open_reference", "pinned_reference", "reopen", "resolve_image"]
+__all__ = ["blob_chunks", "open_reference", "pinned_reference", "reopen", "resolve_image"]
 
 log = logging.getLogger("erofs_mount.oci")
 
@@ -110,6 +110,45 @@ def resolve_image(location: str, options: Mapping[str, str]) -> tuple[dict[str, 
         manifest, digest, _ = registry.image_manifest(Platform.parse(opts.platform) if opts.platform
                                                       else Platform.host())
         return manifest, digest, registry.manifest_bytes(digest), registry.config(manifest)
+    finally:
+        client.close()
+
+
+def blob_chunks(location: str, options: Mapping[str, str], digest: str, size: int) -> Iterator[bytes]:
+    """Blob ``digest`` of the repository ``location`` names, streamed in one GET through the hosts a mount
+    would use; at most ``size`` bytes, and its end raises unless they were exactly that blob's."""
+    import hashlib
+
+    from . import _http
+    from .credentials import CredentialSource
+    from .registry import Registry
+
+    check_options(SCHEME, options, Options.names())
+    ref = references.parse(location)
+    opts = Options.parse(options)
+    client = client_for(ref, insecure=opts.insecure, ca=opts.ca,
+                        credentials=CredentialSource.parse(opts.credentials, ref.registry),
+                        hosts_dir=hosts_dir_of(opts.hosts_dir))
+    what = f"oci: {ref}: blob {digest}"
+    try:
+        response = _http.attempt(client, "GET", Registry(client, ref, insecure=opts.insecure).blob_url(digest),
+                                 what=what, headers={"Accept-Encoding": "identity"}, stream=True, body_limit=size)
+        try:
+            if response.status_code != 200:
+                raise _http.status_error(response, what)
+            whole, got = hashlib.sha256(), 0
+            for chunk in response.iter_bytes(1 << 20):
+                got += len(chunk)
+                if got > size:
+                    raise SourceChangedError(f"{what}: the registry sent more than its {size} bytes")
+                whole.update(chunk)
+                yield chunk
+            if got != size or f"sha256:{whole.hexdigest()}" != digest:
+                raise SourceChangedError(f"{what}: the registry sent {got} bytes of another digest")
+        except _http.HTTPError as exc:
+            raise SourceError(f"{what}: {type(exc).__name__}: {exc}", transient=True) from None
+        finally:
+            response.close()
     finally:
         client.close()
 

@@ -1,1 +1,1 @@
-"""containerd 1.6's gRPC API (snapshots, content, images, leases), made by ``generate-api`` from its .proto files."""
+"""containerd 1.6's gRPC API (snapshots, content, images, leases, diff), made by ``generate-api`` from its .proto files."""
