@@ -319,7 +319,15 @@ def test_bad_requests_through_ctr_and_a_layer_erofs_mount_cannot_mount(tmp_path:
         assert listing(containerd.ctr(*snapshots, "ls").stdout) == before, "a bad request changed a snapshot"
         containerd.ctr(*snapshots, "rm", "a-view", check=False)  # (no lease holds it: collected already, or now)
 
+        # a layer another image holds at another place in its chain: mounted once, kept while either image is
+        extra = _layer([("extra", None, None), ("extra/file", None, b"the second image\n")])
+        registry.push_image("team/second", "t", [(extra, GZIP_LAYER), (tools[0], GZIP_LAYER)],
+                            diff_ids=[diff_id(extra), diff_id(tools[0])])
+        cli("snapshotter", "pull", f"{registry.host}/team/second:t", "-o", "insecure")
+        assert len(devices()) == 3, "the layer both images hold is mounted once"
         containerd.ctr("image", "rm", "--sync", reference)
+        assert len(devices()) == 2, "the shared layer stays mounted for the second image"
+        containerd.ctr("image", "rm", "--sync", f"{registry.host}/team/second:t")
         assert containerd.ctr(*snapshots, "ls").stdout.strip().splitlines()[1:] == []
         assert devices() == []
         assert os.listdir(containerd.root / "layers") == [] and os.listdir(containerd.root / "snapshots") == []
