@@ -11,7 +11,6 @@ import sys
 from pathlib import Path
 
 import grpc
-
 from erofs_mount_containerd._api import snapshots_pb2, snapshots_pb2_grpc
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
