@@ -156,6 +156,26 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             subprocess.run(["umount", "-l", str(where)], check=False)
 
 
+    def assert_nothing_left(self) -> None:
+        """No snapshot, device, layer mount or snapshot directory."""
+        assert self.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout.strip().splitlines()[1:] == []
+        assert devices() == []
+        assert os.listdir(self.root / "layers") == [] and os.listdir(self.root / "snapshots") == []
+
+
+@contextlib.contextmanager
+def containerd_running(base: Path, options: str) -> Iterator[Containerd]:
+    """containerd and the snapshotter for the test; their logs printed if it fails."""
+    containerd = Containerd(base, options)
+    try:
+        yield containerd
+    except BaseException:
+        print(containerd.logs())
+        raise
+    finally:
+        containerd.stop()
+
+
 def _wait_for(path: Path, what: str, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not path.exists():
@@ -199,64 +219,56 @@ def test_ctr_runs_an_image_whose_layers_erofs_mount_serves_and_survives_what_a_h
 
     registry = Registry(tmp_path / "registry")
     proxy = FaultProxy(registry.host)
-    containerd = None
     try:
         registry.push_image("team/app", "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
         cli("index", "push", f"oci:{registry.host}/team/app:t", "-o", "insecure", "--sign",
             str(tmp_path / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(tmp_path / "publisher")})
         monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "fresh-host"))
         reference = f"{proxy.host}/team/app:t"
-        containerd = Containerd(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}")
-        pulled = cli("snapshotter", "pull", reference, "-o", "insecure")
-        assert pulled.out.strip() == reference, pulled
-        assert len(devices()) == len(layers), "one erofs-mount device per layer"
-        assert not set(whole_gets(proxy)) & {hashlib.sha256(b).hexdigest() for b in layers}, "a layer was downloaded"
+        with containerd_running(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}") as containerd:
+            pulled = cli("snapshotter", "pull", reference, "-o", "insecure")
+            assert pulled.out.strip() == reference, pulled
+            assert len(devices()) == len(layers), "one erofs-mount device per layer"
+            blobs = {hashlib.sha256(b).hexdigest() for b in layers}
+            assert not set(whole_gets(proxy)) & blobs, "a layer was downloaded"
 
-        # the container's output, and its rootfs seen from inside: the OCI flattening, entry by entry
-        run = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "first",
-                             "/bin/sh", "-c", "cat /data/hidden/new; " + find)
-        assert run.stdout.startswith("after the opaque dir\n"), run.stdout[:500]
-        assert listing(run.stdout.removeprefix("after the opaque dir\n")) == listing(flat)
+            # the container's output, and its rootfs seen from inside: the OCI flattening, entry by entry
+            run = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "first",
+                                 "/bin/sh", "-c", "cat /data/hidden/new; " + find)
+            assert run.stdout.startswith("after the opaque dir\n"), run.stdout[:500]
+            assert listing(run.stdout.removeprefix("after the opaque dir\n")) == listing(flat)
 
-        # writes go to the container's own upper directory: a second container sees the image as it was
-        containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "writer", "/bin/sh", "-c",
-                       "echo new > /data/new && rm /data/keep/Paris && cat /data/new")
-        second = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "reader", "/bin/ls",
-                                "/data", "/data/keep/Paris")
-        assert "new" not in second.stdout.split() and "/data/keep/Paris" in second.stdout, second.stdout
+            # writes go to the container's own upper directory: a second container sees the image as it was
+            containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "writer", "/bin/sh", "-c",
+                           "echo new > /data/new && rm /data/keep/Paris && cat /data/new")
+            second = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "reader", "/bin/ls",
+                                    "/data", "/data/keep/Paris")
+            assert "new" not in second.stdout.split() and "/data/keep/Paris" in second.stdout, second.stdout
 
-        # kill -9 of a layer's daemon while a container reads from it: its reads wait, then complete
-        where = str(containerd.root / "layers" / hashlib.sha256(layers[3]).hexdigest())
-        (row,) = [r for r in devices() if where in r["mountpoints"]]
-        evict(Path(row["mountpoints"][0]), row["device"])
-        with watching():
-            os.kill(int(row["daemon_pid"]), signal.SIGKILL)
-            reader = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "while-dead",
-                                    "/usr/bin/sha256sum", "/data/blob", timeout=600)
-        assert reader.stdout.split()[0] == hashlib.sha256(bytes(range(256)) * (3 << 12)).hexdigest()
+            # kill -9 of a layer's daemon while a container reads from it: its reads wait, then complete
+            where = str(containerd.root / "layers" / hashlib.sha256(layers[3]).hexdigest())
+            (row,) = [r for r in devices() if where in r["mountpoints"]]
+            evict(Path(row["mountpoints"][0]), row["device"])
+            with watching():
+                os.kill(int(row["daemon_pid"]), signal.SIGKILL)
+                reader = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "while-dead",
+                                        "/usr/bin/sha256sum", "/data/blob", timeout=600)
+            assert reader.stdout.split()[0] == hashlib.sha256(bytes(range(256)) * (3 << 12)).hexdigest()
 
-        # the snapshotter killed and started again: the same snapshots, and a new container runs
-        before = listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout)
-        containerd.snapshotter.kill()
-        containerd.snapshotter.wait()
-        containerd.snapshotter = containerd.start_snapshotter()
-        assert listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout) == before
-        again = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "after-restart",
-                               "/bin/cat", "/data/hidden/new")
-        assert again.stdout == "after the opaque dir\n"
+            # the snapshotter killed and started again: the same snapshots, and a new container runs
+            before = listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout)
+            containerd.snapshotter.kill()
+            containerd.snapshotter.wait()
+            containerd.snapshotter = containerd.start_snapshotter()
+            assert listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout) == before
+            again = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "after-restart",
+                                   "/bin/cat", "/data/hidden/new")
+            assert again.stdout == "after the opaque dir\n"
 
-        # the image removed and collected: no device, mount, record or directory is left
-        containerd.ctr("image", "rm", "--sync", reference)
-        assert containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout.strip().splitlines()[1:] == []
-        assert devices() == []
-        assert os.listdir(containerd.root / "layers") == [] and os.listdir(containerd.root / "snapshots") == []
-    except BaseException:
-        if containerd is not None:
-            print(containerd.logs())
-        raise
+            # the image removed and collected: no device, mount, record or directory is left
+            containerd.ctr("image", "rm", "--sync", reference)
+            containerd.assert_nothing_left()
     finally:
-        if containerd is not None:
-            containerd.stop()
         proxy.stop()
         registry.stop()
         shutil.rmtree(tmp_path / "flat", ignore_errors=True)
@@ -293,49 +305,40 @@ def test_bad_requests_through_ctr_and_a_layer_erofs_mount_cannot_mount(tmp_path:
     sparse, holey_sha256 = sparse_layer(tmp_path)
     layers = [*tools, sparse]
     registry = Registry(tmp_path / "registry")
-    containerd = None
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "cache"))
     try:
         registry.push_image("team/sparse", "t", [(b, GZIP_LAYER) for b in layers],
                             diff_ids=[diff_id(b) for b in layers])
         reference = f"{registry.host}/team/sparse:t"
-        containerd = Containerd(tmp_path, "insecure")
-        cli("snapshotter", "pull", reference, "-o", "insecure")
-        assert len(devices()) == 2, "the sparse layer is containerd's, the others erofs-mount's"
-        assert "is a sparse file" in (tmp_path / "snapshotter.log").read_text()
-        run = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "sparse",
-                             "/usr/bin/sha256sum", "/holey")
-        assert run.stdout.split()[0] == holey_sha256
+        with containerd_running(tmp_path, "insecure") as containerd:
+            cli("snapshotter", "pull", reference, "-o", "insecure")
+            assert len(devices()) == 2, "the sparse layer is containerd's, the others erofs-mount's"
+            assert "is a sparse file" in (tmp_path / "snapshotter.log").read_text()
+            run = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "sparse",
+                                 "/usr/bin/sha256sum", "/holey")
+            assert run.stdout.split()[0] == holey_sha256
 
-        snapshots = ("snapshots", "--snapshotter", "erofs-mount")
-        chain = chain_ids([diff_id(b) for b in layers])  # the snapshots' names: the layers' chain IDs
-        containerd.ctr(*snapshots, "view", "a-view", chain[-1])
-        before = listing(containerd.ctr(*snapshots, "ls").stdout)
-        first = chain[0]
-        for args in (("info", "no-such-key"), ("prepare", "k1", "no-such-parent"), ("commit", "c1", "a-view"),
-                     ("rm", first)):
-            failed = containerd.ctr(*snapshots, *args, check=False)
-            assert failed.returncode != 0 and len(failed.stderr.strip().splitlines()) == 1, (args, failed.stderr)
-        assert listing(containerd.ctr(*snapshots, "ls").stdout) == before, "a bad request changed a snapshot"
-        containerd.ctr(*snapshots, "rm", "a-view", check=False)  # (no lease holds it: collected already, or now)
+            snapshots = ("snapshots", "--snapshotter", "erofs-mount")
+            chain = chain_ids([diff_id(b) for b in layers])  # the snapshots' names: the layers' chain IDs
+            containerd.ctr(*snapshots, "view", "a-view", chain[-1])
+            before = listing(containerd.ctr(*snapshots, "ls").stdout)
+            first = chain[0]
+            for args in (("info", "no-such-key"), ("prepare", "k1", "no-such-parent"), ("commit", "c1", "a-view"),
+                         ("rm", first)):
+                failed = containerd.ctr(*snapshots, *args, check=False)
+                assert failed.returncode != 0 and len(failed.stderr.strip().splitlines()) == 1, (args, failed.stderr)
+            assert listing(containerd.ctr(*snapshots, "ls").stdout) == before, "a bad request changed a snapshot"
+            containerd.ctr(*snapshots, "rm", "a-view", check=False)  # (no lease holds it: collected already, or now)
 
-        # a layer another image holds at another place in its chain: mounted once, kept while either image is
-        extra = _layer([("extra", None, None), ("extra/file", None, b"the second image\n")])
-        registry.push_image("team/second", "t", [(extra, GZIP_LAYER), (tools[0], GZIP_LAYER)],
-                            diff_ids=[diff_id(extra), diff_id(tools[0])])
-        cli("snapshotter", "pull", f"{registry.host}/team/second:t", "-o", "insecure")
-        assert len(devices()) == 3, "the layer both images hold is mounted once"
-        containerd.ctr("image", "rm", "--sync", reference)
-        assert len(devices()) == 2, "the shared layer stays mounted for the second image"
-        containerd.ctr("image", "rm", "--sync", f"{registry.host}/team/second:t")
-        assert containerd.ctr(*snapshots, "ls").stdout.strip().splitlines()[1:] == []
-        assert devices() == []
-        assert os.listdir(containerd.root / "layers") == [] and os.listdir(containerd.root / "snapshots") == []
-    except BaseException:
-        if containerd is not None:
-            print(containerd.logs())
-        raise
+            # a layer another image holds at another place in its chain: mounted once, kept while either image is
+            extra = _layer([("extra", None, None), ("extra/file", None, b"the second image\n")])
+            registry.push_image("team/second", "t", [(extra, GZIP_LAYER), (tools[0], GZIP_LAYER)],
+                                diff_ids=[diff_id(extra), diff_id(tools[0])])
+            cli("snapshotter", "pull", f"{registry.host}/team/second:t", "-o", "insecure")
+            assert len(devices()) == 3, "the layer both images hold is mounted once"
+            containerd.ctr("image", "rm", "--sync", reference)
+            assert len(devices()) == 2, "the shared layer stays mounted for the second image"
+            containerd.ctr("image", "rm", "--sync", f"{registry.host}/team/second:t")
+            containerd.assert_nothing_left()
     finally:
-        if containerd is not None:
-            containerd.stop()
         registry.stop()

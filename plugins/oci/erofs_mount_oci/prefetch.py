@@ -55,6 +55,7 @@ TOC_UNIT = 256 << 10
 RUN_BYTES = 4 << 20
 #: a list's bounds: units, bytes, layers
 MAX_ENTRIES, MAX_LIST_BYTES, MAX_LAYERS = 1 << 16, 4 << 20, 1024
+MAX_READ = 4 * MAX_ENTRIES  # units whose first read is remembered (for hits and waste): memory bounded
 KINDS = ("archive", "toc")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
@@ -197,7 +198,7 @@ class ReadOrder:
                 fetching = self._fetching.get(key)
                 if fetching is not None:
                     under_way.append(fetching)
-                if key in self._read:
+                if key in self._read or len(self._read) >= MAX_READ:  # (past it, hits are counted no more)
                     continue
                 self._read.add(key)
                 if key in self._prefetched or fetching is not None:
