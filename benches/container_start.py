@@ -13,7 +13,7 @@ link (a regional registry). The command reads a few percent of it:
 cold host (containerd's state, the snapshotter's root and erofs-mount's
 cache all empty, on tmpfs); cases alternate; medians of --runs are
 printed, as seconds to the command's first output (pull included), ratios
-to (o), and bytes through the proxy:
+to (o), the pull's part, and bytes through the proxy:
 
 (o) containerd's overlayfs snapshotter: ``ctr image pull`` (every layer
     fetched and unpacked), then ``ctr run``;
@@ -101,7 +101,7 @@ def first_output(command: list[str], env: dict[str, str]) -> float:
     return took
 
 
-def one(case: str, reference: str, keys: Path, work: Path, proxy) -> tuple[float, int]:  # noqa: ANN001
+def one(case: str, reference: str, keys: Path, work: Path, proxy) -> tuple[float, float, int]:  # noqa: ANN001
     from tests.vm.conftest import cli
     from tests.vm.test_containerd import Containerd
 
@@ -123,7 +123,7 @@ def one(case: str, reference: str, keys: Path, work: Path, proxy) -> tuple[float
         pulled = time.monotonic() - started
         took = pulled + first_output(run, containerd.env)
         containerd.ctr("image", "rm", "--sync", reference)
-        return took, proxy.sent_bytes - sent
+        return took, pulled, proxy.sent_bytes - sent
     finally:
         containerd.stop()
         shutil.rmtree(base, ignore_errors=True)
@@ -149,21 +149,24 @@ def bench(runs: int, mib: int) -> None:
             str(work / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(work / "publisher")})
         proxy.latency, proxy.rate = LATENCY, RATE
         reference = f"{proxy.host}/bench/python:t"
-        results: dict[str, list[tuple[float, int]]] = {"o": [], "i": [], "n": []}
+        results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "n": []}
         for run in range(runs):
             order = ["o", "i", "n"] if run % 2 == 0 else ["n", "i", "o"]
             for case in order:
                 results[case].append(one(case, reference, work, work, proxy))
-                print(f"run {run + 1} ({case}): {results[case][-1][0]:.1f} s, {results[case][-1][1] >> 20} MiB",
-                      file=sys.stderr)
+                took, pulled, sent = results[case][-1]
+                print(f"run {run + 1} ({case}): {took:.1f} s (pull {pulled:.1f} s), {sent >> 20} MiB", file=sys.stderr)
         total = sum(len(b) for b in layers)
         print(f"image: {len(layers)} gzip layers, {total >> 20} MiB compressed; command: {' '.join(COMMAND)}")
-        base = statistics.median(t for t, _ in results["o"])
+        base = statistics.median(t for t, _, _ in results["o"])
+        print(f"{'':36} {'first output':>12} {'ratio':>6} {'of it, pull':>11} {'through the proxy':>18}")
         for case, name in (("o", "overlayfs: pull, unpack, run"), ("i", "erofs-mount, published index"),
                            ("n", "erofs-mount, no index")):
-            seconds = statistics.median(t for t, _ in results[case])
-            sent = statistics.median(b for _, b in results[case])
-            print(f"({case}) {name:32} {seconds:7.1f} s  {seconds / base:5.2f}x  {sent / (1 << 20):8.1f} MiB")
+            seconds = statistics.median(t for t, _, _ in results[case])
+            pulled = statistics.median(p for _, p, _ in results[case])
+            sent = statistics.median(b for _, _, b in results[case])
+            print(f"({case}) {name:32} {seconds:10.1f} s {seconds / base:5.2f}x {pulled:9.1f} s "
+                  f"{sent / (1 << 20):14.1f} MiB")
     finally:
         proxy.stop()
         registry.stop()

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("erofs_mount.containerd")
@@ -24,6 +25,8 @@ SNAPSHOT_REF = "containerd.io/snapshot.ref"
 IMAGE_REF = "containerd.io/snapshot/cri.image-ref"
 LAYER_DIGEST = "containerd.io/snapshot/cri.layer-digest"
 MANIFEST_DIGEST = "containerd.io/snapshot/cri.manifest-digest"
+IMAGE_LAYERS = "containerd.io/snapshot/cri.image-layers"  # this layer's digest and the later ones', by commas
+AHEAD = 2  # later layers mounted at once while containerd prepares one after another
 MOUNT_TIMEOUT = 600  # seconds: a layer with no index and no TOC is downloaded and indexed first
 
 
@@ -38,6 +41,8 @@ class Layers:
         self.root.mkdir(mode=0o700, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._ahead = ThreadPoolExecutor(max_workers=AHEAD, thread_name_prefix="mount-ahead")
+        self._failed: dict[str, LayerError] = {}  # a mount ahead that failed: its layer's Prepare says so
 
     def path(self, digest: str) -> Path:
         algorithm, _, hexdigest = digest.partition(":")
@@ -49,6 +54,23 @@ class Layers:
         with self._guard:
             return self._locks.setdefault(digest, threading.Lock())
 
+    def mount_ahead(self, labels: dict[str, str]) -> None:
+        """Start mounting the image's later layers that ``labels`` list (``cri.image-layers``), a few at once:
+        containerd prepares layers one after another, and each waits for the one before."""
+        for digest in labels.get(IMAGE_LAYERS, "").split(",")[1:]:
+            try:
+                target = self.path(digest)
+            except LayerError:
+                continue  # (its own Prepare says so)
+            if not os.path.ismount(target) and not self._lock(digest).locked():
+                self._ahead.submit(self._mount_quietly, {**labels, LAYER_DIGEST: digest})
+
+    def _mount_quietly(self, labels: dict[str, str]) -> None:
+        try:
+            self.mount(labels)
+        except LayerError as exc:
+            self._failed[labels[LAYER_DIGEST]] = exc
+
     def mount(self, labels: dict[str, str]) -> str:
         """The layer the labels name, mounted (once: a layer mounted already is shared); its digest."""
         digest, image = labels.get(LAYER_DIGEST, ""), labels.get(IMAGE_REF, "")
@@ -56,6 +78,9 @@ class Layers:
         with self._lock(digest):
             if os.path.ismount(target):
                 return digest
+            failed = self._failed.pop(digest, None)
+            if failed is not None:  # a mount ahead of it failed just now: not tried twice
+                raise failed
             target.mkdir(mode=0o700, exist_ok=True)
             source = f"oci:{pinned(image, labels.get(MANIFEST_DIGEST, ''))}"
             options = ",".join(o for o in (f"blob={digest}", self.options) if o)
@@ -78,6 +103,9 @@ class Layers:
                     return
             with contextlib.suppress(OSError):
                 target.rmdir()
+
+    def close(self) -> None:
+        self._ahead.shutdown(wait=True, cancel_futures=True)
 
     def mounted(self) -> list[str]:
         """The digests of the layers mounted here now."""

@@ -48,7 +48,7 @@ from ._api import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
-from .layers import IMAGE_REF, LAYER_DIGEST, MANIFEST_DIGEST, SNAPSHOT_REF
+from .layers import IMAGE_LAYERS, IMAGE_REF, LAYER_DIGEST, MANIFEST_DIGEST, SNAPSHOT_REF
 
 LEASE_HOURS = 1  # a pull that dies leaves what it made to the collector after this
 
@@ -87,7 +87,7 @@ def pull_image(reference: str, options: Mapping[str, str], address: str, namespa
             parent = ""
             for n, (layer, chain_id) in enumerate(zip(layers, chain, strict=True)):
                 labels = {SNAPSHOT_REF: chain_id, IMAGE_REF: reference, LAYER_DIGEST: layer["digest"],
-                          MANIFEST_DIGEST: digest}
+                          MANIFEST_DIGEST: digest, IMAGE_LAYERS: _image_layers(layers[n:])}
                 calls.prepare_layer(snapshotter, chain_id, parent, labels, f"layer {n} ({layer['digest']})",
                                     lambda layer=layer: _blob(reference, options, layer))
                 parent = chain_id
@@ -98,6 +98,16 @@ def pull_image(reference: str, options: Mapping[str, str], address: str, namespa
         finally:
             calls.release(lease)
     return reference
+
+
+def _image_layers(layers: Sequence[dict[str, Any]]) -> str:
+    """CRI's ``cri.image-layers``: this layer's digest and the later ones', as many as a label holds."""
+    listed: list[str] = []
+    for layer in layers:
+        if len(IMAGE_LAYERS) + len(",".join([*listed, layer["digest"]])) > 4096:
+            break
+        listed.append(layer["digest"])
+    return ",".join(listed)
 
 
 def _blob(reference: str, options: Mapping[str, str], layer: dict[str, Any]) -> tuple[Any, Iterator[bytes]]:

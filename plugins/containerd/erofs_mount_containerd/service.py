@@ -140,6 +140,7 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
             return existing
         if parent and self.store.find(parent) is None:
             raise StoreError(grpc.StatusCode.NOT_FOUND, f"parent snapshot {parent} does not exist")
+        self.layers.mount_ahead(labels)
         try:
             digest = self.layers.mount(labels)
         except LayerError as exc:
@@ -209,6 +210,7 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
                 mounted.add(snapshot.layer)
 
     def close(self) -> None:
+        self.layers.close()
         self.store.close()
 
 
