@@ -20,6 +20,9 @@ to (o), the pull's part, and bytes through the proxy:
 (i) erofs-mount's snapshotter, the image's index published by another host
     (``index push``, signed; the snapshotter given the key):
     ``erofs-mount snapshotter pull``, then ``ctr run --snapshotter erofs-mount``;
+(p) as (i), the index published with the prefetch list of a publisher's
+    mount that ran the same command (``index push --prefetch-from``): each
+    layer's daemon fetches, in the background, what the command will read;
 (n) as (i) with no index anywhere: each layer downloaded once and indexed
     as the snapshotter mounts it.
 """
@@ -107,7 +110,9 @@ def one(case: str, reference: str, keys: Path, work: Path, proxy) -> tuple[float
 
     base = Path(tempfile.mkdtemp(dir=work))
     os.environ["EROFS_MOUNT_CACHE_DIR"] = str(base / "cache")
-    options = "insecure" + (f",index-key={keys / 'index.pub'}" if case == "i" else ",index=off")
+    options = "insecure" + (f",index-key={keys / 'index.pub'}" if case in ("i", "p") else ",index=off")
+    if case == "p":
+        reference = reference.replace("/bench/python:", "/bench/python-p:")
     containerd = Containerd(base, options)
     sent = proxy.sent_bytes
     try:
@@ -129,6 +134,27 @@ def one(case: str, reference: str, keys: Path, work: Path, proxy) -> tuple[float
         shutil.rmtree(base, ignore_errors=True)
 
 
+def publish_with_prefetch(reference: str, work: Path) -> None:
+    """The publisher: its own mount of the image runs the command (chroot), then ``index push
+    --prefetch-from`` that mount, signed."""
+    from erofs_mount_oci.prefetch import FLUSH_EVERY
+
+    from tests.vm.conftest import cli
+
+    mountpoint = work / "publisher-mnt"
+    mountpoint.mkdir()
+    env = {"EROFS_MOUNT_CACHE_DIR": str(work / "publisher-p")}
+    cli("mount", "--source", f"oci:{reference}", "-o", "insecure", str(mountpoint), env=env)
+    try:
+        subprocess.run(["chroot", str(mountpoint), "/usr/bin/python3", *COMMAND[1:]], check=True,
+                       capture_output=True)
+        time.sleep(FLUSH_EVERY + 1)  # the daemon keeps its list every few seconds
+        cli("index", "push", f"oci:{reference}", "-o", "insecure", "--sign", str(work / "index.key"),
+            "--prefetch-from", str(mountpoint), env=env)
+    finally:
+        cli("umount", str(mountpoint), env=env)
+
+
 def bench(runs: int, mib: int) -> None:
     from tests.oci.faultproxy import FaultProxy
     from tests.oci.registry import Registry
@@ -147,11 +173,13 @@ def bench(runs: int, mib: int) -> None:
             subprocess.run(["openssl", *args, str(work / name)], check=True)
         cli("index", "push", f"oci:{registry.host}/bench/python:t", "-o", "insecure", "--sign",
             str(work / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(work / "publisher")})
+        registry.push_image("bench/python-p", "t", [(b, GZIP) for b in layers], diff_ids=[diff_id(b) for b in layers])
+        publish_with_prefetch(f"{registry.host}/bench/python-p:t", work)
         proxy.latency, proxy.rate = LATENCY, RATE
         reference = f"{proxy.host}/bench/python:t"
-        results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "n": []}
+        results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "p": [], "n": []}
         for run in range(runs):
-            order = ["o", "i", "n"] if run % 2 == 0 else ["n", "i", "o"]
+            order = ["o", "i", "p", "n"] if run % 2 == 0 else ["n", "p", "i", "o"]
             for case in order:
                 results[case].append(one(case, reference, work, work, proxy))
                 took, pulled, sent = results[case][-1]
@@ -161,7 +189,7 @@ def bench(runs: int, mib: int) -> None:
         base = statistics.median(t for t, _, _ in results["o"])
         print(f"{'':36} {'first output':>12} {'ratio':>6} {'of it, pull':>11} {'through the proxy':>18}")
         for case, name in (("o", "overlayfs: pull, unpack, run"), ("i", "erofs-mount, published index"),
-                           ("n", "erofs-mount, no index")):
+                           ("p", "erofs-mount, index and prefetch"), ("n", "erofs-mount, no index")):
             seconds = statistics.median(t for t, _, _ in results[case])
             pulled = statistics.median(p for _, p, _ in results[case])
             sent = statistics.median(b for _, _, b in results[case])
