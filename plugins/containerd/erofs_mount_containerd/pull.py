@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
@@ -69,10 +68,8 @@ def chain_ids(diff_ids: Sequence[str]) -> list[str]:
 def pull_image(reference: str, options: Mapping[str, str], address: str, namespace: str, snapshotter: str) -> str:
     from erofs_mount_oci import resolve_image
 
-    manifest, digest, raw_manifest, config = resolve_image(reference, options)
-    config_digest = manifest["config"]["digest"]
-    layers = manifest.get("layers") or []
-    diff_ids = json.loads(config)["rootfs"]["diff_ids"]
+    image = resolve_image(reference, options)
+    layers, diff_ids = image.layers, image.diff_ids
     if len(diff_ids) != len(layers):
         raise PullError(f"snapshotter pull: {reference}: its config names {len(diff_ids)} layer(s), its manifest "
                         f"{len(layers)}")
@@ -81,20 +78,18 @@ def pull_image(reference: str, options: Mapping[str, str], address: str, namespa
         calls = _Calls(channel, namespace, address)
         lease = calls.lease()
         try:
-            calls.write(config_digest, config, {f"containerd.io/gc.ref.snapshot.{snapshotter}": chain[-1]}
-                        if chain else {})
-            calls.write(digest, raw_manifest, {"containerd.io/gc.ref.content.config": config_digest})
+            calls.write(image.config_digest, image.config,
+                        {f"containerd.io/gc.ref.snapshot.{snapshotter}": chain[-1]} if chain else {})
+            calls.write(image.digest, image.manifest, {"containerd.io/gc.ref.content.config": image.config_digest})
             parent = ""
             for n, (layer, chain_id) in enumerate(zip(layers, chain, strict=True)):
                 labels = {SNAPSHOT_REF: chain_id, IMAGE_REF: reference, LAYER_DIGEST: layer["digest"],
-                          MANIFEST_DIGEST: digest, IMAGE_LAYERS: _image_layers(layers[n:])}
+                          MANIFEST_DIGEST: image.digest, IMAGE_LAYERS: _image_layers(layers[n:])}
                 calls.prepare_layer(snapshotter, chain_id, parent, labels, f"layer {n} ({layer['digest']})",
                                     lambda layer=layer: _blob(reference, options, layer))
                 parent = chain_id
-            target = descriptor_pb2.Descriptor(media_type=manifest.get("mediaType") or
-                                               "application/vnd.oci.image.manifest.v1+json",
-                                               digest=digest, size=len(raw_manifest))
-            calls.image(reference, target)
+            calls.image(reference, descriptor_pb2.Descriptor(media_type=image.media_type, digest=image.digest,
+                                                             size=len(image.manifest)))
         finally:
             calls.release(lease)
     return reference
@@ -114,7 +109,8 @@ def _blob(reference: str, options: Mapping[str, str], layer: dict[str, Any]) -> 
     """A layer's descriptor (as containerd's) and its bytes, for containerd to apply."""
     from erofs_mount_oci import blob_chunks
 
-    descriptor = descriptor_pb2.Descriptor(media_type=layer["mediaType"], digest=layer["digest"], size=layer["size"])
+    descriptor = descriptor_pb2.Descriptor(media_type=str(layer.get("mediaType", "")), digest=layer["digest"],
+                                           size=layer["size"])
     return descriptor, blob_chunks(reference, options, layer["digest"], int(layer["size"]))
 
 

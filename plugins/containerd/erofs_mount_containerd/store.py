@@ -159,6 +159,7 @@ class Store:
         if db.execute("SELECT 1 FROM snapshots WHERE key = ?", (name,)).fetchone():
             raise StoreError(grpc.StatusCode.ALREADY_EXISTS, f"snapshot {name} already exists")
         merged = {**active.labels, **labels}
+        check_labels(merged)
         db.execute("UPDATE snapshots SET key = ?, kind = ?, labels = ?, updated = ?, size = ?, inodes = ? "
                    "WHERE id = ?", (name, COMMITTED, json.dumps(merged), time.time(), size, inodes, active.id))
         return self._get(db, name)

@@ -80,38 +80,67 @@ import logging
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+import attrs
+
 from erofs_mount_core import CacheSettings, Source, SourceChangedError, SourceError, UsageError, check_options, hookimpl
 
 from . import reference as references
 from .options import SCHEME, Options, client_for, hosts_dir_of
 
 #: a registry's image or blob as a Source, without the plugin host; an image resolved as a mount resolves it
-__all__ = ["blob_chunks", "open_reference", "pinned_reference", "reopen", "resolve_image"]
+__all__ = ["ResolvedImage", "blob_chunks", "open_reference", "pinned_reference", "reopen", "resolve_image"]
 
 log = logging.getLogger("erofs_mount.oci")
 
 
-def resolve_image(location: str, options: Mapping[str, str]) -> tuple[dict[str, Any], str, bytes, bytes]:
-    """The image manifest ``location`` names for this host's platform (or ``-o platform=``), resolved as a
-    mount resolves it (credentials, hosts directory, ``insecure``): (the manifest, its digest, its bytes, the
-    config's bytes), every one checked against its digest."""
+@attrs.frozen
+class ResolvedImage:
+    """An image manifest and its config as the registry holds them, each checked against its digest, with
+    the manifest's layer descriptors and the config's diff_ids checked as a mount checks them."""
+
+    digest: str
+    media_type: str
+    manifest: bytes
+    config_digest: str
+    config: bytes
+    layers: list[dict[str, Any]]  # each with a well-formed digest, size and mediaType
+    diff_ids: list[str]
+
+
+def _connect(location: str, options: Mapping[str, str]) -> tuple[Any, Options, Any, str, Any]:
+    """The registry ``location`` names, reached as a mount reaches it (the host's checks of ``options`` made
+    here too, for callers without the host): (the reference, the options, where credentials come from, the
+    hosts directory, the registry); the caller closes the registry's client."""
     from .credentials import CredentialSource
-    from .platform import Platform
     from .registry import Registry
 
     check_options(SCHEME, options, Options.names())
     ref = references.parse(location)
     opts = Options.parse(options)
+    if opts.insecure and ref.registry == references.DOCKER_HUB:
+        raise UsageError("oci: insecure (plain HTTP) is refused for Docker Hub")
     credentials = CredentialSource.parse(opts.credentials, ref.registry)
-    client = client_for(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials,
-                        hosts_dir=hosts_dir_of(opts.hosts_dir))
+    hosts_dir = hosts_dir_of(opts.hosts_dir)
+    client = client_for(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials, hosts_dir=hosts_dir)
+    return ref, opts, credentials, hosts_dir, Registry(client, ref, insecure=opts.insecure)
+
+
+def resolve_image(location: str, options: Mapping[str, str]) -> ResolvedImage:
+    """The image manifest ``location`` names for this host's platform (or ``-o platform=``), resolved as a
+    mount resolves it (credentials, hosts directory, ``insecure``), and its config."""
+    from .platform import Platform
+    from .registry import OCI_MANIFEST, _descriptors
+
+    ref, opts, _, _, registry = _connect(location, options)
     try:
-        registry = Registry(client, ref, insecure=opts.insecure)
         manifest, digest, _ = registry.image_manifest(Platform.parse(opts.platform) if opts.platform
                                                       else Platform.host())
-        return manifest, digest, registry.manifest_bytes(digest), registry.config(manifest)
+        layers = _descriptors(manifest.get("layers"), f"oci: {ref}: its manifest")
+        config = registry.config(manifest)
+        return ResolvedImage(digest, str(manifest.get("mediaType") or OCI_MANIFEST), registry.manifest_bytes(digest),
+                             manifest["config"]["digest"], config, layers, registry.diff_ids(manifest, config))
     finally:
-        client.close()
+        registry.client.close()
 
 
 def blob_chunks(location: str, options: Mapping[str, str], digest: str, size: int) -> Iterator[bytes]:
@@ -120,19 +149,12 @@ def blob_chunks(location: str, options: Mapping[str, str], digest: str, size: in
     import hashlib
 
     from . import _http
-    from .credentials import CredentialSource
-    from .registry import Registry
 
-    check_options(SCHEME, options, Options.names())
-    ref = references.parse(location)
-    opts = Options.parse(options)
-    client = client_for(ref, insecure=opts.insecure, ca=opts.ca,
-                        credentials=CredentialSource.parse(opts.credentials, ref.registry),
-                        hosts_dir=hosts_dir_of(opts.hosts_dir))
+    ref, _, _, _, registry = _connect(location, options)
     what = f"oci: {ref}: blob {digest}"
     try:
-        response = _http.attempt(client, "GET", Registry(client, ref, insecure=opts.insecure).blob_url(digest),
-                                 what=what, headers={"Accept-Encoding": "identity"}, stream=True, body_limit=size)
+        response = _http.attempt(registry.client, "GET", registry.blob_url(digest), what=what,
+                                 headers={"Accept-Encoding": "identity"}, stream=True, body_limit=size)
         try:
             if response.status_code != 200:
                 raise _http.status_error(response, what)
@@ -150,7 +172,7 @@ def blob_chunks(location: str, options: Mapping[str, str], digest: str, size: in
         finally:
             response.close()
     finally:
-        client.close()
+        registry.client.close()
 
 
 def pinned_reference(location: str, digest: str) -> str:
@@ -162,21 +184,12 @@ def pinned_reference(location: str, digest: str) -> str:
 def open_reference(location: str, options: Mapping[str, str]) -> Source:
     """The image (or blob) ``location`` names, as the ``oci:`` source serves it (the host's checks of
     ``options`` made here too, for callers without the host)."""
-    from .credentials import CredentialSource
     from .platform import Platform
-    from .registry import TAR_LAYERS, Registry, is_erofs
+    from .registry import TAR_LAYERS, is_erofs
 
-    check_options(SCHEME, options, Options.names())
-    ref = references.parse(location)
-    opts = Options.parse(options)
-    if opts.insecure and ref.registry == references.DOCKER_HUB:
-        raise UsageError("oci: insecure (plain HTTP) is refused for Docker Hub")
-    credentials = CredentialSource.parse(opts.credentials, ref.registry)
-    platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
-    hosts_dir = hosts_dir_of(opts.hosts_dir)
-    client = client_for(ref, insecure=opts.insecure, ca=opts.ca, credentials=credentials, hosts_dir=hosts_dir)
+    ref, opts, credentials, hosts_dir, registry = _connect(location, options)
     try:
-        registry = Registry(client, ref, insecure=opts.insecure)
+        platform = Platform.parse(opts.platform) if opts.platform else Platform.host()
         manifest, digest, chosen = registry.image_manifest(platform)
         common = {"reference": location, "registry": ref.registry, "repository": ref.repository,
                   "manifest_digest": digest, "platform": chosen, "insecure": opts.insecure, "ca": opts.ca or "",
@@ -193,7 +206,7 @@ def open_reference(location: str, options: Mapping[str, str]) -> Source:
             return _open_image(registry, [layer], manifest, common, opts, whole=False)
         return _open_blob(registry, layer, common, opts)
     except BaseException:
-        client.close()
+        registry.client.close()
         raise
 
 

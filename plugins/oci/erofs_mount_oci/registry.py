@@ -175,10 +175,11 @@ class Registry:
             found.append(Layer(digest, d["digest"], d["size"], media_type, i, platform, _toc_position(d, name)))
         return found
 
-    def diff_ids(self, manifest: dict[str, Any]) -> list[str]:
-        """The image config's ``rootfs.diff_ids``: the sha256 of each layer's uncompressed tar stream."""
-        what = f"oci: {self.ref}: config {manifest.get('config', {}).get('digest')}"
-        body = self.config(manifest)
+    def diff_ids(self, manifest: dict[str, Any], config: bytes | None = None) -> list[str]:
+        """The image config's ``rootfs.diff_ids``: the sha256 of each layer's uncompressed tar stream.
+        ``config``: the config's bytes, when they were fetched (and checked) already."""
+        body = self.config(manifest) if config is None else config
+        what = f"oci: {self.ref}: its config"
         try:
             ids = json.loads(body)["rootfs"]["diff_ids"]
         except (ValueError, KeyError, TypeError, RecursionError):
