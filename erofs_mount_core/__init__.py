@@ -13,6 +13,7 @@ The public API for source plugins is what this module exports::
     from erofs_mount_core import SpanStore, FillJob  # checked spans kept on disk, shared, kept across reattach
     from erofs_mount_core import cache_directory, cache_room, open_cache_file, write_cache_file  # kept between mounts
     from erofs_mount_core import mounted_source  # what a mounted device serves, for a plugin's commands
+    from erofs_mount_core import CommandServer  # erofs-mount commands run as forks of a warm process
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
 contract kit in ``erofs_mount_core.testing``. Every other module is private
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "BlockCache": "_filters",
     "CacheSettings": "_filters",
+    "CommandServer": "_forkserver",
     "Counters": "_metrics",
     "ErofsMountError": "_errors",
     "FillJob": "_span_store",
@@ -61,6 +63,7 @@ _EXPORTS = {
 __all__ = [
     "BlockCache",
     "CacheSettings",
+    "CommandServer",
     "Counters",
     "ErofsMountError",
     "FillJob",
@@ -95,6 +98,7 @@ if TYPE_CHECKING:
     from ._erofs.synthesized import SynthesizedImage
     from ._errors import ErofsMountError, SourceChangedError, SourceError, UsageError
     from ._filters import BlockCache, CacheSettings, Filter, RetryPolicy
+    from ._forkserver import CommandServer
     from ._metrics import Counters
     from ._source import Source
     from ._span_hashes import SpanHasher, SpanHashes

@@ -309,6 +309,11 @@ def installed() -> list[tuple[str, str]]:
             for ep in sorted(_entry_points(), key=lambda e: e.name)]
 
 
+def plugin_packages() -> list[str]:
+    """The top-level packages of the plugins a command would load, none of them imported."""
+    return sorted({ep.module.partition(".")[0] for ep in _selected(_entry_points())})
+
+
 def _entry_points() -> Iterable[importlib.metadata.EntryPoint]:
     """The group's entry points from installed distributions, never from the working directory.
 

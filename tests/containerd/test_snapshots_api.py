@@ -171,11 +171,9 @@ def test_labels_that_are_not_a_digest_mount_nothing(served: tuple[Client, Snapsh
                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A layer digest that would name another path, or carry an option, never reaches erofs-mount: the
     snapshot is an ordinary one, and no directory is made outside the snapshotter's own."""
-    from erofs_mount_containerd import layers
-
     ran: list[tuple[str, ...]] = []
-    monkeypatch.setattr(layers, "_erofs_mount", lambda *args: ran.append(args))
-    client, _ = served
+    client, service = served
+    monkeypatch.setattr(service.layers, "_erofs_mount", lambda *args: ran.append(args))
     for n, digest in enumerate(("sha256:../../../etc", "sha256:" + "a" * 64 + ",hosts-dir=/tmp", "md5:abc")):
         labels = {SNAPSHOT_REF: f"sha256:{n}", IMAGE_REF: "127.0.0.1:9/a/b:c", LAYER_DIGEST: digest}
         mounts = client.Prepare(key=f"default/{n}/extract", parent="", labels=labels).mounts

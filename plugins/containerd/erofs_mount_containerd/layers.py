@@ -4,7 +4,9 @@ Each is an ordinary ``erofs-mount mount`` of the image's layer (``oci:`` by
 the manifest's digest, ``-o blob=DIGEST``): a device with a record, so
 ``watch`` and ``reattach`` keep it alive under a running container, and
 ``list`` shows it. Every snapshot of the layer (in any namespace, under any
-parent) shares the one mount; the last one removed unmounts it.
+parent) shares the one mount; the last one removed unmounts it. The commands
+run as forks of a ``CommandServer`` started with the snapshotter, not as new
+interpreters: a container's start waits for its layers' mounts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,11 @@ import contextlib
 import logging
 import os
 import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from erofs_mount_core import CommandServer
 
 log = logging.getLogger("erofs_mount.containerd")
 
@@ -36,7 +39,9 @@ class LayerError(Exception):
 
 class Layers:
     def __init__(self, root: Path, options: str) -> None:
-        """``options``: erofs-mount's ``-o`` for every layer (``insecure``, ``hosts-dir``, ``credentials``...)."""
+        """``options``: erofs-mount's ``-o`` for every layer (``insecure``, ``hosts-dir``, ``credentials``...).
+        Made before the process starts threads: it forks the server that runs erofs-mount's commands."""
+        self._commands = CommandServer()
         self.root, self.options = root / "layers", options
         self.root.mkdir(mode=0o700, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
@@ -84,7 +89,7 @@ class Layers:
             target.mkdir(mode=0o700, exist_ok=True)
             source = f"oci:{pinned(image, labels.get(MANIFEST_DIGEST, ''))}"
             options = ",".join(o for o in (f"blob={digest}", self.options) if o)
-            result = _erofs_mount("mount", "--source", source, "-o", options, str(target))
+            result = self._erofs_mount("mount", "--source", source, "-o", options, str(target))
             if result.returncode != 0:
                 with contextlib.suppress(OSError):
                     target.rmdir()
@@ -97,7 +102,7 @@ class Layers:
         target = self.path(digest)
         with self._lock(digest):
             if os.path.ismount(target):
-                result = _erofs_mount("umount", str(target))
+                result = self._erofs_mount("umount", str(target))
                 if result.returncode != 0:
                     log.warning("layer %s: erofs-mount umount failed: %s", digest, result.stderr.strip())
                     return
@@ -106,6 +111,10 @@ class Layers:
 
     def close(self) -> None:
         self._ahead.shutdown(wait=True, cancel_futures=True)
+        self._commands.close()
+
+    def _erofs_mount(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self._commands.run(args, MOUNT_TIMEOUT)
 
     def mounted(self) -> list[str]:
         """The digests of the layers mounted here now."""
@@ -120,14 +129,4 @@ def pinned(image: str, manifest: str) -> str:
     from erofs_mount_oci import pinned_reference
 
     return pinned_reference(image, manifest)
-
-
-def _erofs_mount(*args: str) -> subprocess.CompletedProcess[str]:
-    """erofs-mount itself, the one installed beside this interpreter."""
-    command = [str(Path(sys.executable).with_name("erofs-mount")), *args]
-    try:
-        return subprocess.run(command, capture_output=True, text=True, timeout=MOUNT_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, 1, "", f"erofs-mount {args[0]} took more than {MOUNT_TIMEOUT} s")
 

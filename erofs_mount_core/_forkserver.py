@@ -1,0 +1,200 @@
+"""erofs-mount's commands run as forks of one warm process: a fork server.
+
+A command started as a new process starts an interpreter and imports the
+core, click, the plugins and what they use before it does anything: a
+second or more on a small machine, several in an emulated one, for every
+command. A plugin that runs many (the containerd snapshotter mounts each
+layer of each image it is given) starts this server once, before it starts
+any thread (a fork of a threaded process may inherit a lock that another
+thread held), and each command then runs in a fork of it, as the
+``erofs-mount`` executable would run it. Its output and exit status come
+back on pipes the caller passed with the request (SCM_RIGHTS), so calls from
+many threads at once need no bookkeeping here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import logging
+import os
+import pkgutil
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+
+#: what a mount and the daemon it forks import on top of the command line: imported once, in the server
+PRELOAD = ("erofs_mount_core._lifecycle", "erofs_mount_core._daemon", "erofs_mount_core._nbd.netlink",
+           "erofs_mount_core._listing")
+MAX_REQUEST = 1 << 16
+MAX_OUTPUT = 1 << 20  # what a command's stdout or stderr may bring back; the rest is dropped
+
+
+class CommandServer:
+    """Runs ``erofs-mount`` commands in forks of a process forked here, at construction."""
+
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # the server: it never returns
+            ours.close()
+            _serve(theirs)
+        theirs.close()
+        self._socket, self._pid = ours, pid
+
+    def run(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
+        """``erofs-mount ARGS`` in a fork of the server: what ``subprocess.run`` would return for it
+        (status 1 with a line on stderr when it cannot be run or takes longer than ``timeout``)."""
+        command = ["erofs-mount", *args]
+        pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, status
+        try:
+            socket.send_fds(self._socket, [json.dumps(list(args)).encode()], [w for _, w in pipes])
+        except OSError as exc:
+            for r, w in pipes:
+                os.close(r)
+                os.close(w)
+            return subprocess.CompletedProcess(command, 1, "", f"erofs-mount's fork server is gone: {exc}")
+        for _, w in pipes:
+            os.close(w)
+        return _collect(command, [r for r, _ in pipes], timeout)
+
+    def close(self) -> None:
+        """End the server (commands under way finish on their own)."""
+        self._socket.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self._pid, 0)
+
+
+def _collect(command: list[str], fds: list[int], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Read a command's stdout, stderr and status to their ends; kill it when ``timeout`` passes."""
+    out, err, status = bytearray(), bytearray(), bytearray()
+    into = dict(zip(fds, (out, err, status), strict=True))
+    deadline, pidfd = time.monotonic() + timeout, None
+    try:
+        while into:
+            left = deadline - time.monotonic()
+            ready = select.select(list(into), [], [], max(0.0, left))[0] if left > 0 else []
+            if not ready:
+                if pidfd is not None:
+                    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+                return subprocess.CompletedProcess(
+                    command, 1, out.decode(errors="replace"),
+                    f"erofs-mount {command[1] if len(command) > 1 else ''} took more than {timeout:.0f} s")
+            for fd in ready:
+                chunk = os.read(fd, 65536)
+                if not chunk:
+                    del into[fd]
+                    os.close(fd)
+                elif len(into[fd]) < MAX_OUTPUT:
+                    into[fd] += chunk
+            if pidfd is None and b"\n" in status:
+                with contextlib.suppress(OSError, ValueError):
+                    pidfd = os.pidfd_open(int(status.split(b"\n")[0]))
+    finally:
+        for fd in into:
+            os.close(fd)
+        if pidfd is not None:
+            os.close(pidfd)
+    lines = status.decode(errors="replace").split()
+    if len(lines) < 2:  # it wrote no status: killed by a signal, or worse
+        return subprocess.CompletedProcess(command, 1, out.decode(errors="replace"),
+                                           err.decode(errors="replace") + "erofs-mount ended without a status\n")
+    return subprocess.CompletedProcess(command, int(lines[1]), out.decode(errors="replace"),
+                                       err.decode(errors="replace"))
+
+
+def _serve(sock: socket.socket) -> None:
+    """The server's loop: a fork per request; ends when the caller's end closes."""
+    code = 0
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the forks
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(signum, signal.SIG_DFL)
+        _preload()
+        while True:
+            try:
+                message, fds, _flags, _address = socket.recv_fds(sock, MAX_REQUEST, 3)
+            except InterruptedError:
+                continue
+            if not message:
+                break
+            args = _request(message, fds)
+            if args is None or os.fork() != 0:
+                for fd in fds:
+                    os.close(fd)
+                continue
+            sock.close()
+            _run(args, *fds)
+    except BaseException:  # noqa: BLE001 (nothing of the caller's may run on in this fork)
+        code = 1
+    os._exit(code)
+
+
+def _request(message: bytes, fds: list[int]) -> list[str] | None:
+    try:
+        args = json.loads(message)
+    except ValueError:
+        return None
+    if len(fds) != 3 or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        return None
+    return args
+
+
+def _preload() -> None:
+    """Import, once, what every command's fork would import again: the modules a mount and its daemon
+    use, and every module of the installed plugins' packages (a plugin imports its libraries lazily)."""
+    from ._plugins import plugin_packages
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    for module in plugin_packages():
+        package = importlib.import_module(module)
+        for found in pkgutil.walk_packages(getattr(package, "__path__", []), f"{module}."):
+            if not any(part.startswith("_") for part in found.name.split(".")):
+                with contextlib.suppress(Exception):
+                    importlib.import_module(found.name)
+
+
+def _run(args: list[str], out: int, err: int, status: int) -> None:
+    """One command, in a fork: as the executable would run it, with the caller's pipes as its output."""
+    from ._main import main
+
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the command waits for its own children
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        for fd in (null, out, err):
+            os.close(fd)
+        # the caller's sys.stdout may be no file on fd 1 (a test runner's capture, a logging wrapper)
+        sys.stdin, sys.stdout, sys.stderr = (open(fd, mode, closefd=False, encoding="utf-8",  # noqa: SIM115
+                                                  errors="backslashreplace" if fd == 2 else "strict")
+                                             for fd, mode in ((0, "r"), (1, "w"), (2, "w")))
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            if isinstance(logger, logging.Logger):  # a fresh process has none of the server's handlers
+                logger.handlers.clear()
+        os.write(status, f"{os.getpid()}\n".encode())
+        sys.argv = ["erofs-mount", *args]
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+        except BaseException:  # noqa: BLE001 (said on stderr, as the interpreter would)
+            traceback.print_exc()
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
+            sys.stderr.flush()
+        os.write(status, f"{code}\n".encode())
+    finally:
+        os._exit(code)
