@@ -7,7 +7,10 @@ chunks: a stretch of the file's bytes, the blob bytes that inflate to it
 where its bytes start) and serves any range of that: the chunks it needs
 are fetched with range requests (neighbours in the blob in one), inflated
 with the output bounded by the chunk's size, and checked; a chunk that does
-not match is never served.
+not match is never served. A miss also fetches the blob bytes of the chunks
+that follow (``READAHEAD``): a layer's small files lie one after another, and
+a program reads its neighbours (a package's modules, a directory's icons);
+those bytes are kept as fetched and inflated and checked only when read.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from erofs_mount_core import Counters, Source, SourceError
 
 MAX_CHUNK = 32 << 20  # one chunk inflated and held to be checked; the writers' chunks are ~64 KiB
 MERGE_GAP = 16 << 10  # chunks this close in the blob (tar headers between files) are fetched in one request
+READAHEAD = 512 << 10  # blob bytes past a miss's chunks fetched in the same request (one more round trip saved)
 
 
 @attrs.frozen
@@ -59,6 +63,7 @@ class ChunkedFiles(Source):
         self._inflate = _inflate_zstd if codec == "zstd" else _inflate_gzip
         self._starts = [c.start for c in chunks]
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._ahead: OrderedDict[int, bytes] = OrderedDict()  # blob bytes fetched ahead, not yet checked
         self._cached, self._limit = 0, max(cache_bytes, MAX_CHUNK)
         self._lock = threading.Lock()
         self._rejected = rejected
@@ -77,6 +82,9 @@ class ChunkedFiles(Source):
         wanted = range(first, last + 1)
         found = self._cached_chunks(wanted)
         missing = [i for i in wanted if i not in found]
+        if missing:
+            found.update(self._checked(self._fetched_ahead(missing)))
+            missing = [i for i in missing if i not in found]
         for group in _groups(self.chunks, missing):
             found.update(self._fetch(group))
         out = bytearray()
@@ -96,21 +104,54 @@ class ChunkedFiles(Source):
                     found[i] = data
             return found
 
+    def _fetched_ahead(self, wanted: list[int]) -> dict[int, bytes]:
+        with self._lock:
+            return {i: self._ahead.pop(i) for i in wanted if i in self._ahead}
+
     def _fetch(self, group: list[int]) -> dict[int, bytes]:
-        first, last = self.chunks[group[0]], self.chunks[group[-1]]
-        fetched = {}
-        span = b""
+        """The group's chunks, fetched in one request with the blob bytes of the chunks that follow them."""
+        ahead = self._ahead_of(group)
+        first = self.chunks[group[0]]
+        end = max(self.chunks[i].blob_end for i in (*group, *ahead))
+        blobs = {i: b"" for i in group}
         if any(not self.chunks[i].zeros for i in group):
-            span = bytes(self.blob.pread(last.blob_end - first.blob_start, first.blob_start))
+            span = bytes(self.blob.pread(end - first.blob_start, first.blob_start))
             self._counters.add("toc_chunk_fetches")
             self._counters.add("toc_chunk_fetched_bytes", len(span))
-        for i in group:
+            for i in (*group, *ahead):
+                chunk = self.chunks[i]
+                blobs[i] = span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start]
+        if ahead:
+            self._counters.add("toc_readahead_chunks", len(ahead))
+            with self._lock:
+                for i in ahead:
+                    self._ahead[i] = blobs.pop(i)
+                    self._cached += len(self._ahead[i])
+                self._trim()
+        return self._checked(blobs)
+
+    def _ahead_of(self, group: list[int]) -> list[int]:
+        """The chunks after ``group`` whose blob bytes follow its own, up to ``READAHEAD`` of them, none held."""
+        ahead: list[int] = []
+        before = self.chunks[group[-1]]
+        limit = before.blob_end + READAHEAD
+        with self._lock:
+            for i in range(group[-1] + 1, len(self.chunks)):
+                chunk = self.chunks[i]
+                if chunk.zeros:
+                    continue
+                if not _follows(chunk, before) or chunk.blob_end > limit or i in self._cache or i in self._ahead:
+                    break
+                ahead.append(i)
+                before = chunk
+        return ahead
+
+    def _checked(self, blobs: dict[int, bytes]) -> dict[int, bytes]:
+        """Each chunk's bytes from its blob bytes, checked against its sha256 (all kept), or SourceError."""
+        fetched = {}
+        for i, blob in blobs.items():
             chunk = self.chunks[i]
-            if chunk.zeros:
-                data = bytes(chunk.size)
-            else:
-                data = self._inflate(span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start],
-                                     chunk)
+            data = bytes(chunk.size) if chunk.zeros else self._inflate(blob, chunk)
             if len(data) != chunk.size or hashlib.sha256(data).digest() != chunk.sha256:
                 message = (f"{self.what}: the chunk at byte {chunk.blob_start} of the blob is not the one its "
                            "TOC pins")
@@ -128,9 +169,13 @@ class ChunkedFiles(Source):
                 if i not in self._cache:
                     self._cache[i] = data
                     self._cached += len(data)
-            while self._cached > self._limit and self._cache:
-                _, old = self._cache.popitem(last=False)
-                self._cached -= len(old)
+            self._trim()
+
+    def _trim(self) -> None:
+        """Drop the oldest, what was fetched ahead first, until what is held fits (under the lock)."""
+        while self._cached > self._limit and (self._ahead or self._cache):
+            _, old = (self._ahead or self._cache).popitem(last=False)
+            self._cached -= len(old)
 
     def counters(self) -> Mapping[str, int]:
         return self._counters.snapshot(self.blob.counters())
@@ -161,12 +206,18 @@ def _inflate_gzip(member: bytes, chunk: Chunk) -> bytes:
 
 
 def _groups(chunks: tuple[Chunk, ...], wanted: list[int]) -> Iterator[list[int]]:
-    """``wanted`` (in order) cut where the next chunk lies more than ``MERGE_GAP`` further into the blob."""
+    """``wanted`` (in order) cut where the next chunk does not follow the one before it in the blob."""
     group: list[int] = []
     for i in wanted:
-        if group and chunks[i].blob_start - chunks[group[-1]].blob_end > MERGE_GAP:
+        if group and not _follows(chunks[i], chunks[group[-1]]):
             yield group
             group = []
         group.append(i)
     if group:
         yield group
+
+
+def _follows(chunk: Chunk, before: Chunk) -> bool:
+    """``chunk`` starts in the blob where ``before`` does (eStargz: one gzip member, an inner offset each) or
+    at most ``MERGE_GAP`` after its end: one request fetches both. A TOC may also name bytes out of order."""
+    return before.blob_start <= chunk.blob_start <= before.blob_end + MERGE_GAP
