@@ -7,8 +7,9 @@ command. A plugin that runs many (the containerd snapshotter mounts each
 layer of each image it is given) starts this server once, before it starts
 any thread (a fork of a threaded process may inherit a lock that another
 thread held), and each command then runs in a fork of it, as the
-``erofs-mount`` executable would run it. Its output and exit status come
-back on pipes the caller passed with the request (SCM_RIGHTS), so calls from
+``erofs-mount`` executable would run it: a waiter forked per request forks
+the command and writes how it ended. Its output and exit status come back
+on pipes the caller passed with the request (SCM_RIGHTS), so calls from
 many threads at once need no bookkeeping here.
 """
 
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 #: what a mount and the daemon it forks import on top of the command line: imported once, in the server
 PRELOAD = ("erofs_mount_core._lifecycle", "erofs_mount_core._daemon", "erofs_mount_core._nbd.netlink",
@@ -48,13 +49,16 @@ class CommandServer:
         theirs.close()
         self._socket, self._pid = ours, pid
 
-    def run(self, args: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str]:
-        """``erofs-mount ARGS`` in a fork of the server: what ``subprocess.run`` would return for it
+    def run(self, args: Sequence[str], timeout: float,
+            env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        """``erofs-mount ARGS`` in a fork of the server, with ``env`` as its environment (the server's by
+        default): what ``subprocess.run`` would return for it, a signal's end a negative status included
         (status 1 with a line on stderr when it cannot be run or takes longer than ``timeout``)."""
         command = ["erofs-mount", *args]
+        request = {"args": list(args), "env": dict(env) if env is not None else None}
         pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, status
         try:
-            socket.send_fds(self._socket, [json.dumps(list(args)).encode()], [w for _, w in pipes])
+            socket.send_fds(self._socket, [json.dumps(request).encode()], [w for _, w in pipes])
         except OSError as exc:
             for r, w in pipes:
                 os.close(r)
@@ -102,7 +106,7 @@ def _collect(command: list[str], fds: list[int], timeout: float) -> subprocess.C
         if pidfd is not None:
             os.close(pidfd)
     lines = status.decode(errors="replace").split()
-    if len(lines) < 2:  # it wrote no status: killed by a signal, or worse
+    if len(lines) < 2:  # its waiter was killed
         return subprocess.CompletedProcess(command, 1, out.decode(errors="replace"),
                                            err.decode(errors="replace") + "erofs-mount ended without a status\n")
     return subprocess.CompletedProcess(command, int(lines[1]), out.decode(errors="replace"),
@@ -110,12 +114,12 @@ def _collect(command: list[str], fds: list[int], timeout: float) -> subprocess.C
 
 
 def _serve(sock: socket.socket) -> None:
-    """The server's loop: a fork per request; ends when the caller's end closes."""
+    """The server's loop: a waiter forked per request, which forks the command and tells how it ended;
+    the loop ends when the caller's end closes."""
     code = 0
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the forks
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(signum, signal.SIG_DFL)
+        _as_a_new_interpreter()
+        signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the waiters
         _preload()
         while True:
             try:
@@ -124,26 +128,68 @@ def _serve(sock: socket.socket) -> None:
                 continue
             if not message:
                 break
-            args = _request(message, fds)
-            if args is None or os.fork() != 0:
+            request = _request(message, fds)
+            if request is None or os.fork() != 0:
                 for fd in fds:
                     os.close(fd)
                 continue
             sock.close()
-            _run(args, *fds)
+            _wait_for(*request, *fds)
     except BaseException:  # noqa: BLE001 (nothing of the caller's may run on in this fork)
         code = 1
     os._exit(code)
 
 
-def _request(message: bytes, fds: list[int]) -> list[str] | None:
+def _as_a_new_interpreter() -> None:
+    """The signal dispositions an interpreter starts with, whatever the caller set (a test runner's alarm,
+    a server's SIGTERM handler)."""
+    for signum in signal.valid_signals():
+        if signum not in (signal.SIGKILL, signal.SIGSTOP):
+            with contextlib.suppress(OSError, ValueError):
+                signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for signum in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _request(message: bytes, fds: list[int]) -> tuple[list[str], dict[str, str] | None] | None:
     try:
-        args = json.loads(message)
+        request = json.loads(message)
     except ValueError:
         return None
-    if len(fds) != 3 or not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+    if len(fds) != 3 or not isinstance(request, dict):
         return None
-    return args
+    args, env = request.get("args"), request.get("env")
+    if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        return None
+    if env is not None and not (isinstance(env, dict)
+                                and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
+        return None
+    return args, env
+
+
+def _wait_for(args: list[str], env: dict[str, str] | None, out: int, err: int, status: int) -> None:
+    """The waiter: the command in a fork of its own, its pid and then its exit status on ``status``."""
+    code = 1
+    try:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        pid = os.fork()
+        if pid == 0:
+            os.close(status)
+            _run(args, env, out, err)
+        os.close(out)
+        os.close(err)
+        os.write(status, f"{pid}\n".encode())
+        while True:
+            try:
+                _pid, wait_status = os.waitpid(pid, 0)
+                break
+            except InterruptedError:
+                continue
+        os.write(status, f"{os.waitstatus_to_exitcode(wait_status)}\n".encode())
+        code = 0
+    finally:
+        os._exit(code)
 
 
 def _preload() -> None:
@@ -161,13 +207,12 @@ def _preload() -> None:
                     importlib.import_module(found.name)
 
 
-def _run(args: list[str], out: int, err: int, status: int) -> None:
-    """One command, in a fork: as the executable would run it, with the caller's pipes as its output."""
+def _run(args: list[str], env: dict[str, str] | None, out: int, err: int) -> None:
+    """One command: as the executable would run it, with the caller's pipes as its output."""
     from ._main import main
 
     code = 1
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the command waits for its own children
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(out, 1)
@@ -181,7 +226,9 @@ def _run(args: list[str], out: int, err: int, status: int) -> None:
         for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
             if isinstance(logger, logging.Logger):  # a fresh process has none of the server's handlers
                 logger.handlers.clear()
-        os.write(status, f"{os.getpid()}\n".encode())
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
         sys.argv = ["erofs-mount", *args]
         try:
             main()
@@ -193,8 +240,8 @@ def _run(args: list[str], out: int, err: int, status: int) -> None:
         except BaseException:  # noqa: BLE001 (said on stderr, as the interpreter would)
             traceback.print_exc()
         with contextlib.suppress(Exception):
+            logging.shutdown()
             sys.stdout.flush()
             sys.stderr.flush()
-        os.write(status, f"{code}\n".encode())
     finally:
-        os._exit(code)
+        os._exit(code & 0xFF)

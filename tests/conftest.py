@@ -144,7 +144,7 @@ class GuestRun:
         cmd = [str(VM_RUN), "--timeout", str(cap), "--mem", "2G", "--cpus", str(cpus),
                *(["--systemd"] if self.systemd else []), "--",
                sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEsP",
-               "--durations=5", *nodeids]  # -rP: what passed tests measured and printed
+               "--durations=15", *nodeids]  # -rP: what passed tests measured and printed
         start = time.monotonic()
         self.error = "the test VM was interrupted"  # until it reports
         started: float | None = None  # the guest's uptime when its pytest session started

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -71,6 +72,48 @@ def test_a_command_past_its_timeout_is_killed(server: CommandServer, tmp_path: P
     raise AssertionError("the command still serves after its timeout")
 
 
+def test_a_command_ended_by_a_signal_has_its_negative_status_as_subprocess_gives(server: CommandServer,
+                                                                               tmp_path: Path) -> None:
+    image = tmp_path / "bytes"
+    image.write_bytes(b"\0" * 8192)
+    ended: list[subprocess.CompletedProcess[str]] = []
+    thread = threading.Thread(target=lambda: ended.append(server.run(
+        ["serve", "-s", f"local:{image}", "--any-bytes", "--socket", str(tmp_path / "sock")], timeout=120)))
+    thread.start()
+    command = None
+    for _ in range(400):
+        waiters = children_of(server._pid)
+        command = next((c for w in waiters for c in children_of(w)), None)
+        if command is not None and (tmp_path / "sock").exists():
+            break
+        time.sleep(0.05)
+    assert command is not None
+    os.kill(command, signal.SIGKILL)
+    thread.join(60)
+    assert ended[0].returncode == -signal.SIGKILL, ended
+
+
+def test_the_command_gets_the_environment_it_is_given(server: CommandServer) -> None:
+    env = {"PATH": os.environ["PATH"], "EROFS_MOUNT_LOAD_PLUGINS": "local"}
+    result = server.run(["plugins"], timeout=60, env=env)
+    executed = subprocess.run([EROFS_MOUNT, "plugins"], capture_output=True, text=True, env=env)
+    assert (result.returncode, result.stdout, result.stderr) == (executed.returncode, executed.stdout, executed.stderr)
+    assert result.stdout != server.run(["plugins"], timeout=60).stdout, "the server's own environment loads all"
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                stat = (proc / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat[stat.rindex(")") + 2:].split()[1]) == pid:
+                found.append(int(proc.name))
+    return found
+
+
 def test_the_fork_has_none_of_the_caller_s_log_handlers(tmp_path: Path) -> None:
     caller_log = tmp_path / "caller.log"
     handler = logging.FileHandler(caller_log)
@@ -100,7 +143,8 @@ def test_a_malformed_request_is_dropped_and_the_server_serves_on(server: Command
     r, w = os.pipe()
     try:
         socket.send_fds(server._socket, [b"not json"], [w])
-        socket.send_fds(server._socket, [b'["--version", 3]'], [w, w, w])
+        socket.send_fds(server._socket, [b'{"args": ["--version", 3]}'], [w, w, w])
+        socket.send_fds(server._socket, [b'{"args": ["--version"], "env": {"A": 1}}'], [w, w, w])
     finally:
         os.close(w)
     assert os.read(r, 1) == b"", "the server closed the descriptors it was sent"

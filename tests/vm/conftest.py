@@ -14,10 +14,31 @@ from pathlib import Path
 import attrs
 import pytest
 
+from erofs_mount_core import CommandServer
 from tests.imagetree import make_tree, mkfs
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 RUN_DIR = Path("/run/erofs-mount")
+#: the guest session's commands run in forks of a warm process (the core's CommandServer, as the containerd
+#: snapshotter runs them): an interpreter's start and imports take seconds per command in the emulated VM.
+#: tests/core/test_forkserver.py shows a fork gives what the executable gives; ``cli(user=)``, the tests that
+#: start commands themselves and the benchmarks run the executable.
+_commands: CommandServer | None = None
+
+
+@pytest.fixture(scope="session", autouse=True)
+def command_server() -> Iterator[None]:
+    """Started before any other fixture (autouse), while the session has no thread to fork with."""
+    global _commands
+    if os.environ.get("VMTEST_GUEST") != "1":  # the host only holds the kernel tests' stand-ins
+        yield
+        return
+    _commands = CommandServer()
+    try:
+        yield
+    finally:
+        _commands.close()
+        _commands = None
 
 
 @pytest.fixture(scope="session")
@@ -41,12 +62,15 @@ class Result:
 
 
 def cli(*args: str, check: bool = True, user: int | None = None, env: dict[str, str] | None = None) -> Result:
-    """Run the erofs-mount command as a user would."""
+    """Run the erofs-mount command as a user would (in the guest's session, as a fork of a warm one)."""
     cmd = [EROFS_MOUNT, *args]
     if user is not None:
         cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, **(env or {})})
+    if user is None and _commands is not None:
+        proc = _commands.run(args, timeout=300, env={**os.environ, **(env or {})})
+    else:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, **(env or {})})
     result = Result(proc.returncode, proc.stdout, proc.stderr)
     if check and proc.returncode != 0:
         raise AssertionError(f"erofs-mount {' '.join(args)} failed: {result}")
