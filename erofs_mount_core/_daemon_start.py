@@ -216,7 +216,11 @@ def _fork(mode: str, record_path: Path, lock_fd: int, forked: ForkStarter) -> in
             os.close(ready_r)
             if os.fork() == 0:
                 environment = {**passed_environment(), **exec_environment()}  # what an executed one holds
-                detach(logf, (ready_w, lock_fd), environment, shown=exec_environment())
+                try:
+                    detach(logf, (ready_w, lock_fd), environment, shown=exec_environment())
+                except OSError as exc:  # (its one line, not a silent end: the command says it)
+                    ReadyPipe(ready_w).failed(errors.KernelError(f"the forked daemon could not detach: {exc}"))
+                    raise
                 code = forked.serve(mode, record_path, ready_w, lock_fd, forked.host)
             else:
                 code = 0

@@ -178,6 +178,31 @@ def test_a_forked_daemon_keeps_none_of_the_command_s_descriptors_environment_or_
         os.close(fd)
 
 
+def test_a_forked_daemon_that_cannot_hide_the_environment_says_so_and_never_serves(tmp_path: Path) -> None:
+    """/proc/self/mem refused (a hardened kernel, a seccomp profile): the daemon must not serve with the
+    caller's credentials showing, and the command must say why in one line, not 'exited without a word'."""
+    record, report, held = tmp_path / "nbd-g.toml", tmp_path / "report.json", tmp_path / "mountpoint"
+    record.write_text("")
+    held.mkdir()
+    command = FORKING_COMMAND.replace("with protocol.locked(record)", """
+from erofs_mount_core import _detach
+def refused(shown):
+    raise PermissionError(13, "Permission denied", "/proc/self/mem")
+_detach.rewrite_initial_environment = refused
+from erofs_mount_core._errors import ErofsMountError
+try:
+    with protocol.locked(record) as lock:
+        protocol.ForkStarter(None, serve).start("connect", record, lock)
+except ErofsMountError as exc:
+    sys.exit(str(exc))
+with protocol.locked(record)""", 1)
+    out = subprocess.run([sys.executable, "-c", command, str(record), str(report), str(held)],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert out.returncode == 1 and not report.exists(), out
+    assert out.stderr.strip().splitlines() == [
+        "the forked daemon could not detach: [Errno 13] Permission denied: '/proc/self/mem'"], out
+
+
 def test_a_daemon_given_another_lock_refuses_to_serve(tmp_path: Path) -> None:
     path = tmp_path / "nbd-y.toml"
     rec.lock_path(path).write_text("")
