@@ -23,6 +23,9 @@ to (o), the pull's part, and bytes through the proxy:
 (p) as (i), the index published with the prefetch list of a publisher's
     mount that ran the same command (``index push --prefetch-from``): each
     layer's daemon fetches, in the background, what the command will read;
+(t) a zstd:chunked copy of the image (``skopeo copy --dest-compress-format
+    zstd:chunked``), no index anywhere: each layer mounted from its table of
+    contents;
 (n) as (i) with no index anywhere: each layer downloaded once and indexed
     as the snapshotter mounts it.
 """
@@ -111,8 +114,8 @@ def one(case: str, reference: str, keys: Path, work: Path, proxy) -> tuple[float
     base = Path(tempfile.mkdtemp(dir=work))
     os.environ["EROFS_MOUNT_CACHE_DIR"] = str(base / "cache")
     options = "insecure" + (f",index-key={keys / 'index.pub'}" if case in ("i", "p") else ",index=off")
-    if case == "p":
-        reference = reference.replace("/bench/python:", "/bench/python-p:")
+    if case in ("p", "t"):
+        reference = reference.replace("/bench/python:", f"/bench/python-{case}:")
     containerd = Containerd(base, options)
     sent = proxy.sent_bytes
     try:
@@ -175,11 +178,14 @@ def bench(runs: int, mib: int) -> None:
             str(work / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(work / "publisher")})
         registry.push_image("bench/python-p", "t", [(b, GZIP) for b in layers], diff_ids=[diff_id(b) for b in layers])
         publish_with_prefetch(f"{registry.host}/bench/python-p:t", work)
+        subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", "oci",
+                        "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/bench/python:t",
+                        f"docker://{registry.host}/bench/python-t:t"], check=True)
         proxy.latency, proxy.rate = LATENCY, RATE
         reference = f"{proxy.host}/bench/python:t"
-        results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "p": [], "n": []}
+        results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "p": [], "t": [], "n": []}
         for run in range(runs):
-            order = ["o", "i", "p", "n"] if run % 2 == 0 else ["n", "p", "i", "o"]
+            order = ["o", "i", "p", "t", "n"] if run % 2 == 0 else ["n", "t", "p", "i", "o"]
             for case in order:
                 results[case].append(one(case, reference, work, work, proxy))
                 took, pulled, sent = results[case][-1]
@@ -189,7 +195,8 @@ def bench(runs: int, mib: int) -> None:
         base = statistics.median(t for t, _, _ in results["o"])
         print(f"{'':36} {'first output':>12} {'ratio':>6} {'of it, pull':>11} {'through the proxy':>18}")
         for case, name in (("o", "overlayfs: pull, unpack, run"), ("i", "erofs-mount, published index"),
-                           ("p", "erofs-mount, index and prefetch"), ("n", "erofs-mount, no index")):
+                           ("p", "erofs-mount, index and prefetch"), ("t", "erofs-mount, zstd:chunked TOCs"),
+                           ("n", "erofs-mount, no index")):
             seconds = statistics.median(t for t, _, _ in results[case])
             pulled = statistics.median(p for _, p, _ in results[case])
             sent = statistics.median(b for _, _, b in results[case])

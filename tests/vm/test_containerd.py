@@ -94,7 +94,9 @@ def image_layers() -> list[bytes]:
 class Containerd:
     """containerd (root and state on tmpfs) with the snapshotter as its proxy plugin ``erofs-mount``."""
 
-    def __init__(self, base: Path, options: str) -> None:
+    def __init__(self, base: Path, options: str, cri_hosts: Path | None = None) -> None:
+        """``cri_hosts``: with containerd's CRI plugin, as a Kubernetes node configures it for this snapshotter
+        (registries' hosts.toml in that directory); without it, the plugin is off (it starts slowly)."""
         self.base, self.options = base, options
         self.socket = Path("/run/containerd/containerd.sock")
         self.snapshotter_socket = Path("/run/erofs-mount/snapshotter.sock")
@@ -105,10 +107,11 @@ class Containerd:
         if not Path("/sys/fs/cgroup/cgroup.controllers").exists():
             subprocess.run(["mount", "-t", "cgroup2", "none", "/sys/fs/cgroup"], check=True)
         config = base / "containerd.toml"
+        cri = "" if cri_hosts is not None else '"io.containerd.grpc.v1.cri", '
         config.write_text(f'''version = 2
 root = "/var/lib/containerd"
 state = "/run/containerd"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.btrfs",
+disabled_plugins = [{cri}"io.containerd.snapshotter.v1.btrfs",
                     "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper",
                     "io.containerd.snapshotter.v1.aufs", "io.containerd.internal.v1.tracing"]
 [grpc]
@@ -116,7 +119,13 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
 [proxy_plugins.erofs-mount]
   type = "snapshot"
   address = "{self.snapshotter_socket}"
-''')
+''' + ("" if cri_hosts is None else f'''
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "erofs-mount"
+  disable_snapshot_annotations = false
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{cri_hosts}"
+'''))
         self.env = {**os.environ, "PATH": f"{CONTAINERD}/usr/bin:{CONTAINERD}/usr/sbin:{os.environ['PATH']}"}
         self.snapshotter = self.start_snapshotter()
         self.log = open(base / "containerd.log", "w")  # noqa: SIM115 - closed by stop()
@@ -166,17 +175,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.b
             subprocess.run(["umount", "-l", str(where)], check=False)
 
 
-    def assert_nothing_left(self) -> None:
+    def assert_nothing_left(self, namespace: str = "default") -> None:
         """No snapshot, device, layer mount or snapshot directory."""
-        assert self.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout.strip().splitlines()[1:] == []
+        assert self.ctr("-n", namespace, "snapshots", "--snapshotter", "erofs-mount", "ls").stdout.strip() \
+            .splitlines()[1:] == []
         assert devices() == []
         assert os.listdir(self.root / "layers") == [] and os.listdir(self.root / "snapshots") == []
 
 
 @contextlib.contextmanager
-def containerd_running(base: Path, options: str) -> Iterator[Containerd]:
+def containerd_running(base: Path, options: str, cri_hosts: Path | None = None) -> Iterator[Containerd]:
     """containerd and the snapshotter for the test; their logs printed if it fails."""
-    containerd = Containerd(base, options)
+    containerd = Containerd(base, options, cri_hosts)
     try:
         yield containerd
     except BaseException:
@@ -351,4 +361,61 @@ def test_bad_requests_through_ctr_and_a_layer_erofs_mount_cannot_mount(tmp_path:
             containerd.ctr("image", "rm", "--sync", f"{registry.host}/team/second:t")
             containerd.assert_nothing_left()
     finally:
+        registry.stop()
+
+
+@pytest.mark.kernel
+def test_a_kubelet_s_pull_through_containerd_s_cri_plugin_mounts_the_layers_lazily(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Kubernetes setup the user guide gives (CRI's ``snapshotter = "erofs-mount"``,
+    ``disable_snapshot_annotations = false``), driven as a kubelet drives it, by CRI's ImageService over
+    gRPC (no crictl is packaged here): containerd's CRI plugin labels each layer's Prepare, the snapshotter
+    mounts it from the published index, and no layer is downloaded; the image then runs and its removal
+    through CRI leaves nothing."""
+    import grpc
+
+    from tests.containerd.cri import api_pb2 as cri
+    from tests.containerd.cri import api_pb2_grpc as cri_grpc
+    from tests.oci.faultproxy import FaultProxy
+    from tests.oci.registry import Registry
+    from tests.oci.test_tar_images import diff_id, whole_gets
+
+    layers = [*image_layers()[:2], _layer([("etc", None, None), ("etc/motd", None, b"pulled by a kubelet\n")])]
+    for name in ("index.key", "index.pub"):
+        args = ["genpkey", "-algorithm", "ed25519", "-out"] if name.endswith(".key") else \
+            ["pkey", "-in", str(tmp_path / "index.key"), "-pubout", "-out"]
+        subprocess.run(["openssl", *args, str(tmp_path / name)], check=True)
+    registry = Registry(tmp_path / "registry")
+    proxy = FaultProxy(registry.host)
+    try:
+        registry.push_image("team/pod", "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
+        cli("index", "push", f"oci:{registry.host}/team/pod:t", "-o", "insecure", "--sign",
+            str(tmp_path / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(tmp_path / "publisher")})
+        monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "node"))
+        hosts = tmp_path / "certs.d"
+        (hosts / proxy.host).mkdir(parents=True)
+        (hosts / proxy.host / "hosts.toml").write_text(f'server = "http://{proxy.host}"\n')
+        reference = f"{proxy.host}/team/pod:t"
+        with containerd_running(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}", hosts) as containerd, \
+                grpc.insecure_channel(f"unix:{containerd.socket}") as channel:
+            images = cri_grpc.ImageServiceStub(channel)
+            pulled = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=reference)), timeout=600)
+            assert pulled.image_ref.startswith("sha256:"), pulled
+            assert len(devices()) == len(layers), "one erofs-mount device per layer"
+            assert not set(whole_gets(proxy)) & {hashlib.sha256(b).hexdigest() for b in layers}, \
+                "containerd or erofs-mount downloaded a layer"
+            status = images.ImageStatus(cri.ImageStatusRequest(image=cri.ImageSpec(image=reference)), timeout=60)
+            assert status.image.id == pulled.image_ref and reference in status.image.repo_tags
+
+            run = containerd.ctr("-n", "k8s.io", "run", "--rm", "--snapshotter", "erofs-mount", reference, "pod",
+                                 "/bin/cat", "/etc/motd")
+            assert run.stdout == "pulled by a kubelet\n"
+
+            images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=pulled.image_ref)), timeout=120)
+            deadline = time.monotonic() + 120  # containerd collects the image's snapshots after it
+            while devices() and time.monotonic() < deadline:
+                time.sleep(1)
+            containerd.assert_nothing_left("k8s.io")
+    finally:
+        proxy.stop()
         registry.stop()
