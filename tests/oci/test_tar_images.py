@@ -343,6 +343,26 @@ def test_reattach_loads_the_merged_layout_the_mount_kept_and_merges_again_only_a
         again.close()
 
 
+def test_a_layer_mounted_as_it_is_is_made_once_and_its_reopen_loads_it(image: str, cache_dir: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-o layer=N`` (a snapshotter's layer): its daemon reopens what its mount just opened, a reattach the
+    same; both load the layout kept by its digest instead of making it again from the tree."""
+    from erofs_mount_core import ImageLayout
+
+    source = open_reference(image, {"insecure": "", "layer": "1"})
+    try:
+        state, expected = source.state(), source.pread(source.size, 0)
+    finally:
+        source.close()
+    assert list((cache_dir / "tar-layout").glob(f"{state['image_sha256']}.*.lay"))
+    monkeypatch.setattr(ImageLayout, "of", classmethod(lambda cls, tree: pytest.fail("made again at reopen")))
+    again = reopen(state)
+    try:
+        assert again.pread(again.size, 0) == expected
+    finally:
+        again.close()
+
+
 def test_reads_are_one_range_request_each_and_a_lying_registry_gives_io_errors(
         registry: Registry, image: str, tmp_path: Path) -> None:
     source = open_reference(image, {"insecure": ""})  # indexed (or from the cache), straight from the registry

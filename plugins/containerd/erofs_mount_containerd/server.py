@@ -26,6 +26,7 @@ GRACE = 10.0  # seconds a call under way may take to finish at a stop
 
 def serve(address: Path, root: Path, options: str) -> None:
     """Serve until SIGTERM or SIGINT."""
+    _log_to_stderr()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     snapshotter = Snapshotter(root, Layers(root, options))
     snapshotter.remount()
@@ -51,6 +52,18 @@ def serve(address: Path, root: Path, options: str) -> None:
     server.stop(GRACE).wait()
     snapshotter.close()
     address.unlink(missing_ok=True)
+
+
+def _log_to_stderr() -> None:
+    """erofs-mount's lines from INFO on stderr: the journal's under systemd, which stamps them; stamped here
+    otherwise. Other libraries' reach it from WARNING, through Python's last resort."""
+    stamp = "" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s "
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter(f"{stamp}erofs-mount snapshotter: %(message)s"))
+    ours = logging.getLogger("erofs_mount")
+    ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+    ours.propagate = False
 
 
 def _notify(*states: str) -> None:

@@ -93,9 +93,10 @@ class TarImage(SynthesizedImage):
     """The image of ``indexes``' archives, their checked streams ``streams`` in the same order.
 
     ``merged``: the layers applied in order as the OCI image spec says (the
-    root filesystem a container sees), the layout kept in the cache by its
-    digest so that a reopen loads it instead of merging again. Otherwise one
-    archive as it is (whiteouts in overlayfs form, for stacking). ``pinned``:
+    root filesystem a container sees). Otherwise one archive as it is
+    (whiteouts in overlayfs form, for stacking: a snapshotter's layer). Either
+    layout is kept in the cache by its digest, so that a reopen (the daemon
+    after its mount, a reattach) loads it instead of making it again. ``pinned``:
     the ``image_sha256`` a record holds; an image that comes out otherwise
     is refused (SourceChangedError), since serving other metadata under a
     mounted filesystem corrupts it. ``closing``: sources the image owns
@@ -140,12 +141,15 @@ class TarImage(SynthesizedImage):
 
 
 def _layout(indexes: Sequence[LayerIndex], backing: Source, merged: bool, pinned: str | None) -> ImageLayout:
-    if not merged:
-        return indexes[0].image_layout()
+    """The image's layout: kept in its index (a tar archive's), kept in the cache, or made (and kept)."""
+    own = getattr(indexes[0], "layout", None)  # (an archive index may keep its archive's; a TOC never does)
+    if not merged and own is not None:
+        return own
     bases = backing.bases if isinstance(backing, Layered) else [0]
-    source = made_from((index.tree for index in indexes), bases)
+    source = made_from((index.tree for index in indexes), bases, merged)
     layout = load_layout(pinned, source) if pinned is not None else None
     if layout is None:
-        layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(indexes, bases, strict=True)]))
+        layout = ImageLayout.of(merge([index.read_tree(base) for index, base in zip(indexes, bases, strict=True)])) \
+            if merged else indexes[0].image_layout()
         store_layout(layout, source)
     return layout

@@ -1,5 +1,5 @@
-"""Merged layouts kept in the cache by their digest: reattach, and a daemon reopening what its mount just
-opened, load the synthesized metadata instead of merging the layers' trees again.
+"""Layouts kept in the cache by their digest: reattach, and a daemon reopening what its mount just opened,
+load the synthesized metadata instead of merging the layers' trees again (or making one layer's).
 
 A layout is named by ``ImageLayout.digest()``, which a record pins as its
 ``image_sha256``, and by what it was merged from (``made_from``: the
@@ -24,9 +24,10 @@ LAYOUT_DIR = "tar-layout"
 MAX_LAYOUT = 1 << 30  # no image's metadata is near this
 
 
-def made_from(trees: Iterable[bytes], bases: Iterable[int]) -> str:
-    """What a merged layout is made from: each layer's packed tree, and where its stream starts."""
-    whole = hashlib.sha256()
+def made_from(trees: Iterable[bytes], bases: Iterable[int], merged: bool = True) -> str:
+    """What a layout is made from: each layer's packed tree, where its stream starts, and whether the layers
+    were merged (or one is taken as it is, its whiteouts in overlayfs form)."""
+    whole = hashlib.sha256(b"" if merged else b"as it is")
     for tree, base in zip(trees, bases, strict=True):
         whole.update(hashlib.sha256(tree).digest() + base.to_bytes(8, "little"))
     return whole.hexdigest()
