@@ -94,6 +94,10 @@ def _tree(top: Path, budget: int) -> list[tuple[str, Path | None, bytes | None]]
     return entries
 
 
+def say(what: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {what}", file=sys.stderr, flush=True)
+
+
 def first_output(command: list[str], env: dict[str, str]) -> float:
     """Seconds until ``command`` prints its first line (it must then finish well)."""
     started = time.monotonic()
@@ -169,18 +173,22 @@ def bench(runs: int, mib: int) -> None:
     registry = Registry(work / "registry")
     proxy = FaultProxy(registry.host)
     try:
+        say("making the image's layers and pushing them")
         layers = python_layers(mib)
         registry.push_image("bench/python", "t", [(b, GZIP) for b in layers], diff_ids=[diff_id(b) for b in layers])
         for name, args in (("index.key", ["genpkey", "-algorithm", "ed25519", "-out"]),
                            ("index.pub", ["pkey", "-in", str(work / "index.key"), "-pubout", "-out"])):
             subprocess.run(["openssl", *args, str(work / name)], check=True)
+        say("publishing the image's index")
         cli("index", "push", f"oci:{registry.host}/bench/python:t", "-o", "insecure", "--sign",
             str(work / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(work / "publisher")})
         registry.push_image("bench/python-p", "t", [(b, GZIP) for b in layers], diff_ids=[diff_id(b) for b in layers])
+        say("publishing an index with the prefetch list of a publisher's run")
         publish_with_prefetch(f"{registry.host}/bench/python-p:t", work)
+        say("copying the image to zstd:chunked (skopeo)")
         subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", "oci",
                         "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/bench/python:t",
-                        f"docker://{registry.host}/bench/python-t:t"], check=True)
+                        f"docker://{registry.host}/bench/python-t:t"], check=True, timeout=1200)
         proxy.latency, proxy.rate = LATENCY, RATE
         reference = f"{proxy.host}/bench/python:t"
         results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "p": [], "t": [], "n": []}
