@@ -214,6 +214,20 @@ def watching() -> Iterator[subprocess.Popen[str]]:
         proc.wait(timeout=30)
 
 
+def push_with_signed_index(registry, repository: str, layers: list[bytes], keys: Path) -> None:  # noqa: ANN001
+    """``repository:t`` of gzip ``layers``, and its index published by another cache, signed by
+    ``keys/index.key`` (``keys/index.pub``, made here, is what a host trusts)."""
+    from tests.oci.test_tar_images import diff_id
+
+    for name in ("index.key", "index.pub"):
+        args = ["genpkey", "-algorithm", "ed25519", "-out"] if name.endswith(".key") else \
+            ["pkey", "-in", str(keys / "index.key"), "-pubout", "-out"]
+        subprocess.run(["openssl", *args, str(keys / name)], check=True)
+    registry.push_image(repository, "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
+    cli("index", "push", f"oci:{registry.host}/{repository}:t", "-o", "insecure", "--sign", str(keys / "index.key"),
+        env={"EROFS_MOUNT_CACHE_DIR": str(keys / "publisher")})
+
+
 def listing(text: str) -> list[str]:
     return sorted(line for line in text.splitlines() if line.strip())
 
@@ -224,7 +238,7 @@ def test_ctr_runs_an_image_whose_layers_erofs_mount_serves_and_survives_what_a_h
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tests.oci.faultproxy import FaultProxy
     from tests.oci.registry import Registry
-    from tests.oci.test_tar_images import diff_id, flatten, whole_gets
+    from tests.oci.test_tar_images import flatten, whole_gets
 
     layers = image_layers()
     expected = flatten([(b, GZIP_LAYER) for b in layers], tmp_path / "flat")
@@ -232,17 +246,10 @@ def test_ctr_runs_an_image_whose_layers_erofs_mount_serves_and_survives_what_a_h
     find = f"find {dirs} -printf '%p|%y|%m|%l\\n'; find {dirs} -type f -exec sha256sum {{}} +"
     flat = subprocess.run(["chroot", str(expected), "/bin/sh", "-c", find], capture_output=True, text=True,
                           check=True).stdout  # the same tools, over the flattening
-    for name in ("index.key", "index.pub"):
-        args = ["genpkey", "-algorithm", "ed25519", "-out"] if name.endswith(".key") else \
-            ["pkey", "-in", str(tmp_path / "index.key"), "-pubout", "-out"]
-        subprocess.run(["openssl", *args, str(tmp_path / name)], check=True)
-
     registry = Registry(tmp_path / "registry")
     proxy = FaultProxy(registry.host)
     try:
-        registry.push_image("team/app", "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
-        cli("index", "push", f"oci:{registry.host}/team/app:t", "-o", "insecure", "--sign",
-            str(tmp_path / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(tmp_path / "publisher")})
+        push_with_signed_index(registry, "team/app", layers, tmp_path)
         monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "fresh-host"))
         reference = f"{proxy.host}/team/app:t"
         with containerd_running(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}") as containerd:
@@ -378,19 +385,13 @@ def test_a_kubelet_s_pull_through_containerd_s_cri_plugin_mounts_the_layers_lazi
     from tests.containerd.cri import api_pb2_grpc as cri_grpc
     from tests.oci.faultproxy import FaultProxy
     from tests.oci.registry import Registry
-    from tests.oci.test_tar_images import diff_id, whole_gets
+    from tests.oci.test_tar_images import whole_gets
 
     layers = [*image_layers()[:2], _layer([("etc", None, None), ("etc/motd", None, b"pulled by a kubelet\n")])]
-    for name in ("index.key", "index.pub"):
-        args = ["genpkey", "-algorithm", "ed25519", "-out"] if name.endswith(".key") else \
-            ["pkey", "-in", str(tmp_path / "index.key"), "-pubout", "-out"]
-        subprocess.run(["openssl", *args, str(tmp_path / name)], check=True)
     registry = Registry(tmp_path / "registry")
     proxy = FaultProxy(registry.host)
     try:
-        registry.push_image("team/pod", "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
-        cli("index", "push", f"oci:{registry.host}/team/pod:t", "-o", "insecure", "--sign",
-            str(tmp_path / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(tmp_path / "publisher")})
+        push_with_signed_index(registry, "team/pod", layers, tmp_path)
         monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "node"))
         hosts = tmp_path / "certs.d"
         (hosts / proxy.host).mkdir(parents=True)
