@@ -118,6 +118,9 @@ def _serve(sock: socket.socket) -> None:
     the loop ends when the caller's end closes."""
     code = 0
     try:
+        keep = sock.fileno()  # none of the caller's other descriptors reaches a command, as with subprocess
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf("SC_OPEN_MAX"))
         _as_a_new_interpreter()
         signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the waiters
         _preload()

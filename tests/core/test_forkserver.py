@@ -150,3 +150,18 @@ def test_a_malformed_request_is_dropped_and_the_server_serves_on(server: Command
     assert os.read(r, 1) == b"", "the server closed the descriptors it was sent"
     os.close(r)
     assert server.run(["--version"], timeout=60).returncode == 0
+
+
+def test_no_descriptor_of_the_caller_s_reaches_the_server(tmp_path: Path) -> None:
+    held = tmp_path / "the-caller-s-file"
+    fd = os.open(held, os.O_RDWR | os.O_CREAT)  # (a fork inherits it, close-on-exec or not)
+    try:
+        commands = CommandServer()
+        try:
+            assert commands.run(["--version"], timeout=60).returncode == 0  # (the server is past its start)
+            links = [os.readlink(f"/proc/{commands._pid}/fd/{n}") for n in os.listdir(f"/proc/{commands._pid}/fd")]
+            assert str(held) not in links
+        finally:
+            commands.close()
+    finally:
+        os.close(fd)

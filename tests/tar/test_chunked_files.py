@@ -113,3 +113,22 @@ def test_an_estargz_member_shared_by_two_chunks_is_fetched_once() -> None:
     reader = ChunkedFiles(blob, chunks, len(data), 64 << 20, "layer", codec="gzip")
     assert reader.pread(len(data), 0) == data
     assert blob.reads == [(0, len(member))]
+
+
+def test_what_is_held_is_counted_once_whichever_way_it_came() -> None:
+    blob, chunks, files = layer([30_000] * 20)
+    reader = ChunkedFiles(blob, chunks, sum(map(len, files)), 64 << 20, "layer")
+    for n in range(20):
+        assert reader.pread(len(files[n]), chunks[n].start) == files[n]
+        held = sum(map(len, reader._cache.values())) + sum(map(len, reader._ahead.values()))
+        assert reader._cached == held, n
+
+
+def test_a_read_of_zeros_alone_fetches_nothing_ahead() -> None:
+    blob, chunks, files = layer([4000, 4000])
+    zeros = Chunk(0, 4096, chunks[0].blob_start, chunks[0].blob_start, hashlib.sha256(bytes(4096)).digest(),
+                  zeros=True)
+    moved = tuple(Chunk(c.start + 4096, c.size, c.blob_start, c.blob_end, c.sha256) for c in chunks)
+    reader = ChunkedFiles(blob, (zeros, *moved), 4096 + 8000, 64 << 20, "layer")
+    assert reader.pread(4096, 0) == bytes(4096) and blob.reads == []
+    assert reader.pread(4000, 4096) == files[0]

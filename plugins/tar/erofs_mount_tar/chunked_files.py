@@ -106,15 +106,18 @@ class ChunkedFiles(Source):
 
     def _fetched_ahead(self, wanted: list[int]) -> dict[int, bytes]:
         with self._lock:
-            return {i: self._ahead.pop(i) for i in wanted if i in self._ahead}
+            found = {i: self._ahead.pop(i) for i in wanted if i in self._ahead}
+            self._cached -= sum(map(len, found.values()))
+            return found
 
     def _fetch(self, group: list[int]) -> dict[int, bytes]:
         """The group's chunks, fetched in one request with the blob bytes of the chunks that follow them."""
-        ahead = self._ahead_of(group)
+        fetching = any(not self.chunks[i].zeros for i in group)
+        ahead = self._ahead_of(group) if fetching else []
         first = self.chunks[group[0]]
         end = max(self.chunks[i].blob_end for i in (*group, *ahead))
         blobs = {i: b"" for i in group}
-        if any(not self.chunks[i].zeros for i in group):
+        if fetching:
             span = bytes(self.blob.pread(end - first.blob_start, first.blob_start))
             self._counters.add("toc_chunk_fetches")
             self._counters.add("toc_chunk_fetched_bytes", len(span))
