@@ -7,11 +7,15 @@ containerd's own API messages; containerd itself drives it in the VM
 
 from __future__ import annotations
 
+import functools
 import os
 import sqlite3
+import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -179,3 +183,61 @@ def test_labels_that_are_not_a_digest_mount_nothing(served: tuple[Client, Snapsh
         mounts = client.Prepare(key=f"default/{n}/extract", parent="", labels=labels).mounts
         assert [m.type for m in mounts] == ["bind"] and str(tmp_path / "root" / "snapshots") in mounts[0].source
     assert ran == [] and os.listdir(tmp_path / "root" / "layers") == []
+
+
+def test_cleanup_while_a_snapshot_is_prepared_leaves_it_whole(served: tuple[Client, Snapshotter],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """containerd's garbage collector calls Cleanup while a container's Prepare runs (``ctr run --rm`` of one
+    beside the start of another). A Prepare that lands between Cleanup's read of the rows and its scan of
+    the directories keeps its directories: its mounts name them."""
+    client, service = served
+    read_rows = service.store.all
+    prepared: list[Any] = []
+
+    def rows_then_a_prepare() -> list[Any]:
+        rows = read_rows()
+        beside = threading.Thread(target=lambda: prepared.append(client.Prepare(key="new", parent="").mounts))
+        beside.start()
+        beside.join(timeout=1)  # as long as it may take; it waits while Cleanup scans
+        return rows
+
+    monkeypatch.setattr(service.store, "all", rows_then_a_prepare)
+    client.Cleanup()
+    monkeypatch.undo()
+    for _ in range(50):
+        if prepared:
+            break
+        time.sleep(0.1)
+    (mount,) = prepared[0]
+    assert Path(mount.source).is_dir() and (Path(mount.source).parent / "work").is_dir()
+    assert [i.name for r in client.List(filters=[]) for i in r.info] == ["new"]
+
+
+def test_cleanup_and_remove_leave_mounted_a_layer_a_prepare_is_recording(served: tuple[Client, Snapshotter],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A layer's mount exists before the row of the snapshot that uses it: Cleanup, and the Remove of
+    another snapshot of the same layer, run in that moment, leave it mounted."""
+    client, service = served
+    digest = "sha256:" + "2" * 64
+    mounted: set[str] = set()
+    unmounted: list[str] = []
+
+    def mount_then_others(labels: dict[str, str]) -> str:
+        mounted.add(labels[LAYER_DIGEST])
+        if labels[SNAPSHOT_REF] == "sha256:second":  # mounted; its row not yet recorded
+            for call in (lambda: client.Remove(key="default/erofs-mount/sha256:first"), client.Cleanup):
+                beside = threading.Thread(target=call)
+                beside.start()
+                beside.join(timeout=1)
+        return labels[LAYER_DIGEST]
+
+    monkeypatch.setattr(service.layers, "mount", mount_then_others)
+    monkeypatch.setattr(service.layers, "mount_ahead", lambda labels: None)
+    monkeypatch.setattr(service.layers, "mounted", lambda: sorted(mounted))
+    monkeypatch.setattr(service.layers, "unmount", lambda d: (unmounted.append(d), mounted.discard(d)))
+    for n, ref in enumerate(("sha256:first", "sha256:second"), 1):
+        labels = {SNAPSHOT_REF: ref, IMAGE_REF: "127.0.0.1:9/a/b:c", LAYER_DIGEST: digest}
+        prepare = functools.partial(client.Prepare, key=f"default/{n}/extract", parent="", labels=labels)
+        assert code_of(prepare) == grpc.StatusCode.ALREADY_EXISTS
+    assert unmounted == [] and mounted == {digest}
+    assert [i.name for r in client.List(filters=[]) for i in r.info] == ["default/erofs-mount/sha256:second"]

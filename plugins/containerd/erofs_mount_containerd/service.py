@@ -15,14 +15,21 @@ is prepared as an ordinary snapshot, which containerd fills itself.
 Every request is one sqlite transaction (``store``), made before the
 directories it names are removed and after those it names are made, so a
 kill leaves at worst a directory or a mount no snapshot names, which
-``Cleanup`` (and every start) removes.
+``Cleanup`` (and every start) removes. containerd calls Cleanup (its
+garbage collector) while other requests run: a snapshot's directories and
+a layer's mount exist before their row commits, so Cleanup scans under
+the lock that a new snapshot's row and directories are made under, and
+passes over the layers a Prepare is mounting (``_claiming``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
+import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -46,6 +53,8 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
         self.root, self.layers = root, layers
         (root / "snapshots").mkdir(mode=0o700, parents=True, exist_ok=True)
         self.store = Store(root / "metadata.db")
+        self._changes = threading.Lock()  # Cleanup's scan, against new rows' directories and layers' claims
+        self._claimed: Counter[str] = Counter()  # layers a Prepare is mounting, before their rows commit
 
     # -- the calls -------------------------------------------------------------------------------
 
@@ -83,7 +92,9 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
         def remove() -> Any:
             with self.store.transaction() as db:
                 gone = self.store.remove(db, request.key)
-            self._forget(gone)
+            if gone.layer is not None:
+                self._unmount_unused(gone.layer)
+            shutil.rmtree(self._dir(gone), ignore_errors=True)
             return empty_pb2.Empty()
         return _answer(context, remove)
 
@@ -123,7 +134,7 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
     # -- the work ----------------------------------------------------------------------------------
 
     def _create(self, key: str, parent: str, kind: int, labels: dict[str, str]) -> Snapshot:
-        with self.store.transaction() as db:
+        with self._changes, self.store.transaction() as db:
             snapshot = self.store.create(db, key, parent, kind, labels)
             where = self._dir(snapshot)
             (where / "fs").mkdir(mode=0o755, parents=True, exist_ok=True)  # before the row is committed
@@ -141,18 +152,36 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
         if parent and self.store.find(parent) is None:
             raise StoreError(grpc.StatusCode.NOT_FOUND, f"parent snapshot {parent} does not exist")
         self.layers.mount_ahead(labels)
+        digest = labels[LAYER_DIGEST]
         try:
-            digest = self.layers.mount(labels)
+            with self._claiming(digest):
+                self.layers.mount(labels)
+                with self.store.transaction() as db:
+                    return self.store.create(db, name, parent, COMMITTED, labels, layer=digest)
         except LayerError as exc:
             log.warning("%s; containerd applies the layer itself", exc)
             return None
-        try:
-            with self.store.transaction() as db:
-                return self.store.create(db, name, parent, COMMITTED, labels, layer=digest)
         except BaseException:
-            if self.store.layer_users(digest) == 0:
-                self.layers.unmount(digest)
+            self._unmount_unused(digest)
             raise
+
+    @contextlib.contextmanager
+    def _claiming(self, digest: str) -> Iterator[None]:
+        """``digest``'s mount kept from Cleanup and Remove while a Prepare mounts it and records its row."""
+        with self._changes:
+            self._claimed[digest] += 1
+        try:
+            yield
+        finally:
+            with self._changes:
+                self._claimed[digest] -= 1
+                if not self._claimed[digest]:
+                    del self._claimed[digest]
+
+    def _unmount_unused(self, digest: str) -> None:
+        with self._changes:
+            if not self._claimed[digest] and self.store.layer_users(digest) == 0:
+                self.layers.unmount(digest)
 
     def _mounts(self, snapshot: Snapshot) -> list[Any]:
         parents = [self._fs(p) for p in self.store.chain(snapshot)]
@@ -177,25 +206,21 @@ class Snapshotter(snapshots_pb2_grpc.SnapshotsServicer):
     def _fs(self, snapshot: Snapshot) -> Path:
         return self.layers.path(snapshot.layer) if snapshot.layer else self._dir(snapshot) / "fs"
 
-    def _forget(self, gone: Snapshot) -> None:
-        """What a removed snapshot leaves: its directory, and its layer's mount when no snapshot uses it."""
-        if gone.layer is not None:
-            if self.store.layer_users(gone.layer) == 0:
-                self.layers.unmount(gone.layer)
-        shutil.rmtree(self._dir(gone), ignore_errors=True)
-
     def cleanup(self) -> None:
-        """Directories and layer mounts that no snapshot names (a kill between a change and its files)."""
-        known = self.store.all()
-        ids = {str(s.id) for s in known}
-        for where in (self.root / "snapshots").iterdir():
-            if where.name not in ids and not os.path.ismount(where / "fs"):
-                shutil.rmtree(where, ignore_errors=True)
-        used = {s.layer for s in known if s.layer}
-        for digest in self.layers.mounted():
-            if digest not in used:
-                log.info("layer %s: mounted, but no snapshot uses it: unmounted", digest)
-                self.layers.unmount(digest)
+        """Directories and layer mounts that no snapshot names (a kill between a change and its files). A
+        layer mounted ahead of its Prepare may be one: its Prepare mounts it again."""
+        with self._changes:
+            known = self.store.all()
+            ids = {str(s.id) for s in known}
+            orphans = [where for where in (self.root / "snapshots").iterdir()
+                       if where.name not in ids and not os.path.ismount(where / "fs")]
+            used = {s.layer for s in known if s.layer} | set(self._claimed)
+            for digest in self.layers.mounted():
+                if digest not in used:
+                    log.info("layer %s: mounted, but no snapshot uses it: unmounted", digest)
+                    self.layers.unmount(digest)
+        for where in orphans:  # (ids are never used again: no new snapshot makes these)
+            shutil.rmtree(where, ignore_errors=True)
 
     def remount(self) -> None:
         """At start: each layer a snapshot uses, mounted again if it is not (the host rebooted)."""
