@@ -31,8 +31,8 @@ import traceback
 from collections.abc import Mapping, Sequence
 
 #: what a mount and the daemon it forks import on top of the command line: imported once, in the server
-PRELOAD = ("erofs_mount_core._lifecycle", "erofs_mount_core._daemon", "erofs_mount_core._nbd.netlink",
-           "erofs_mount_core._listing")
+PRELOAD = ("erofs_mount_core._cli", "erofs_mount_core._lifecycle", "erofs_mount_core._daemon",
+           "erofs_mount_core._nbd.netlink", "erofs_mount_core._listing", "erofs_mount_core._mount_helper")
 MAX_REQUEST = 1 << 16
 MAX_OUTPUT = 1 << 20  # what a command's stdout or stderr may bring back; the rest is dropped
 
@@ -196,18 +196,22 @@ def _wait_for(args: list[str], env: dict[str, str] | None, out: int, err: int, s
 
 
 def _preload() -> None:
-    """Import, once, what every command's fork would import again: the modules a mount and its daemon
-    use, and every module of the installed plugins' packages (a plugin imports its libraries lazily)."""
-    from ._plugins import plugin_packages
+    """Do, once, what every command's fork would do again: import the modules a mount and its daemon use
+    and every module of the installed plugins' packages, make the record converter, and warm each plugin
+    up (``erofs_mount_warm_up``: the libraries it imports lazily)."""
+    from . import _record
+    from ._plugins import PluginHost, plugin_packages
 
     for name in PRELOAD:
         importlib.import_module(name)
+    _record.converter()
     for module in plugin_packages():
         package = importlib.import_module(module)
         for found in pkgutil.walk_packages(getattr(package, "__path__", []), f"{module}."):
             if not any(part.startswith("_") for part in found.name.split(".")):
                 with contextlib.suppress(Exception):
                     importlib.import_module(found.name)
+    PluginHost().warm_up()
 
 
 def _run(args: list[str], env: dict[str, str] | None, out: int, err: int) -> None:

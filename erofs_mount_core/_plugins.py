@@ -13,6 +13,7 @@ scheme and reattach must reach the same plugin that wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import re
@@ -189,6 +190,13 @@ class PluginHost:
                                   stacklevel=2)
                 elif name not in before:
                     _wrap_callbacks(command, wrap)
+
+    def warm_up(self) -> None:
+        """Each loaded plugin's ``erofs_mount_warm_up``; a failure skips that plugin's, silently (see the hook)."""
+        for info in self._infos:
+            if info.error is None and self._implements(info.name, "erofs_mount_warm_up"):
+                with contextlib.suppress(Exception):
+                    self._call_one(info.name, "erofs_mount_warm_up")
 
     # -- the source hooks, routed to the scheme's owner --------------------
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import os
 import re
 import stat
@@ -77,7 +78,9 @@ class Record:
     source: SourceRecord
 
 
-def _converter() -> Any:
+@functools.cache
+def converter() -> Any:
+    """cattrs' converter for records, made once per process (it builds each class's code at first use)."""
     from cattrs.preconf.tomllib import make_converter
 
     return make_converter()
@@ -87,7 +90,7 @@ def dumps(record: Record) -> str:
     import tomli_w
 
     try:
-        text = tomli_w.dumps(_converter().unstructure(record))
+        text = tomli_w.dumps(converter().unstructure(record))
     except TypeError as exc:  # e.g. None in a plugin's state
         raise RecordError(f"cannot write a record for {record.source.scheme!r}: {exc}") from exc
     try:
@@ -113,7 +116,7 @@ def loads(text: str, where: str = "record") -> Record:
             f"{where} has format {version}, newer than this erofs-mount reads ({FORMAT}): upgrade erofs-mount"
         )
     try:
-        return _converter().structure(raw, Record)
+        return converter().structure(raw, Record)
     except RecursionError:
         raise RecordError(f"{where} is invalid: nested too deeply") from None
     except Exception as exc:

@@ -73,6 +73,19 @@ def erofs_mount_wrapping_schemes() -> Iterable[str]:
 
 
 @hookspec
+def erofs_mount_warm_up() -> None:
+    """Do, once, what makes this plugin's first use in a process slow (optional hook): import the
+    libraries it imports lazily, load what every use loads (a CA bundle, say).
+
+    A process that runs many commands as forks of itself (``CommandServer``:
+    the containerd snapshotter mounts each layer so) calls it before it
+    forks any, so no command pays it. One-off commands never call it. What
+    it raises is ignored: the command that needs the thing does it again,
+    and says what went wrong.
+    """
+
+
+@hookspec
 def erofs_mount_register_commands(cli: click.Group) -> None:
     """Add commands to ``erofs-mount`` (optional hook), as llm's ``register_commands`` does::
 

@@ -146,3 +146,26 @@ def test_a_plugin_that_wraps_a_scheme_it_does_not_provide_fails_to_load() -> Non
     host = PluginHost(eps(bad=f"{M}:wraps_what_it_lacks"))
     (info,) = host.plugins
     assert info.status == "failed" and "names schemes it does not provide: mem" in (info.error or "")
+
+
+def test_warm_up_calls_each_plugin_s_hook_and_a_failing_one_stops_no_other() -> None:
+    """``erofs_mount_warm_up``, which a process that forks commands calls once (``CommandServer``)."""
+    from erofs_mount_core import hookimpl
+
+    from .fake_plugins import Good
+
+    warmed: list[str] = []
+
+    class Warm(Good):
+        @hookimpl
+        def erofs_mount_warm_up(self) -> None:
+            warmed.append(self.scheme)
+            if self.scheme == "cold":
+                raise RuntimeError("no bundle")
+
+    host = PluginHost(eps())
+    for scheme in ("cold", "warm"):
+        host.register(Warm(scheme), scheme)
+    host.register(Good("plain"), "plain")  # implements no warm-up: skipped
+    host.warm_up()
+    assert warmed == ["cold", "warm"]

@@ -174,7 +174,7 @@ def test_a_forged_index_changes_no_byte_a_reader_gets(registry: Registry, image:
         for row in tree:
             if row[0] & 0o170000 == 0o100000:
                 row[0] |= 0o4000  # a setuid bit on every file
-        forged_tree = [attrs.evolve(found[0], tree=json.dumps(tree).encode()), *found[1:]]
+        forged_tree = [attrs.evolve(found[0], tree=json.dumps(tree).encode(), fresh=[]), *found[1:]]
         forged, _ = push(api, subject, layers, diff_ids, forged_data, load_signing_key(str(keys["private"])))
         push(api, subject, layers, diff_ids, forged_tree, load_signing_key(str(keys["other"])))
     finally:
@@ -230,8 +230,12 @@ def test_a_layer_mount_uses_the_published_index_whose_signature_covers_the_whole
         registry: Registry, image: str, keys: dict[str, Path], cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """-o layer=N (a containerd snapshotter's mount): the signature covers every layer of the artifact, so the
     host checks it over the whole image, then takes its layer's index; a reattach whose cache lost it fetches
-    the manifest by its digest to check the pinned artifact again."""
+    the manifest by its digest to check the pinned artifact again. The layer's own image (its EROFS
+    metadata) comes in the signed index: the host neither parses the tree nor makes the metadata."""
     from erofs_mount_oci import open_reference, reopen
+    from erofs_mount_tar import packed_tree
+
+    from erofs_mount_core import ImageLayout
 
     pushed = push_cli(image, "--sign", str(keys["private"]))
     assert pushed.returncode == 0, pushed.stderr
@@ -240,6 +244,8 @@ def test_a_layer_mount_uses_the_published_index_whose_signature_covers_the_whole
     expected_source.close()
     layers = layer_digests(registry, image)
     fresh_host(monkeypatch, cache, "layer-host")
+    monkeypatch.setattr(ImageLayout, "of", classmethod(lambda cls, tree: pytest.fail("the metadata made here")))
+    monkeypatch.setattr(packed_tree, "load", lambda *args: pytest.fail("the tree parsed here"))
     proxy = FaultProxy(registry.host)
     try:
         source = open_reference(image.replace(registry.host, proxy.host),
@@ -401,10 +407,32 @@ def test_an_index_forged_in_its_tree_alone_is_refused_by_the_background_pass(
     assert sum(1 for line in said.splitlines() if "differ from the layer's own" in line) == 1, said
 
 
-def push_forged_tree(reference: str) -> tuple[str, str]:
+def test_an_unsigned_index_s_layer_image_never_reaches_the_kernel(
+        registry: Registry, image: str, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A published index carries each layer's own image (EROFS metadata, which the kernel parses). Under
+    verify=background an index no trusted key signed is used at once, so its metadata would reach the kernel
+    before any proof: it is dropped, and the layer's metadata made here from the (checked) tree. Here that
+    metadata is forged (every file setuid) beside a true tree: the layer mounts as it truly is."""
+    from erofs_mount_oci import open_reference
+
+    expected_source = open_reference(image, {"insecure": "", "layer": "0"})
+    expected = expected_source.pread(expected_source.size, 0)
+    expected_source.close()
+    forged, _ = push_forged_tree(image, layout_only=True)
+    fresh_host(monkeypatch, cache, "forged-layout")
+    source = open_reference(image, {"insecure": "", "layer": "0", "verify": "background"})
+    try:
+        assert source.state()["published_index"] == forged
+        assert source.pread(source.size, 0) == expected
+    finally:
+        source.close()
+
+
+def push_forged_tree(reference: str, *, layout_only: bool = False) -> tuple[str, str]:
     """An unsigned artifact for the image ``reference`` whose first layer's index is the true one but for its
     tree, which gives every file a setuid bit (its span hashes are the layer's: no read fails on them);
-    (its digest, that layer's digest)."""
+    ``layout_only``: the tree true, the layer's own image (its metadata) made from the forged one; (its
+    digest, that layer's digest)."""
     from erofs_mount_oci.credentials import CredentialSource
     from erofs_mount_oci.layers import indexed
     from erofs_mount_oci.options import client_for
@@ -424,7 +452,9 @@ def push_forged_tree(reference: str) -> tuple[str, str]:
         for row in tree:
             if row[0] & 0o170000 == 0o100000:
                 row[0] |= 0o4000
-        forged_tree = [attrs.evolve(found[0], tree=json.dumps(tree).encode()), *found[1:]]
+        forged_tree = [attrs.evolve(found[0], tree=json.dumps(tree).encode(), fresh=[]), *found[1:]]
+        if layout_only:
+            forged_tree[0] = attrs.evolve(found[0], layout=forged_tree[0].image_layout())
         subject = {"mediaType": manifest["mediaType"], "digest": digest, "size": api.manifest_size(digest)}
         forged, _ = push(api, subject, layers, diff_ids, forged_tree, None)
     finally:

@@ -96,6 +96,26 @@ def test_a_damaged_or_missing_index_is_built_again(tmp_path: Path, cache_dir: Pa
     again.close()
 
 
+def test_a_cached_index_s_tree_is_parsed_when_a_layout_is_made_and_a_bad_one_is_one_line(cache_dir: Path) -> None:
+    """The host's own cached index is checksummed and its tree was checked when it was written: a load
+    leaves the tree unparsed (a daemon whose layout is cached never needs it). A tree this version refuses
+    all the same (a file edited with its checksum) is one line naming the file to remove, when used."""
+    from erofs_mount_core import SpanHashes
+
+    sha256 = "ab" * 32
+    index = indexes.ArchiveIndex(compression="tar", archive_sha256=sha256, archive_size=10, stream_size=10,
+                                 stream_sha256=sha256, spans=SpanHashes(indexes.SPAN_SIZE, bytes(32)), layout=None,
+                                 tree=b"[[0]]")
+    indexes.store(index)
+    with pytest.raises(ValueError, match="a child outside|incomplete|tree"):
+        indexes.ArchiveIndex.from_bytes(index.to_bytes())  # fetched from elsewhere: checked at once
+    loaded = indexes.load(sha256)
+    assert loaded is not None and loaded.tree == b"[[0]]"
+    with pytest.raises(SourceError) as refused:
+        loaded.read_tree()
+    assert len(str(refused.value).splitlines()) == 1 and str(cache_dir) in str(refused.value)
+
+
 def test_an_index_of_another_version_is_not_used(tmp_path: Path, cache_dir: Path) -> None:
     archive = make_archive(tmp_path / "a.tar", files(n=3))
     image = mount(archive)

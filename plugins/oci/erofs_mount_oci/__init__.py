@@ -417,6 +417,13 @@ def erofs_mount_register_commands(cli: Any) -> None:
 
 
 @hookimpl
+def erofs_mount_warm_up() -> None:
+    from . import _http
+
+    _http.warm_up()
+
+
+@hookimpl
 def erofs_mount_schemes() -> dict[str, str]:
     return {SCHEME: "an image in an OCI registry (tar or EROFS layers), read lazily: "
                     "oci:[REGISTRY/]REPOSITORY[:TAG][@DIGEST]"}

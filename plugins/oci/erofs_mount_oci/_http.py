@@ -11,6 +11,7 @@ import base64
 import email.utils
 import json
 import logging
+import os
 import re
 import ssl
 import threading
@@ -95,6 +96,30 @@ class _CappedTransport(httpx.BaseTransport):
         self._inner.close()
 
 
+_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def default_context() -> ssl.SSLContext:
+    """httpx's verifying context (certifi's CA bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), made once per
+    process: loading the bundle takes a fraction of a second (seconds on an emulated machine), and a
+    daemon forked from the command that made it keeps it."""
+    key = (os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+    with _contexts_lock:
+        if key not in _contexts:
+            _contexts[key] = httpx.create_ssl_context()
+        return _contexts[key]
+
+
+def warm_up() -> None:
+    """What a client's first use costs, paid ahead: httpx imports its transport's libraries when the first
+    client is made, and signatures need cryptography's key loading."""
+    import cryptography.hazmat.primitives.serialization  # noqa: F401 - imported now, used by ``published``
+
+    default_context()
+    httpx.HTTPTransport(verify=default_context()).close()
+
+
 def _http_transport(verify: Any) -> httpx.HTTPTransport:
     return httpx.HTTPTransport(verify=verify, limits=httpx.Limits(max_connections=32, max_keepalive_connections=16))
 
@@ -107,7 +132,7 @@ def make_client(*, insecure: bool, ca_bundle: str | None, auth: httpx.Auth | Non
                 route: Any = None) -> httpx.Client:
     """The client for one registry. ``route``: the ``routing.Route`` of its hosts.toml, when mirrors
     or settings of its own apply."""
-    verify: Any = True
+    verify: Any = default_context()
     if ca_bundle:
         try:
             verify = ssl.create_default_context(cafile=ca_bundle)

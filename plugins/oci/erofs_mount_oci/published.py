@@ -141,6 +141,8 @@ def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], d
         if index.unpacked:  # its stream is a file on this host: another host indexes that layer itself
             log.warning("%s: layer %d is one zstd frame, unpacked on this host: not published", what, layer.index)
             continue
+        if index.layout is None:  # the layer's own image: a host that mounts the layer alone (a snapshotter)
+            index = attrs.evolve(index, layout=index.image_layout())  # makes none when a trusted key signed it
         blob = push_blob(registry, index.to_bytes(), f"{what}: layer {layer.index}'s index")
         blobs.append({"mediaType": INDEX_MEDIA_TYPE, **blob, "annotations": {LAYER_ANNOTATION: layer.digest}})
         bound.append((layer.digest, diff_id, blob["digest"]))
@@ -194,7 +196,7 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
         indexes = {}
         for layer, diff_id, row in wanted:
             if row is not None and (needed is None or layer.index in needed):
-                indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what)
+                indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what, signed)
         if indexes:  # an artifact with none of the layers this host lacks gives nothing to pin
             return Found(digest, indexes, _prefetch_blob(registry, listed[0], what) if listed else None, signed)
     return None
@@ -300,11 +302,17 @@ def _artifact(registry: Registry, digest: str, subject: str, what: str) -> dict[
     return doc
 
 
-def _index_blob(registry: Registry, row: dict[str, Any], layer: Layer, diff_id: str, what: str) -> ArchiveIndex:
+def _index_blob(registry: Registry, row: dict[str, Any], layer: Layer, diff_id: str, what: str,
+                signed: bool) -> ArchiveIndex:
+    """The layer's index. The layer's own image (its EROFS metadata, which the kernel parses) is taken only
+    when a trusted key signed it; unsigned, it is dropped, and the metadata made here from the tree (checked
+    now)."""
     name = f"{what}: layer {layer.index}'s index {row['digest']}"
     body = _blob(registry, row, MAX_INDEX_BLOB, name)
     try:
-        index = ArchiveIndex.from_bytes(body)
+        index = ArchiveIndex.from_bytes(body, check_tree=not signed)
+        if not signed:
+            index = attrs.evolve(index, layout=None)
     except ValueError as exc:
         raise SourceError(f"{name} is not an index erofs-mount can read ({exc})") from None
     if f"sha256:{index.archive_sha256}" != layer.digest or index.archive_size != layer.size or \

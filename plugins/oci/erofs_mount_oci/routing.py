@@ -229,7 +229,9 @@ def tls_for(host: Host, ca_bundle: str | None) -> ssl.SSLContext | bool:
     if host.skip_verify:
         return False
     if not (host.ca or host.client or ca_bundle):
-        return True
+        from ._http import default_context
+
+        return default_context()
     try:
         context = ssl.create_default_context()
         for path in (*host.ca, *([ca_bundle] if ca_bundle else [])):

@@ -93,7 +93,11 @@ class ArchiveIndex:
         """A copy of the archive's tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
         if self.fresh:
             return packed_tree.moved(self.fresh.pop(), base)
-        return packed_tree.load(self.tree, base)
+        try:
+            return packed_tree.load(self.tree, base)
+        except ValueError as exc:  # (a cached index's tree is checked here, when first used: see ``load``)
+            raise SourceError(f"tar: the index of archive sha256:{self.archive_sha256} holds a tree this version "
+                              f"refuses ({exc}); if it is cached, remove {_index_path(self.archive_sha256)}") from None
 
     def open_stream(self, archive: Source) -> Any:
         """The uncompressed stream at random (not yet checked: see ``SpanHashes.verified``)."""
@@ -123,8 +127,10 @@ class ArchiveIndex:
         return _HEADER.pack(MAGIC, VERSION, len(payload), hashlib.sha256(payload).digest()) + payload
 
     @classmethod
-    def from_bytes(cls, data: bytes) -> ArchiveIndex:
-        """ValueError unless ``data`` is a whole, intact index of this version."""
+    def from_bytes(cls, data: bytes, *, check_tree: bool = True) -> ArchiveIndex:
+        """ValueError unless ``data`` is a whole, intact index of this version. ``check_tree``: parse and
+        check its tree now (an index from elsewhere); else when a layout is made from it (this host's own
+        cache: a daemon whose layout is kept never parses it)."""
         if len(data) < _HEADER.size:
             raise ValueError("too short to be an index")
         magic, version, length, checksum = _HEADER.unpack_from(data)
@@ -152,8 +158,7 @@ class ArchiveIndex:
                 stream_sha256=str(meta["stream_sha256"]),
                 spans=SpanHashes(int(meta["span_size"]), sections["hashes"]),
                 layout=layout, tree=tree,
-                # a layer to merge: its tree checked now (a damaged one is built again), and kept for the merge
-                fresh=[packed_tree.load(tree)] if layout is None else [],
+                fresh=[packed_tree.load(tree)] if check_tree else [],
                 gzip_checkpoints=_inflate(sections["gzip"]) if "gzip" in sections else b"",
                 zstd_frames=tuple(streams.frames_from(meta["zstd_frames"])),
             )
@@ -395,14 +400,18 @@ def _index_path(sha256: str) -> Path:
 
 
 def load(sha256: str) -> ArchiveIndex | None:
-    """The cached index of the archive whose sha256 is ``sha256``; None if there is none that is whole."""
+    """The cached index of the archive whose sha256 is ``sha256``; None if there is none that is whole.
+
+    Its tree is parsed only when a layout is made from it: the file is
+    checksummed, and this host wrote it after checking that tree (a
+    published index's tree is checked when it is fetched)."""
     fd = open_cache_file(_index_path(sha256))
     if fd is None:
         return None
     with os.fdopen(fd, "rb") as f:
         data = f.read(MAX_INDEX + 1)
     try:
-        index = ArchiveIndex.from_bytes(data)
+        index = ArchiveIndex.from_bytes(data, check_tree=False)
     except ValueError:
         return None
     if index.archive_sha256 != sha256:
