@@ -10,7 +10,10 @@ thread held), and each command then runs in a fork of it, as the
 ``erofs-mount`` executable would run it: a waiter forked per request forks
 the command and writes how it ended. Its output and exit status come back
 on pipes the caller passed with the request (SCM_RIGHTS), so calls from
-many threads at once need no bookkeeping here.
+many threads at once need no bookkeeping here. Should the server die (the
+OOM killer, a stray kill), each command from then on runs as a new
+interpreter, as the executable would, and one line says so: slower, never
+lost (a new server would have to fork the caller, which has threads by then).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ import time
 import traceback
 from collections.abc import Mapping, Sequence
 
+log = logging.getLogger("erofs_mount")
+
 #: what a mount and the daemon it forks import on top of the command line: imported once, in the server
 PRELOAD = ("erofs_mount_core._cli", "erofs_mount_core._lifecycle", "erofs_mount_core._daemon",
            "erofs_mount_core._nbd.netlink", "erofs_mount_core._listing", "erofs_mount_core._mount_helper")
@@ -48,6 +53,7 @@ class CommandServer:
             _serve(theirs)
         theirs.close()
         self._socket, self._pid = ours, pid
+        self._closed, self._gone = False, False
 
     def run(self, args: Sequence[str], timeout: float,
             env: Mapping[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -55,6 +61,10 @@ class CommandServer:
         default): what ``subprocess.run`` would return for it, a signal's end a negative status included
         (status 1 with a line on stderr when it cannot be run or takes longer than ``timeout``)."""
         command = ["erofs-mount", *args]
+        if self._closed:
+            return subprocess.CompletedProcess(command, 1, "", "erofs-mount's fork server is gone: it was closed")
+        if self._gone:
+            return _run_new(command, timeout, env)
         request = {"args": list(args), "env": dict(env) if env is not None else None}
         pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, status
         try:
@@ -63,16 +73,34 @@ class CommandServer:
             for r, w in pipes:
                 os.close(r)
                 os.close(w)
-            return subprocess.CompletedProcess(command, 1, "", f"erofs-mount's fork server is gone: {exc}")
+            if not self._gone:
+                self._gone = True
+                log.warning("erofs-mount's fork server ended (%s): each command now starts an interpreter", exc)
+            return _run_new(command, timeout, env)
         for _, w in pipes:
             os.close(w)
         return _collect(command, [r for r, _ in pipes], timeout)
 
     def close(self) -> None:
         """End the server (commands under way finish on their own)."""
+        self._closed = True
         self._socket.close()
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self._pid, 0)
+
+
+def _run_new(command: list[str], timeout: float, env: Mapping[str, str] | None) -> subprocess.CompletedProcess[str]:
+    """The command in a new interpreter (``-I``: nothing from the caller's directory or PYTHON* variables)."""
+    try:
+        return subprocess.run([sys.executable, "-I", "-m", "erofs_mount_core._main", *command[1:]], capture_output=True,
+                              text=True, errors="replace", timeout=timeout, env=env, cwd="/",
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        return subprocess.CompletedProcess(command, 1, out, f"erofs-mount {command[1] if len(command) > 1 else ''} "
+                                           f"took more than {timeout:.0f} s")
+    except OSError as exc:
+        return subprocess.CompletedProcess(command, 1, "", f"erofs-mount could not be started: {exc}")
 
 
 def _collect(command: list[str], fds: list[int], timeout: float) -> subprocess.CompletedProcess[str]:

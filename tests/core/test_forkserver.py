@@ -165,3 +165,24 @@ def test_no_descriptor_of_the_caller_s_reaches_the_server(tmp_path: Path) -> Non
             commands.close()
     finally:
         os.close(fd)
+
+
+def test_a_server_that_died_leaves_its_commands_to_new_interpreters_and_says_so_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The OOM killer or a stray kill ends the server: no command is lost. Each runs as the executable
+    would, in a new interpreter (``python -I -m erofs_mount_core._main``), and one line says why."""
+    commands = CommandServer()
+    try:
+        os.kill(commands._pid, signal.SIGKILL)
+        os.waitpid(commands._pid, 0)
+        want = subprocess.run([EROFS_MOUNT, "--version"], capture_output=True, text=True)
+        with caplog.at_level("WARNING", logger="erofs_mount"):
+            for _ in range(2):
+                got = commands.run(["--version"], timeout=60)
+                assert (got.returncode, got.stdout, got.stderr) == (want.returncode, want.stdout, want.stderr)
+            bad = commands.run(["mount", "--no-such-option"], timeout=60)
+        assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) >= 1
+        assert [r.getMessage() for r in caplog.records if "fork server ended" in r.getMessage()] != []
+        assert len([r for r in caplog.records if "fork server ended" in r.getMessage()]) == 1
+    finally:
+        commands.close()

@@ -11,7 +11,6 @@ import base64
 import email.utils
 import json
 import logging
-import os
 import re
 import ssl
 import threading
@@ -25,7 +24,7 @@ import httpx
 from erofs_mount_core import RetryPolicy, SourceError, final_network_error
 from erofs_mount_core import read_capped as network_read_capped
 
-from .routing import NoHost, answered_by
+from .routing import NoHost, answered_by, default_context
 
 log = logging.getLogger("erofs_mount.oci")
 
@@ -94,21 +93,6 @@ class _CappedTransport(httpx.BaseTransport):
 
     def close(self) -> None:
         self._inner.close()
-
-
-_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
-_contexts_lock = threading.Lock()
-
-
-def default_context() -> ssl.SSLContext:
-    """httpx's verifying context (certifi's CA bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), made once per
-    process: loading the bundle takes a fraction of a second (seconds on an emulated machine), and a
-    daemon forked from the command that made it keeps it."""
-    key = (os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
-    with _contexts_lock:
-        if key not in _contexts:
-            _contexts[key] = httpx.create_ssl_context()
-        return _contexts[key]
 
 
 def warm_up() -> None:

@@ -29,6 +29,7 @@ blobs and manifests by digest, ``resolve`` for tags), in the order of
 from __future__ import annotations
 
 import logging
+import os
 import re
 import ssl
 import threading
@@ -223,14 +224,27 @@ def route(registry: str, api_root: str, hosts_dir: str | None, *, insecure: bool
     return Route(registry, api_root, tuple(hosts), ca_bundle)
 
 
+_contexts: dict[tuple[str, str], ssl.SSLContext] = {}
+_contexts_lock = threading.Lock()
+
+
+def default_context() -> ssl.SSLContext:
+    """httpx's verifying context (certifi's CA bundle, or ``SSL_CERT_FILE`` / ``SSL_CERT_DIR``), made once per
+    process: loading the bundle takes a fraction of a second (seconds on an emulated machine), and a
+    daemon forked from the command that made it keeps it."""
+    key = (os.environ.get("SSL_CERT_FILE", ""), os.environ.get("SSL_CERT_DIR", ""))
+    with _contexts_lock:
+        if key not in _contexts:
+            _contexts[key] = httpx.create_ssl_context()
+        return _contexts[key]
+
+
 def tls_for(host: Host, ca_bundle: str | None) -> ssl.SSLContext | bool:
     """The TLS settings of one host: its own CAs and client certificates (the ``ca=`` option's bundle too,
     for the registry itself), or no verification where ``skip_verify`` says so."""
     if host.skip_verify:
         return False
     if not (host.ca or host.client or ca_bundle):
-        from ._http import default_context
-
         return default_context()
     try:
         context = ssl.create_default_context()
