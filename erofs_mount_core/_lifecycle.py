@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import select
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -193,12 +194,22 @@ DAEMON_EXIT_TIMEOUT = 10.0
 def _disconnect_and_wait(index: int, record_path: Path, timeout: float = DAEMON_EXIT_TIMEOUT) -> None:
     """Disconnect the device, let its daemon exit, and remove its files under its lock.
 
-    A daemon that outlives ``timeout`` keeps its files (and the next umount or reattach finds them).
+    The daemon frees its lock and removes its files as it ends, before its
+    process is gone: the wait is for the process, so a umount that returns
+    leaves no daemon behind. A daemon that outlives ``timeout`` keeps its
+    files (and the next umount or reattach finds them).
     """
-    disconnect_any(index)
-    deadline = time.monotonic() + timeout
-    while daemon_alive(record_path) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    process = _daemon_process(record_path)
+    try:
+        disconnect_any(index)
+        deadline = time.monotonic() + timeout
+        while daemon_alive(record_path) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if process is not None:
+            select.select([process], [], [], max(0.0, deadline - time.monotonic()))  # readable once it ended
+    finally:
+        if process is not None:
+            os.close(process)
     try:
         with locked(record_path):
             rec.RecordStore.remove(record_path)
@@ -207,6 +218,19 @@ def _disconnect_and_wait(index: int, record_path: Path, timeout: float = DAEMON_
             return  # the daemon removed them itself as it ended
         raise KernelError(f"nbd{index} was disconnected, but its daemon did not exit within {timeout:.0f} s; "
                           f"its record {record_path} is kept") from None
+
+
+def _daemon_process(record_path: Path) -> int | None:
+    """A pidfd of the daemon the record names, if that process holds the record's lock; else None."""
+    try:
+        pid = rec.RecordStore.read(record_path).daemon_pid
+        process = os.pidfd_open(pid) if pid > 0 else None
+    except (ErofsMountError, OSError):
+        return None
+    if process is not None and not liveness.holds_lock(pid, record_path):  # (checked after the pidfd: no pid reused)
+        os.close(process)
+        return None
+    return process
 
 
 # -- umount ------------------------------------------------------------------

@@ -11,6 +11,7 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -263,3 +264,48 @@ def test_the_daemon_s_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     protocol.receive_environment(json.dumps({**passed, "LD_AUDIT": "x", "PATH": "/tmp"}).encode())
     assert os.environ["EROFS_MOUNT_OCI_PASSWORD"] == "s3cret"
     assert "LD_AUDIT" not in os.environ and os.environ["PATH"] == "/home/user/bin:/usr/bin"
+
+
+ENDING_DAEMON = r"""
+import fcntl, os, signal, sys, time
+from pathlib import Path
+record, lock = Path(sys.argv[1]), Path(sys.argv[2])
+fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+ending = []
+signal.signal(signal.SIGUSR1, lambda *_: ending.append(1))
+print("holding", flush=True)
+while not ending:
+    time.sleep(0.01)
+record.unlink()  # as the daemon ends: its files removed, its lock freed...
+lock.unlink()
+os.close(fd)
+time.sleep(1.5)  # ...and its process still there a while (an interpreter's exit, on a slow machine)
+"""
+
+
+def test_umount_returns_once_the_daemon_s_process_is_gone_not_only_its_lock(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon frees its lock and removes its files before its process ends: ``umount`` waits for the
+    process, so nothing is left running when it returns. (The disconnect, the kernel's part, is the signal
+    that starts the daemon's end here; the kernel tests check that no daemon is left after each test.)"""
+    import attrs
+
+    from erofs_mount_core import _lifecycle
+
+    image = tmp_path / "app.erofs"
+    image.write_bytes(os.urandom(4096))
+    path = _record_for(tmp_path, image)
+    daemon = subprocess.Popen([sys.executable, "-c", ENDING_DAEMON, str(path), str(rec.lock_path(path))],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert daemon.stdout is not None and daemon.stdout.readline().strip() == "holding"
+        store = rec.RecordStore(path.parent)
+        store.write(path, attrs.evolve(store.read(path), daemon_pid=daemon.pid))
+        monkeypatch.setattr(_lifecycle, "disconnect_any", lambda index: daemon.send_signal(signal.SIGUSR1))
+        _lifecycle._disconnect_and_wait(5, path)
+        assert daemon.poll() is not None, "umount returned while the daemon's process was still there"
+        assert not path.exists() and not rec.lock_path(path).exists()
+    finally:
+        daemon.kill()
+        daemon.communicate()
