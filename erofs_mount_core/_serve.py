@@ -26,7 +26,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import attrs
@@ -217,13 +217,24 @@ class _StopSignals:
         self._wake.setblocking(False)
         self._wake_w.setblocking(False)
         self._previous_fd = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        self.stopping = False
+        self.stopping, self._deferring = False, False
         self._previous = {s: signal.signal(s, self._raise) for s in _STOP_SIGNALS}
         return self
 
     def _raise(self, signum: int, frame: object) -> None:
         self.stopping = True
-        raise _Stop
+        if not self._deferring:
+            raise _Stop
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """A stop signal only noted while this runs (the next ``wait`` raises it): what starts a process must
+        not be cut between its fork and the return of its handle."""
+        self._deferring = True
+        try:
+            yield
+        finally:
+            self._deferring = False
 
     def wait(self, fd: int | None = None) -> None:
         """Until a stop signal (raises _Stop) or until ``fd`` is readable."""
@@ -350,8 +361,9 @@ def _run_captive(command: str, where: str, signals: _StopSignals) -> int:
         host, _, port = address.rpartition(":")
         env["port"] = port
         env["uri"] = f"nbd://{f'[{host}]' if ':' in host else host}:{port}"
-    proc = subprocess.Popen(command, shell=True, env=env)
-    exited = os.pidfd_open(proc.pid)
+    with signals.deferred():  # a stop as it starts: the wait below raises it, and the command is ended
+        proc = subprocess.Popen(command, shell=True, env=env)
+        exited = os.pidfd_open(proc.pid)
     try:
         signals.wait(exited)
         code = proc.wait()

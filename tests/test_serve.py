@@ -236,6 +236,29 @@ def test_sigterm_stops_the_run_command_too(image: tuple[Path, dict[str, str]], t
         os.kill(child, 0)
 
 
+def test_a_stop_that_comes_as_the_run_command_starts_ends_it_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM between the --run command's fork and the return of its handle (on a loaded machine the command
+    runs before that): the command is ended all the same, not left holding serve's stderr for a minute."""
+    from erofs_mount_core import _serve
+
+    real, started = subprocess.Popen, []
+
+    def started_then_stopped(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        started.append(real(*args, **kwargs))
+        os.kill(os.getpid(), signal.SIGTERM)
+        return started[-1]
+
+    monkeypatch.setattr(_serve.subprocess, "Popen", started_then_stopped)
+    try:
+        with _serve._StopSignals() as signals, pytest.raises(_serve._Stop):
+            _serve._run_captive("exec sleep 60", "unix:/nonexistent.sock", signals)
+        assert started[0].poll() is not None, "the --run command outlived serve's stop"
+    finally:
+        for proc in started:
+            proc.kill()
+            proc.wait()
+
+
 # -- a client cannot take the server down: timeouts, a cap, descriptors run out ---------------
 
 def _wait_closed(s: socket.socket, within: float) -> bytes:

@@ -282,12 +282,18 @@ def test_ctr_runs_an_image_whose_layers_erofs_mount_serves_and_survives_what_a_h
                                         "/usr/bin/sha256sum", "/data/blob", timeout=600)
             assert reader.stdout.split()[0] == hashlib.sha256(bytes(range(256)) * (3 << 12)).hexdigest()
 
-            # the snapshotter killed and started again: the same snapshots, and a new container runs
+            # the snapshotter killed and started again: the same snapshots, and a new container runs; the host
+            # "rebooted" meanwhile (no layer mounted, no device: erofs-mount umount of each), so the snapshotter
+            # mounts each layer a snapshot uses again as it starts
             before = listing(containerd.ctr("snapshots", "--snapshotter", "erofs-mount", "ls").stdout)
             containerd.snapshotter.kill()
             containerd.snapshotter.wait()
+            for row in devices():
+                cli("umount", row["mountpoints"][0])
+            assert devices() == []
             containerd.snapshotter = containerd.start_snapshotter()
             assert listing(containerd.reconnected("snapshots", "--snapshotter", "erofs-mount", "ls").stdout) == before
+            assert len(devices()) == len(layers), "each layer mounted again at the snapshotter's start"
             again = containerd.ctr("run", "--rm", "--snapshotter", "erofs-mount", reference, "after-restart",
                                    "/bin/cat", "/data/hidden/new")
             assert again.stdout == "after the opaque dir\n"
