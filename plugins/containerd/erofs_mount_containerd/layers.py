@@ -16,6 +16,7 @@ import logging
 import os
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -89,13 +90,17 @@ class Layers:
             target.mkdir(mode=0o700, exist_ok=True)
             source = f"oci:{pinned(image, labels.get(MANIFEST_DIGEST, ''))}"
             options = ",".join(o for o in (f"blob={digest}", self.options) if o)
+            started = time.monotonic()
             result = self._erofs_mount("mount", "--source", source, "-o", options, str(target))
+            took = time.monotonic() - started
             if result.returncode != 0:
                 with contextlib.suppress(OSError):
                     target.rmdir()
                 said = (result.stderr.strip().splitlines() or [f"exit status {result.returncode}"])[-1]
-                raise LayerError(f"layer {digest} of {image}: {said}")
-            log.info("layer %s of %s mounted at %s", digest, image, target)
+                raise LayerError(f"layer {digest} of {image}: {said} (after {took:.1f} s)")
+            for line in result.stderr.splitlines()[-20:]:  # what the mount warned of (a layer indexed here, say)
+                log.warning("layer %s: %s", digest, line)
+            log.info("layer %s of %s mounted at %s in %.1f s", digest, image, target, took)
             return digest
 
     def unmount(self, digest: str) -> None:
