@@ -116,6 +116,22 @@ def test_a_cached_index_s_tree_is_parsed_when_a_layout_is_made_and_a_bad_one_is_
     assert len(str(refused.value).splitlines()) == 1 and str(cache_dir) in str(refused.value)
 
 
+def test_an_index_given_its_own_layout_to_publish_keeps_its_fresh_tree_for_the_merge(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``index push`` (and ``-o publish-index`` at a mount) adds each layer's own image to what it publishes;
+    the mount that publishes merges the same layers next, from the tree it has just read, not parsed again."""
+    from erofs_mount_tar import packed_tree
+
+    from erofs_mount_core import ImageLayout
+
+    archive = make_archive(tmp_path / "a.tar.gz", files(n=4), ["gzip", "-c"])
+    built = indexes.build(LocalFile(str(archive)), "a", layout=False)
+    monkeypatch.setattr(packed_tree, "load", lambda *args: pytest.fail("the tree parsed again"))
+    published = indexes.ArchiveIndex.from_bytes(built.with_own_layout().to_bytes(), check_tree=False)
+    assert published.layout is not None and built.layout is None
+    assert ImageLayout.of(built.read_tree().root) == published.layout
+
+
 def test_an_index_of_another_version_is_not_used(tmp_path: Path, cache_dir: Path) -> None:
     archive = make_archive(tmp_path / "a.tar", files(n=3))
     image = mount(archive)

@@ -100,7 +100,6 @@ def warm_up() -> None:
     client is made, and signatures need cryptography's key loading."""
     import cryptography.hazmat.primitives.serialization  # noqa: F401 - imported now, used by ``published``
 
-    default_context()
     httpx.HTTPTransport(verify=default_context()).close()
 
 

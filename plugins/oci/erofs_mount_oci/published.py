@@ -141,9 +141,8 @@ def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], d
         if index.unpacked:  # its stream is a file on this host: another host indexes that layer itself
             log.warning("%s: layer %d is one zstd frame, unpacked on this host: not published", what, layer.index)
             continue
-        if index.layout is None:  # the layer's own image: a host that mounts the layer alone (a snapshotter)
-            index = attrs.evolve(index, layout=index.image_layout())  # makes none when a trusted key signed it
-        blob = push_blob(registry, index.to_bytes(), f"{what}: layer {layer.index}'s index")
+        # with the layer's own image: a host that mounts the layer alone (a snapshotter) takes it when signed
+        blob = push_blob(registry, index.with_own_layout().to_bytes(), f"{what}: layer {layer.index}'s index")
         blobs.append({"mediaType": INDEX_MEDIA_TYPE, **blob, "annotations": {LAYER_ANNOTATION: layer.digest}})
         bound.append((layer.digest, diff_id, blob["digest"]))
     listed = None

@@ -16,7 +16,7 @@ The file format (version 2, little-endian)::
       meta     JSON: compression, archive sha256 and size, stream size and sha256 (an OCI
                layer's diff_id), span size, frames
       hashes   the span hashes, 32 bytes each
-      layout   zlib(ImageLayout.to_bytes()), when asked for (a layer of an image is merged, not served alone)
+      layout   zlib(ImageLayout.to_bytes()): kept when asked for, and in a published index (a layer mounted alone)
       tree     zlib(packed_tree.dump(tree)): what merging the layers of an image needs
       gzip     zlib(rapidgzip's checkpoint export), for gzip archives
 
@@ -88,6 +88,14 @@ class ArchiveIndex:
     def image_layout(self) -> ImageLayout:
         """The archive's own image (whiteouts in overlayfs form), kept or made from the tree."""
         return self.layout if self.layout is not None else ImageLayout.of(self.read_tree().root)
+
+    def with_own_layout(self) -> ArchiveIndex:
+        """This index keeping the archive's own image (what ``index push`` publishes for hosts that mount the
+        layer alone). A tree just built is read, not handed over: the mount that publishes merges it next."""
+        if self.layout is not None:
+            return self
+        tree = self.fresh[0] if self.fresh else packed_tree.load(self.tree)
+        return attrs.evolve(self, layout=ImageLayout.of(tree.root), fresh=[])
 
     def read_tree(self, base: int = 0) -> Tree:
         """A copy of the archive's tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
