@@ -165,8 +165,8 @@ def cli(debug: bool) -> None:
 @click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY[=VALUE][,...]",
               help="A mount flag (nosuid and nodev are the default; suid, dev, noexec, noatime...) "
                    "or a source option, passed to the source's plugin. Repeatable.")
-@click.option("--connections", default=4, show_default=True, type=click.IntRange(1, 64),
-              help="Kernel connections (one serving thread each).")
+@click.option("--connections", default=1, show_default=True, type=click.IntRange(1, 64),
+              help="Kernel connections (sockets), each served by 8 threads.")
 @click.option("--dead-timeout", default=86400, show_default=True, type=click.IntRange(1, 2**31),
               help="Seconds the kernel holds reads while no daemon is attached (the window for reattach).")
 @click.option("--block-size", default=512, show_default=True, type=click.Choice(["512", "1024", "2048", "4096"]),

@@ -60,6 +60,8 @@ log = logging.getLogger("erofs_mount.daemon")
 RECONNECT_PATIENCE = 10.0
 #: how often an idle connection looks whether it is being handed over, in seconds
 IDLE_CHECK = 0.2
+#: threads serving each kernel connection: a read that waits on the network holds up no other
+THREADS_PER_CONNECTION = 8
 #: how long a hand-over waits for the requests in flight to finish
 DRAIN_TIMEOUT = 60.0
 PR_SET_IO_FLUSHER = 57
@@ -188,7 +190,8 @@ class Daemon:
             self._live += 1
 
         def work() -> None:
-            reason = transmit(sock, disk, peer=f"connection {n}", stats=stats, stop=self.stop)
+            reason = transmit(sock, disk, peer=f"connection {n}", stats=stats, stop=self.stop,
+                              threads=THREADS_PER_CONNECTION)
             if reason == HANDED_OVER:
                 return  # the socket stays open: it is about to be given away
             sock.close()

@@ -67,7 +67,10 @@ if TYPE_CHECKING:  # plugins (pluggy, importlib.metadata) load only in the comma
 log = logging.getLogger("erofs_mount.lifecycle")
 
 DEFAULT_BLOCK_SIZE = 512
-DEFAULT_CONNECTIONS = 4
+#: one socket, served by several threads: the kernel (6.1 measured) may hand all of a device's
+#: receive works to the one rescuer thread of its workqueue when it is slow to start workers (at boot,
+#: under load), which then reads the replies of one socket alone; the others' wait 30 s for a retry
+DEFAULT_CONNECTIONS = 1
 DEFAULT_DEAD_TIMEOUT = 24 * 3600
 
 

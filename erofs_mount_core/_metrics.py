@@ -63,7 +63,7 @@ def merged(*parts: Mapping[str, int]) -> dict[str, int]:
 
 
 class ConnectionStats:
-    """One kernel connection's counts; written by its serving thread only.
+    """The counts of one thread serving a kernel connection; written by that thread only.
 
     ``counts`` holds a slot per command in ``COMMANDS``, then the bytes read,
     then the error replies; ``latency`` a slot per bound, then one past the last.
@@ -79,6 +79,10 @@ class ConnectionStats:
         #: when the request being served started (monotonic ns); 0 between requests (the watchdog looks)
         self.started = 0
         self._device = device
+
+    def sibling(self) -> ConnectionStats:
+        """The counts of another thread serving the same connection: the same device's, when there is one."""
+        return self._device.connection() if self._device is not None else ConnectionStats()
 
     def took(self, ns: int) -> None:
         self.latency[bisect.bisect_left(_BOUNDS_NS, ns)] += 1

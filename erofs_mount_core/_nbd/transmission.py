@@ -18,6 +18,7 @@ its clients, which reconnect; the kernel's connections never do.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -109,21 +110,78 @@ def _finish_send(sock: socket.socket, header: bytes | bytearray, data: bytes | m
 HANDED_OVER = "handed over"
 
 
+class _Connection:
+    """One socket that several serving threads share, as nbdkit's parallel thread model does: one
+    thread at a time receives a request (its header and any payload), one at a time sends a reply,
+    and each serves its own request in between, so a read that waits on the network holds up
+    no other. Replies may leave in any order: the kernel and NBD clients match them by cookie."""
+
+    def __init__(self, sock: socket.socket, stop: threading.Event | None) -> None:
+        self.sock = sock
+        self.receiving = threading.Lock()
+        self.sending = threading.Lock()
+        self.stopping = stop.is_set if stop is not None else lambda: False
+        self.reason: str | None = None  # why the connection ended, set by the thread that saw it
+
+    def end(self, reason: str) -> str:
+        if self.reason is None:
+            self.reason = reason
+        return self.reason
+
+
 def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel", stats: ConnectionStats | None = None,
-             stop: threading.Event | None = None) -> str:
-    """Serve requests on ``sock`` until the client disconnects, or ``stop`` is set.
+             stop: threading.Event | None = None, threads: int = 1) -> str:
+    """Serve requests on ``sock`` with ``threads`` serving threads until the client disconnects, or
+    ``stop`` is set; returns once every thread has sent the reply of the request it took.
 
     Returns why the loop ended: ``"disconnect"`` (NBD_CMD_DISC), ``"closed"``
-    (EOF between requests), ``HANDED_OVER`` (``stop`` was set: the loop ended
-    between two requests, leaving any unread one in the socket for its next
+    (EOF between requests), ``HANDED_OVER`` (``stop`` was set: the threads ended
+    between requests, leaving any unread one in the socket for its next
     reader) or a protocol error text (the connection is then closed by the caller).
 
     With ``stop``, the socket needs a receive timeout (SO_RCVTIMEO): an idle
     connection notices ``stop`` when its wait for a request times out.
+    ``stats`` counts the calling thread's requests; each other thread counts
+    in a sibling of it (the same device's).
     """
     stats = stats or ConnectionStats()
+    conn = _Connection(sock, stop)
+    helpers = [threading.Thread(target=_serve_guarded, args=(conn, disk, peer, stats.sibling()),
+                                name=f"{threading.current_thread().name}.{n}", daemon=True)
+               for n in range(1, threads)]
+    for t in helpers:
+        t.start()
+    try:
+        reason = _serve_guarded(conn, disk, peer, stats)
+    finally:
+        for t in helpers:
+            t.join()
+    return conn.reason or reason
+
+
+def _serve_guarded(conn: _Connection, disk: Disk, peer: str, stats: ConnectionStats) -> str:
+    """One serving thread; a fault of its own ends the whole connection (the others then stop)."""
+    try:
+        return _serve(conn, disk, peer, stats)
+    except ConnectionClosed as exc:
+        log.warning("%s: %s", peer, exc)
+        return conn.end(str(exc))
+    except (BrokenPipeError, ConnectionResetError) as exc:
+        return conn.end(f"closed ({exc.strerror})")
+    except BaseException as exc:  # a fault of ours: wake the thread receiving, and end
+        conn.end(f"failed ({exc!r})")
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RD)
+        raise
+    finally:
+        stats.started = 0  # a connection that ended is in no request: the watchdog must not count it stuck
+
+
+def _serve(conn: _Connection, disk: Disk, peer: str, stats: ConnectionStats) -> str:
+    """Take requests one at a time off the shared socket and answer each; returns why it stopped."""
+    sock = conn.sock
     counts, took = stats.counts, stats.took
-    stopping = stop.is_set if stop is not None else lambda: False
+    stopping, receiving, sending = conn.stopping, conn.receiving, conn.sending
     header = bytearray(p.REQUEST.size)
     header_out = bytearray(p.REPLY.size)  # reused: a reply header is sent before the next is packed
     source_size = disk.source_size
@@ -133,11 +191,13 @@ def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel", stats: Co
     sendfile_fd, sendall, sock_fd = disk.sendfile_fd, sock.sendall, sock.fileno()
     request_size, request_magic, reply_magic = p.REQUEST.size, p.REQUEST_MAGIC, p.SIMPLE_REPLY_MAGIC
     reply_size, read_slot, bytes_slot = p.REPLY.size, COMMANDS.index("read"), ConnectionStats.READ_BYTES
-    try:
-        while True:
+    while True:
+        stats.started = 0
+        with receiving:  # the reason a thread ends the connection is set before another may receive
+            if conn.reason is not None:
+                return conn.reason
             if stopping():
-                return HANDED_OVER
-            stats.started = 0
+                return conn.end(HANDED_OVER)
             try:
                 got = recv_into(header)
             except BlockingIOError:  # no request within the receive timeout: look at ``stop`` again
@@ -145,63 +205,64 @@ def transmit(sock: socket.socket, disk: Disk, *, peer: str = "kernel", stats: Co
             started = stats.started = clock()
             if got != request_size:
                 if got == 0:
-                    return "closed"
+                    return conn.end("closed")
                 _recv_rest(sock, header, got)
             magic, _flags, cmd, cookie, offset, length = unpack(header)
             if magic != request_magic:
                 log.warning("%s: bad request magic 0x%08x; closing the connection", peer, magic)
-                return f"bad magic 0x{magic:08x}"
-            if cmd == p.CMD_READ:
-                counts[read_slot] += 1
-                if 0 < length <= p.MAX_READ and offset + length <= source_size:
-                    if sendfile_fd is not None:
-                        pack_reply(header_out, 0, reply_magic, 0, cookie)
+                return conn.end(f"bad magic 0x{magic:08x}")
+            if cmd == p.CMD_DISC:
+                return conn.end("disconnect")
+            if cmd == p.CMD_WRITE:  # its payload is part of the request: read while receiving is held
+                if length > p.MAX_READ:
+                    log.warning("%s: write of %d bytes cannot be skipped; closing the connection", peer, length)
+                    return conn.end(f"oversized write ({length} bytes)")
+                _skip(sock, length)
+        if cmd == p.CMD_READ:
+            counts[read_slot] += 1
+            if 0 < length <= p.MAX_READ and offset + length <= source_size:
+                if sendfile_fd is not None:
+                    pack_reply(header_out, 0, reply_magic, 0, cookie)
+                    with sending:
                         sendall(header_out, socket.MSG_MORE)
                         _sendfile(sock_fd, sendfile_fd, offset, length)
-                        counts[bytes_slot] += length
-                        took(clock() - started)
-                        continue
-                    try:
-                        data = pread(length, offset)
-                    except Exception as exc:
-                        _read_slow(sock, disk, cookie, offset, length, peer, stats, exc)
-                        took(clock() - started)
-                        continue
-                    if len(data) == length:
-                        pack_reply(header_out, 0, reply_magic, 0, cookie)
+                    counts[bytes_slot] += length
+                    took(clock() - started)
+                    continue
+                try:
+                    data = pread(length, offset)
+                except Exception as exc:
+                    _read_slow(conn, disk, cookie, offset, length, peer, stats, exc)
+                    took(clock() - started)
+                    continue
+                if len(data) == length:
+                    pack_reply(header_out, 0, reply_magic, 0, cookie)
+                    with sending:
                         sent = sendmsg([header_out, data])
                         if sent != reply_size + length:
                             _finish_send(sock, header_out, data, sent)
-                        counts[bytes_slot] += length
-                        took(clock() - started)
-                        continue
-                _read_slow(sock, disk, cookie, offset, length, peer, stats)
-                took(clock() - started)
-            elif cmd == p.CMD_DISC:
-                return "disconnect"
-            elif cmd == p.CMD_WRITE:
-                counts[COMMANDS.index("write")] += 1
-                if length > p.MAX_READ:
-                    log.warning("%s: write of %d bytes cannot be skipped; closing the connection", peer, length)
-                    return f"oversized write ({length} bytes)"
-                _skip(sock, length)
-                _send(sock, p.reply_header(cookie, p.EPERM))
-            elif cmd == p.CMD_FLUSH:
-                counts[COMMANDS.index("flush")] += 1
-                _send(sock, p.reply_header(cookie))
-            elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
-                counts[COMMANDS.index("trim")] += 1
-                _send(sock, p.reply_header(cookie, p.EPERM))
-            else:
-                counts[COMMANDS.index("other")] += 1
-                _send(sock, p.reply_header(cookie, p.EINVAL))
-    except ConnectionClosed as exc:
-        log.warning("%s: %s", peer, exc)
-        return str(exc)
-    except (BrokenPipeError, ConnectionResetError) as exc:
-        return f"closed ({exc.strerror})"
-    finally:
-        stats.started = 0  # a connection that ended is in no request: the watchdog must not count it stuck
+                    counts[bytes_slot] += length
+                    took(clock() - started)
+                    continue
+            _read_slow(conn, disk, cookie, offset, length, peer, stats)
+            took(clock() - started)
+        elif cmd == p.CMD_WRITE:
+            counts[COMMANDS.index("write")] += 1
+            _reply(conn, p.reply_header(cookie, p.EPERM))
+        elif cmd == p.CMD_FLUSH:
+            counts[COMMANDS.index("flush")] += 1
+            _reply(conn, p.reply_header(cookie))
+        elif cmd in (p.CMD_TRIM, p.CMD_WRITE_ZEROES):
+            counts[COMMANDS.index("trim")] += 1
+            _reply(conn, p.reply_header(cookie, p.EPERM))
+        else:
+            counts[COMMANDS.index("other")] += 1
+            _reply(conn, p.reply_header(cookie, p.EINVAL))
+
+
+def _reply(conn: _Connection, header: bytes, data: bytes | memoryview = b"") -> None:
+    with conn.sending:
+        _send(conn.sock, header, data)
 
 
 def _recv_rest(sock: socket.socket, header: bytearray, got: int) -> None:
@@ -230,7 +291,7 @@ def _sendfile(out: int, fd: int, offset: int, length: int) -> None:
         length -= sent
 
 
-def _read_slow(sock: socket.socket, disk: Disk, cookie: int, offset: int, length: int,
+def _read_slow(conn: _Connection, disk: Disk, cookie: int, offset: int, length: int,
                peer: str, stats: ConnectionStats, failure: Exception | None = None) -> None:
     """Range checks, zero padding past the source and error replies.
 
@@ -239,7 +300,7 @@ def _read_slow(sock: socket.socket, disk: Disk, cookie: int, offset: int, length
     error = _check_range(offset, length, disk.size)
     if error:
         stats.failed(f"{peer}: a read of {length} bytes at {offset} is outside the device")
-        _send(sock, p.reply_header(cookie, error))
+        _reply(conn, p.reply_header(cookie, error))
         return
     try:
         if failure is not None:
@@ -251,9 +312,9 @@ def _read_slow(sock: socket.socket, disk: Disk, cookie: int, offset: int, length
         else:
             log.exception("%s: read of %d bytes at %d failed", peer, length, offset)
         stats.failed(f"read of {length} bytes at {offset} failed: {exc}")
-        _send(sock, p.reply_header(cookie, p.EIO))
+        _reply(conn, p.reply_header(cookie, p.EIO))
         return
-    _send(sock, p.reply_header(cookie), data)
+    _reply(conn, p.reply_header(cookie), data)
     stats.counts[ConnectionStats.READ_BYTES] += length
 
 

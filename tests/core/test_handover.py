@@ -37,6 +37,7 @@ class Pipeliner:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.wrong: list[int] = []
+        self.seen: set[int] = set()
         self.answered = 0
         self.reader = threading.Thread(target=self._read)
         self.reader.start()
@@ -54,10 +55,13 @@ class Pipeliner:
             offset = (cookie * 512) % len(DATA)
             if magic != p.SIMPLE_REPLY_MAGIC or error or f.read(512) != DATA[offset:offset + 512]:
                 self.wrong.append(cookie)
+            self.seen.add(cookie)
             self.answered += 1
 
 
-def test_a_connection_handed_between_loops_mid_stream_loses_and_repeats_nothing() -> None:
+@pytest.mark.parametrize("threads", [1, 4])
+def test_a_connection_handed_between_loops_mid_stream_loses_and_repeats_nothing(threads: int) -> None:
+    """With several threads on the socket, the hand-over waits for each one's reply in flight."""
     client, server = socket.socketpair()
     _timed(server)
     disk = Disk(BytesSource(DATA))
@@ -65,7 +69,8 @@ def test_a_connection_handed_between_loops_mid_stream_loses_and_repeats_nothing(
     ends: list[str] = []
     first, second, device = threading.Event(), threading.Event(), DeviceStats()
     stats = device.connection()
-    loop = threading.Thread(target=lambda: ends.append(transmit(server, disk, stats=stats, stop=first)))
+    loop = threading.Thread(target=lambda: ends.append(transmit(server, disk, stats=stats, stop=first,
+                                                                threads=threads)))
     loop.start()
     while pipeliner.answered < REQUESTS // 3:
         pass
@@ -75,12 +80,12 @@ def test_a_connection_handed_between_loops_mid_stream_loses_and_repeats_nothing(
     handed_at = pipeliner.answered
     after = DeviceStats(carried=device.snapshot({}))
     later = threading.Thread(target=lambda: ends.append(
-        transmit(server, disk, stats=after.connection(), stop=second)))
+        transmit(server, disk, stats=after.connection(), stop=second, threads=threads)))
     later.start()
     pipeliner.reader.join(10)
     second.set()
     later.join(5)
-    assert pipeliner.answered == REQUESTS and pipeliner.wrong == []
+    assert pipeliner.answered == REQUESTS and pipeliner.wrong == [] and len(pipeliner.seen) == REQUESTS
     assert 0 < handed_at < REQUESTS
     totals = after.snapshot({})
     assert totals["requests"]["read"] == REQUESTS and totals["read_bytes"] == REQUESTS * 512

@@ -38,10 +38,10 @@ class BytesSource(Source):
 
 
 class Client:
-    def __init__(self, disk: Disk) -> None:
+    def __init__(self, disk: Disk, threads: int = 1) -> None:
         self.sock, server = socket.socketpair()
         self.result: list[str] = []
-        self.thread = threading.Thread(target=lambda: self.result.append(transmit(server, disk)))
+        self.thread = threading.Thread(target=lambda: self.result.append(transmit(server, disk, threads=threads)))
         self.thread.start()
         self._server = server
 
@@ -120,6 +120,65 @@ def test_half_a_request_ends_cleanly(client: Client) -> None:
 def test_eof_between_requests_is_closed(client: Client) -> None:
     client.sock.shutdown(socket.SHUT_WR)
     assert client.finish() == "closed"
+
+
+class HeldSource(BytesSource):
+    """Its reads at offset 0 wait until ``release`` is set, as a read of a span on a slow registry does."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.release, self.waiting = threading.Event(), threading.Event()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        if offset == 0:
+            self.waiting.set()
+            assert self.release.wait(10)
+        return super().pread(length, offset)
+
+
+def test_a_read_that_waits_on_its_source_holds_up_no_other_on_the_same_connection() -> None:
+    source = HeldSource(DATA)
+    c = Client(Disk(source), threads=4)
+    c.request(p.CMD_READ, 0, 512, cookie=1)
+    assert source.waiting.wait(5)
+    c.request(p.CMD_READ, 4096, 512, cookie=2)
+    c.request(p.CMD_FLUSH, cookie=3)
+    assert c.reply(512) == (0, 2, DATA[4096:4608]), "the second read waited for the first"
+    assert c.reply() == (0, 3, b"")
+    source.release.set()
+    assert c.reply(512) == (0, 1, DATA[:512])
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
+
+
+def test_a_disconnect_ends_the_connection_once_each_read_in_flight_is_answered() -> None:
+    source = HeldSource(DATA)
+    c = Client(Disk(source), threads=4)
+    c.request(p.CMD_READ, 0, 512, cookie=1)
+    assert source.waiting.wait(5)
+    c.request(p.CMD_DISC)
+    c.thread.join(0.5)
+    assert c.thread.is_alive(), "transmit returned with a read in flight"
+    source.release.set()
+    assert c.reply(512) == (0, 1, DATA[:512])
+    assert c.finish() == "disconnect"
+
+
+@pytest.mark.parametrize("threads", [1, 4])
+def test_many_threads_answer_every_request_once_and_rightly(threads: int) -> None:
+    c = Client(Disk(BytesSource(DATA)), threads=threads)
+    offsets = {cookie: (cookie * 97) % (len(DATA) - 300) for cookie in range(2000)}
+    sender = threading.Thread(target=lambda: [c.request(p.CMD_READ, o, 300, cookie=k) for k, o in offsets.items()])
+    sender.start()
+    answers = {}
+    for _ in offsets:
+        error, cookie, data = c.reply(300)
+        assert error == 0 and cookie not in answers
+        answers[cookie] = data
+    sender.join()
+    assert answers == {k: DATA[o:o + 300] for k, o in offsets.items()}
+    c.request(p.CMD_DISC)
+    assert c.finish() == "disconnect"
 
 
 NO_WAIT = RetryPolicy(base_delay=0.0)

@@ -162,7 +162,6 @@ disabled_plugins = [{cri}"io.containerd.snapshotter.v1.btrfs",
         """A view containerd's collector leaves alone (``ctr snapshots view`` labels none as a root, unlike
         ``prepare``, so a collection that a prior ``ctr run --rm`` set off may take it at any moment)."""
         import grpc
-
         from erofs_mount_containerd._api import snapshots_pb2, snapshots_pb2_grpc
 
         with grpc.insecure_channel(f"unix:{self.socket}") as channel:
