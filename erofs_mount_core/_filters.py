@@ -197,9 +197,13 @@ class CacheSettings:
 class BlockCache(Filter):
     """A bounded LRU of ``block_size`` blocks; each read costs ``inner`` at most one ``pread``.
 
-    The blocks a read misses are fetched as one range, extended by
-    ``readahead`` bytes when reads run sequentially. A read inside one
-    cached block is answered with a view of it, without a copy.
+    The blocks a read misses are fetched as one range, extended when reads
+    run sequentially: by one block at the first such miss, then by twice the
+    last extension at each next one, up to ``readahead`` bytes (as the
+    kernel's readahead ramps up), so that a run of small files read in order
+    costs little more than the files, and a long read soon fetches in large
+    ranges. A read inside one cached block is answered with a view of it,
+    without a copy.
     """
 
     def __init__(self, inner: Source, *, block_size: int = 256 << 10, cache_bytes: int = 256 << 20,
@@ -212,6 +216,7 @@ class BlockCache(Filter):
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
         self._lock = threading.Lock()
         self._last_end = -1
+        self._ramp = 0  # the blocks the last sequential miss added; 0 once reads stop running in order
         self._counters = Counters()
 
     @property
@@ -232,14 +237,20 @@ class BlockCache(Filter):
                     have[b] = block
             sequential = offset == self._last_end
             self._last_end = offset + length
-        if len(have) > last - first:
+            hit = len(have) > last - first
+            if not sequential:
+                self._ramp = 0
+            elif not hit:
+                self._ramp = min(max(1, 2 * self._ramp), self.readahead_blocks)
+            ahead = self._ramp if sequential else 0
+        if hit:
             self._counters.add("cache_hits")
         else:
             self._counters.add("cache_misses")
             missing = [b for b in range(first, last + 1) if b not in have]
             lo, hi = missing[0], missing[-1]
-            if sequential and self.readahead_blocks:
-                hi = min(hi + self.readahead_blocks, (self._size - 1) // bs)
+            if ahead:
+                hi = min(hi + ahead, (self._size - 1) // bs)
             have.update(self._fetch(lo, hi))
         end = offset + length
         if first == last:  # inside one block: a view of it, not a copy

@@ -64,7 +64,8 @@ Options (``-o key=value``, comma-separated or repeated):
                          (every span checked); strict: such a layer is refused
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
-    readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
+    readahead-kib=N      the most fetched ahead when reads run in order, ramping up from one block
+                         (default 4096, 0 = off)
 
 Passwords never go on the command line: they come from environment
 variables or docker's config (and its credential helpers), and the record

@@ -14,7 +14,8 @@ Options (``-o key=value``):
     ca=PATH              CA bundle for the endpoint's TLS certificate
     cache-mib=N          in-memory block cache bound (default 256)
     block-kib=N          cache block size (default 256)
-    readahead-kib=N      extra bytes fetched when reads run sequentially (default 4096, 0 = off)
+    readahead-kib=N      the most fetched ahead when reads run in order, ramping up from one block
+                         (default 4096, 0 = off)
 
 Credentials come from $AWS_ACCESS_KEY_ID / $AWS_SECRET_ACCESS_KEY
 ($AWS_SESSION_TOKEN) or the shared credentials file, and are never
