@@ -13,6 +13,7 @@ import http.server
 import json
 import socket
 import struct
+import sys
 import threading
 import time
 from typing import Any
@@ -54,7 +55,7 @@ class FaultProxy:
 
     @staticmethod
     def _serve(handler: Any) -> http.server.ThreadingHTTPServer:
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        server = _QuietServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
         return server
@@ -245,3 +246,11 @@ class FaultProxy:
                 pass
 
         return Storage
+
+
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """Says nothing of a client that hung up on a kept-alive connection (a daemon ended by umount)."""
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
