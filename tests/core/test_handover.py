@@ -59,39 +59,62 @@ class Pipeliner:
             self.answered += 1
 
 
+class Gated(BytesSource):
+    """Its reads past the first ``opened`` wait for ``gate``: the hand-over then starts with requests
+    unread in the socket and, with several threads, reads in flight."""
+
+    def __init__(self, opened: int) -> None:
+        super().__init__(DATA)
+        self.opened, self.reads, self.lock = opened, 0, threading.Lock()
+        self.reached, self.gate = threading.Event(), threading.Event()
+
+    def pread(self, length: int, offset: int) -> bytes:
+        with self.lock:
+            self.reads += 1
+            if self.reads == self.opened:
+                self.reached.set()
+            held = self.reads > self.opened
+        if held:
+            assert self.gate.wait(10)
+        return super().pread(length, offset)
+
+
 @pytest.mark.parametrize("threads", [1, 4])
 def test_a_connection_handed_between_loops_mid_stream_loses_and_repeats_nothing(threads: int) -> None:
     """With several threads on the socket, the hand-over waits for each one's reply in flight."""
     client, server = socket.socketpair()
     _timed(server)
-    disk = Disk(BytesSource(DATA))
+    source = Gated(REQUESTS // 3)
+    disk = Disk(source)
     pipeliner = Pipeliner(client)
     ends: list[str] = []
     first, second, device = threading.Event(), threading.Event(), DeviceStats()
     stats = device.connection()
-    loop = threading.Thread(target=lambda: ends.append(transmit(server, disk, stats=stats, stop=first,
-                                                                threads=threads)))
-    loop.start()
-    while pipeliner.answered < REQUESTS // 3:
-        pass
-    first.set()
-    loop.join(5)
-    assert ends == [HANDED_OVER]
-    handed_at = pipeliner.answered
-    after = DeviceStats(carried=device.snapshot({}))
-    later = threading.Thread(target=lambda: ends.append(
-        transmit(server, disk, stats=after.connection(), stop=second, threads=threads)))
-    later.start()
-    pipeliner.reader.join(10)
-    second.set()
-    later.join(5)
-    assert pipeliner.answered == REQUESTS and pipeliner.wrong == [] and len(pipeliner.seen) == REQUESTS
-    assert 0 < handed_at < REQUESTS
-    totals = after.snapshot({})
-    assert totals["requests"]["read"] == REQUESTS and totals["read_bytes"] == REQUESTS * 512
-    assert sum(totals["latency"]["counts"]) == REQUESTS and totals["errors"] == 0
-    client.close()
-    server.close()
+    try:
+        loop = threading.Thread(target=lambda: ends.append(transmit(server, disk, stats=stats, stop=first,
+                                                                    threads=threads)))
+        loop.start()
+        assert source.reached.wait(10)
+        first.set()
+        source.gate.set()  # the reads in flight end, are answered, and no thread takes another request
+        loop.join(5)
+        assert ends == [HANDED_OVER]
+        handed_at = source.reads
+        after = DeviceStats(carried=device.snapshot({}))
+        later = threading.Thread(target=lambda: ends.append(
+            transmit(server, disk, stats=after.connection(), stop=second, threads=threads)))
+        later.start()
+        pipeliner.reader.join(10)
+        second.set()
+        later.join(5)
+        assert pipeliner.answered == REQUESTS and pipeliner.wrong == [] and len(pipeliner.seen) == REQUESTS
+        assert REQUESTS // 3 <= handed_at <= REQUESTS // 3 + threads, "a thread took a request after the stop"
+        totals = after.snapshot({})
+        assert totals["requests"]["read"] == REQUESTS and totals["read_bytes"] == REQUESTS * 512
+        assert sum(totals["latency"]["counts"]) == REQUESTS and totals["errors"] == 0
+    finally:
+        client.close()
+        server.close()
 
 
 def test_an_idle_connection_notices_the_stop_within_its_receive_timeout() -> None:
