@@ -194,6 +194,14 @@ class CacheSettings:
                           readahead=self.readahead_kib << 10)
 
 
+class _Fetch:
+    """A range of blocks on its way: what reads that need one of them wait for."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.blocks: dict[int, bytes] = {}
+
+
 class BlockCache(Filter):
     """A bounded LRU of ``block_size`` blocks; each read costs ``inner`` at most one ``pread``.
 
@@ -202,8 +210,10 @@ class BlockCache(Filter):
     last extension at each next one, up to ``readahead`` bytes (as the
     kernel's readahead ramps up), so that a run of small files read in order
     costs little more than the files, and a long read soon fetches in large
-    ranges. A read inside one cached block is answered with a view of it,
-    without a copy.
+    ranges. A block that another read is fetching is waited for, not fetched
+    again (the kernel sends neighbouring reads at once, and several threads
+    serve them). A read inside one cached block is answered with a view of
+    it, without a copy.
     """
 
     def __init__(self, inner: Source, *, block_size: int = 256 << 10, cache_bytes: int = 256 << 20,
@@ -217,6 +227,7 @@ class BlockCache(Filter):
         self._lock = threading.Lock()
         self._last_end = -1
         self._ramp = 0  # the blocks the last sequential miss added; 0 once reads stop running in order
+        self._fetching: dict[int, _Fetch] = {}  # blocks on their way, each to the fetch that brings it
         self._counters = Counters()
 
     @property
@@ -242,16 +253,26 @@ class BlockCache(Filter):
                 self._ramp = 0
             elif not hit:
                 self._ramp = min(max(1, 2 * self._ramp), self.readahead_blocks)
-            ahead = self._ramp if sequential else 0
+            missing = [b for b in range(first, last + 1) if b not in have]
+            awaited = {b: self._fetching[b] for b in missing if b in self._fetching}
+            mine = [b for b in missing if b not in awaited]
+            if mine:  # one range from the first block this read fetches to its last, and what is read ahead
+                lo, hi = mine[0], mine[-1]
+                if sequential:
+                    hi = min(hi + self._ramp, (self._size - 1) // bs)
+                fetch = _Fetch()
+                for b in range(lo, hi + 1):
+                    self._fetching.setdefault(b, fetch)
         if hit:
             self._counters.add("cache_hits")
         else:
             self._counters.add("cache_misses")
-            missing = [b for b in range(first, last + 1) if b not in have]
-            lo, hi = missing[0], missing[-1]
-            if ahead:
-                hi = min(hi + ahead, (self._size - 1) // bs)
-            have.update(self._fetch(lo, hi))
+            if mine:
+                have.update(self._fetch(lo, hi, fetch))
+            for b, other in awaited.items():
+                other.done.wait()
+                block = other.blocks.get(b)
+                have[b] = block if block is not None else self._fetch(b, b)[b]  # that fetch failed: our own
         end = offset + length
         if first == last:  # inside one block: a view of it, not a copy
             block, base = have[first], first * bs
@@ -261,18 +282,30 @@ class BlockCache(Filter):
         return b"".join(memoryview(have[b])[max(offset, b * bs) - b * bs:min(end, (b + 1) * bs) - b * bs]
                         for b in range(first, last + 1))
 
-    def _fetch(self, lo: int, hi: int) -> dict[int, bytes]:
+    def _fetch(self, lo: int, hi: int, claim: _Fetch | None = None) -> dict[int, bytes]:
+        """Blocks ``lo`` to ``hi`` in one read, cached; ``claim``: the entry in ``_fetching`` of those that
+        other reads wait for, ended (with the blocks, or none when the read failed) whatever happens."""
         bs = self.block_size
-        start, end = lo * bs, min((hi + 1) * bs, self._size)
-        data = bytes(self.inner.pread(end - start, start))
-        self._counters.add("cache_fetched_bytes", len(data))
-        fetched = {b: data[(b - lo) * bs:(b - lo + 1) * bs] for b in range(lo, hi + 1)}
-        with self._lock:
-            for b, block in fetched.items():
-                self._blocks[b] = block
-                self._blocks.move_to_end(b)
-            while len(self._blocks) > self.max_blocks:
-                self._blocks.popitem(last=False)
+        fetched: dict[int, bytes] = {}
+        try:
+            start, end = lo * bs, min((hi + 1) * bs, self._size)
+            data = bytes(self.inner.pread(end - start, start))
+            self._counters.add("cache_fetched_bytes", len(data))
+            fetched = {b: data[(b - lo) * bs:(b - lo + 1) * bs] for b in range(lo, hi + 1)}
+            with self._lock:
+                for b, block in fetched.items():
+                    self._blocks[b] = block
+                    self._blocks.move_to_end(b)
+                while len(self._blocks) > self.max_blocks:
+                    self._blocks.popitem(last=False)
+        finally:
+            if claim is not None:
+                claim.blocks = fetched
+                with self._lock:
+                    for b in range(lo, hi + 1):
+                        if self._fetching.get(b) is claim:
+                            del self._fetching[b]
+                claim.done.set()
         return fetched
 
     def counters(self) -> Mapping[str, int]:

@@ -6,7 +6,9 @@ requests), tests/vm/test_containerd.py (a container's reads of lazy layers).
 
 from __future__ import annotations
 
-from erofs_mount_core import BlockCache, Source
+import threading
+
+from erofs_mount_core import BlockCache, Source, SourceError
 
 BLOCK = 4096
 DATA = bytes(range(256)) * (256 * BLOCK // 256)  # 256 blocks
@@ -68,3 +70,56 @@ def test_no_readahead_fetches_what_is_read() -> None:
     for n in range(5):
         blocks.pread(BLOCK, n * BLOCK)
     assert below.fetched == [(n, 1) for n in range(5)]
+
+
+class Held(Counted):
+    """Its reads wait for ``release`` (a span on a slow registry); ``fail`` makes the first one fail."""
+
+    def __init__(self, fail: bool = False) -> None:
+        super().__init__()
+        self.release, self.started, self.fail = threading.Event(), threading.Event(), fail
+
+    def pread(self, length: int, offset: int) -> bytes:
+        data = super().pread(length, offset)
+        self.started.set()
+        assert self.release.wait(10)
+        if self.fail:
+            self.fail = False
+            raise SourceError("the registry hung up")
+        return data
+
+
+def _two_reads_of_one_block(below: Held) -> list[bytes | BaseException]:
+    """Two reads of the halves of one block at once, as the kernel sends neighbouring reads; their results."""
+    blocks = BlockCache(below, block_size=BLOCK, cache_bytes=len(DATA), readahead=0)
+    results: list[bytes | BaseException] = [b"", b""]
+
+    def read(n: int) -> None:
+        try:
+            results[n] = bytes(blocks.pread(BLOCK // 2, n * BLOCK // 2))
+        except SourceError as exc:
+            results[n] = exc
+
+    first = threading.Thread(target=read, args=(0,))
+    first.start()
+    assert below.started.wait(5)
+    second = threading.Thread(target=read, args=(1,))
+    second.start()
+    second.join(0.2)
+    below.release.set()
+    first.join(5)
+    second.join(5)
+    return results
+
+
+def test_a_block_on_its_way_is_waited_for_not_fetched_again() -> None:
+    below = Held()
+    assert _two_reads_of_one_block(below) == [DATA[:BLOCK // 2], DATA[BLOCK // 2:BLOCK]]
+    assert below.fetched == [(0, 1)]
+
+
+def test_a_read_that_waited_for_a_fetch_that_failed_fetches_the_block_itself() -> None:
+    below = Held(fail=True)
+    first, second = _two_reads_of_one_block(below)
+    assert isinstance(first, SourceError) and second == DATA[BLOCK // 2:BLOCK]
+    assert below.fetched == [(0, 1), (0, 1)]
