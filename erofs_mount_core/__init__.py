@@ -14,6 +14,7 @@ The public API for source plugins is what this module exports::
     from erofs_mount_core import cache_directory, cache_room, open_cache_file, write_cache_file  # kept between mounts
     from erofs_mount_core import mounted_source  # what a mounted device serves, for a plugin's commands
     from erofs_mount_core import CommandServer  # erofs-mount commands run as forks of a warm process
+    from erofs_mount_core import CommandSocket, run_through  # ...handed to that process by a new one
 
 with the hook specifications in ``erofs_mount_core.hookspecs`` and the
 contract kit in ``erofs_mount_core.testing``. Every other module is private
@@ -33,6 +34,7 @@ _EXPORTS = {
     "BlockCache": "_filters",
     "CacheSettings": "_filters",
     "CommandServer": "_forkserver",
+    "CommandSocket": "_command_socket",
     "Counters": "_metrics",
     "ErofsMountError": "_errors",
     "FillJob": "_span_store",
@@ -57,6 +59,7 @@ _EXPORTS = {
     "mounted_source": "_devices",
     "open_cache_file": "_cache",
     "read_capped": "_network",
+    "run_through": "_command_socket",
     "write_cache_file": "_cache",
 }
 
@@ -64,6 +67,7 @@ __all__ = [
     "BlockCache",
     "CacheSettings",
     "CommandServer",
+    "CommandSocket",
     "Counters",
     "ErofsMountError",
     "FillJob",
@@ -88,11 +92,13 @@ __all__ = [
     "mounted_source",
     "open_cache_file",
     "read_capped",
+    "run_through",
     "write_cache_file",
 ]
 
 if TYPE_CHECKING:
     from ._cache import cache_directory, cache_room, open_cache_file, write_cache_file
+    from ._command_socket import CommandSocket, run_through
     from ._devices import mounted_source
     from ._erofs.build import ImageLayout, ImageNode
     from ._erofs.synthesized import SynthesizedImage

@@ -65,21 +65,33 @@ class CommandServer:
             return subprocess.CompletedProcess(command, 1, "", "erofs-mount's fork server is gone: it was closed")
         if self._gone:
             return _run_new(command, timeout, env)
-        request = {"args": list(args), "env": dict(env) if env is not None else None}
         pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, status
-        try:
-            socket.send_fds(self._socket, [json.dumps(request).encode()], [w for _, w in pipes])
-        except OSError as exc:
-            for r, w in pipes:
+        sent = self.start(args, env, None, [w for _, w in pipes])
+        for r, w in pipes:
+            os.close(w)
+            if not sent:
                 os.close(r)
-                os.close(w)
+        if not sent:
+            return _run_new(command, timeout, env)
+        return _collect(command, [r for r, _ in pipes], timeout)
+
+    def start(self, args: Sequence[str], env: Mapping[str, str] | None, cwd: str | None,
+              fds: Sequence[int]) -> bool:
+        """``erofs-mount ARGS`` in a fork of the server, in directory ``cwd`` (the server's by default), its
+        stdout and stderr the first two of ``fds``, its pid and then its exit status written to the third
+        (a line each): a command whose caller holds those descriptors itself (``CommandSocket``). The caller
+        keeps its ``fds``; False when the server is closed or gone."""
+        if self._closed or self._gone:
+            return False
+        request = {"args": list(args), "env": dict(env) if env is not None else None, "cwd": cwd}
+        try:
+            socket.send_fds(self._socket, [json.dumps(request).encode()], list(fds))
+        except OSError as exc:
             if not self._gone:
                 self._gone = True
                 log.warning("erofs-mount's fork server ended (%s): each command now starts an interpreter", exc)
-            return _run_new(command, timeout, env)
-        for _, w in pipes:
-            os.close(w)
-        return _collect(command, [r for r, _ in pipes], timeout)
+            return False
+        return True
 
     def close(self) -> None:
         """End the server (commands under way finish on their own)."""
@@ -183,23 +195,26 @@ def _as_a_new_interpreter() -> None:
         signal.signal(signum, signal.SIG_IGN)
 
 
-def _request(message: bytes, fds: list[int]) -> tuple[list[str], dict[str, str] | None] | None:
+def _request(message: bytes, fds: list[int]) -> tuple[list[str], dict[str, str] | None, str | None] | None:
     try:
         request = json.loads(message)
     except ValueError:
         return None
     if len(fds) != 3 or not isinstance(request, dict):
         return None
-    args, env = request.get("args"), request.get("env")
+    args, env, cwd = request.get("args"), request.get("env"), request.get("cwd")
     if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
+        return None
+    if cwd is not None and not (isinstance(cwd, str) and os.path.isabs(cwd)):
         return None
     if env is not None and not (isinstance(env, dict)
                                 and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())):
         return None
-    return args, env
+    return args, env, cwd
 
 
-def _wait_for(args: list[str], env: dict[str, str] | None, out: int, err: int, status: int) -> None:
+def _wait_for(args: list[str], env: dict[str, str] | None, cwd: str | None, out: int, err: int,
+              status: int) -> None:
     """The waiter: the command in a fork of its own, its pid and then its exit status on ``status``."""
     code = 1
     try:
@@ -207,7 +222,7 @@ def _wait_for(args: list[str], env: dict[str, str] | None, out: int, err: int, s
         pid = os.fork()
         if pid == 0:
             os.close(status)
-            _run(args, env, out, err)
+            _run(args, env, cwd, out, err)
         os.close(out)
         os.close(err)
         os.write(status, f"{pid}\n".encode())
@@ -242,7 +257,7 @@ def _preload() -> None:
     PluginHost().warm_up()
 
 
-def _run(args: list[str], env: dict[str, str] | None, out: int, err: int) -> None:
+def _run(args: list[str], env: dict[str, str] | None, cwd: str | None, out: int, err: int) -> None:
     """One command: as the executable would run it, with the caller's pipes as its output."""
     from ._main import main
 
@@ -266,6 +281,11 @@ def _run(args: list[str], env: dict[str, str] | None, out: int, err: int) -> Non
             os.environ.update(env)
         sys.argv = ["erofs-mount", *args]
         try:
+            if cwd is not None:
+                try:
+                    os.chdir(cwd)
+                except OSError as exc:
+                    raise SystemExit(f"erofs-mount: cannot work in {cwd}: {exc.strerror}") from None
             main()
             code = 0
         except SystemExit as exc:

@@ -25,6 +25,8 @@ from erofs_mount_containerd.pull import chain_ids
 from erofs_mount_containerd.service import Snapshotter
 from google.protobuf import field_mask_pb2
 
+from erofs_mount_core import CommandServer
+
 S = snapshots_pb2
 
 
@@ -46,7 +48,8 @@ class Client:
 def served(tmp_path: Path) -> Iterator[tuple[Client, Snapshotter]]:
     root = tmp_path / "root"
     root.mkdir()
-    service = Snapshotter(root, Layers(root, "insecure"))
+    commands = CommandServer()
+    service = Snapshotter(root, Layers(root, "insecure", commands))
     server = grpc.server(ThreadPoolExecutor(max_workers=4))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(service, server)
     server.add_insecure_port(f"unix:{tmp_path / 'sock'}")
@@ -58,6 +61,7 @@ def served(tmp_path: Path) -> Iterator[tuple[Client, Snapshotter]]:
         channel.close()
         server.stop(None)
         service.close()
+        commands.close()
 
 
 def code_of(call) -> grpc.StatusCode:  # noqa: ANN001 - a call that must fail

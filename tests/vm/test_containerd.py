@@ -267,6 +267,8 @@ def test_ctr_runs_an_image_whose_layers_erofs_mount_serves_and_survives_what_a_h
         with containerd_running(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}") as containerd:
             pulled = cli("snapshotter", "pull", reference, "-o", "insecure")
             assert pulled.out.strip() == reference, pulled
+            assert "snapshotter pull --in-process" in (tmp_path / "snapshotter.log").read_text(), \
+                "the pull ran in the snapshotter, handed over"
             assert len(devices()) == len(layers), "one erofs-mount device per layer"
             blobs = {hashlib.sha256(b).hexdigest() for b in layers}
             assert not set(whole_gets(proxy)) & blobs, "a layer was downloaded"
@@ -379,7 +381,7 @@ def test_bad_requests_through_ctr_and_a_layer_erofs_mount_cannot_mount(tmp_path:
             extra = _layer([("extra", None, None), ("extra/file", None, b"the second image\n")])
             registry.push_image("team/second", "t", [(extra, GZIP_LAYER), (tools[0], GZIP_LAYER)],
                                 diff_ids=[diff_id(extra), diff_id(tools[0])])
-            cli("snapshotter", "pull", f"{registry.host}/team/second:t", "-o", "insecure")
+            cli("snapshotter", "pull", f"{registry.host}/team/second:t", "-o", "insecure", "--in-process")
             assert len(devices()) == 3, "the layer both images hold is mounted once"
             containerd.ctr("image", "rm", "--sync", reference)
             assert len(devices()) == 2, "the shared layer stays mounted for the second image"

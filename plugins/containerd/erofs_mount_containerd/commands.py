@@ -40,7 +40,7 @@ def snapshotter(ctx: click.Context, address: Path, root: Path, option_pairs: tup
     _require_root("snapshotter")
     from .server import serve
 
-    serve(address, root, ",".join(option_pairs))
+    serve(address, root, ",".join(option_pairs), commands_address(address))
 
 
 @snapshotter.command()
@@ -51,12 +51,26 @@ def snapshotter(ctx: click.Context, address: Path, root: Path, option_pairs: tup
 @click.option("-n", "--namespace", default="default", show_default=True, help="containerd's namespace.")
 @click.option("--snapshotter-name", "name", default="erofs-mount", show_default=True,
               help="The proxy plugin's name in containerd's config.")
-def pull(reference: str, option_pairs: tuple[str, ...], containerd_address: str, namespace: str,
-         name: str) -> None:
+@click.option("--in-process", is_flag=True,
+              help="Pull in this process, not in the running snapshotter's (which has its libraries loaded).")
+@click.pass_context
+def pull(ctx: click.Context, reference: str, option_pairs: tuple[str, ...], containerd_address: str,
+         namespace: str, name: str, in_process: bool) -> None:
     """Make REFERENCE an image of containerd whose layers erofs-mount mounts, as CRI does for a remote
     snapshotter: its manifest and config written to containerd's content store, the image created, each
-    layer's snapshot prepared with the labels that name it. Prints the image's name."""
+    layer's snapshot prepared with the labels that name it. Prints the image's name.
+
+    The snapshotter at --address runs the pull when it is there (in a fork of a process with gRPC and the
+    oci: source loaded, with this command's environment, directory and output); else it runs here."""
     _require_root("snapshotter pull")
+    if not in_process:
+        from erofs_mount_core import run_through
+
+        args = [reference, "--containerd-address", containerd_address, "--namespace", namespace,
+                "--snapshotter-name", name, *(f"--option={pair}" for pair in option_pairs)]
+        code = run_through(commands_address(ctx.parent.params["address"]), args)
+        if code is not None:
+            ctx.exit(code)
     from .pull import pull_image
 
     options = {}
@@ -65,6 +79,11 @@ def pull(reference: str, option_pairs: tuple[str, ...], containerd_address: str,
             key, _, value = item.partition("=")
             options[key] = value
     click.echo(pull_image(reference, options, containerd_address, namespace, name))
+
+
+def commands_address(address: Path) -> Path:
+    """Where the snapshotter serving at ``address`` takes commands handed to it (``snapshotter pull``)."""
+    return address.with_name(f"{address.stem}-commands{address.suffix}")
 
 
 def _require_root(what: str) -> None:

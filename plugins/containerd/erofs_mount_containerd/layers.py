@@ -39,10 +39,10 @@ class LayerError(Exception):
 
 
 class Layers:
-    def __init__(self, root: Path, options: str) -> None:
-        """``options``: erofs-mount's ``-o`` for every layer (``insecure``, ``hosts-dir``, ``credentials``...).
-        Made before the process starts threads: it forks the server that runs erofs-mount's commands."""
-        self._commands = CommandServer()
+    def __init__(self, root: Path, options: str, commands: CommandServer) -> None:
+        """``options``: erofs-mount's ``-o`` for every layer (``insecure``, ``hosts-dir``, ``credentials``...);
+        ``commands``: the server that runs erofs-mount's commands (the snapshotter closes it)."""
+        self._commands = commands
         self.root, self.options = root / "layers", options
         self.root.mkdir(mode=0o700, exist_ok=True)
         self._locks: dict[str, threading.Lock] = {}
@@ -116,7 +116,6 @@ class Layers:
 
     def close(self) -> None:
         self._ahead.shutdown(wait=True, cancel_futures=True)
-        self._commands.close()
 
     def _erofs_mount(self, *args: str) -> subprocess.CompletedProcess[str]:
         return self._commands.run(args, MOUNT_TIMEOUT)

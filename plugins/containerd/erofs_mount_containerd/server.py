@@ -12,7 +12,7 @@ from pathlib import Path
 
 import grpc
 
-from erofs_mount_core import ErofsMountError
+from erofs_mount_core import CommandServer, CommandSocket, ErofsMountError
 
 from ._api import snapshots_pb2_grpc
 from .layers import Layers
@@ -24,14 +24,16 @@ WORKERS = 8  # calls served at once: containerd unpacks one layer of an image at
 GRACE = 10.0  # seconds a call under way may take to finish at a stop
 
 
-def serve(address: Path, root: Path, options: str) -> None:
-    """Serve until SIGTERM or SIGINT."""
+def serve(address: Path, root: Path, options: str, commands_address: Path) -> None:
+    """Serve until SIGTERM or SIGINT; ``snapshotter pull`` runs here too, handed over at ``commands_address``."""
     _log_to_stderr()
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    snapshotter = Snapshotter(root, Layers(root, options))
+    commands = CommandServer()  # before any thread: it forks
+    snapshotter = Snapshotter(root, Layers(root, options, commands))
     snapshotter.remount()
     snapshotter.cleanup()
     address.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    pulls = CommandSocket(commands_address, commands, ["snapshotter", "pull", "--in-process"])
     address.unlink(missing_ok=True)  # a socket left by a snapshotter that was killed
     server = grpc.server(ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="snapshots"))
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(snapshotter, server)
@@ -49,8 +51,10 @@ def serve(address: Path, root: Path, options: str) -> None:
     _notify("READY=1", f"STATUS=serving on {address}")
     stop.wait()
     _notify("STOPPING=1")
+    pulls.close()
     server.stop(GRACE).wait()
     snapshotter.close()
+    commands.close()
     address.unlink(missing_ok=True)
 
 
