@@ -367,6 +367,18 @@ def test_a_layer_mounted_as_it_is_is_made_once_and_its_reopen_loads_it(image: st
         again.close()
 
 
+def test_a_layer_s_mount_asks_for_the_image_s_manifest_and_config_once_each(registry: Registry, image: str) -> None:
+    """A snapshotter mounts each layer of an image at once: every request a mount makes twice is paid for each."""
+    proxy = FaultProxy(registry.host)
+    try:
+        open_reference(image.replace(registry.host, proxy.host), {"insecure": "", "layer": "1"}).close()
+        gets = [path for method, path, _ in proxy.log if method == "GET"]
+        assert sum("/manifests/" in path and "/manifests/sha256-" not in path for path in gets) == 1, gets
+        assert [path for path in gets if "/blobs/" in path and gets.count(path) > 1] == [], gets
+    finally:
+        proxy.stop()
+
+
 def test_reads_are_one_range_request_each_and_a_lying_registry_gives_io_errors(
         registry: Registry, image: str, tmp_path: Path) -> None:
     source = open_reference(image, {"insecure": ""})  # indexed (or from the cache), straight from the registry

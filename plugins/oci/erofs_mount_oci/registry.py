@@ -61,6 +61,7 @@ class Registry:
         self.client = client
         self.ref = ref
         self.base = f"{'http' if insecure else 'https'}://{ref.api_host}/v2/{ref.repository}"
+        self._configs: dict[str, bytes] = {}  # checked against their digests: a mount asks for its config twice
 
     def blob_url(self, digest: str) -> str:
         return f"{self.base}/blobs/{digest}"
@@ -192,6 +193,8 @@ class Registry:
         """The image config's bytes, of the digest the manifest gives for them."""
         (config,) = _descriptors([manifest.get("config")], f"oci: {self.ref}: its manifest's config")
         what = f"oci: {self.ref}: config {config['digest']}"
+        if config["digest"] in self._configs:
+            return self._configs[config["digest"]]
         if config["size"] > MAX_CONFIG:
             raise SourceError(f"{what} is {config['size']} bytes, more than the {MAX_CONFIG} expected")
         for _attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
@@ -205,6 +208,7 @@ class Registry:
                 raise SourceChangedError(f"{what}: the registry served bytes of another digest")
         else:
             raise SourceChangedError(f"{what}: the registry served bytes of another digest")
+        self._configs[config["digest"]] = body
         return body
 
     def manifest_bytes(self, digest: str) -> bytes:
