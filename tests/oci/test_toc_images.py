@@ -128,6 +128,36 @@ def test_each_layer_alone_mounts_by_its_toc(registry: Registry, chunked: tuple[s
     assert sorted(os.listdir(mnt / "usr/share")) == ["man"]
 
 
+def test_a_toc_is_read_once_and_reopens_load_what_it_gave_and_a_damaged_copy_is_read_again(
+        registry: Registry, chunked: tuple[str, Path], cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The daemon each mount starts, every reattach and the next mount of a layer reopen it: reading its TOC
+    again (inflate, JSON, every entry checked) was the larger part of each open of a large layer."""
+    from erofs_mount_oci import layers, open_reference, reopen
+
+    source = open_reference(chunked[0], {"insecure": ""})
+    try:
+        state, expected = source.state(), source.pread(source.size, 0)
+    finally:
+        source.close()
+    kept = sorted((cache_dir / "tar-toc").glob("*.tix"))
+    assert len(kept) == len(manifest(registry, chunked[0])["layers"])
+    with monkeypatch.context() as patched:
+        patched.setattr(layers, "fetch_toc", lambda *args: pytest.fail("a TOC fetched again"))
+        patched.setattr(layers, "load_toc", lambda *args: pytest.fail("a TOC read again"))
+        again = reopen(state)
+        try:
+            assert again.pread(again.size, 0) == expected
+        finally:
+            again.close()
+    kept[0].write_bytes(kept[0].read_bytes()[:-1] + b"?")  # damaged: ignored, the TOC read again and kept anew
+    again = reopen(state)
+    try:
+        assert again.pread(again.size, 0) == expected
+    finally:
+        again.close()
+    assert not kept[0].read_bytes().endswith(b"?")
+
+
 def test_a_registry_that_flips_bytes_never_gets_a_wrong_byte_to_a_reader(registry: Registry,
                                                                          chunked: tuple[str, Path]) -> None:
     from erofs_mount_oci import open_reference

@@ -183,17 +183,19 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
     if why is not None:
         log.warning("%s: its TOC was found false by a background pass (%s); indexing the layer instead", what, why)
         return None
-    found = cached_toc(position)
+    index = cached_toc(layer.digest, position.checksum)
+    if index is not None:  # read from this TOC before, once it was checked against the pin
+        return index
+    found = None
     for attempt in (1, 2):  # again once if a mirror served other bytes: it is skipped now
-        if found is None:
-            blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
-                              description=what, state={}, digest_along=False, owns_client=False)
-            try:
-                found = RetryPolicy(quiet=True).call(
-                    lambda blob=blob: fetch_toc(position, blob.pread, layer.size, what), f"{what}: its TOC")
-            except ArchiveError as exc:  # no footer, a TOC member that is none: the layer is indexed
-                log.warning("%s; indexing the layer instead", exc)
-                return None
+        blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
+                          description=what, state={}, digest_along=False, owns_client=False)
+        try:
+            found = RetryPolicy(quiet=True).call(
+                lambda blob=blob: fetch_toc(position, blob.pread, layer.size, what), f"{what}: its TOC")
+        except ArchiveError as exc:  # no footer, a TOC member that is none: the layer is indexed
+            log.warning("%s; indexing the layer instead", exc)
+            return None
         try:
             index = load_toc(found, position, what)
         except ArchiveError as exc:  # authentic (its sha256 is pinned) but not enough: the layer is indexed
@@ -202,9 +204,8 @@ def _toc_index(registry: Registry, layer: Layer) -> TocIndex | None:
         except SourceError as exc:  # bytes other than the pinned TOC
             if attempt == 2 or not distrust_served(str(exc)):
                 raise SourceChangedError(str(exc)) from None
-            found = None
             continue
-        store_toc(position, found)
+        store_toc(layer.digest, position.checksum, index)
         return index
     raise AssertionError("unreachable")
 

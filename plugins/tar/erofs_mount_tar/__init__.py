@@ -33,8 +33,9 @@ The image assembly is public, for plugins that read tar layers (oci):
 ``TarImage`` and ``verified_stream`` (see ``erofs_mount_tar.assembly``),
 with the index's ``build_index``, ``load_index`` and ``store_index``, and
 for layers that carry a table of contents (zstd:chunked, eStargz)
-``TocPosition``, ``fetch_toc``, ``load_toc``, ``cached_toc``, ``store_toc``
-and ``TocIndex`` (see ``erofs_mount_tar.toc``).
+``TocPosition``, ``fetch_toc``, ``load_toc`` and ``TocIndex`` (see
+``erofs_mount_tar.toc``), with ``cached_toc`` and ``store_toc``, which keep
+a TOC's index (``erofs_mount_tar.toc_cache``).
 """
 
 from __future__ import annotations
@@ -58,10 +59,10 @@ _EXPORTS = {
     "TocLacks": ("toc", "TocLacks"),
     "TocPosition": ("toc", "TocPosition"),
     "build_index": ("index", "build"),
-    "cached_toc": ("toc", "cached_toc"),
+    "cached_toc": ("toc_cache", "cached_toc"),
     "fetch_toc": ("toc", "fetch_toc"),
     "load_toc": ("toc", "load_toc"),
-    "store_toc": ("toc", "store_toc"),
+    "store_toc": ("toc_cache", "store_toc"),
     "load_index": ("index", "load"),
     "store_index": ("index", "store"),
     "toc_differences": ("toc_check", "differences"),

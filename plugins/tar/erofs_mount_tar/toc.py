@@ -40,7 +40,6 @@ import bisect
 import hashlib
 import io
 import json
-import os
 import re
 import tarfile
 import zlib
@@ -54,9 +53,6 @@ from erofs_mount_core import (
     ImageLayout,
     Source,
     SourceError,
-    cache_directory,
-    open_cache_file,
-    write_cache_file,
 )
 
 from . import packed_tree
@@ -175,29 +171,6 @@ class TocIndex:
     def open_stream(self, blob: Source, cache_bytes: int, what: str, *,
                     rejected: Callable[[str], object] | None = None) -> ChunkedFiles:
         return ChunkedFiles(blob, self.chunks, self.stream_size, cache_bytes, what, rejected, codec=self.codec)
-
-
-TOC_DIR = "tar-toc"
-
-
-def cached_toc(position: TocPosition) -> FoundToc | None:
-    """The TOC as fetched before, if the cache holds it whole (checked by ``load_toc`` against the pin)."""
-    fd = open_cache_file(_toc_path(position))
-    if fd is None:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        data = f.read(8 + MAX_TOC + 1)
-    if len(data) < 8:
-        return None
-    return FoundToc(data[8:], int.from_bytes(data[:8], "little"))
-
-
-def store_toc(position: TocPosition, found: FoundToc) -> None:
-    write_cache_file(_toc_path(position), found.toc_offset.to_bytes(8, "little") + found.pinned)
-
-
-def _toc_path(position: TocPosition):  # noqa: ANN202 - a Path
-    return cache_directory(TOC_DIR) / f"{position.checksum.removeprefix('sha256:')}.toc"
 
 
 def fetch_toc(position: TocPosition, read: Callable[[int, int], bytes], blob_size: int, where: str) -> FoundToc:
