@@ -36,7 +36,11 @@ layer, never guessed at.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
+import calendar
+import functools
 import hashlib
 import io
 import json
@@ -71,6 +75,7 @@ _TYPES = {"reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYM
           "char": tarfile.CHRTYPE, "block": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}
 _RFC3339 = re.compile(r"(-?\d{4,})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|z|[+-]\d\d:\d\d)")
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
+_COUNT_BOUND = 1 << 63
 
 
 class TocLacks(ArchiveError):
@@ -160,9 +165,13 @@ class TocIndex:
     entries: int
     codec: str = "zstd"
     """what a chunk's blob bytes are: zstd frames, or a gzip member (eStargz)"""
+    fresh: list[Tree] = attrs.field(factory=list, eq=False, repr=False)
+    """The tree itself, when the TOC was just read: handed to the first ``read_tree`` (not loaded again)."""
 
     def read_tree(self, base: int = 0) -> Tree:
         """A copy of the tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
+        if self.fresh:
+            return packed_tree.moved(self.fresh.pop(), base)
         return packed_tree.load(self.tree, base)
 
     def image_layout(self) -> ImageLayout:
@@ -242,7 +251,7 @@ def _index(entries: list[Any], toc_end: int, where: str, kind: str) -> TocIndex:
         chunks = _members_ended(chunks, toc_end, where)
     stream_size = chunks[-1].start + chunks[-1].size if chunks else 0
     return TocIndex(packed_tree.dump(tree), tuple(chunks), stream_size, tree.entries,
-                    "zstd" if kind == ZSTD_CHUNKED else "gzip")
+                    "zstd" if kind == ZSTD_CHUNKED else "gzip", fresh=[tree])
 
 
 def _members(entries: list[Any], chunks: list[Chunk], chunks_of: Callable[[list[dict[str, Any]], int], int],
@@ -291,9 +300,6 @@ def _member(entry: dict[str, Any], number: int, where: str) -> tarfile.TarInfo:
     xattrs = entry.get("xattrs") or {}
     if not isinstance(xattrs, dict):
         raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has xattrs that are not an object")
-    import base64
-    import binascii
-
     for key, value in xattrs.items():
         try:
             decoded = base64.b64decode(value, validate=True) if isinstance(value, str) else None
@@ -389,7 +395,7 @@ def _members_ended(chunks: list[Chunk], toc_end: int, where: str) -> list[Chunk]
 
 
 def _is_count(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 63
+    return type(value) is int and 0 <= value < _COUNT_BOUND  # (not a bool: its type is bool)
 
 
 def _number(entry: dict[str, Any], key: str, name: str, where: str) -> int:
@@ -403,16 +409,24 @@ def _seconds(text: Any, name: str, where: str) -> str:
     """An RFC 3339 time as PAX's decimal seconds (exact to the nanosecond); absent is 0."""
     if text is None:
         return "0"
-    found = _RFC3339.fullmatch(text) if isinstance(text, str) else None
-    if found is None:
-        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a modtime that is not an RFC 3339 time")
-    import calendar
+    seconds = _pax_seconds(text) if isinstance(text, str) else None
+    if seconds is None:
+        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a modtime that is not an RFC 3339 time in range")
+    return seconds
 
+
+@functools.lru_cache(maxsize=4096)
+def _pax_seconds(text: str) -> str | None:
+    """``text`` as PAX's decimal seconds; None when it is no RFC 3339 time or out of range (a layer's files
+    mostly share a few times: each is parsed once)."""
+    found = _RFC3339.fullmatch(text)
+    if found is None:
+        return None
     year, month, day, hour, minute, second = (int(found.group(i)) for i in range(1, 7))
     try:
         seconds = calendar.timegm((year, month, day, hour, minute, second, 0, 0, 0))
     except (ValueError, OverflowError):
-        raise ArchiveError(f"{where}: TOC entry {name[:200]!r} has a modtime out of range") from None
+        return None
     zone = found.group(8)
     if zone not in ("Z", "z"):
         sign = -1 if zone[0] == "+" else 1
