@@ -177,10 +177,12 @@ class Registry:
         return digest
 
     def push_image(self, repo: str, tag: str, layers: list[tuple[bytes, str]], *,
-                   diff_ids: list[str] | None = None, extra: list[dict[str, Any]] | None = None) -> str:
-        """Push layers (data, media type) and a config (with ``diff_ids``, for tar layers); tag the manifest
-        (its layers followed by the ``extra`` descriptors); return its digest."""
-        doc: dict[str, Any] = {"architecture": "amd64", "os": "linux"}
+                   diff_ids: list[str] | None = None, extra: list[dict[str, Any]] | None = None,
+                   run: dict[str, Any] | None = None) -> str:
+        """Push layers (data, media type) and a config (with ``diff_ids``, for tar layers, and ``run`` as its
+        ``config``: Cmd, Env...); tag the manifest (its layers followed by the ``extra`` descriptors); return
+        its digest."""
+        doc: dict[str, Any] = {"architecture": "amd64", "os": "linux", **({"config": run} if run else {})}
         if diff_ids is not None:
             doc["rootfs"] = {"type": "layers", "diff_ids": diff_ids}
         config = json.dumps(doc).encode()

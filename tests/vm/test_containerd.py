@@ -94,9 +94,10 @@ def image_layers() -> list[bytes]:
 class Containerd:
     """containerd (root and state on tmpfs) with the snapshotter as its proxy plugin ``erofs-mount``."""
 
-    def __init__(self, base: Path, options: str, cri_hosts: Path | None = None) -> None:
+    def __init__(self, base: Path, options: str, cri_hosts: Path | None = None, sandbox_image: str = "") -> None:
         """``cri_hosts``: with containerd's CRI plugin, as a Kubernetes node configures it for this snapshotter
-        (registries' hosts.toml in that directory); without it, the plugin is off (it starts slowly)."""
+        (registries' hosts.toml in that directory); without it, the plugin is off (it starts slowly).
+        ``sandbox_image``: the CRI plugin's pod sandbox ("pause") image."""
         self.base, self.options = base, options
         self.socket = Path("/run/containerd/containerd.sock")
         self.snapshotter_socket = Path("/run/erofs-mount/snapshotter.sock")
@@ -120,6 +121,8 @@ disabled_plugins = [{cri}"io.containerd.snapshotter.v1.btrfs",
   type = "snapshot"
   address = "{self.snapshotter_socket}"
 ''' + ("" if cri_hosts is None else f'''
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "{sandbox_image or 'registry.k8s.io/pause:3.6'}"
 [plugins."io.containerd.grpc.v1.cri".containerd]
   snapshotter = "erofs-mount"
   disable_snapshot_annotations = false
@@ -196,9 +199,10 @@ disabled_plugins = [{cri}"io.containerd.snapshotter.v1.btrfs",
 
 
 @contextlib.contextmanager
-def containerd_running(base: Path, options: str, cri_hosts: Path | None = None) -> Iterator[Containerd]:
+def containerd_running(base: Path, options: str, cri_hosts: Path | None = None,
+                       sandbox_image: str = "") -> Iterator[Containerd]:
     """containerd and the snapshotter for the test; their logs printed if it fails."""
-    containerd = Containerd(base, options, cri_hosts)
+    containerd = Containerd(base, options, cri_hosts, sandbox_image)
     try:
         yield containerd
     except BaseException:
@@ -226,16 +230,18 @@ def watching() -> Iterator[subprocess.Popen[str]]:
         proc.wait(timeout=30)
 
 
-def push_with_signed_index(registry, repository: str, layers: list[bytes], keys: Path) -> None:  # noqa: ANN001
-    """``repository:t`` of gzip ``layers``, and its index published by another cache, signed by
-    ``keys/index.key`` (``keys/index.pub``, made here, is what a host trusts)."""
+def push_with_signed_index(registry, repository: str, layers: list[bytes], keys: Path,  # noqa: ANN001
+                           run: dict[str, object] | None = None) -> None:
+    """``repository:t`` of gzip ``layers`` (``run``: its config's Cmd...), and its index published by another
+    cache, signed by ``keys/index.key`` (``keys/index.pub``, made here, is what a host trusts)."""
     from tests.oci.test_tar_images import diff_id
 
     for name in ("index.key", "index.pub"):
         args = ["genpkey", "-algorithm", "ed25519", "-out"] if name.endswith(".key") else \
             ["pkey", "-in", str(keys / "index.key"), "-pubout", "-out"]
         subprocess.run(["openssl", *args, str(keys / name)], check=True)
-    registry.push_image(repository, "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers])
+    registry.push_image(repository, "t", [(b, GZIP_LAYER) for b in layers], diff_ids=[diff_id(b) for b in layers],
+                        run=run)
     cli("index", "push", f"oci:{registry.host}/{repository}:t", "-o", "insecure", "--sign", str(keys / "index.key"),
         env={"EROFS_MOUNT_CACHE_DIR": str(keys / "publisher")})
 
@@ -391,14 +397,48 @@ def test_bad_requests_through_ctr_and_a_layer_erofs_mount_cannot_mount(tmp_path:
         registry.stop()
 
 
+def run_pod(runtime, image: str, logs: Path) -> list[str]:  # noqa: ANN001 - CRI's RuntimeServiceStub
+    """What a kubelet does for a pod of one container that runs ``cat /etc/motd`` from ``image``: its sandbox
+    (the host's network), the container made, started and waited for, then both removed. The lines it
+    printed, from its CRI log."""
+    from tests.containerd.cri import api_pb2 as cri
+
+    logs.mkdir()
+    sandbox = cri.PodSandboxConfig(
+        metadata=cri.PodSandboxMetadata(name="reader", uid="6f1b6c1e", namespace="default"), hostname="reader",
+        log_directory=str(logs), linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
+            namespace_options=cri.NamespaceOption(network=cri.NamespaceMode.Value("NODE")))))
+    pod = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=sandbox), timeout=600).pod_sandbox_id
+    try:
+        made = runtime.CreateContainer(cri.CreateContainerRequest(
+            pod_sandbox_id=pod, sandbox_config=sandbox, config=cri.ContainerConfig(
+                metadata=cri.ContainerMetadata(name="cat"), image=cri.ImageSpec(image=image),
+                command=["/bin/cat", "/etc/motd"], log_path="cat.log")), timeout=600).container_id
+        runtime.StartContainer(cri.StartContainerRequest(container_id=made), timeout=600)
+        deadline = time.monotonic() + 300
+        while (status := runtime.ContainerStatus(cri.ContainerStatusRequest(container_id=made), timeout=60).status
+               ).state != cri.ContainerState.Value("CONTAINER_EXITED"):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert status.exit_code == 0, status
+        printed = [line.split(" ", 3)[3] for line in (logs / "cat.log").read_text().splitlines()]  # TIME STREAM TAG
+        runtime.RemoveContainer(cri.RemoveContainerRequest(container_id=made), timeout=120)
+    finally:
+        runtime.StopPodSandbox(cri.StopPodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+        runtime.RemovePodSandbox(cri.RemovePodSandboxRequest(pod_sandbox_id=pod), timeout=120)
+    return printed
+
+
 @pytest.mark.kernel
 def test_a_kubelet_s_pull_through_containerd_s_cri_plugin_mounts_the_layers_lazily(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The Kubernetes setup the user guide gives (CRI's ``snapshotter = "erofs-mount"``,
-    ``disable_snapshot_annotations = false``), driven as a kubelet drives it, by CRI's ImageService over
-    gRPC (no crictl is packaged here): containerd's CRI plugin labels each layer's Prepare, the snapshotter
-    mounts it from the published index, and no layer is downloaded; the image then runs and its removal
-    through CRI leaves nothing."""
+    ``disable_snapshot_annotations = false``), driven as a kubelet drives it, by CRI's ImageService and
+    RuntimeService over gRPC (no crictl is packaged here): containerd's CRI plugin labels each layer's
+    Prepare, the snapshotter mounts it from the published index, and no layer is downloaded; a pod then
+    runs from it (its sandbox the same image, as the node's pause image, on the host's network: no CNI
+    here), its container's output is right, and removing the pod and the image through CRI leaves
+    nothing."""
     import grpc
 
     from tests.containerd.cri import api_pb2 as cri
@@ -411,13 +451,14 @@ def test_a_kubelet_s_pull_through_containerd_s_cri_plugin_mounts_the_layers_lazi
     registry = Registry(tmp_path / "registry")
     proxy = FaultProxy(registry.host)
     try:
-        push_with_signed_index(registry, "team/pod", layers, tmp_path)
+        push_with_signed_index(registry, "team/pod", layers, tmp_path, run={"Cmd": ["/bin/sleep", "3600"]})
         monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / "node"))
         hosts = tmp_path / "certs.d"
         (hosts / proxy.host).mkdir(parents=True)
         (hosts / proxy.host / "hosts.toml").write_text(f'server = "http://{proxy.host}"\n')
         reference = f"{proxy.host}/team/pod:t"
-        with containerd_running(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}", hosts) as containerd, \
+        with containerd_running(tmp_path, f"insecure,index-key={tmp_path / 'index.pub'}", hosts,
+                                sandbox_image=reference) as containerd, \
                 grpc.insecure_channel(f"unix:{containerd.socket}") as channel:
             images = cri_grpc.ImageServiceStub(channel)
             pulled = images.PullImage(cri.PullImageRequest(image=cri.ImageSpec(image=reference)), timeout=600)
@@ -431,6 +472,8 @@ def test_a_kubelet_s_pull_through_containerd_s_cri_plugin_mounts_the_layers_lazi
             run = containerd.ctr("-n", "k8s.io", "run", "--rm", "--snapshotter", "erofs-mount", reference, "pod",
                                  "/bin/cat", "/etc/motd")
             assert run.stdout == "pulled by a kubelet\n"
+            assert run_pod(cri_grpc.RuntimeServiceStub(channel), reference, tmp_path / "pod-logs") == \
+                ["pulled by a kubelet"]
 
             images.RemoveImage(cri.RemoveImageRequest(image=cri.ImageSpec(image=pulled.image_ref)), timeout=120)
             deadline = time.monotonic() + 120  # containerd collects the image's snapshots after it
