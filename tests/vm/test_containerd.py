@@ -405,7 +405,7 @@ def run_pod(runtime, image: str, logs: Path) -> list[str]:  # noqa: ANN001 - CRI
 
     logs.mkdir()
     sandbox = cri.PodSandboxConfig(
-        metadata=cri.PodSandboxMetadata(name="reader", uid="6f1b6c1e", namespace="default"), hostname="reader",
+        metadata=cri.PodSandboxMetadata(name="reader", uid="6f1b6c1e", namespace="default"),  # host UTS
         log_directory=str(logs), linux=cri.LinuxPodSandboxConfig(security_context=cri.LinuxSandboxSecurityContext(
             namespace_options=cri.NamespaceOption(network=cri.NamespaceMode.Value("NODE")))))
     pod = runtime.RunPodSandbox(cri.RunPodSandboxRequest(config=sandbox), timeout=600).pod_sandbox_id
