@@ -11,7 +11,8 @@ that adds 20 ms to every request and lets all answers share one 100 MB/s
 link (a regional registry). The command reads a few percent of it:
 ``python3 -c "import json, email, http.client"``. Each case starts from a
 cold host (containerd's state, the snapshotter's root and erofs-mount's
-cache all empty, on tmpfs); cases alternate; medians of --runs are
+cache all empty, on tmpfs); cases alternate (``--cases`` picks some by
+their letters, (o) always among them); medians of --runs are
 printed, as seconds to the command's first output (pull included), ratios
 to (o), the pull's part, and bytes through the proxy:
 
@@ -48,6 +49,8 @@ VM_RUN = ROOT / "tests" / "vm" / "vm-run"
 LATENCY, RATE = 0.020, 100_000_000
 COMMAND = ["python3", "-c", "import json, email, http.client; print('started')"]
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+CASES = {"o": "overlayfs: pull, unpack, run", "i": "erofs-mount, published index",
+         "p": "erofs-mount, index and prefetch", "t": "erofs-mount, zstd:chunked TOCs", "n": "erofs-mount, no index"}
 
 
 def python_layers(mib: int) -> list[bytes]:
@@ -162,7 +165,7 @@ def publish_with_prefetch(reference: str, work: Path) -> None:
         cli("umount", str(mountpoint), env=env)
 
 
-def bench(runs: int, mib: int) -> None:
+def bench(runs: int, mib: int, cases: list[str]) -> None:
     from tests.oci.faultproxy import FaultProxy
     from tests.oci.registry import Registry
     from tests.oci.test_tar_images import diff_id
@@ -182,18 +185,21 @@ def bench(runs: int, mib: int) -> None:
         say("publishing the image's index")
         cli("index", "push", f"oci:{registry.host}/bench/python:t", "-o", "insecure", "--sign",
             str(work / "index.key"), env={"EROFS_MOUNT_CACHE_DIR": str(work / "publisher")})
-        registry.push_image("bench/python-p", "t", [(b, GZIP) for b in layers], diff_ids=[diff_id(b) for b in layers])
-        say("publishing an index with the prefetch list of a publisher's run")
-        publish_with_prefetch(f"{registry.host}/bench/python-p:t", work)
-        say("copying the image to zstd:chunked (skopeo)")
-        subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", "oci",
-                        "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/bench/python:t",
-                        f"docker://{registry.host}/bench/python-t:t"], check=True, timeout=1200)
+        if "p" in cases:
+            registry.push_image("bench/python-p", "t", [(b, GZIP) for b in layers],
+                                diff_ids=[diff_id(b) for b in layers])
+            say("publishing an index with the prefetch list of a publisher's run")
+            publish_with_prefetch(f"{registry.host}/bench/python-p:t", work)
+        if "t" in cases:
+            say("copying the image to zstd:chunked (skopeo)")
+            subprocess.run(["skopeo", "copy", "-q", "--src-tls-verify=false", "--dest-tls-verify=false", "-f", "oci",
+                            "--dest-compress-format", "zstd:chunked", f"docker://{registry.host}/bench/python:t",
+                            f"docker://{registry.host}/bench/python-t:t"], check=True, timeout=1200)
         proxy.latency, proxy.rate = LATENCY, RATE
         reference = f"{proxy.host}/bench/python:t"
-        results: dict[str, list[tuple[float, float, int]]] = {"o": [], "i": [], "p": [], "t": [], "n": []}
+        results: dict[str, list[tuple[float, float, int]]] = {case: [] for case in cases}
         for run in range(runs):
-            order = ["o", "i", "p", "t", "n"] if run % 2 == 0 else ["n", "t", "p", "i", "o"]
+            order = cases if run % 2 == 0 else cases[::-1]
             for case in order:
                 results[case].append(one(case, reference, work, work, proxy))
                 took, pulled, sent = results[case][-1]
@@ -202,9 +208,9 @@ def bench(runs: int, mib: int) -> None:
         print(f"image: {len(layers)} gzip layers, {total >> 20} MiB compressed; command: {' '.join(COMMAND)}")
         base = statistics.median(t for t, _, _ in results["o"])
         print(f"{'':36} {'first output':>12} {'ratio':>6} {'of it, pull':>11} {'through the proxy':>18}")
-        for case, name in (("o", "overlayfs: pull, unpack, run"), ("i", "erofs-mount, published index"),
-                           ("p", "erofs-mount, index and prefetch"), ("t", "erofs-mount, zstd:chunked TOCs"),
-                           ("n", "erofs-mount, no index")):
+        for case, name in CASES.items():
+            if case not in cases:
+                continue
             seconds = statistics.median(t for t, _, _ in results[case])
             pulled = statistics.median(p for _, p, _ in results[case])
             sent = statistics.median(b for _, _, b in results[case])
@@ -221,16 +227,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--mib", type=int, default=150, help="uncompressed size of the image (default 150)")
+    parser.add_argument("--cases", default="oiptn",
+                        help="which cases, by their letters (default oiptn); (o), the baseline, is always run")
     args = parser.parse_args()
+    cases = ["o", *(c for c in CASES if c in args.cases and c != "o")]
+    if set(args.cases) - set(CASES):
+        parser.error(f"--cases: unknown case(s) {''.join(sorted(set(args.cases) - set(CASES)))}")
     if os.geteuid() != 0:
         raise SystemExit("run it as root: it mounts")
     if os.environ.get("VMTEST_GUEST") != "1":
         print("running in the test VM (emulated): this kernel has no nbd driver", file=sys.stderr)
         sys.exit(subprocess.run([str(VM_RUN), "--cpus", "2", "--mem", "4G", "--timeout", "7200", "--",
                                  sys.executable, __file__, "--runs", str(args.runs), "--mib",
-                                 str(args.mib)]).returncode)
+                                 str(args.mib), "--cases", "".join(cases)]).returncode)
     subprocess.run(["modprobe", "nbd"], check=False)
-    bench(args.runs, args.mib)
+    bench(args.runs, args.mib, cases)
 
 
 if __name__ == "__main__":
