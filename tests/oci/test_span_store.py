@@ -252,3 +252,31 @@ def test_an_index_pass_keeps_at_most_half_the_store_and_a_stream_from_its_start(
         assert read_all(source)  # the rest is fetched as it is read
     finally:
         source.close()
+
+
+def test_a_daemon_opens_its_layers_decoders_beside_serving_unless_the_store_holds_them(
+        proxy: FaultProxy, image: str, tmp_path: Path) -> None:
+    """A decoder's start (the gzip layer's first bytes fetched, its checkpoints loaded) is not left to the
+    kernel's first read when that read will fetch anyway; a daemon served from the store fetches nothing."""
+    expected, state = mounted_and_read(f"{proxy.host}/{image}")  # the index pass left every layer in the store
+    served_from_store = reopen(state)
+    proxy.log.clear()  # (a reopen asks whether each blob is still there)
+    try:
+        served_from_store.start_background()
+        time.sleep(1)
+        assert proxy.log == [], "a daemon the store serves fetched to open a decoder"
+    finally:
+        served_from_store.close()
+    for span in span_files(tmp_path):
+        span.unlink()
+    fetching = reopen(state)
+    proxy.log.clear()
+    try:
+        fetching.start_background()
+        deadline = time.monotonic() + 30
+        while not any(method == "GET" for method, _path, _what in proxy.log):
+            assert time.monotonic() < deadline, "no decoder opened beside serving"
+            time.sleep(0.05)
+        assert read_all(fetching) == expected
+    finally:
+        fetching.close()

@@ -12,6 +12,7 @@ its stream), for every later mount of an image that holds the same layer.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -104,36 +105,58 @@ def _open_stream(index: ArchiveIndex, compressed: BlockCache, what: str) -> Sour
 
 
 class _Deferred(Source):
-    """A layer's stream, opened at its first read: a daemon whose reads all come from the span store never
-    fetches a byte to open a decoder."""
+    """A layer's stream, opened at its first read, or beside serving (``opened``) when the span store lacks some
+    of it: a daemon whose reads all come from the span store never fetches a byte to open a decoder, and one
+    that will fetch does not make the kernel's first read wait for the decoder's start (a range request,
+    and every checkpoint of the layer loaded: most of a second for a large layer on a small machine)."""
 
     def __init__(self, open_stream: Callable[[], Source], size: int) -> None:
         self._open, self._size = open_stream, size
         self._stream: Source | None = None
         self._lock = threading.Lock()
+        self._closed = False
 
     @property
     def size(self) -> int:
         return self._size
 
-    def pread(self, length: int, offset: int) -> bytes | memoryview:
+    def opened(self) -> Source:
+        """The decoder, opened now if it is not yet (a read that comes meanwhile waits for this one)."""
         stream = self._stream
         if stream is None:
             with self._lock:
+                if self._closed:
+                    raise SourceError("the layer's stream is closed")
                 if self._stream is None:
                     try:
                         self._stream = self._open()
                     except SourceError as exc:
                         raise SourceError(str(exc), transient=True) from None  # a new decoder may open
+                    if self._closed:  # closed while it opened (close does not wait for an opening)
+                        self.close()
+                        raise SourceError("the layer's stream is closed")
                 stream = self._stream
-        return stream.pread(length, offset)
+        return stream
+
+    def pread(self, length: int, offset: int) -> bytes | memoryview:
+        return self.opened().pread(length, offset)
 
     def counters(self) -> Mapping[str, int]:
         return self._stream.counters() if self._stream is not None else {}
 
     def close(self) -> None:
-        if self._stream is not None:
-            self._stream.close()
+        self._closed = True
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
+
+
+def _open_quietly(decoders: list[_Deferred]) -> None:
+    """Each decoder opened, in layer order; one that will not open now is opened again by its first read
+    (which then says why)."""
+    for decoder in decoders:
+        with contextlib.suppress(SourceError):
+            decoder.opened()
 
 
 class LayersImage(TarImage):
@@ -154,6 +177,7 @@ class LayersImage(TarImage):
         fetchers: list[Fetcher | None] = []
         budgets: list[int] = []
         self._prefetching: list[Source] = []  # the prefetch's own decoders: closed with the image
+        self._to_open: list[_Deferred] | None = []  # the kernel's decoders, opened beside serving once it starts
         claimed = {int(row["index"]): str(row["diff_id"]) for row in state.get("layers", ())}
         #: layers served although their stream is not the config's diff_id (diff-id=report): ``stats`` counts them
         self.diff_id_mismatches = sum(1 for layer, index in zip(layers, found, strict=True)
@@ -185,6 +209,8 @@ class LayersImage(TarImage):
                 def open_verified(index: ArchiveIndex = index, compressed: BlockCache = compressed,
                                   what: str = what, kept: SpanStore | None = kept) -> Source:
                     stream = _Deferred(lambda: _open_stream(index, compressed, what), index.stream_size)
+                    if self._to_open is not None and (kept is None or not kept.holds(index.stream_sha256, index.spans)):
+                        self._to_open.append(stream)  # (one made again after a failure opens at its read)
                     return verified_stream(index, stream, per_layer, what, transient=True, store=kept)
 
                 streams.append(_Forgetting(open_verified, compressed))
@@ -252,6 +278,9 @@ class LayersImage(TarImage):
 
     def start_background(self) -> None:
         super().start_background()
+        to_open, self._to_open = self._to_open or [], None
+        if to_open:
+            threading.Thread(target=_open_quietly, args=(to_open,), name="open-decoders", daemon=True).start()
         self.order.start()
         self.check.start()
 
