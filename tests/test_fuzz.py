@@ -345,6 +345,28 @@ def test_cached_indexes_and_trees(example: Any) -> None:
         pass
 
 
+@FUZZ
+@given(st.binary(max_size=40), st.lists(st.tuples(*[st.integers(0, (1 << 64) - 1)] * 4, st.binary(min_size=32,
+                                                           max_size=32), st.booleans(), st.integers(0, 1 << 26)),
+                                          max_size=4), st.integers(-2, 1 << 40), st.sampled_from(["zstd", "gzip", "x"]))
+def test_cached_toc_indexes(tree: bytes, chunks: list[tuple[Any, ...]], stream_size: int, codec: str) -> None:
+    """A cached TOC index whose checksum matches (resealed) is one a TOC read could give, or none at all."""
+    from erofs_mount_tar import toc_cache
+    from erofs_mount_tar.chunked_files import MAX_CHUNK, Chunk
+    from erofs_mount_tar.toc import TocIndex
+
+    index = TocIndex(tree, tuple(Chunk(*c) for c in chunks), max(stream_size, 0), 1, codec)
+    try:
+        loaded = toc_cache._from_bytes(toc_cache._to_bytes(index))
+    except ValueError:
+        return
+    at = 0
+    for chunk in loaded.chunks:
+        assert chunk.start == at and 0 < chunk.size <= MAX_CHUNK and chunk.blob_start <= chunk.blob_end
+        at += chunk.size
+    assert loaded.stream_size == at and loaded.codec in ("zstd", "gzip")
+
+
 _HOST_VALUES = st.one_of(st.text(max_size=8), st.integers(-5, 10), st.booleans(),
                          st.lists(st.one_of(st.text(max_size=6), st.lists(st.text(max_size=4), max_size=3)),
                                   max_size=3),

@@ -28,7 +28,7 @@ from erofs_mount_tar.archive_source import mount_archive
 from erofs_mount_tar.index import ArchiveIndex
 from erofs_mount_tar.merge import merge
 
-from erofs_mount_core import CacheSettings, ImageLayout
+from erofs_mount_core import CacheSettings, ImageLayout, SourceError
 
 EROFS_MOUNT = str(Path(sys.executable).with_name("erofs-mount"))
 D, F, S = tarfile.DIRTYPE, tarfile.REGTYPE, tarfile.SYMTYPE
@@ -345,6 +345,34 @@ def test_a_cached_index_with_a_valid_checksum_but_hostile_values_is_refused(tmp_
     data = index.to_bytes()
     with pytest.raises(ValueError):  # a section's length past the end, with the checksum made to match
         ArchiveIndex.from_bytes(_resealed(data, data[60:] + b"\x04meta" + (1 << 40).to_bytes(8, "little")))
+
+
+def test_a_cached_toc_index_with_a_valid_checksum_but_hostile_chunks_is_refused() -> None:
+    """What a TOC gave, kept in the cache, is checked as a TOC read checks it: a resealed file cannot make a
+    daemon inflate a chunk past ``MAX_CHUNK``, fetch an unbounded blob range, or serve a stream with holes."""
+    from erofs_mount_tar import toc_cache
+    from erofs_mount_tar.chunked_files import MAX_CHUNK, Chunk
+    from erofs_mount_tar.toc import TocIndex
+
+    digest, checksum = "sha256:" + "1" * 64, "sha256:" + "2" * 64
+    good = [Chunk(0, 100, 0, 80, b"\x01" * 32), Chunk(100, 50, 80, 80, b"\x02" * 32, zeros=True)]
+    toc_cache.store_toc(digest, checksum, TocIndex(b"[]", tuple(good), 150, 3))
+    assert toc_cache.cached_toc(digest, checksum) == TocIndex(b"[]", tuple(good), 150, 3)
+    for chunks, size in (([Chunk(0, MAX_CHUNK + 1, 0, 10, b"\x01" * 32)], MAX_CHUNK + 1),  # inflated too far
+                         ([Chunk(0, 100, 0, 1 << 40, b"\x01" * 32)], 100),  # a blob range of a TiB
+                         ([Chunk(0, 100, 90, 80, b"\x01" * 32)], 100),  # a range that ends before it starts
+                         ([Chunk(0, 100, 0, 80, b"\x01" * 32), Chunk(200, 50, 80, 90, b"\x02" * 32)], 250),  # a hole
+                         ([Chunk(0, 0, 0, 0, b"\x01" * 32, zeros=True)], 0),  # a chunk of nothing
+                         ([Chunk(0, 100, 0, 80, b"\x01" * 32, inner_offset=MAX_CHUNK)], 100),
+                         (good, 151)):  # a stream longer than its chunks
+        toc_cache.store_toc(digest, checksum, TocIndex(b"[]", tuple(chunks), size, 3))
+        assert toc_cache.cached_toc(digest, checksum) is None, chunks
+    hostile_tree = b'[[16877,0,0,0,0,0,0,"",[0,0],{},[["d",1]],1],[16877,0,0,0,0,0,0,"",[0,0],{},[["e",1]],0]]'
+    toc_cache.store_toc(digest, checksum, TocIndex(hostile_tree, tuple(good), 150, 3))
+    kept = toc_cache.cached_toc(digest, checksum)
+    assert kept is not None  # its tree is checked when first read, as an archive index's is
+    with pytest.raises(SourceError, match="a TOC's kept index holds a tree this version refuses"):
+        kept.read_tree()
 
 
 def _resealed(data: bytes, payload: bytes) -> bytes:

@@ -151,12 +151,13 @@ class _Deferred(Source):
             stream.close()
 
 
-def _open_quietly(decoders: list[_Deferred]) -> None:
-    """Each decoder opened, in layer order; one that will not open now is opened again by its first read
-    (which then says why)."""
-    for decoder in decoders:
-        with contextlib.suppress(SourceError):
-            decoder.opened()
+def _open_quietly(decoders: list[tuple[_Deferred, ArchiveIndex, SpanStore | None]]) -> None:
+    """Each decoder whose layer the span store does not hold whole opened, in layer order; one that will not
+    open now is opened again by its first read (which then says why)."""
+    for decoder, index, kept in decoders:
+        if kept is None or not kept.holds(index.stream_sha256, index.spans):
+            with contextlib.suppress(SourceError):
+                decoder.opened()
 
 
 class LayersImage(TarImage):
@@ -177,7 +178,8 @@ class LayersImage(TarImage):
         fetchers: list[Fetcher | None] = []
         budgets: list[int] = []
         self._prefetching: list[Source] = []  # the prefetch's own decoders: closed with the image
-        self._to_open: list[_Deferred] | None = []  # the kernel's decoders, opened beside serving once it starts
+        #: the kernel's decoders, opened beside serving once it starts
+        self._to_open: list[tuple[_Deferred, ArchiveIndex, SpanStore | None]] | None = []
         claimed = {int(row["index"]): str(row["diff_id"]) for row in state.get("layers", ())}
         #: layers served although their stream is not the config's diff_id (diff-id=report): ``stats`` counts them
         self.diff_id_mismatches = sum(1 for layer, index in zip(layers, found, strict=True)
@@ -209,8 +211,8 @@ class LayersImage(TarImage):
                 def open_verified(index: ArchiveIndex = index, compressed: BlockCache = compressed,
                                   what: str = what, kept: SpanStore | None = kept) -> Source:
                     stream = _Deferred(lambda: _open_stream(index, compressed, what), index.stream_size)
-                    if self._to_open is not None and (kept is None or not kept.holds(index.stream_sha256, index.spans)):
-                        self._to_open.append(stream)  # (one made again after a failure opens at its read)
+                    if self._to_open is not None:  # (one made again after a failure opens at its read)
+                        self._to_open.append((stream, index, kept))
                     return verified_stream(index, stream, per_layer, what, transient=True, store=kept)
 
                 streams.append(_Forgetting(open_verified, compressed))

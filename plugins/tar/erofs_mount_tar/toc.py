@@ -76,6 +76,7 @@ _TYPES = {"reg": tarfile.REGTYPE, "dir": tarfile.DIRTYPE, "symlink": tarfile.SYM
 _RFC3339 = re.compile(r"(-?\d{4,})-(\d\d)-(\d\d)[Tt](\d\d):(\d\d):(\d\d)(?:\.(\d{1,9}))?(Z|z|[+-]\d\d:\d\d)")
 _SHA256 = re.compile(r"sha256:[0-9a-f]{64}")
 _COUNT_BOUND = 1 << 63
+TOC_DIR = "tar-toc"  # where what a TOC gave is kept (``toc_cache``)
 
 
 class TocLacks(ArchiveError):
@@ -172,7 +173,11 @@ class TocIndex:
         """A copy of the tree of its own, its files' bytes placed ``base`` bytes into a backing stream."""
         if self.fresh:
             return packed_tree.moved(self.fresh.pop(), base)
-        return packed_tree.load(self.tree, base)
+        try:
+            return packed_tree.load(self.tree, base)
+        except ValueError as exc:  # (a kept index's tree is checked here, when first used: see ``toc_cache``)
+            raise SourceError(f"tar: a TOC's kept index holds a tree this version refuses ({exc}); remove "
+                              f"the cache's {TOC_DIR}/ and the TOC is read again") from None
 
     def image_layout(self) -> ImageLayout:
         return ImageLayout.of(self.read_tree().root)

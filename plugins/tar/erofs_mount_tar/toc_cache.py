@@ -14,8 +14,11 @@ beside it are (``index``). The file format (version 1, little-endian)::
              | chunks, 73 bytes each: start, size, blob start, blob end (u64), sha256 (32 bytes),
                zeros (u8), inner offset (u64) | zlib(packed tree)
 
-A file that is missing, damaged, of another version or that does not add
-up is ignored: the TOC is fetched and read again.
+A file that is missing, damaged, of another version or whose values break
+what a TOC read gives (chunks that do not follow each other, one larger
+than ``MAX_CHUNK`` or taking more blob bytes than its inflation needs) is
+ignored, checksum or not: the TOC is fetched and read again. Its tree is
+checked where every kept tree is, when it is first read.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from pathlib import Path
 
 from erofs_mount_core import cache_directory, open_cache_file, write_cache_file
 
-from .chunked_files import Chunk
-from .toc import TocIndex
+from .chunked_files import MAX_CHUNK, Chunk
+from .toc import MAX_TOC, TOC_DIR, TocIndex
 
-TOC_DIR = "tar-toc"
 MAGIC = b"erofs-mount-ttix"
 VERSION = 1
-MAX_FILE = 1 << 30  # a TOC of 150 MiB (the most one may have) gives far less
+MAX_FILE = 2 * MAX_TOC  # what a TOC gives is smaller than its JSON (a chunk: 73 bytes here, 150 or more there)
+MAX_BLOB_SPAN = MAX_CHUNK + (MAX_CHUNK >> 7) + (64 << 10)  # the most blob bytes a chunk's inflation needs
 _HEADER = struct.Struct("<16sIQ32s")
 _CHUNK = struct.Struct("<QQQQ32sBQ")
 
@@ -97,7 +100,14 @@ def _from_bytes(data: bytes) -> TocIndex:
                          str(meta["codec"]))
     except (KeyError, TypeError, ValueError, struct.error, zlib.error, RecursionError) as exc:
         raise ValueError(f"incomplete ({exc})") from None
-    if index.stream_size != (chunks[-1].start + chunks[-1].size if chunks else 0) or \
-            index.codec not in ("zstd", "gzip"):
+    if index.codec not in ("zstd", "gzip") or index.entries < 0:
+        raise ValueError("it describes no TOC this version reads")
+    at = 0
+    for chunk in chunks:  # (the unsigned fields cannot be negative)
+        if chunk.start != at or not 0 < chunk.size <= MAX_CHUNK or chunk.inner_offset + chunk.size > MAX_CHUNK or \
+                not 0 <= chunk.blob_end - chunk.blob_start <= MAX_BLOB_SPAN:
+            raise ValueError("its chunks do not follow each other within their bounds")
+        at += chunk.size
+    if index.stream_size != at:
         raise ValueError("its chunks do not make its stream")
     return index
