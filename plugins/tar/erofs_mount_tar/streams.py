@@ -375,7 +375,11 @@ def _write_sparse(out: Any, data: bytes) -> None:
 class Window(Source):
     """The archive through one range fetched ahead: a read of the stream asks its source for the
     compressed bytes it needs at once (one HTTP request for a registry blob), not in the
-    decompressor's 128 KiB pieces. Reads outside the range go to the archive."""
+    decompressor's 128 KiB pieces. Reads outside the range go to the archive.
+
+    ``fetched`` takes no state, so a stream calls it before it takes its decoder's lock: the reads of
+    one layer wait for their requests side by side, not one after another; ``show`` then hands the
+    bytes to the decoder."""
 
     def __init__(self, archive: Source) -> None:
         self.archive = archive
@@ -385,10 +389,15 @@ class Window(Source):
     def size(self) -> int:
         return self.archive.size
 
-    def fetch(self, start: int, end: int) -> None:
+    def fetched(self, start: int, end: int) -> memoryview:
         end = min(end, self.archive.size)
-        self._start, self._data = start, memoryview(bytes(self.archive.pread(end - start, start)) if end > start
-                                                    else b"")
+        return memoryview(bytes(self.archive.pread(end - start, start)) if end > start else b"")
+
+    def show(self, start: int, data: memoryview) -> None:
+        self._start, self._data = start, data
+
+    def fetch(self, start: int, end: int) -> None:
+        self.show(start, self.fetched(start, end))
 
     def pread(self, length: int, offset: int) -> bytes | memoryview:
         into = offset - self._start
@@ -432,6 +441,8 @@ class GzipStream(Source):
             self._window.forget()
         points = sorted((out, bits // 8) for bits, out in self._reader.block_offsets().items())
         self._outs, self._ins = [p[0] for p in points], [p[1] for p in points]
+        #: where the reader stopped: (stream offset, compressed offset); a read from there continues
+        self._at = (-1, 0)
         self._lock = threading.Lock()
         self._counters = Counters()
 
@@ -440,8 +451,9 @@ class GzipStream(Source):
         return self._size
 
     def _compressed_range(self, offset: int, end: int) -> tuple[int, int]:
-        if offset and self._reader.tell() == offset:  # continuing: from where the reader stopped reading
-            first = self._file.tell()
+        stopped_at, read_to = self._at  # (one tuple: read whole although another read may be changing it)
+        if offset and stopped_at == offset:  # continuing: from where the reader stopped reading
+            first = read_to
         else:
             first = self._ins[max(0, bisect_right(self._outs, offset) - 1)]
         after = bisect_left(self._outs, end)
@@ -449,16 +461,20 @@ class GzipStream(Source):
         return first, last
 
     def pread(self, length: int, offset: int) -> bytes:
-        with self._lock:
-            try:
-                self._window.fetch(*self._compressed_range(offset, offset + length))
-                if self._reader.tell() != offset:
-                    self._reader.seek(offset)
-                data = self._reader.read(length)
-            except (ValueError, RuntimeError, OSError) as exc:
-                raise SourceError(f"gzip stream: read of {length} bytes at {offset} failed: {exc}") from None
-            finally:
-                self._window.forget()
+        first, last = self._compressed_range(offset, offset + length)
+        try:
+            compressed = self._window.fetched(first, last)  # not under the lock: see Window
+            with self._lock:
+                self._window.show(first, compressed)  # (what the reader then needs elsewhere, it fetches)
+                try:
+                    if self._reader.tell() != offset:
+                        self._reader.seek(offset)
+                    data = self._reader.read(length)
+                    self._at = (offset + len(data), self._file.tell())
+                finally:
+                    self._window.forget()
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise SourceError(f"gzip stream: read of {length} bytes at {offset} failed: {exc}") from None
         if len(data) != length:
             raise SourceError(f"gzip stream: only {len(data)} of {length} bytes at {offset}")
         self._counters.add("decompressed_bytes", length)
@@ -493,9 +509,10 @@ class ZstdFrameStream(Source):
         import zstandard
 
         out = bytearray()
+        start, compressed = self._frames_of(offset, offset + length)  # not under the lock: see Window
         with self._lock:
+            self._window.show(start, compressed)
             try:
-                self._fetch_frames(offset, offset + length)
                 while len(out) < length:
                     at = offset + len(out)
                     i = bisect_right(self._starts, at) - 1
@@ -518,14 +535,15 @@ class ZstdFrameStream(Source):
     def counters(self) -> Mapping[str, int]:
         return self._counters.snapshot(self._window.counters())
 
-    def _fetch_frames(self, offset: int, end: int) -> None:
-        """The compressed bytes of the frames the read falls in, in one request."""
+    def _frames_of(self, offset: int, end: int) -> tuple[int, memoryview]:
+        """The compressed bytes of the frames the read falls in, in one request: (where they start, them)."""
         first, last = self.frames[bisect_right(self._starts, offset) - 1], \
             self.frames[bisect_right(self._starts, end - 1) - 1]
         start = first.offset
-        if self._current is not None and self._current[2] == offset and self.frames[self._current[0]] == first:
-            start += self._current[3].tell()  # continuing: from where the reader stopped
-        self._window.fetch(start, last.offset + last.length)
+        current = self._current  # (one tuple: read whole although another read may be changing it)
+        if current is not None and current[2] == offset and self.frames[current[0]] == first:
+            start += current[3].tell()  # continuing: from where the reader stopped
+        return start, self._window.fetched(start, last.offset + last.length)
 
     def _reader_at(self, i: int, frame: Frame, at: int) -> tuple[Any, SourceFile]:
         import zstandard
