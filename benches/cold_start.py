@@ -168,8 +168,8 @@ def main() -> int:
     parser.add_argument("--mib", type=int, default=160, help="uncompressed size of the image (default 160)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--cases", default=",".join(CASES),
-                        help=f"which cases, by name, comma-separated (default {','.join(CASES)}); (a), the baseline, is "
-                             "always run")
+                        help=f"which cases, by name, comma-separated (default {','.join(CASES)}); (a), the "
+                             "baseline, is always run")
     args = parser.parse_args()
     chosen = ["a", *(c for c in args.cases.split(",") if c != "a")]
     if set(chosen) - set(CASES):

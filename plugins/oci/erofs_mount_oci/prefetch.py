@@ -152,7 +152,7 @@ Fetcher = Callable[[int, int], int]
 
 
 #: units fetched at once
-WORKERS = 2
+WORKERS = 4
 #: how often a serving daemon writes its list when it grew
 FLUSH_EVERY = 5.0
 #: the longest a read waits for a prefetch of its own bytes (one fetch and its retries); then it fetches them
