@@ -8,6 +8,7 @@ Keys are made by openssl, as a user would make them.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -58,6 +59,14 @@ def layer_digests(registry: Registry, reference: str) -> list[str]:
     return [d["digest"].removeprefix("sha256:") for d in doc["layers"]]
 
 
+def registry_blobs(registry: Registry, reference: str, artifact: str) -> list[bytes]:
+    """The blobs of the artifact ``artifact`` of ``reference``'s repository, as the registry holds them."""
+    repo = reference.removeprefix(registry.host + "/").partition(":")[0]
+    doc = httpx.get(f"http://{registry.host}/v2/{repo}/manifests/{artifact}",
+                    headers={"Accept": "application/vnd.oci.image.manifest.v1+json"}).json()
+    return [httpx.get(f"http://{registry.host}/v2/{repo}/blobs/{d['digest']}").content for d in doc["layers"]]
+
+
 def fresh_host(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str) -> None:
     monkeypatch.setenv("EROFS_MOUNT_CACHE_DIR", str(tmp_path / name))
 
@@ -91,6 +100,10 @@ def test_a_signed_index_pushed_by_one_host_mounts_on_another_without_downloading
             tag = [path for method, path, _ in proxy.log if "/manifests/sha256-" in path]
             assert bool(tag) != api, "the tag schema is read when, and only when, the API is not there"
             assert state["published_index"] == artifact
+            blobs = {hashlib.sha256(body).hexdigest() for body in registry_blobs(registry, image, artifact)}
+            kept = {hashlib.sha256(path.read_bytes()).hexdigest()
+                    for path in (cache / f"host-{api}").glob("tar-index/*") if not path.name.startswith("known-")}
+            assert kept and kept <= blobs, "the cache keeps each index as the signed artifact holds it"
         finally:
             proxy.stop()
 

@@ -259,7 +259,7 @@ def _archive_indexes(registry: Registry, layers: list[Layer], diff_ids: list[str
                 if index is not None:
                     check(layer, index)
                     if artifact.signed:
-                        store_index(index)
+                        store_index(index, artifact.encoded.get(layer.index))
                     found[layer.index] = index
             if not artifact.signed:
                 unproven = frozenset(artifact.indexes)

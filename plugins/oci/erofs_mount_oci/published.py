@@ -33,6 +33,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +60,7 @@ EMPTY_CONFIG = {"mediaType": "application/vnd.oci.empty.v1+json",
                 "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a", "size": 2}
 MAX_INDEX_BLOB = 256 << 20  # one layer's index; an index of a million entries is far below
 MAX_CANDIDATES = 8  # artifacts tried, newest first
+FETCHES = 4  # an artifact's blobs fetched at once (each held whole until checked: at most this many)
 
 
 @attrs.frozen
@@ -175,12 +177,14 @@ def push(registry: Registry, subject: dict[str, Any], layers: Sequence[Layer], d
 @attrs.frozen
 class Found:
     """A published artifact: its digest, and the indexes it gave, by layer index; ``signed`` when a trusted key's
-    signature covers them (else they are to be proven by a background pass)."""
+    signature covers them (else they are to be proven by a background pass); ``encoded``: each index as the
+    artifact holds it, signed, which is what the cache keeps (not encoded once more)."""
 
     digest: str
     indexes: dict[int, ArchiveIndex]
     prefetch: PrefetchList | None = None
     signed: bool = True
+    encoded: dict[int, bytes] = attrs.field(factory=dict, repr=False)
 
 
 def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Sequence[str], keys: TrustedKeys,
@@ -192,12 +196,19 @@ def find(registry: Registry, subject: str, layers: Sequence[Layer], diff_ids: Se
     what = f"oci: {registry.ref}: published index"
     for digest, wanted, listed, signed in _trusted(registry, subject, layers, diff_ids, keys, pinned, what,
                                                    unsigned=unsigned):
-        indexes = {}
-        for layer, diff_id, row in wanted:
-            if row is not None and (needed is None or layer.index in needed):
-                indexes[layer.index] = _index_blob(registry, row, layer, diff_id, what, signed)
-        if indexes:  # an artifact with none of the layers this host lacks gives nothing to pin
-            return Found(digest, indexes, _prefetch_blob(registry, listed[0], what) if listed else None, signed)
+        rows = [(layer, diff_id, row) for layer, diff_id, row in wanted
+                if row is not None and (needed is None or layer.index in needed)]
+        if not rows:  # an artifact with none of the layers this host lacks gives nothing to pin
+            continue
+        # its blobs fetched side by side: one round trip to the registry, not one per layer
+        with ThreadPoolExecutor(min(FETCHES, len(rows) + 1), thread_name_prefix="published") as pool:
+            listing = pool.submit(_prefetch_blob, registry, listed[0], what) if listed else None
+            fetching = [(layer.index, pool.submit(_index_blob, registry, row, layer, diff_id, what, signed))
+                        for layer, diff_id, row in rows]
+            indexes = {index: future.result() for index, future in fetching}
+            return Found(digest, {n: index for n, (index, _) in indexes.items()},
+                         listing.result() if listing is not None else None, signed,
+                         {n: body for n, (_, body) in indexes.items() if signed})
     return None
 
 
@@ -302,10 +313,10 @@ def _artifact(registry: Registry, digest: str, subject: str, what: str) -> dict[
 
 
 def _index_blob(registry: Registry, row: dict[str, Any], layer: Layer, diff_id: str, what: str,
-                signed: bool) -> ArchiveIndex:
-    """The layer's index. The layer's own image (its EROFS metadata, which the kernel parses) is taken only
-    when a trusted key signed it; unsigned, it is dropped, and the metadata made here from the tree (checked
-    now)."""
+                signed: bool) -> tuple[ArchiveIndex, bytes]:
+    """The layer's index, and the blob it was read from. The layer's own image (its EROFS metadata, which the
+    kernel parses) is taken only when a trusted key signed it; unsigned, it is dropped, and the metadata made
+    here from the tree (checked now)."""
     name = f"{what}: layer {layer.index}'s index {row['digest']}"
     body = _blob(registry, row, MAX_INDEX_BLOB, name)
     try:
@@ -317,4 +328,4 @@ def _index_blob(registry: Registry, row: dict[str, Any], layer: Layer, diff_id: 
     if f"sha256:{index.archive_sha256}" != layer.digest or index.archive_size != layer.size or \
             f"sha256:{index.stream_sha256}" != diff_id or index.unpacked:
         raise SourceError(f"{name} does not describe that layer (its digest, size or diff_id differ)")
-    return index
+    return index, body

@@ -429,8 +429,10 @@ def load(sha256: str) -> ArchiveIndex | None:
     return index
 
 
-def store(index: ArchiveIndex) -> None:
-    write_cache_file(_index_path(index.archive_sha256), index.to_bytes())
+def store(index: ArchiveIndex, encoded: bytes | None = None) -> None:
+    """Keep ``index`` in the cache; ``encoded``: the bytes it was read from (``to_bytes`` of it, made
+    elsewhere), kept as they are."""
+    write_cache_file(_index_path(index.archive_sha256), encoded if encoded is not None else index.to_bytes())
 
 
 def alias_path(key: str) -> Path:
