@@ -29,7 +29,7 @@ from erofs_mount_core import Counters, Source, SourceError
 
 MAX_CHUNK = 32 << 20  # one chunk inflated and held to be checked; the writers' chunks are ~64 KiB
 MERGE_GAP = 16 << 10  # chunks this close in the blob (tar headers between files) are fetched in one request
-READAHEAD = 512 << 10  # blob bytes past a miss's chunks fetched in the same request (one more round trip saved)
+READAHEAD = 1 << 20  # blob bytes past a miss's chunks fetched in the same request (round trips saved)
 
 
 @attrs.frozen
