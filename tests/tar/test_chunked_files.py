@@ -44,7 +44,7 @@ def layer(sizes: list[int], gap: int = HEADER) -> tuple[Blob, tuple[Chunk, ...],
 
 
 def test_a_miss_brings_the_following_files_in_its_request_and_their_reads_make_none() -> None:
-    blob, chunks, files = layer([20_000] * 30)
+    blob, chunks, files = layer([20_000] * (READAHEAD // 20_000 + 10))  # more than one readahead holds
     reader = ChunkedFiles(blob, chunks, sum(map(len, files)), 64 << 20, "layer")
     assert reader.pread(100, 5) == files[0][5:105]
     assert len(blob.reads) == 1
