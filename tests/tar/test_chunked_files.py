@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import threading
 
 import pytest
 import zstandard
@@ -57,6 +58,34 @@ def test_a_miss_brings_the_following_files_in_its_request_and_their_reads_make_n
     assert len(blob.reads) == 1, "the files fetched ahead were read without a request"
     assert reader.pread(10, chunks[ahead + 1].start) == files[ahead + 1][:10]
     assert len(blob.reads) == 2
+
+
+def test_a_read_of_chunks_another_read_is_fetching_waits_for_that_request_and_makes_none() -> None:
+    blob, chunks, files = layer([20_000] * 10)
+    entered, release = threading.Event(), threading.Event()
+    plain = blob.pread
+
+    def stalled(length: int, offset: int) -> bytes:  # the first request, held until released
+        entered.set()
+        assert release.wait(60)
+        return plain(length, offset)
+
+    blob.pread = stalled  # type: ignore[method-assign]
+    reader = ChunkedFiles(blob, chunks, sum(map(len, files)), 64 << 20, "layer")
+    got: dict[str, bytes] = {}
+    first = threading.Thread(target=lambda: got.update(first=reader.pread(100, 0)))
+    first.start()
+    assert entered.wait(60)
+    blob.pread = plain  # type: ignore[method-assign]
+    second = threading.Thread(target=lambda: got.update(second=reader.pread(100, chunks[5].start)))
+    second.start()  # the sixth file: in the first read's readahead, which is on its way
+    second.join(0.5)
+    assert second.is_alive() and len(blob.reads) == 0, "it waits for the request under way, and makes none"
+    release.set()
+    first.join(60)
+    second.join(60)
+    assert got == {"first": files[0][:100], "second": files[5][:100]}
+    assert len(blob.reads) == 1
 
 
 def test_readahead_stops_at_a_gap_and_at_what_is_held() -> None:

@@ -11,6 +11,8 @@ not match is never served. A miss also fetches the blob bytes of the chunks
 that follow (``READAHEAD``): a layer's small files lie one after another, and
 a program reads its neighbours (a package's modules, a directory's icons);
 those bytes are kept as fetched and inflated and checked only when read.
+A read that needs chunks another read's request is bringing waits for that
+request instead of making its own.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class ChunkedFiles(Source):
         self._starts = [c.start for c in chunks]
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._ahead: OrderedDict[int, bytes] = OrderedDict()  # blob bytes fetched ahead, not yet checked
+        self._fetching: dict[int, threading.Event] = {}  # chunks on their way, each to its fetch's end
         self._cached, self._limit = 0, max(cache_bytes, MAX_CHUNK)
         self._lock = threading.Lock()
         self._rejected = rejected
@@ -84,6 +87,10 @@ class ChunkedFiles(Source):
         missing = [i for i in wanted if i not in found]
         if missing:
             found.update(self._checked(self._fetched_ahead(missing)))
+            missing = [i for i in missing if i not in found]
+        if missing and self._waited_for(missing):  # another read was fetching some of them: theirs are here now
+            found.update(self._cached_chunks(range(first, last + 1)))
+            found.update(self._checked(self._fetched_ahead([i for i in missing if i not in found])))
             missing = [i for i in missing if i not in found]
         for group in _groups(self.chunks, missing):
             found.update(self._fetch(group))
@@ -110,42 +117,63 @@ class ChunkedFiles(Source):
             self._cached -= sum(map(len, found.values()))
             return found
 
+    def _waited_for(self, wanted: list[int]) -> bool:
+        """Waits for the fetches under way that bring any of ``wanted``; whether there were any."""
+        with self._lock:
+            under_way = {id(done): done for i in wanted if (done := self._fetching.get(i)) is not None}
+        for done in under_way.values():
+            done.wait()  # (set however that fetch ends; a failed one leaves the chunks to be fetched here)
+        return bool(under_way)
+
     def _fetch(self, group: list[int]) -> dict[int, bytes]:
         """The group's chunks, fetched in one request with the blob bytes of the chunks that follow them."""
         fetching = any(not self.chunks[i].zeros for i in group)
-        ahead = self._ahead_of(group) if fetching else []
-        first = self.chunks[group[0]]
-        end = max(self.chunks[i].blob_end for i in (*group, *ahead))
-        blobs = {i: b"" for i in group}
-        if fetching:
-            span = bytes(self.blob.pread(end - first.blob_start, first.blob_start))
-            self._counters.add("toc_chunk_fetches")
-            self._counters.add("toc_chunk_fetched_bytes", len(span))
-            for i in (*group, *ahead):
-                chunk = self.chunks[i]
-                blobs[i] = span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start]
-        if ahead:
-            self._counters.add("toc_readahead_chunks", len(ahead))
+        done = threading.Event()
+        ahead = self._ahead_of(group, done) if fetching else []
+        try:
+            first = self.chunks[group[0]]
+            end = max(self.chunks[i].blob_end for i in (*group, *ahead))
+            blobs = {i: b"" for i in group}
+            if fetching:
+                span = bytes(self.blob.pread(end - first.blob_start, first.blob_start))
+                self._counters.add("toc_chunk_fetches")
+                self._counters.add("toc_chunk_fetched_bytes", len(span))
+                for i in (*group, *ahead):
+                    chunk = self.chunks[i]
+                    blobs[i] = span[chunk.blob_start - first.blob_start:chunk.blob_end - first.blob_start]
+            if ahead:
+                self._counters.add("toc_readahead_chunks", len(ahead))
+                with self._lock:
+                    for i in ahead:
+                        self._ahead[i] = blobs.pop(i)
+                        self._cached += len(self._ahead[i])
+                    self._trim()
+            return self._checked(blobs)  # (kept before the reads that wait for them wake)
+        finally:
             with self._lock:
-                for i in ahead:
-                    self._ahead[i] = blobs.pop(i)
-                    self._cached += len(self._ahead[i])
-                self._trim()
-        return self._checked(blobs)
+                for i in (*group, *ahead):
+                    if self._fetching.get(i) is done:
+                        del self._fetching[i]
+            done.set()
 
-    def _ahead_of(self, group: list[int]) -> list[int]:
-        """The chunks after ``group`` whose blob bytes follow its own, up to ``READAHEAD`` of them, none held."""
+    def _ahead_of(self, group: list[int], done: threading.Event) -> list[int]:
+        """The chunks after ``group`` whose blob bytes follow its own, up to ``READAHEAD`` of them, none held
+        or on its way; the group's and these are noted as on their way until ``done``."""
         ahead: list[int] = []
         before = self.chunks[group[-1]]
         limit = before.blob_end + READAHEAD
         with self._lock:
+            for i in group:
+                self._fetching.setdefault(i, done)
             for i in range(group[-1] + 1, len(self.chunks)):
                 chunk = self.chunks[i]
                 if chunk.zeros:
                     continue
-                if not _follows(chunk, before) or chunk.blob_end > limit or i in self._cache or i in self._ahead:
+                if not _follows(chunk, before) or chunk.blob_end > limit or i in self._cache or i in self._ahead \
+                        or i in self._fetching:
                     break
                 ahead.append(i)
+                self._fetching[i] = done
                 before = chunk
         return ahead
 
