@@ -471,6 +471,9 @@ class GzipStream(Source):
                         self._reader.seek(offset)
                     data = self._reader.read(length)
                     self._at = (offset + len(data), self._file.tell())
+                except BaseException:
+                    self._at = (-1, 0)  # where a reader that failed stopped is not known: no read continues it
+                    raise
                 finally:
                     self._window.forget()
         except (ValueError, RuntimeError, OSError) as exc:
