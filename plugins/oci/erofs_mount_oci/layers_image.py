@@ -13,7 +13,6 @@ its stream), for every later mount of an image that holds the same layer.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
@@ -188,17 +187,16 @@ class LayersImage(TarImage):
                                       and claimed.get(layer.index) not in (None, f"sha256:{index.stream_sha256}"))
         try:
             for layer, index in zip(layers, found, strict=True):
-                if isinstance(index, TocIndex):  # its chunks fetched and checked one by one: no decoder
+                if isinstance(index, TocIndex):  # its chunks fetched and checked one by one: no decoder, no store
                     blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                                       description=f"{registry.ref} layer {layer.index}", state={},
                                       digest_along=False, owns_client=False)
                     chunks = index.open_stream(blob, share << 18, f"oci: layer {layer.index} ({layer.digest[:19]}…)",
-                                               rejected=distrust_served, store=store, stream=_chunks_name(layer))
+                                               rejected=distrust_served)
                     streams.append(per_layer.wrap(chunks))  # checked bytes kept, read ahead when sequential
                     units.append(LayerUnits(layer.digest, "toc", TOC_UNIT))
                     fetchers.append(_units_of(chunks, TOC_UNIT))  # no lock held while it fetches
-                    # what the span store, else the chunk cache, holds
-                    budgets.append(store.max_bytes // 2 if store is not None else share << 18)
+                    budgets.append(share << 18)  # what its chunk cache holds
                     continue
                 blob = BlobSource(registry.client, registry.blob_url(layer.digest), layer.digest, layer.size,
                                   description=f"{registry.ref} layer {layer.index}", state={},
@@ -305,13 +303,6 @@ class LayersImage(TarImage):
             super().close()
         finally:
             self.registry.client.close()
-
-
-def _chunks_name(layer: Layer) -> str:
-    """Where the span store keeps a TOC layer's chunks: its blob and its TOC (another manifest may pin another
-    TOC, so other chunks, for the same blob)."""
-    assert layer.toc is not None
-    return hashlib.sha256(f"{layer.digest} {layer.toc.checksum}".encode()).hexdigest()
 
 
 def _units_of(stream: Source, unit: int) -> Fetcher:

@@ -17,8 +17,8 @@ second one): an archive layer's units are
 fetched by a decoder of their own and land in the span store, where the
 kernel's reads find them (without a span store there is nowhere to put them,
 and such layers are not prefetched); a TOC layer's through its chunk
-reader, which fetches without holding a lock, into the span store and its
-memory cache (without a store, up to what that cache holds). A unit the kernel read first is skipped. Every unit is
+reader, which fetches without holding a lock, into its memory cache, up to
+what that cache holds. A unit the kernel read first is skipped. Every unit is
 checked against its hash like any other read, so a list can waste bytes
 but never change one; its size is bounded and every field checked.
 """

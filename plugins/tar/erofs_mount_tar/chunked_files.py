@@ -12,10 +12,7 @@ that follow (``READAHEAD``): a layer's small files lie one after another, and
 a program reads its neighbours (a package's modules, a directory's icons);
 those bytes are kept as fetched and inflated and checked only when read.
 A read that needs chunks another read's request is bringing waits for that
-request instead of making its own. With a span store, each chunk checked is
-also kept on disk and served from there by every later open of the layer
-(checked again against its sha256 as it is read), as an archive layer's
-spans are.
+request instead of making its own.
 """
 
 from __future__ import annotations
@@ -30,7 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 
 import attrs
 
-from erofs_mount_core import Counters, Source, SourceError, SpanStore
+from erofs_mount_core import Counters, Source, SourceError
 
 MAX_CHUNK = 32 << 20  # one chunk inflated and held to be checked; the writers' chunks are ~64 KiB
 MERGE_GAP = 16 << 10  # chunks this close in the blob (tar headers between files) are fetched in one request
@@ -63,12 +60,8 @@ class ChunkedFiles(Source):
     """
 
     def __init__(self, blob: Source, chunks: tuple[Chunk, ...], size: int, cache_bytes: int, what: str,
-                 rejected: Callable[[str], object] | None = None, *, codec: str = "zstd",
-                 store: SpanStore | None = None, stream: str = "") -> None:
-        """``store`` and ``stream`` (a name for these chunks, hex): the chunks checked are kept in the store
-        under that name and served from it."""
+                 rejected: Callable[[str], object] | None = None, *, codec: str = "zstd") -> None:
         self.blob, self.chunks, self._size, self.what = blob, chunks, size, what
-        self._store, self._where = store, store.place(stream, 0) if store is not None else None
         self._inflate = _inflate_zstd if codec == "zstd" else _inflate_gzip
         self._starts = [c.start for c in chunks]
         self._cache: OrderedDict[int, bytes] = OrderedDict()
@@ -99,9 +92,6 @@ class ChunkedFiles(Source):
             found.update(self._cached_chunks(range(first, last + 1)))
             found.update(self._checked(self._fetched_ahead([i for i in missing if i not in found])))
             missing = [i for i in missing if i not in found]
-        if missing:
-            found.update(self._stored(missing))
-            missing = [i for i in missing if i not in found]
         for group in _groups(self.chunks, missing):
             found.update(self._fetch(group))
         out = bytearray()
@@ -126,22 +116,6 @@ class ChunkedFiles(Source):
             found = {i: self._ahead.pop(i) for i in wanted if i in self._ahead}
             self._cached -= sum(map(len, found.values()))
             return found
-
-    def _stored(self, wanted: list[int]) -> dict[int, bytes]:
-        """Those of ``wanted`` the span store holds, each still hashing to its sha256 (kept in memory too)."""
-        if self._store is None or self._where is None:
-            return {}
-        found = {}
-        for i in wanted:
-            chunk = self.chunks[i]
-            if not chunk.zeros:
-                data = self._store.get(self._where, i, chunk.sha256, self._counters, chunk.size)
-                if data is not None:
-                    found[i] = data
-        self._counters.add("span_store_hits", len(found))
-        self._counters.add("span_store_misses", len(wanted) - len(found))
-        self._keep(found)
-        return found
 
     def _waited_for(self, wanted: list[int]) -> bool:
         """Waits for the fetches under way that bring any of ``wanted``; whether there were any."""
@@ -217,9 +191,6 @@ class ChunkedFiles(Source):
                     self._rejected(message)
                 raise SourceError(message, transient=True)
             fetched[i] = data
-            if self._store is not None and self._where is not None and not chunk.zeros and \
-                    self._store.put(self._where, i, data):
-                self._counters.add("span_store_written_bytes", len(data))
         self._keep(fetched)
         return fetched
 

@@ -57,7 +57,6 @@ from erofs_mount_core import (
     ImageLayout,
     Source,
     SourceError,
-    SpanStore,
 )
 
 from . import packed_tree
@@ -184,11 +183,8 @@ class TocIndex:
         return ImageLayout.of(self.read_tree().root)
 
     def open_stream(self, blob: Source, cache_bytes: int, what: str, *,
-                    rejected: Callable[[str], object] | None = None, store: SpanStore | None = None,
-                    stream: str = "") -> ChunkedFiles:
-        """The layer's files, its chunks kept in ``store`` under ``stream`` (see ``ChunkedFiles``)."""
-        return ChunkedFiles(blob, self.chunks, self.stream_size, cache_bytes, what, rejected, codec=self.codec,
-                            store=store, stream=stream)
+                    rejected: Callable[[str], object] | None = None) -> ChunkedFiles:
+        return ChunkedFiles(blob, self.chunks, self.stream_size, cache_bytes, what, rejected, codec=self.codec)
 
 
 def fetch_toc(position: TocPosition, read: Callable[[int, int], bytes], blob_size: int, where: str) -> FoundToc:
