@@ -36,7 +36,9 @@ modules, the case a prefetch is for.
 
 Every erofs-mount case runs as a serving daemon does (its background work
 started: the prefetch, when there is a list), with the span store on, as
-by default.
+by default. Its cache is on the disk of the bench's temporary directory,
+while (a) unpacks into a tmpfs: the writes of the erofs-mount cases cost
+what a disk costs, those of (a) what memory costs.
 
 "Mounted" is the source open that ``mount`` makes before it attaches the
 device (this machine's kernel may lack nbd; attaching adds the same to
