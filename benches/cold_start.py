@@ -4,12 +4,12 @@
 Run with the project's venv (.venv/bin/python benches/cold_start.py) after
 scripts/setup. The image is real files of this machine (/usr, --mib MiB
 uncompressed, default 160) in three gzip layers on Debian's
-docker-registry on loopback, read through a proxy that adds 20 ms to
-every request and lets all answers share one 100 MB/s link (a regional
-registry), in a process of its own. The workload reads 6% of the files (chosen at random, each
-whole, in 128 KiB reads as the kernel asks, four files at a time as the
-kernel's four connections would; the docker-style case reads as many of
-the unpacked files). The layers are gzip: a zstd layer written as one
+docker-registry on loopback, read through a proxy (in a process of its
+own) that adds 20 ms to every request and lets all answers share one
+100 MB/s link (a regional registry). The workload reads 6% of the files
+(chosen at random, each whole, in 128 KiB reads as the kernel asks, four
+files at a time as the kernel's four connections would; the docker-style
+case reads as many of the unpacked files). The layers are gzip: a zstd layer written as one
 large frame (``zstd -T0`` of a whole layer) has no point to start reading
 from but its beginning, so every host downloads and unpacks it, whatever
 was published. Runs alternate (``--cases`` picks some), each case

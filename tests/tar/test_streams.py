@@ -25,10 +25,10 @@ class Gated(Filter):
     def __init__(self, inner: LocalFile, parties: int) -> None:
         super().__init__(inner)
         self.gate = threading.Barrier(parties, timeout=20)
-        self.closed_gate = False
+        self.holding = True  # False: requests are answered at once
 
     def pread(self, length: int, offset: int) -> bytes:
-        if not self.closed_gate:
+        if self.holding:
             self.gate.wait()  # BrokenBarrierError unless the other read's request is under way as well
         return bytes(self.inner.pread(length, offset))
 
@@ -60,9 +60,9 @@ def test_reads_of_one_layer_fetch_side_by_side_not_one_after_another(tmp_path: P
     archive.write_bytes(compress(data))
     index = indexes.build(LocalFile(str(archive)), "layer")
     gated = Gated(LocalFile(str(archive)), parties=2)
-    gated.closed_gate = True  # opening the stream reads its first bytes alone
+    gated.holding = False  # opening the stream reads its first bytes alone
     stream = index.open_stream(gated)
-    gated.closed_gate = False
+    gated.holding = True
     got: dict[int, bytes] = {}
     failed: list[BaseException] = []
 
